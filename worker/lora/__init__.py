@@ -1,0 +1,1 @@
+"""Batched LoRA: kernels (Punica/S-LoRA contract), adapter format, adapter store tiers."""
