@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the tests need on a fresh machine, then runs them.
+#   venv (cached by pyproject hash) → control-plane binaries (cached by version) → Debian prometheus → ruff → pytest
+# Prints the time of each stage. Extra arguments go to pytest (e.g. `bash hack/test.sh tests/worker -k api`).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+t0=$(date +%s)
+stage_start=$t0
+stage() {
+  local now; now=$(date +%s)
+  echo "==> [$(date -u +%H:%M:%S)] stage '$1' took $((now - stage_start))s (total $((now - t0))s)"
+  stage_start=$now
+}
+
+echo "==> [$(date -u +%H:%M:%S)] python environment"
+V="$(bash hack/venv.sh)"
+stage venv
+
+echo "==> [$(date -u +%H:%M:%S)] control-plane binaries (kube-apiserver, etcd, kwok, helm, ...)"
+bash hack/testbins/build.sh >/dev/null
+stage control-plane-binaries
+
+echo "==> [$(date -u +%H:%M:%S)] prometheus"
+if [[ -f hack/prometheus.sh ]]; then bash hack/prometheus.sh >/dev/null; fi
+stage prometheus
+
+echo "==> [$(date -u +%H:%M:%S)] ruff"
+"$V/bin/ruff" check .
+stage ruff
+
+echo "==> [$(date -u +%H:%M:%S)] pytest"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+set +e
+"$V/bin/python" -m pytest -p no:cacheprovider --durations=25 "${@:-tests}"
+rc=$?
+set -e
+stage pytest
+if [[ $rc -eq 5 ]]; then echo "pytest collected no tests"; exit 1; fi
+exit $rc
