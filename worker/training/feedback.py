@@ -1,0 +1,135 @@
+"""Durable, append-only feedback store.
+
+Why: a 2xx on `POST /v1/feedback` is a promise that the sample will be trained on. The sample is fully resolved
+(prompt and completion token ids, not just a request id that may expire) and appended to a JSONL file that is
+`fsync`ed before the caller returns, so a crash at any point after the 2xx loses nothing; on start the file is
+replayed. A torn last line (a crash in the middle of a write, which was never acknowledged) is truncated away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TRAINABLE_KINDS = ("accept", "correction", "pair", "reward")
+ALL_KINDS = (*TRAINABLE_KINDS, "reject")
+
+
+@dataclass
+class FeedbackSample:
+    """One resolved feedback sample; `weight` scales its loss (0 = recorded but never trained on)."""
+
+    adapter: str
+    kind: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    weight: float = 1.0
+    request_id: str | None = None
+    served_version: int | None = None
+    feedback_id: str = field(default_factory=lambda: f"fb-{uuid.uuid4().hex[:16]}")
+    created_at: float = field(default_factory=time.time)
+    seq: int = -1
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind in TRAINABLE_KINDS and self.weight > 0 and len(self.completion_ids) > 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @staticmethod
+    def from_json(line: str) -> FeedbackSample:
+        return FeedbackSample(**json.loads(line))
+
+
+class FeedbackStore:
+    """Append-only JSONL log of feedback; thread-safe; subscribers see every new sample after it is durable."""
+
+    def __init__(self, path: str | Path, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._samples: list[FeedbackSample] = []
+        self._subscribers: list[Callable[[FeedbackSample], None]] = []
+        self.recovered_torn_bytes = 0
+        self._replay()
+        new = not self.path.exists()
+        self._fh = open(self.path, "ab")  # noqa: SIM115 - held open for the store's lifetime
+        if new and fsync:
+            _fsync_dir(self.path.parent)
+
+    def _replay(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        good_end = 0
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            line = data[pos:nl]
+            try:
+                sample = FeedbackSample.from_json(line.decode())
+            except (ValueError, TypeError):
+                break
+            sample.seq = len(self._samples)
+            self._samples.append(sample)
+            pos = nl + 1
+            good_end = pos
+        if good_end < len(data):
+            # Never acknowledged (the 2xx follows the fsync of a complete line): cut it so appends stay parseable.
+            self.recovered_torn_bytes = len(data) - good_end
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def append(self, sample: FeedbackSample) -> FeedbackSample:
+        """Writes and fsyncs the sample, then notifies subscribers; returns it with its sequence number."""
+        with self._lock:
+            sample.seq = len(self._samples)
+            self._fh.write(sample.to_json().encode() + b"\n")
+            self._fh.flush()
+            if self._fsync:
+                os.fsync(self._fh.fileno())
+            self._samples.append(sample)
+            subs = list(self._subscribers)
+        for fn in subs:
+            fn(sample)
+        return sample
+
+    def subscribe(self, fn: Callable[[FeedbackSample], None]) -> None:
+        with self._lock:
+            self._subscribers.append(fn)
+
+    def unsubscribe(self, fn: Callable[[FeedbackSample], None]) -> None:
+        with self._lock:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+
+    def samples(self, adapter: str | None = None, since_seq: int = 0) -> list[FeedbackSample]:
+        with self._lock:
+            return [s for s in self._samples[since_seq:] if adapter is None or s.adapter == adapter]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

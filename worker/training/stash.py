@@ -1,0 +1,218 @@
+"""Alchemist activation stash: the prompt state of served requests, kept in a budgeted host arena for training.
+
+What is stashed, precisely: for every layer the prompt's rotated K and V, exactly as the serving prefill computed
+them with the adapter version that served the request. Training on feedback then forwards only the completion
+tokens against this stored prompt state (`DenseAttentionContext(prefix_kv=...)`): the prompt K/V are constants.
+That differs from full backprop through the prompt in one way only: the gradient paths from the completion's loss
+through the prompt positions' K/V (into the LoRA weights applied to prompt tokens) are cut; the completion tokens'
+own paths (including their attention over the prompt) are exact. With an unchanged adapter version the stashed K/V
+equal a recomputation bit for bit (same weights, same kernels), so the gradients equal the "recompute the prompt
+under no-grad" gradients; a test proves it. What the backward needs from the prompt is therefore exactly its K/V.
+
+Memory discipline: captured tensors are copied (non-blocking, on the current stream) into one preallocated host
+arena (pinned on CUDA) in forward order, as the layers run. The arena is a ring: a new allocation overwrites the
+oldest entries (counted as evicted), so recording never allocates, never waits and never grows beyond the cap; a
+request whose recording was overwritten before it finished is simply not stashed. Entries carry the adapter version
+and the job's optimizer step of that version; a stash older than the staleness bound is recomputed or dropped by
+the trainer, which counts the choice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import torch
+
+_ALIGN = 64
+
+
+@dataclass
+class _Alloc:
+    offset: int
+    nbytes: int
+    owner: str
+
+
+@dataclass
+class StashEntry:
+    request_id: str
+    adapter: str
+    version: int
+    version_step: int  # job optimizer step whose weights served this request
+    num_layers: int
+    prompt_ids: list[int] = field(default_factory=list)
+    k: list[list[torch.Tensor]] = field(default_factory=list)  # per layer, chunks (arena views)
+    v: list[list[torch.Tensor]] = field(default_factory=list)
+    nbytes: int = 0
+    complete: bool = False
+    valid: bool = True
+    event: object | None = None  # torch.cuda.Event recorded after the last copy
+
+    def tokens(self) -> int:
+        return sum(t.shape[0] for t in self.k[0]) if self.k and self.k[0] else 0
+
+
+@dataclass
+class StashCounters:
+    recorded: int = 0
+    reused: int = 0
+    recomputed: int = 0
+    dropped: int = 0
+    evicted: int = 0
+    skipped: int = 0
+
+
+class ActivationStash:
+    """Ring-buffer host arena of prompt K/V per served request (see module docstring)."""
+
+    def __init__(self, capacity_bytes: int, device: torch.device | str = "cpu", max_entries: int = 4096) -> None:
+        self.capacity = int(capacity_bytes)
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._arena = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=pin)
+        self._head = 0
+        self._allocs: deque[_Alloc] = deque()
+        self._entries: OrderedDict[str, StashEntry] = OrderedDict()
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self.counters = StashCounters()
+
+    # ---- recording (serving side: must never block) ----
+    def begin(self, request_id: str, adapter: str, version: int, version_step: int, num_layers: int) -> None:
+        with self._lock:
+            old = self._entries.pop(request_id, None)
+            if old is not None:
+                old.valid = False
+            e = StashEntry(request_id, adapter, version, version_step, num_layers)
+            e.k = [[] for _ in range(num_layers)]
+            e.v = [[] for _ in range(num_layers)]
+            self._entries[request_id] = e
+            while len(self._entries) > self._max_entries:
+                _, victim = self._entries.popitem(last=False)
+                self._invalidate(victim)
+
+    def add(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Copies one prefill chunk of one layer's K/V ([n, Hk, D]) into the arena; False if not recording."""
+        with self._lock:
+            e = self._entries.get(request_id)
+            if e is None or not e.valid or e.complete:
+                return False
+            views = []
+            for t in (k, v):
+                dst = self._alloc(t, request_id)
+                if dst is None:
+                    self._invalidate(e)
+                    self._entries.pop(request_id, None)
+                    self.counters.skipped += 1
+                    return False
+                dst.copy_(t.detach(), non_blocking=True)
+                views.append(dst)
+            e.k[layer].append(views[0])
+            e.v[layer].append(views[1])
+            e.nbytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+            return True
+
+    def finish(self, request_id: str, prompt_ids: list[int]) -> bool:
+        """Marks the prompt fully recorded (call after its last prefill chunk)."""
+        with self._lock:
+            e = self._entries.get(request_id)
+            if e is None or not e.valid:
+                return False
+            if any(len(x) == 0 for x in e.k) or sum(t.shape[0] for t in e.k[0]) != len(prompt_ids):
+                self._invalidate(e)
+                self._entries.pop(request_id, None)
+                self.counters.skipped += 1
+                return False
+            e.prompt_ids = list(prompt_ids)
+            e.complete = True
+            if self.device.type == "cuda" and torch.cuda.is_available():
+                ev = torch.cuda.Event()
+                ev.record()
+                e.event = ev
+            self.counters.recorded += 1
+            return True
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            e = self._entries.pop(request_id, None)
+            if e is not None:
+                self._invalidate(e)
+
+    # ---- training side ----
+    def take(self, request_id: str) -> StashEntry | None:
+        """Removes and returns a complete entry; its tensors stay valid until the next recording overwrites them,
+        so the caller must `load` it right away (the trainer runs between serving iterations, never concurrently)."""
+        with self._lock:
+            e = self._entries.get(request_id)
+            if e is None or not e.valid or not e.complete:
+                return None
+            del self._entries[request_id]
+            return e
+
+    def load(
+        self, e: StashEntry, device: torch.device | str, dtype: torch.dtype | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Brings an entry's per-layer K/V to `device` (in backward order, top layer first, as Alchemist frees and
+        reloads; the list is returned in layer order) and releases its arena space."""
+        if e.event is not None:
+            e.event.synchronize()
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * e.num_layers
+        for layer in reversed(range(e.num_layers)):
+            k = torch.cat(e.k[layer], 0).to(device, non_blocking=True)
+            v = torch.cat(e.v[layer], 0).to(device, non_blocking=True)
+            if dtype is not None:
+                k, v = k.to(dtype), v.to(dtype)
+            out[layer] = (k, v)
+        with self._lock:
+            self._release(e)
+        return out  # type: ignore[return-value]
+
+    def has(self, request_id: str) -> bool:
+        with self._lock:
+            e = self._entries.get(request_id)
+            return e is not None and e.valid and e.complete
+
+    @property
+    def bytes_used(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for a in self._allocs)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._entries.values() if e.valid and e.complete)
+
+    # ---- arena ----
+    def _alloc(self, like: torch.Tensor, owner: str) -> torch.Tensor | None:
+        n = like.numel() * like.element_size()
+        n_al = (n + _ALIGN - 1) // _ALIGN * _ALIGN
+        if n_al > self.capacity:
+            return None
+        if self._head + n_al > self.capacity:
+            self._head = 0
+        lo, hi = self._head, self._head + n_al
+        for a in list(self._allocs):
+            if a.offset < hi and lo < a.offset + a.nbytes:
+                victim = self._entries.get(a.owner)
+                if victim is not None and a.owner != owner:
+                    self._entries.pop(a.owner, None)
+                    self._invalidate(victim)
+                    if victim.complete:
+                        self.counters.evicted += 1
+                    else:
+                        self.counters.skipped += 1
+                elif a.owner == owner:
+                    return None  # this request alone would wrap onto itself
+                else:
+                    self._allocs.remove(a)
+        self._allocs.append(_Alloc(lo, n_al, owner))
+        self._head = hi
+        return self._arena[lo : lo + n].view(like.dtype).view(like.shape)
+
+    def _invalidate(self, e: StashEntry) -> None:
+        e.valid = False
+        self._release(e)
+
+    def _release(self, e: StashEntry) -> None:
+        self._allocs = deque(a for a in self._allocs if a.owner != e.request_id)
