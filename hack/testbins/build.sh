@@ -14,6 +14,12 @@ mkdir -p "$bin_root" "$work"
 export GOFLAGS="-mod=mod"
 export GOTOOLCHAIN=local
 log() { echo "[testbins $(date +%H:%M:%S)] $*" >&2; }
+# One build per machine at a time: a second caller waits here, then finds everything cached.
+# (lorafleet.controlplane.binaries takes the same lock itself and sets LORAFLEET_BUILD_LOCK_HELD.)
+if [[ -z "${LORAFLEET_BUILD_LOCK_HELD:-}" ]] && command -v flock >/dev/null; then
+  exec 9>"$cache/build.lock"
+  flock -n 9 || { log "another build is running; waiting for it"; flock 9; }
+fi
 
 build_k8s() {
   local out="$bin_root/k8s-$K8S_VERSION"
