@@ -1,0 +1,155 @@
+"""OpenAI / vLLM request bodies (pydantic), with the checks that turn unsupported options into a 400.
+
+Why `extra="allow"`: OpenAI SDKs send fields we do not use (`user`, `metadata`, ...); rejecting them would break
+ordinary clients. Options that would change the *output* and that we do not implement (n > 1, logprobs, echo,
+penalties, tools) are refused explicitly instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(_Body):
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for an option we would otherwise silently ignore."""
+        if self.n != 1:
+            return "n", "only n=1 is supported"
+        if self.presence_penalty not in (None, 0.0):
+            return "presence_penalty", "presence_penalty is not supported"
+        if self.frequency_penalty not in (None, 0.0):
+            return "frequency_penalty", "frequency_penalty is not supported"
+        if self.repetition_penalty not in (None, 1.0):
+            return "repetition_penalty", "repetition_penalty is not supported"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true"
+        return None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.logprobs is not None:
+            return "logprobs", "logprobs are not supported"
+        if self.best_of not in (None, 1):
+            return "best_of", "only best_of=1 is supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        return super().unsupported()
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of the request (batched prompts are n>1 in disguise: refused)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if len(p) == 0:
+            raise ValueError("prompt must not be empty")
+        if all(isinstance(x, int) for x in p):
+            return list(p)  # type: ignore[arg-type]
+        if len(p) != 1:
+            raise ValueError("only one prompt per request is supported")
+        return p[0]  # type: ignore[return-value]
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs are not supported"
+        if self.tools:
+            return "tools", "tools are not supported"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool_choice is not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "only response_format type 'text' is supported"
+        return super().unsupported()
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class LoadLoRAAdapterRequest(_Body):
+    lora_name: str = ""
+    lora_path: str = ""
+    load_inplace: bool = False
+
+    @field_validator("lora_name", "lora_path")
+    @classmethod
+    def _strip(cls, v: str) -> str:
+        return v.strip()
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    lora_name: str = ""
+    lora_int_id: int | None = None

@@ -1,0 +1,123 @@
+"""vLLM's dynamic-LoRA admin API (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) plus `/v1/adapters`.
+
+Same messages and status codes as vLLM, so tools made for vLLM (AIBrix, production-stack) drive us unchanged:
+200 with a plain-text "Success: ..." body; 400 in the OpenAI error shape when the adapter is already loaded, not
+found, or invalid. Loads and unloads run in the engine thread between iterations; an unload does not cut off the
+adapter's running requests: the store keeps their slot until they finish, and new requests get 404 at once.
+
+When an admin token is configured, these endpoints need `Authorization: Bearer <token>`: missing → 401,
+wrong → 403. The token is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from lorafleet.worker.api.errors import APIError
+from lorafleet.worker.api.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from lorafleet.worker.api.serving import check_serving
+from lorafleet.worker.api.settings import ApiSettings
+from lorafleet.worker.async_engine import AsyncEngineRunner
+
+
+def require_admin(request: Request) -> None:
+    settings: ApiSettings = request.app.state.settings
+    if not settings.admin_token:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "admin endpoint: missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
+        raise APIError(403, "admin endpoint: invalid token")
+
+
+router = APIRouter(dependencies=[Depends(require_admin)])
+
+
+def _runner(request: Request) -> AsyncEngineRunner:
+    return request.app.state.runner
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+    runner = _runner(request)
+    settings: ApiSettings = request.app.state.settings
+    check_serving(runner)
+    name, path = body.lora_name, body.lora_path
+    if not name or not path:
+        raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", err_type="InvalidUserInput")
+    if name == settings.served_model_name:
+        raise APIError(400, f"'{name}' is the base model's name", param="lora_name", err_type="InvalidUserInput")
+
+    def load(engine):
+        if name in engine.store.names() and not body.load_inplace:
+            raise FileExistsError(name)
+        started = time.perf_counter()
+        engine.load_adapter(name, path)
+        return time.perf_counter() - started
+
+    try:
+        seconds = await runner.call(load)
+    except FileExistsError as exc:
+        raise APIError(
+            400, f"The lora adapter '{name}' has already been loaded.", param="lora_name", err_type="InvalidUserInput"
+        ) from exc
+    except (ValueError, OSError, KeyError) as exc:
+        raise APIError(
+            400, f"Loading lora {name} failed: {exc}", param="lora_path", err_type="InvalidUserInput"
+        ) from exc
+    metrics = request.app.state.metrics
+    if metrics is not None:
+        metrics.on_adapter_load(seconds)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+    runner = _runner(request)
+    check_serving(runner)
+    name = body.lora_name.strip()
+    if not name:
+        raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", err_type="InvalidUserInput")
+
+    def unload(engine):
+        if name not in engine.store.names():
+            raise LookupError(name)
+        engine.unload_adapter(name)
+
+    try:
+        await runner.call(unload)
+    except LookupError as exc:
+        raise APIError(
+            400, f"The lora adapter '{name}' cannot be found.", param="lora_name", err_type="NotFoundError"
+        ) from exc
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request) -> JSONResponse:
+    runner = _runner(request)
+    check_serving(runner)
+    snap = runner.snapshot
+    metrics = request.app.state.metrics
+    data = []
+    for info in snap.adapters:
+        item = asdict(info)
+        if metrics is not None:
+            item["request_rate"] = metrics.rates.rate(info.name)
+        data.append(item)
+    config = getattr(runner.engine, "config", None)
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "max_loras": getattr(config, "max_loras", None),
+            "max_cpu_loras": getattr(config, "max_cpu_loras", None),
+            "max_lora_rank": getattr(config, "max_lora_rank", None),
+        }
+    )

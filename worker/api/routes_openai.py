@@ -1,0 +1,259 @@
+"""OpenAI `/v1/completions`, `/v1/chat/completions` (streaming SSE and not) and `/v1/models`, shaped like vLLM's.
+
+`model` is the served base-model name or an adapter name; the response `id` is the engine request id (the client's
+`X-Request-Id` when given, echoed in the `X-Request-Id` response header), which `/v1/feedback` refers to.
+Streaming text is sent as deltas of the engine's cumulative detokenised text, so the concatenation of the chunks
+equals the non-streaming text for the same greedy request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from lorafleet.worker.api.errors import APIError, error_body
+from lorafleet.worker.api.protocol import ChatCompletionRequest, CompletionRequest
+from lorafleet.worker.api.serving import (
+    ClientGone,
+    Prepared,
+    admit,
+    check_serving,
+    check_unsupported,
+    collect,
+    finish_reason,
+    max_model_len,
+    now_s,
+    request_id_for,
+    resolve_lora,
+    sampling_params,
+    usage,
+)
+from lorafleet.worker.api.settings import ApiSettings
+from lorafleet.worker.api.sse import SSE_DONE, EventStreamResponse, sse
+from lorafleet.worker.async_engine import AsyncEngineRunner, EngineDeadError, RequestStream
+
+router = APIRouter()
+
+CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it, the access log does
+
+
+def _state(request: Request) -> tuple[AsyncEngineRunner, ApiSettings]:
+    return request.app.state.runner, request.app.state.settings
+
+
+def _prepare(
+    request: Request, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], prefix: str
+) -> Prepared:
+    runner, settings = _state(request)
+    engine = runner.engine
+    limit = body.max_tokens if isinstance(body, CompletionRequest) else body.limit()
+    params = sampling_params(
+        body,
+        limit,
+        len(prompt_ids),
+        max_model_len(runner, settings),
+        getattr(getattr(engine, "tokenizer", None), "eos_token_id", None),
+    )
+    return Prepared(
+        request_id=request_id_for(request, prefix),
+        model=body.model,
+        lora_name=resolve_lora(settings, body.model),
+        prompt_token_ids=prompt_ids,
+        params=params,
+        created=now_s(),
+    )
+
+
+def _tokenize_completion(
+    tokenizer: Any, body: CompletionRequest, settings: ApiSettings
+) -> tuple[list[int], str | None]:
+    try:
+        prompt = body.single_prompt()
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="prompt") from exc
+    if isinstance(prompt, str):
+        if len(prompt) > settings.max_prompt_chars:
+            raise APIError(400, f"prompt is longer than {settings.max_prompt_chars} characters", param="prompt")
+        return list(tokenizer(prompt)["input_ids"]), prompt
+    vocab = len(tokenizer)
+    if any(t < 0 or t >= vocab for t in prompt):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return list(prompt), None
+
+
+def _tokenize_chat(tokenizer: Any, body: ChatCompletionRequest, settings: ApiSettings) -> tuple[list[int], list]:
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    if sum(len(m["content"]) for m in messages) > settings.max_prompt_chars:
+        raise APIError(400, f"messages are longer than {settings.max_prompt_chars} characters", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            **(body.chat_template_kwargs or {}),
+        )
+    except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are the client's
+        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+    # The template already holds the special tokens (vLLM does the same: no second BOS).
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), messages
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionRequest) -> Response:
+    runner, settings = _state(request)
+    check_unsupported(body)
+    check_serving(runner)
+    prompt_ids, prompt_text = _tokenize_completion(runner.engine.tokenizer, body, settings)
+    prep = _prepare(request, body, prompt_ids, "cmpl")
+    stream = await admit(runner, prep, {"prompt": prompt_text, "endpoint": "completions"})
+    headers = {"X-Request-Id": prep.request_id}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(_completion_events(stream, prep, include_usage), stream.close, headers)
+    try:
+        out = await collect(stream, request)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    except EngineDeadError as exc:
+        raise APIError(503, f"engine is not running: {exc}") from exc
+    payload = {
+        "id": prep.request_id,
+        "object": "text_completion",
+        "created": prep.created,
+        "model": prep.model,
+        "choices": [
+            {"index": 0, "text": out.text, "logprobs": None, "finish_reason": finish_reason(out), "stop_reason": None}
+        ],
+        "usage": usage(len(prompt_ids), len(out.output_token_ids)),
+    }
+    return JSONResponse(payload, headers=headers)
+
+
+async def _events(stream: RequestStream) -> AsyncIterator[tuple[Any, str]]:
+    """(output, text delta) pairs; the delta is the new suffix of the engine's cumulative text."""
+    sent = ""
+    async for out in stream:
+        text = out.text or ""
+        if text.startswith(sent):
+            delta = text[len(sent) :]
+        else:  # detokenisation revised earlier text (should not happen with a prefix-stable detokeniser)
+            delta = text
+        sent = text
+        yield out, delta
+
+
+def _error_event(exc: Exception) -> str:
+    return sse(error_body(503, f"engine is not running: {exc}"))
+
+
+async def _completion_events(stream: RequestStream, prep: Prepared, include_usage: bool) -> AsyncIterator[str]:
+    base = {"id": prep.request_id, "object": "text_completion", "created": prep.created, "model": prep.model}
+    completion_tokens = 0
+    try:
+        async for out, delta in _events(stream):
+            completion_tokens = len(out.output_token_ids)
+            reason = finish_reason(out) if out.finished else None
+            if not delta and reason is None:
+                continue
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason, "stop_reason": None}
+            yield sse({**base, "choices": [choice]})
+    except EngineDeadError as exc:
+        yield _error_event(exc)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(len(prep.prompt_token_ids), completion_tokens)})
+    yield SSE_DONE
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+    runner, settings = _state(request)
+    check_unsupported(body)
+    check_serving(runner)
+    prompt_ids, messages = _tokenize_chat(runner.engine.tokenizer, body, settings)
+    prep = _prepare(request, body, prompt_ids, "chatcmpl")
+    stream = await admit(runner, prep, {"messages": messages, "endpoint": "chat"})
+    headers = {"X-Request-Id": prep.request_id}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStreamResponse(_chat_events(stream, prep, include_usage), stream.close, headers)
+    try:
+        out = await collect(stream, request)
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    except EngineDeadError as exc:
+        raise APIError(503, f"engine is not running: {exc}") from exc
+    payload = {
+        "id": prep.request_id,
+        "object": "chat.completion",
+        "created": prep.created,
+        "model": prep.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": None,
+                "finish_reason": finish_reason(out),
+                "stop_reason": None,
+            }
+        ],
+        "usage": usage(len(prompt_ids), len(out.output_token_ids)),
+    }
+    return JSONResponse(payload, headers=headers)
+
+
+async def _chat_events(stream: RequestStream, prep: Prepared, include_usage: bool) -> AsyncIterator[str]:
+    base = {"id": prep.request_id, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    yield sse({**base, "choices": [first]})
+    completion_tokens = 0
+    try:
+        async for out, delta in _events(stream):
+            completion_tokens = len(out.output_token_ids)
+            reason = finish_reason(out) if out.finished else None
+            if not delta and reason is None:
+                continue
+            choice = {
+                "index": 0,
+                "delta": {"content": delta} if delta else {},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
+            yield sse({**base, "choices": [choice]})
+    except EngineDeadError as exc:
+        yield _error_event(exc)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(len(prep.prompt_token_ids), completion_tokens)})
+    yield SSE_DONE
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    runner, settings = _state(request)
+    created = now_s()
+    context = max_model_len(runner, settings)
+    data: list[dict[str, Any]] = [
+        {
+            "id": settings.served_model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "lorafleet",
+            "root": settings.model_path or settings.served_model_name,
+            "parent": None,
+            "max_model_len": context,
+        }
+    ]
+    for info in runner.snapshot.adapters:
+        data.append(
+            {
+                "id": info.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "lorafleet",
+                "root": info.path,
+                "parent": settings.served_model_name,
+                "max_model_len": context,
+            }
+        )
+    return JSONResponse({"object": "list", "data": data})

@@ -1,0 +1,206 @@
+"""What completions and chat share: model → adapter resolution, request ids, sampling params, admission, collection.
+
+Admission errors map to HTTP statuses here, in one place, so both endpoints answer the same way:
+unknown adapter 404, bad input or prompt over the context 400, too many waiting 429 (Retry-After), engine dead or
+still loading 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from lorafleet.worker.api.errors import APIError
+from lorafleet.worker.api.protocol import _SamplingFields
+from lorafleet.worker.api.settings import ApiSettings
+from lorafleet.worker.async_engine import (
+    AsyncEngineRunner,
+    DuplicateRequestError,
+    EngineDeadError,
+    EngineNotReadyError,
+    OverloadedError,
+    RequestStream,
+)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@dataclass
+class Prepared:
+    """A validated request ready for admission."""
+
+    request_id: str
+    model: str
+    lora_name: str | None
+    prompt_token_ids: list[int]
+    params: Any
+    created: int
+
+
+def resolve_lora(settings: ApiSettings, model: str) -> str | None:
+    """The base model is selected by its served name (or its path, like vLLM); anything else names an adapter."""
+    if model == settings.served_model_name or (settings.model_path and model == settings.model_path):
+        return None
+    return model
+
+
+def request_id_for(request: Request, prefix: str) -> str:
+    """`X-Request-Id` when the client sets one (so feedback can refer to it), else a fresh `<prefix>-<hex>`."""
+    given = request.headers.get("x-request-id")
+    if given is None:
+        return f"{prefix}-{uuid.uuid4().hex}"
+    if not _REQUEST_ID.match(given):
+        raise APIError(400, "X-Request-Id must be 1-128 characters of [A-Za-z0-9._:-]", param="X-Request-Id")
+    return given
+
+
+def max_model_len(runner: AsyncEngineRunner, settings: ApiSettings) -> int | None:
+    if settings.max_model_len:
+        return settings.max_model_len
+    engine = runner.engine
+    if engine is None:
+        return None
+    for source in (engine, getattr(engine, "config", None)):
+        value = getattr(source, "max_model_len", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(getattr(engine, "hf_config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) else None
+
+
+def sampling_params(
+    body: _SamplingFields, limit: int | None, num_prompt_tokens: int, context: int | None, eos_token_id: int | None
+) -> Any:
+    """Builds and validates the engine's SamplingParams; over-long prompts and bad values become 400."""
+    from lorafleet.worker.engine import SamplingParams
+
+    if num_prompt_tokens == 0:
+        raise APIError(400, "the prompt is empty (0 tokens)", param="prompt")
+    if context is not None:
+        if num_prompt_tokens >= context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, your prompt has "
+                f"{num_prompt_tokens} tokens. Please reduce the length of the prompt or messages.",
+                param="prompt",
+            )
+        if limit is None:
+            limit = context - num_prompt_tokens
+        elif num_prompt_tokens + limit > context:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{num_prompt_tokens + limit} tokens ({num_prompt_tokens} in the prompt, {limit} in the completion). "
+                "Please reduce the length of the prompt or completion.",
+                param="max_tokens",
+            )
+    if limit is None:
+        limit = 16
+    top_k = body.top_k if body.top_k is not None else -1
+    if top_k == 0:
+        top_k = -1  # vLLM: 0 and -1 both mean "all tokens"
+    params = SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=top_k,
+        seed=body.seed,
+        max_tokens=limit,
+        stop=body.stop_list(),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+    )
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+    return params
+
+
+def check_unsupported(body: _SamplingFields) -> None:
+    bad = body.unsupported()
+    if bad is not None:
+        param, message = bad
+        raise APIError(400, message, param=param)
+
+
+def check_serving(runner: AsyncEngineRunner) -> None:
+    try:
+        runner.check_serving()
+    except EngineNotReadyError as exc:
+        raise APIError(503, str(exc), headers={"Retry-After": "5"}) from exc
+    except EngineDeadError as exc:
+        raise APIError(503, f"engine is not running: {exc}") from exc
+
+
+async def admit(runner: AsyncEngineRunner, prep: Prepared, extra: dict[str, Any]) -> RequestStream:
+    try:
+        return await runner.generate(prep.request_id, prep.prompt_token_ids, prep.params, prep.lora_name, extra)
+    except OverloadedError as exc:
+        raise APIError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+    except (EngineDeadError, EngineNotReadyError) as exc:
+        check_serving(runner)
+        raise APIError(503, f"engine is not running: {exc}") from exc
+    except DuplicateRequestError as exc:
+        raise APIError(400, str(exc), param="X-Request-Id") from exc
+    except KeyError as exc:  # UnknownAdapterError
+        raise APIError(404, f"The model `{prep.model}` does not exist.", param="model") from exc
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+async def collect(stream: RequestStream, request: Request) -> Any:
+    """Waits for the final output; aborts the request at once (freeing its KV) if the client disconnects."""
+
+    async def drain() -> Any:
+        last = None
+        async for out in stream:
+            last = out
+        return last
+
+    work = asyncio.ensure_future(drain())
+    gone = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        work.cancel()
+        raise ClientGone()
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+        stream.close()
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def finish_reason(out: Any) -> str | None:
+    reason = getattr(out, "finish_reason", None)
+    return None if reason is None else str(reason)

@@ -1,0 +1,530 @@
+"""Runs the synchronous `LLMEngine` in ONE background thread and bridges it to asyncio request handlers.
+
+Why one thread that owns the engine: `LLMEngine` (scheduler, block manager, adapter store, CUDA streams) is not
+thread-safe, and every mutation must happen *between* iterations so that a step never sees a half-added request
+or a half-unloaded adapter. Handlers therefore never touch the engine: they put commands (add / abort / call) on a
+queue that the engine thread drains before each `step()`, and they receive outputs on a per-request
+`asyncio.Queue` filled with `loop.call_soon_threadsafe`. Admin operations (load/unload adapter, training control)
+are plain callables run in the engine thread between iterations (`await runner.call(fn)`).
+
+The engine is built inside the thread (`engine_factory`), so the HTTP server answers `/health` while the model
+loads and `/ready` turns 200 when it is loaded. If the factory or a step raises, the runner is dead: every waiting
+request gets `EngineDeadError` (HTTP 503) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorafleet.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running (failed to start, crashed or stopped)."""
+
+
+class EngineNotReadyError(RuntimeError):
+    """The model is still loading."""
+
+
+class OverloadedError(RuntimeError):
+    """Too many requests are waiting; the client should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DuplicateRequestError(ValueError):
+    """A request with this id is already in flight."""
+
+
+@dataclass
+class FinishedRequest:
+    """What a finished request looked like; given to `finish_hooks` (the feedback API keeps a log of these)."""
+
+    request_id: str
+    lora_name: str | None
+    lora_version: str | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    arrival_time: float
+    finish_time: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterInfo:
+    """One adapter as `/v1/adapters` and `/v1/models` show it."""
+
+    name: str
+    path: str | None
+    state: str
+    tier: str
+    rank: int | None
+    version: str | None
+    running: int = 0
+    waiting: int = 0
+    request_rate: float = 0.0
+
+
+@dataclass
+class EngineSnapshot:
+    """Engine state copied by the engine thread, so HTTP handlers can read it without touching the engine."""
+
+    taken_at: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_usage: float = 0.0
+    num_preemptions: int = 0
+    adapters: list[AdapterInfo] = field(default_factory=list)
+    running_by_adapter: dict[str, int] = field(default_factory=dict)
+    waiting_by_adapter: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Tracked:
+    request_id: str
+    lora_name: str | None
+    prompt_token_ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float
+    extra: dict[str, Any]
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+class RequestStream:
+    """Async iterator over one request's `RequestOutput`s; `close()` aborts the request unless it finished.
+
+    Handlers must call `close()` in a `finally` (client disconnects cancel the handler): that is what frees the
+    request's KV blocks at once.
+    """
+
+    def __init__(self, runner: AsyncEngineRunner, tracked: _Tracked) -> None:
+        self._runner = runner
+        self._tracked = tracked
+        self.finished = False
+        self.closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self._tracked.request_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.finished or self.closed:
+            raise StopAsyncIteration
+        item = await self._tracked.queue.get()
+        if isinstance(item, BaseException):
+            self.closed = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def close(self) -> None:
+        if not self.finished and not self.closed:
+            self._runner.abort(self.request_id)
+        self.closed = True
+
+
+class AsyncEngineRunner:
+    """Owns the engine thread; see the module docstring."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Any],
+        *,
+        metrics: WorkerMetrics | None = None,
+        max_waiting: int = 0,
+        retry_after_s: int = 1,
+        snapshot_interval_s: float = 0.2,
+        idle_wait_s: float = 0.05,
+    ) -> None:
+        self._factory = engine_factory
+        self.metrics = metrics
+        self.max_waiting = max_waiting
+        self.retry_after_s = retry_after_s
+        self.snapshot_interval_s = snapshot_interval_s
+        self.idle_wait_s = idle_wait_s
+        self.finish_hooks: list[Callable[[FinishedRequest], None]] = []
+        self._engine: Any = None
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()
+        self._pending_adds = 0
+        self._num_waiting = 0
+        self._snapshot = EngineSnapshot()
+        self._last_snapshot = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("runner already started")
+        self._thread = threading.Thread(target=self._main, name="lorafleet-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Blocks until the model is loaded (True) or the engine died / the timeout passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self._error is not None or (deadline is not None and time.monotonic() > deadline):
+                return False
+        return self._error is None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._error is None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.alive
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def engine(self) -> Any:
+        """The engine object, for reading immutable things (tokenizer, config); mutate it only via `call`."""
+        return self._engine
+
+    @property
+    def snapshot(self) -> EngineSnapshot:
+        return self._snapshot
+
+    # -- called from the event loop -----------------------------------------------------------------------------
+    def check_serving(self) -> None:
+        if not self.alive:
+            raise EngineDeadError(self._error or "engine thread is not running")
+        if not self._ready.is_set():
+            raise EngineNotReadyError("model is still loading")
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: Any,
+        lora_name: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> RequestStream:
+        """Admits a request between iterations; raises what `add_request` raises (ValueError, KeyError, ...)."""
+        self.check_serving()
+        with self._lock:
+            if self.max_waiting > 0 and self._num_waiting + self._pending_adds >= self.max_waiting:
+                raise OverloadedError(
+                    f"too many requests waiting ({self._num_waiting + self._pending_adds} >= {self.max_waiting})",
+                    self.retry_after_s,
+                )
+            self._pending_adds += 1
+        tracked = _Tracked(
+            request_id=request_id,
+            lora_name=lora_name,
+            prompt_token_ids=list(prompt_token_ids),
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+            arrival=time.monotonic(),
+            extra=extra or {},
+        )
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("add", tracked, params, fut))
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return RequestStream(self, tracked)
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; the engine thread frees the request's KV blocks before its next step."""
+        self._submit(("abort", request_id, None, None))
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Runs `fn(engine)` in the engine thread between iterations and returns its result (or raises)."""
+        return await asyncio.wrap_future(self.call_threadsafe(fn))
+
+    def call_threadsafe(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
+        if not self.alive:
+            raise EngineDeadError(self._error or "engine thread is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("call", fn, None, fut))
+        return fut
+
+    def _submit(self, cmd: tuple) -> None:
+        self._cmds.put(cmd)
+        self._wake.set()
+        if self._error is not None:
+            # The thread is gone; nobody will drain this command.
+            self._fail_commands()
+
+    # -- the engine thread --------------------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            engine = self._factory()
+        except BaseException as exc:  # noqa: BLE001 - any failure to build the engine makes the worker unready
+            log.exception("engine failed to start")
+            self._die(f"engine failed to start: {exc!r}")
+            return
+        self._engine = engine
+        self._ready.set()
+        log.info("engine ready")
+        try:
+            self._refresh(force=True)
+            while not self._stopping.is_set():
+                if self._drain():
+                    self._refresh_counts()
+                if engine.has_unfinished_requests():
+                    outputs = engine.step()
+                    self._dispatch(outputs)
+                    self._refresh_counts()
+                    self._refresh(force=False)
+                else:
+                    self._refresh(force=False)
+                    self._wake.wait(self.idle_wait_s)
+                    self._wake.clear()
+        except BaseException as exc:  # noqa: BLE001 - the worker must report, not hang
+            log.exception("engine thread died")
+            self._die(f"engine step failed: {exc!r}")
+            return
+        self._die("engine stopped")
+
+    def _drain(self) -> bool:
+        """Applies queued commands; returns whether any request was added or aborted."""
+        changed = False
+        while True:
+            try:
+                kind, a, b, fut = self._cmds.get_nowait()
+            except queue.Empty:
+                return changed
+            if kind == "add":
+                changed = True
+                self._do_add(a, b, fut)
+            elif kind == "abort":
+                changed = True
+                self._do_abort(a)
+            elif kind == "call":
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    fut.set_result(a(self._engine))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+                self._refresh(force=True)
+
+    def _do_add(self, tracked: _Tracked, params: Any, fut: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._pending_adds -= 1
+        if not fut.set_running_or_notify_cancel():
+            return
+        if tracked.request_id in self._tracked:
+            fut.set_exception(DuplicateRequestError(f"request id {tracked.request_id!r} is already in flight"))
+            return
+        try:
+            self._engine.add_request(tracked.request_id, tracked.prompt_token_ids, params, lora_name=tracked.lora_name)
+        except BaseException as exc:  # noqa: BLE001 - ValueError / UnknownAdapterError go back to the handler
+            fut.set_exception(exc)
+            return
+        self._tracked[tracked.request_id] = tracked
+        if self.metrics is not None:
+            self.metrics.on_admitted(tracked.lora_name)
+        fut.set_result(None)
+
+    def _do_abort(self, request_id: str) -> None:
+        if self._tracked.pop(request_id, None) is None:
+            return
+        try:
+            self._engine.abort_request(request_id)
+        except KeyError:
+            pass
+
+    def _dispatch(self, outputs: list[Any]) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        for out in outputs:
+            t = self._tracked.get(out.request_id)
+            if t is None:
+                continue
+            n = len(out.new_token_ids)
+            if n:
+                if t.first_token_at is None:
+                    t.first_token_at = now
+                    if m is not None:
+                        m.on_first_token(t.lora_name, now - t.arrival, out.num_prompt_tokens)
+                        m.on_tokens(t.lora_name, n, None)
+                elif m is not None:
+                    m.on_tokens(t.lora_name, n, now - (t.last_token_at or now))
+                t.last_token_at = now
+            try:
+                t.loop.call_soon_threadsafe(t.queue.put_nowait, out)
+            except RuntimeError:  # the handler's loop is closed: nobody is listening
+                self._do_abort(out.request_id)
+                continue
+            if out.finished:
+                self._tracked.pop(out.request_id, None)
+                if m is not None:
+                    m.on_finished(t.lora_name, now - t.arrival)
+                self._run_finish_hooks(t, out, now)
+
+    def _run_finish_hooks(self, t: _Tracked, out: Any, now: float) -> None:
+        if not self.finish_hooks:
+            return
+        record = FinishedRequest(
+            request_id=t.request_id,
+            lora_name=t.lora_name,
+            lora_version=getattr(out, "lora_version", None),
+            prompt_token_ids=t.prompt_token_ids,
+            output_token_ids=list(out.output_token_ids),
+            text=out.text,
+            finish_reason=out.finish_reason,
+            arrival_time=t.arrival,
+            finish_time=now,
+            extra=t.extra,
+        )
+        for hook in list(self.finish_hooks):
+            try:
+                hook(record)
+            except Exception:  # noqa: BLE001 - a hook must never take serving down
+                log.exception("finish hook %r failed", hook)
+
+    def _refresh_counts(self) -> None:
+        stats = self._engine.stats()
+        with self._lock:
+            self._num_waiting = int(stats.num_waiting)
+
+    def _refresh(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < self.snapshot_interval_s:
+            return
+        self._last_snapshot = now
+        snap = read_snapshot(self._engine, self.metrics)
+        self._snapshot = snap
+        with self._lock:
+            self._num_waiting = snap.num_waiting
+        if self.metrics is not None:
+            publish_snapshot(self.metrics, snap, self._engine)
+
+    def _die(self, reason: str) -> None:
+        self._error = reason
+        self._wake.set()
+        for t in list(self._tracked.values()):
+            try:
+                t.loop.call_soon_threadsafe(t.queue.put_nowait, EngineDeadError(reason))
+            except RuntimeError:
+                pass
+        self._tracked.clear()
+        self._fail_commands()
+
+    def _fail_commands(self) -> None:
+        err = EngineDeadError(self._error or "engine thread is not running")
+        while True:
+            try:
+                kind, _a, _b, fut = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                with self._lock:
+                    self._pending_adds -= 1
+            if fut is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(err)
+
+
+def _int(obj: Any, name: str, default: int = 0) -> int:
+    value = getattr(obj, name, default)
+    return int(value) if isinstance(value, int | float) else default
+
+
+def _per_adapter(stats: Any, *names: str) -> dict[str, int]:
+    for name in names:
+        value = getattr(stats, name, None)
+        if isinstance(value, dict):
+            return {str(k): int(v) for k, v in value.items() if k is not None}
+    return {}
+
+
+def read_snapshot(engine: Any, metrics: WorkerMetrics | None) -> EngineSnapshot:
+    """Copies the engine's stats and the adapter store's listing (engine thread only)."""
+    stats = engine.stats()
+    snap = EngineSnapshot(
+        taken_at=time.time(),
+        num_running=_int(stats, "num_running"),
+        num_waiting=_int(stats, "num_waiting"),
+        kv_blocks_total=_int(stats, "kv_blocks_total"),
+        kv_blocks_used=_int(stats, "kv_blocks_used"),
+        kv_usage=float(getattr(stats, "kv_usage", 0.0) or 0.0),
+        num_preemptions=_int(stats, "num_preemptions"),
+        running_by_adapter=_per_adapter(stats, "running_by_adapter", "running_per_adapter"),
+        waiting_by_adapter=_per_adapter(stats, "waiting_by_adapter", "waiting_per_adapter"),
+    )
+    store = engine.store
+    for name in store.names():
+        av = store.current(name)
+        snap.adapters.append(
+            AdapterInfo(
+                name=name,
+                path=str(av.uri),
+                state="loaded",
+                tier=av.tier,
+                rank=av.rank,
+                version=str(av.version),
+                running=snap.running_by_adapter.get(name, 0),
+                waiting=snap.waiting_by_adapter.get(name, 0),
+                request_rate=metrics.rates.rate(name) if metrics is not None else 0.0,
+            )
+        )
+    return snap
+
+
+def store_counters(engine: Any) -> dict[str, int]:
+    counters = getattr(engine.store, "counters", {})
+    return {k: int(v) for k, v in counters.items()}
+
+
+def publish_snapshot(metrics: WorkerMetrics, snap: EngineSnapshot, engine: Any) -> None:
+    running = [name for name, n in snap.running_by_adapter.items() if n > 0]
+    waiting = [name for name, n in snap.waiting_by_adapter.items() if n > 0]
+    metrics.update_engine(
+        num_running=snap.num_running,
+        num_waiting=snap.num_waiting,
+        kv_usage=snap.kv_usage,
+        kv_blocks_used=snap.kv_blocks_used,
+        kv_blocks_total=snap.kv_blocks_total,
+        num_preemptions=snap.num_preemptions,
+        running_adapters=running,
+        waiting_adapters=waiting,
+    )
+    tiers: dict[str, int] = {}
+    for info in snap.adapters:
+        tiers[info.tier] = tiers.get(info.tier, 0) + 1
+    counters = store_counters(engine)
+    metrics.update_store(
+        tiers, counters, getattr(engine.store, "last_slot_load_seconds", None), [a.name for a in snap.adapters]
+    )

@@ -1,0 +1,152 @@
+"""`lorafleet worker`: loads a model into the engine and serves the OpenAI + vLLM dynamic-LoRA API on HTTP.
+
+The HTTP server starts at once and answers `/health` while the model loads in the engine thread; `/ready` turns 200
+when the model (and any `--lora-modules`) is loaded, which is what the pod's readiness probe waits for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("lorafleet.worker")
+
+TOKEN_ENV = "LORAFLEET_ADMIN_TOKEN"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorafleet worker", description="Serve a base model and many LoRA adapters.")
+    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json + safetensors) or a .gguf")
+    p.add_argument("--served-model-name", default=None, help="the `model` name of the base (default: dir name)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-loras", type=int, default=8, help="adapters in GPU slots at once")
+    p.add_argument("--max-cpu-loras", type=int, default=64, help="adapters kept in host memory")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--adapter-root", action="append", default=[], help="directory adapters may be loaded from")
+    p.add_argument(
+        "--lora-modules", action="append", default=[], metavar="NAME=PATH", help="adapters to load at start-up"
+    )
+    p.add_argument("--admin-token-file", default=None, help=f"bearer token for admin endpoints (or env {TOKEN_ENV})")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument(
+        "--max-batched-tokens", "--max-num-batched-tokens", dest="max_batched_tokens", type=int, default=2048
+    )
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-bytes", type=int, default=256 << 20, help="KV cache size on CPU")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="share of free GPU memory for the KV cache")
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-waiting", type=int, default=1024, help="waiting requests before 429 (0 = unbounded)")
+    p.add_argument("--max-adapter-labels", type=int, default=64, help="adapters with their own metric labels")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def read_admin_token(path: str | None) -> str | None:
+    """The token from `--admin-token-file`, else from the environment; None (no auth) when neither is set."""
+    if path:
+        token = Path(path).read_text().strip()
+        if not token:
+            raise SystemExit(f"lorafleet worker: admin token file {path} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def parse_lora_modules(specs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"lorafleet worker: --lora-modules expects NAME=PATH, got {spec!r}")
+        out.append((name.strip(), path.strip()))
+    return out
+
+
+def engine_config(args: argparse.Namespace):
+    from lorafleet.worker.config import EngineConfig
+
+    cfg = EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_fraction=args.kv_cache_fraction,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        max_lora_rank=args.max_lora_rank,
+        adapter_roots=list(args.adapter_root),
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+    )
+    cfg.validate()
+    return cfg
+
+
+def build_worker(args: argparse.Namespace):
+    """(app, runner) for these arguments; the runner is started (the model loads in its thread)."""
+    from lorafleet.worker.api import ApiSettings, create_app
+    from lorafleet.worker.async_engine import AsyncEngineRunner
+    from lorafleet.worker.metrics import WorkerMetrics
+
+    cfg = engine_config(args)
+    modules = parse_lora_modules(args.lora_modules)
+    served = args.served_model_name or Path(args.model.rstrip("/")).name
+    settings = ApiSettings(
+        served_model_name=served,
+        model_path=args.model,
+        admin_token=read_admin_token(args.admin_token_file),
+        max_model_len=args.max_model_len,
+    )
+    metrics = WorkerMetrics(served, max_loras=args.max_loras, max_adapter_labels=args.max_adapter_labels)
+
+    def factory():
+        from lorafleet.worker.engine import LLMEngine
+
+        engine = LLMEngine(cfg)
+        for name, path in modules:
+            engine.load_adapter(name, path)
+            log.info("adapter loaded", extra={"adapter": name, "path": path})
+        return engine
+
+    runner = AsyncEngineRunner(factory, metrics=metrics, max_waiting=args.max_waiting)
+    runner.start()
+    app = create_app(runner, settings)
+    return app, runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lorafleet.worker.logging import setup_logging
+
+    setup_logging(json_lines=args.log_json, level=args.log_level)
+    import uvicorn
+
+    app, runner = build_worker(args)
+    log.info(
+        "worker starting",
+        extra={
+            "model": args.model,
+            "host": args.host,
+            "port": args.port,
+            "admin_auth": bool(app.state.settings.admin_token),
+        },
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=True)
+    finally:
+        runner.stop()
+    return 0 if runner.error in (None, "engine stopped") else 1
