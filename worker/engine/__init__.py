@@ -1,0 +1,1 @@
+"""Serving engine: sequences, block manager, scheduler, model runner, sampler, LLMEngine (nano-vllm's shape)."""

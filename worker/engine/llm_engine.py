@@ -1,0 +1,276 @@
+"""LLMEngine: the single-threaded serving loop (add_request / step / abort) over model, KV cache and adapters.
+
+Why single-threaded: every mutation of scheduler, block manager and adapter store happens inside `step()` or the
+calls around it on one thread, so none of them needs locks; the HTTP layer feeds the engine through queues.
+`iteration_hooks` run at the end of each step with the leftover token budget, which is where co-serving
+fine-tuning (FlexLLM-style) takes its share of the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from lorafleet.worker.config import EngineConfig, resolve_device, resolve_dtype
+from lorafleet.worker.engine.block_manager import BlockManager
+from lorafleet.worker.engine.detokenizer import IncrementalDetokenizer
+from lorafleet.worker.engine.model_runner import ModelRunner, kv_block_bytes
+from lorafleet.worker.engine.scheduler import Scheduler
+from lorafleet.worker.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
+from lorafleet.worker.loader import checkpoint_dtype, load_hf_config, load_model, load_tokenizer
+from lorafleet.worker.lora.adapter import AdapterError, UnknownAdapterError
+from lorafleet.worker.lora.store import AdapterStore, AdapterVersion
+
+log = logging.getLogger(__name__)
+__all__ = ["LLMEngine", "EngineStats", "IterationInfo", "AdapterError", "UnknownAdapterError"]
+
+
+@dataclass
+class IterationInfo:
+    step: int
+    num_scheduled_tokens: int
+    leftover_tokens: int  # max_num_batched_tokens - tokens scheduled this step
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_seqs: int
+    step_seconds: float
+    forward_seconds: float
+    kv_usage: float
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_usage: float
+    num_preemptions: int
+    iteration_tokens: int
+    running_by_adapter: dict[str, int] = field(default_factory=dict)
+    waiting_by_adapter: dict[str, int] = field(default_factory=dict)
+    max_loras: int = 0
+    adapters: dict[str, int] = field(default_factory=dict)  # store tier counts and load/evict counters
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.hf_config = load_hf_config(config.model)
+        self.dtype = resolve_dtype(config.dtype, self.device, checkpoint_dtype(self.hf_config))
+        max_pos = getattr(self.hf_config, "max_position_embeddings", 4096)
+        self.max_model_len = config.max_model_len or max_pos
+        self.model, _ = load_model(config.model, self.device, self.dtype, max(max_pos, self.max_model_len))
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = self._eos_ids()
+        self.store = AdapterStore(
+            self.model.shape,
+            self.device,
+            self.dtype,
+            max_slots=config.max_loras,
+            max_cpu=config.max_cpu_loras,
+            max_rank=config.max_lora_rank,
+            roots=config.adapter_roots,
+        )
+        num_blocks = config.num_kv_blocks or self._derive_num_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.block_manager, self.store)
+        self.runner = ModelRunner(self.model, self.store, num_blocks, config.block_size, config.seed)
+        self.iteration_hooks: list[Callable[[IterationInfo], None]] = []
+        self._requests: dict[str, Sequence] = {}
+        self._pending: list[RequestOutput] = []  # abort notices delivered by the next step()
+        self._step = 0
+        self._last_tokens = 0
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d",
+            config.model,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+        )
+
+    # ---- setup helpers -------------------------------------------------------------------------------------------
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.hf_config, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, list | tuple):
+                ids.update(int(x) for x in src)
+        gen = Path(self.config.model) / "generation_config.json"
+        if gen.is_file():
+            import json
+
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update([e] if isinstance(e, int) else list(e or []))
+        return ids
+
+    def _derive_num_blocks(self) -> int:
+        per_block = kv_block_bytes(self.model, self.config.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - (1 - self.config.kv_cache_fraction) * total)
+            budget = max(budget, int(free * self.config.kv_cache_fraction))
+        else:
+            budget = self.config.kv_cache_bytes
+        need_one = -(-self.max_model_len // self.config.block_size)
+        return max(budget // per_block, need_one)
+
+    # ---- requests ------------------------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora_name: str | None = None
+    ) -> None:
+        params.validate()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt must contain at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens; this model's context is {self.max_model_len} (max_model_len)")
+        if self.block_manager.blocks_for(n + 1) > self.block_manager.num_blocks:
+            raise ValueError(f"prompt of {n} tokens does not fit the KV cache ({self.block_manager.num_blocks} blocks)")
+        vocab = self.model.shape.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        adapter: AdapterVersion | None = self.store.acquire(lora_name) if lora_name else None
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
+        seq = Sequence(request_id, prompt_token_ids, params, adapter, gen, detok)
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._requests.pop(request_id, None)
+        if seq is None or seq.status == SequenceStatus.FINISHED:
+            return
+        self.scheduler.finish(seq, "abort")
+        self._pending.append(self._output(seq, []))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        forward_s = 0.0
+        if batch.seqs:
+            sampled = self.runner.execute(batch)
+            forward_s = self.runner.last_forward_seconds
+            for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+                seq.num_computed_tokens += n
+            for seq, tok in sampled.items():
+                outputs.append(self._append_token(seq, tok))
+            self._prefetch_waiting()
+        decode_tokens = sum(
+            1 for n, s in zip(batch.num_tokens, batch.seqs, strict=True) if n == 1 and s.num_output_tokens > 1
+        )
+        self._last_tokens = batch.total_tokens
+        self._step += 1
+        info = IterationInfo(
+            step=self._step,
+            num_scheduled_tokens=batch.total_tokens,
+            leftover_tokens=self.config.max_num_batched_tokens - batch.total_tokens,
+            num_prefill_tokens=batch.total_tokens - decode_tokens,
+            num_decode_tokens=decode_tokens,
+            num_seqs=len(batch.seqs),
+            step_seconds=time.perf_counter() - t0,
+            forward_seconds=forward_s,
+            kv_usage=self.block_manager.num_used / self.block_manager.num_blocks,
+        )
+        for hook in list(self.iteration_hooks):
+            hook(info)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        p = seq.params
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        elif seq.detokenizer is not None and seq.detokenizer.append(token):
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._requests.pop(seq.request_id, None)
+        return self._output(seq, [token])
+
+    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new,
+            output_token_ids=seq.output_token_ids,
+            text=seq.text,
+            finished=seq.status == SequenceStatus.FINISHED,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            lora_name=seq.lora_name,
+            lora_version=seq.lora_version,
+        )
+
+    def _prefetch_waiting(self, depth: int = 4) -> None:
+        """Starts uploading the adapters of the next waiting requests so they are warm when admitted."""
+        if self.device.type != "cuda":
+            return
+        for seq in list(self.scheduler.waiting)[:depth]:
+            if seq.adapter is not None and seq.adapter.slot is None:
+                self.store.prefetch(seq.adapter)
+
+    # ---- adapters ------------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str, version: str | None = None) -> AdapterVersion:
+        """Registers (or replaces) an adapter; raises AdapterError if it does not fit this worker."""
+        return self.store.register(name, path, version)
+
+    def unload_adapter(self, name: str) -> None:
+        """Removes the name at once; requests already running on it finish on the weights they started with."""
+        self.store.unregister(name)
+
+    # ---- introspection -------------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        run = Counter(s.lora_name for s in self.scheduler.running if s.lora_name)
+        wait = Counter(s.lora_name for s in self.scheduler.waiting if s.lora_name)
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used,
+            kv_usage=bm.num_used / bm.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            iteration_tokens=self._last_tokens,
+            running_by_adapter=dict(run),
+            waiting_by_adapter=dict(wait),
+            max_loras=self.config.max_loras,
+            adapters=self.store.stats(),
+        )
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, lora_names: list[str | None] | None = None
+    ) -> list[RequestOutput]:
+        """Convenience for tests and scripts: runs the given prompts to completion, returns final outputs in order."""
+        ids = [f"gen-{self._step}-{i}" for i in range(len(prompts))]
+        for i, p in enumerate(prompts):
+            self.add_request(ids[i], p, params, (lora_names or [None] * len(prompts))[i])
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for o in self.step():
+                if o.finished and o.request_id in ids:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]

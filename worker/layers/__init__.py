@@ -1,0 +1,1 @@
+"""Model building blocks: norm, rotary, attention contexts (paged / dense), LoRA-aware linear, activation."""

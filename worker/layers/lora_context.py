@@ -1,0 +1,57 @@
+"""The two LoRA contexts: segments over stacked GPU slots (serving) and one dense adapter (training).
+
+Serving (Punica/S-LoRA, REFERENCES §1): tokens of one adapter are contiguous; `seg_indptr`/`seg_slots` describe
+the segments and each projection does shrink (x·Aᵀ, fp32) then expand (y += s·v·Bᵀ) over the slot tensors the
+adapter store keeps padded to max rank. Training: a dense `(A, B)` per (layer, projection), autograd-friendly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+
+class SlotWeights(Protocol):
+    """What the adapter store exposes to the model: stacked, padded slot tensors per (layer, projection)."""
+
+    scales: torch.Tensor  # [S] float32
+
+    def stacked(self, layer_idx: int, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+
+class SegmentLoRAContext:
+    def __init__(self, slots: SlotWeights, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> None:
+        from lorafleet.worker.lora import dispatch
+
+        self.slots = slots
+        self.seg_indptr = seg_indptr
+        self.seg_slots = seg_slots
+        self._ops = dispatch.ops_for(seg_indptr.device)
+        self._buf: torch.Tensor | None = None
+
+    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = self.slots.stacked(layer_idx, proj)
+        if w is None:
+            return y
+        lora_a, lora_b = w
+        v = self._ops.lora_shrink(x, lora_a, self.seg_indptr, self.seg_slots)
+        self._ops.lora_expand(v, lora_b, self.seg_indptr, self.seg_slots, self.slots.scales, y)
+        return y
+
+
+class DenseLoRAContext:
+    """One adapter for every token: y + scale * (x·Aᵀ)·Bᵀ, computed in fp32 so A/B may be trainable fp32 params."""
+
+    def __init__(self, weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
+        self.weights = weights
+        self.scale = scale
+
+    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = self.weights.get((layer_idx, proj))
+        if w is None:
+            return y
+        a, b = w
+        delta = (x.to(a.dtype) @ a.t()) @ b.t().to(a.dtype)
+        return y + (delta * self.scale).to(y.dtype)
