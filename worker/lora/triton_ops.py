@@ -1,0 +1,281 @@
+"""Triton SGMV-style batched LoRA kernels with exactly the contract of `ops.py` (shrink into fp32, expand in place).
+
+Why this design (REFERENCES.md §1, Punica SGMV / SGLang csgmv):
+- The grid tiles the *sorted token dimension* (BLOCK_M rows), not (segment x max segment length). That needs no
+  host-side maximum segment length, so nothing syncs with the GPU and the launch can be captured in a CUDA graph
+  with padded inputs (`cuda_graph.py` pads `seg_indptr` with empty segments and `seg_slots` with -1).
+- A tile may straddle several segments (decode: a few tokens per adapter). The program finds its first and last
+  segment by binary search over `seg_indptr`, then for each segment masks the rows it owns and accumulates
+  `where(row in segment, x, 0) · A[slot]ᵀ` into ONE accumulator: rows of different segments are disjoint, so the
+  sum over segments is exactly the per-row result. Each adapter's weights are read once per tile it touches.
+  With one token per segment this degenerates into BGMV (per-token adapter), so decode needs no second kernel.
+- Shrink (N = rank, tiny) is split over K so that a batch of a few tiles still fills the GPU; partial sums go
+  through fp32 atomics into the zeroed `out`. Expand tiles (M, N) and adds `scale * v · Bᵀ` into `y` in place,
+  accumulating in fp32 (tf32 dot) and rounding once.
+- Mixed ranks share one stacked tensor padded to max rank with zeros (the store's layout), so padding rows
+  contribute exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _find_segment(seg_indptr, t, G, LOG_G: tl.constexpr):
+    """Largest g in [0, G-1] with seg_indptr[g] <= t; skips empty (padding) segments that share a boundary."""
+    lo = t * 0
+    hi = lo + G - 1
+    for _ in range(LOG_G):
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(seg_indptr + mid) <= t
+        active = lo < hi
+        lo = tl.where(active & ok, mid, lo)
+        hi = tl.where(active & (ok == 0), mid - 1, hi)
+    return lo
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,
+    a_ptr,
+    out_ptr,
+    seg_indptr,
+    seg_slots,
+    T,
+    K,
+    R,
+    G,
+    sx_t,
+    sx_k,
+    sa_s,
+    sa_r,
+    sa_k,
+    so_t,
+    so_r,
+    K_PER_SPLIT,
+    LOG_G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    last = tl.minimum(row0 + BLOCK_M, T) - 1
+    g_first = _find_segment(seg_indptr, row0, G, LOG_G)
+    g_last = _find_segment(seg_indptr, last, G, LOG_G)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    kk = tl.arange(0, BLOCK_K)
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for g in range(g_first, g_last + 1):
+        slot = tl.load(seg_slots + g).to(tl.int64)
+        lo = tl.load(seg_indptr + g)
+        hi = tl.load(seg_indptr + g + 1)
+        if (slot >= 0) & (hi > lo):
+            in_seg = (rows >= lo) & (rows < hi) & row_ok
+            a_base = a_ptr + slot * sa_s
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                ks = k0 + kk
+                k_ok = ks < k_end
+                x = tl.load(
+                    x_ptr + rows[:, None].to(tl.int64) * sx_t + ks[None, :] * sx_k,
+                    mask=in_seg[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                a = tl.load(
+                    a_base + ks[:, None] * sa_k + rr[None, :] * sa_r,
+                    mask=k_ok[:, None] & r_ok[None, :],
+                    other=0.0,
+                )
+                acc += tl.dot(x, a.to(x.dtype))
+    o_ptrs = out_ptr + rows[:, None].to(tl.int64) * so_t + rr[None, :] * so_r
+    o_mask = row_ok[:, None] & r_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(o_ptrs, acc, mask=o_mask)
+    else:
+        tl.atomic_add(o_ptrs, acc, mask=o_mask)
+
+
+@triton.jit
+def _expand_kernel(
+    v_ptr,
+    b_ptr,
+    y_ptr,
+    seg_indptr,
+    seg_slots,
+    scales_ptr,
+    T,
+    N,
+    R,
+    G,
+    sv_t,
+    sv_r,
+    sb_s,
+    sb_n,
+    sb_r,
+    sy_t,
+    sy_n,
+    LOG_G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    last = tl.minimum(row0 + BLOCK_M, T) - 1
+    g_first = _find_segment(seg_indptr, row0, G, LOG_G)
+    g_last = _find_segment(seg_indptr, last, G, LOG_G)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cols < N
+    v_all = tl.load(
+        v_ptr + rows[:, None].to(tl.int64) * sv_t + rr[None, :] * sv_r,
+        mask=row_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    touched = tl.zeros((BLOCK_M,), dtype=tl.int1)
+    for g in range(g_first, g_last + 1):
+        slot = tl.load(seg_slots + g).to(tl.int64)
+        lo = tl.load(seg_indptr + g)
+        hi = tl.load(seg_indptr + g + 1)
+        if (slot >= 0) & (hi > lo):
+            in_seg = (rows >= lo) & (rows < hi) & row_ok
+            touched = touched | in_seg
+            scale = tl.load(scales_ptr + slot)
+            v = tl.where(in_seg[:, None], v_all * scale, 0.0)
+            b = tl.load(
+                b_ptr + slot * sb_s + rr[:, None] * sb_r + cols[None, :].to(tl.int64) * sb_n,
+                mask=r_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(v, b.to(tl.float32))
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * sy_t + cols[None, :] * sy_n
+    y_mask = touched[:, None] & c_ok[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def _log_g(g: int) -> int:
+    return max(1, int(g).bit_length())
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _shrink_config(t: int, k: int) -> tuple[int, int, int]:
+    """BLOCK_M, BLOCK_K, SPLIT_K: small M tiles for decode, split K until ~2 programs per SM (132 on H100/H200)."""
+    block_m = 16 if t <= 512 else 64
+    block_k = 128 if block_m == 16 else 64
+    m_tiles = triton.cdiv(t, block_m)
+    split = 1
+    while m_tiles * split < 256 and k // (split * 2) >= 4 * block_k:
+        split *= 2
+    return block_m, block_k, split
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """v[t] = x[t] · A[slot(t)]ᵀ in fp32; rows of segments without an adapter are zero. Same contract as ops.py."""
+    t, k = x.shape
+    r = lora_a.shape[1]
+    if out is None:
+        out = torch.zeros(t, r, dtype=torch.float32, device=x.device)
+    else:
+        out.zero_()
+    g = seg_slots.shape[0]
+    if t == 0 or g == 0:
+        return out
+    block_m, block_k, split = _shrink_config(t, k)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    grid = (triton.cdiv(t, block_m), split)
+    _shrink_kernel[grid](
+        x,
+        lora_a,
+        out,
+        seg_indptr,
+        seg_slots,
+        t,
+        k,
+        r,
+        g,
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_a.stride(2),
+        out.stride(0),
+        out.stride(1),
+        k_per_split,
+        LOG_G=_log_g(g),
+        BLOCK_M=block_m,
+        BLOCK_R=_block_r(r),
+        BLOCK_K=block_k,
+        SPLIT_K=split,
+        num_warps=4,
+    )
+    return out
+
+
+def lora_expand(
+    v: torch.Tensor,
+    lora_b: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    scales: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.Tensor:
+    """y[t] += scale[slot] * v[t] · B[slot]ᵀ in place (fp32 accumulation, one rounding). Same contract as ops.py."""
+    t, n = y.shape
+    r = lora_b.shape[2]
+    g = seg_slots.shape[0]
+    if t == 0 or g == 0:
+        return y
+    block_m = 16 if t <= 512 else 64
+    block_n = 128 if block_m == 16 else 64
+    grid = (triton.cdiv(t, block_m), triton.cdiv(n, block_n))
+    _expand_kernel[grid](
+        v,
+        lora_b,
+        y,
+        seg_indptr,
+        seg_slots,
+        scales,
+        t,
+        n,
+        r,
+        g,
+        v.stride(0),
+        v.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        lora_b.stride(2),
+        y.stride(0),
+        y.stride(1),
+        LOG_G=_log_g(g),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=_block_r(r),
+        num_warps=4,
+    )
+    return y
