@@ -1,0 +1,258 @@
+"""A local "kubelet": for every Running worker pod on a KWOK node, run a REAL `lorafleet worker` process.
+
+KWOK makes pods Running with IPs from a fake pod CIDR, but nothing runs and those IPs are unreachable. The shim
+starts the pod's own container arguments as a local process on a free 127.0.0.1 port (the admin token is read from
+the pod's Secret volume source and written to a private file) and, once the worker answers `/health`, annotates the
+pod `lorafleet.io/local-endpoint: 127.0.0.1:PORT`. The operator (with `--local-endpoints`) talks to that address;
+EndpointSlices keep the pod IPs, since the API server rejects loopback addresses. Like a kubelet with
+`restartPolicy: Always`, a crashed worker is restarted (on a new port) and the pod re-annotated; a deleted pod's
+process is stopped. See docs/local-mode.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafleet.operator import constants as c
+
+log = logging.getLogger(__name__)
+
+WORKER_SELECTOR = f"{c.LABEL_COMPONENT}={c.COMPONENT_WORKER},{c.LABEL_BASEMODEL}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _set_flag(args: list[str], flag: str, value: str | None) -> list[str]:
+    """Replaces (or appends, or with value None removes) `flag VALUE` in an argv list."""
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = i + 1 < len(args)
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    if value is not None:
+        out += [flag, value]
+    return out
+
+
+@dataclass
+class WorkerProcess:
+    pod: str
+    namespace: str
+    uid: str
+    argv: list[str]
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    annotated: bool = False
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+
+
+class KubeletShim:
+    """Runs in a background thread; `stop()` terminates every process it started (and only those)."""
+
+    def __init__(
+        self,
+        namespaces: list[str],
+        *,
+        kubeconfig: str | None = None,
+        state_dir: str | Path | None = None,
+        worker_cmd: list[str] | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        poll: float = 0.25,
+        adapter_root: str | None = None,
+    ) -> None:
+        from kubernetes import client
+
+        from lorafleet.operator.kube import load_config
+
+        self.namespaces = namespaces
+        self.api = client.CoreV1Api(load_config(kubeconfig))
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="lorafleet-shim-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.worker_cmd = worker_cmd or [sys.executable, "-m", "lorafleet.cli", "worker"]
+        self.extra_args = extra_args or []
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+        self.poll = poll
+        self.adapter_root = adapter_root
+        self.procs: dict[str, WorkerProcess] = {}  # by pod uid
+        self.started_total = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> KubeletShim:
+        self._thread = threading.Thread(target=self._loop, name="kubelet-shim", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        with self._lock:
+            for wp in list(self.procs.values()):
+                self._terminate(wp)
+            self.procs.clear()
+
+    def __enter__(self) -> KubeletShim:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def endpoint_of(self, pod: str) -> str | None:
+        with self._lock:
+            for wp in self.procs.values():
+                if wp.pod == pod and wp.annotated:
+                    return f"127.0.0.1:{wp.port}"
+        return None
+
+    def kill_worker(self, pod: str) -> bool:
+        """Simulates a container crash (SIGKILL); the shim restarts it like a kubelet would."""
+        with self._lock:
+            for wp in self.procs.values():
+                if wp.pod == pod:
+                    wp.proc.kill()
+                    return True
+        return False
+
+    # ---------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync_once()
+            except Exception:  # the API server may be restarting; keep going
+                log.exception("kubelet shim sync failed")
+            self._stop.wait(self.poll)
+
+    def _list_pods(self) -> list[Any]:
+        pods: list[Any] = []
+        for ns in self.namespaces:
+            pods += self.api.list_namespaced_pod(ns, label_selector=WORKER_SELECTOR).items
+        return pods
+
+    def sync_once(self) -> None:
+        pods = self._list_pods()
+        seen: set[str] = set()
+        for pod in pods:
+            uid = pod.metadata.uid
+            running = pod.status.phase == "Running" and pod.status.pod_ip and not pod.metadata.deletion_timestamp
+            if not running:
+                continue
+            seen.add(uid)
+            with self._lock:
+                wp = self.procs.get(uid)
+            if wp is None:
+                self._start(pod)
+                continue
+            if wp.proc.poll() is not None:
+                log.warning("worker for pod %s exited with %s; restarting", wp.pod, wp.proc.returncode)
+                self._restart(wp, pod)
+                continue
+            if not wp.annotated and self._healthy(wp.port):
+                self._annotate(wp.namespace, wp.pod, f"127.0.0.1:{wp.port}")
+                wp.annotated = True
+        with self._lock:
+            gone = [uid for uid in self.procs if uid not in seen]
+            for uid in gone:
+                self._terminate(self.procs.pop(uid))
+
+    # ---------------------------------------------------------------- helpers
+    def _argv(self, pod: Any, port: int) -> list[str]:
+        container = pod.spec.containers[0]
+        args = list(container.args or [])
+        args = _set_flag(args, "--port", str(port))
+        args = _set_flag(args, "--host", "127.0.0.1")
+        token_file = self._token_file(pod)
+        args = _set_flag(args, "--admin-token-file", token_file)
+        if self.adapter_root:
+            args = _set_flag(args, "--adapter-root", self.adapter_root)
+        return [*self.worker_cmd, *args, *self.extra_args]
+
+    def _token_file(self, pod: Any) -> str | None:
+        for vol in pod.spec.volumes or []:
+            if vol.secret is not None and vol.name == "admin-token":
+                secret = self.api.read_namespaced_secret(vol.secret.secret_name, pod.metadata.namespace)
+                token = base64.b64decode(secret.data[c.ADMIN_TOKEN_KEY]).decode()
+                path = self.state_dir / f"{pod.metadata.uid}.token"
+                path.write_text(token)
+                path.chmod(0o600)
+                return str(path)
+        return None
+
+    def _spawn(self, pod: Any) -> tuple[int, list[str], subprocess.Popen[bytes], Path]:
+        port = free_port()
+        argv = self._argv(pod, port)
+        log_path = self.state_dir / f"{pod.metadata.name}.log"
+        with open(log_path, "ab") as fh:
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.started_total += 1
+        log.info("started worker for pod %s on 127.0.0.1:%d (pid %d)", pod.metadata.name, port, proc.pid)
+        return port, argv, proc, log_path
+
+    def _start(self, pod: Any) -> None:
+        port, argv, proc, log_path = self._spawn(pod)
+        wp = WorkerProcess(pod.metadata.name, pod.metadata.namespace, pod.metadata.uid, argv, port, proc, log_path)
+        with self._lock:
+            self.procs[pod.metadata.uid] = wp
+
+    def _restart(self, wp: WorkerProcess, pod: Any) -> None:
+        self._annotate(wp.namespace, wp.pod, None)
+        port, argv, proc, _ = self._spawn(pod)
+        wp.port, wp.argv, wp.proc, wp.annotated, wp.restarts = port, argv, proc, False, wp.restarts + 1
+
+    def _terminate(self, wp: WorkerProcess) -> None:
+        if wp.proc.poll() is None:
+            try:
+                os.killpg(wp.proc.pid, signal.SIGTERM)
+                wp.proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(wp.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                wp.proc.wait(timeout=5)
+
+    @staticmethod
+    def _healthy(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=0.5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def _annotate(self, ns: str, pod: str, endpoint: str | None) -> None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            self.api.patch_namespaced_pod(pod, ns, {"metadata": {"annotations": {c.ANNOT_LOCAL_ENDPOINT: endpoint}}})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

@@ -1,0 +1,1 @@
+"""LoRA Fleet operator: kopf controllers, adapter placement, migration and routing."""

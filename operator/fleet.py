@@ -1,0 +1,584 @@
+"""One BaseModel's fleet: observe workers, decide replicas, load, route, drain, and report — level-triggered.
+
+Every cycle starts from what is true *now*: the pods the API server lists and what each reachable worker says it
+holds (`/v1/adapters`). Nothing is remembered that could go stale across an operator restart except in-flight
+drains, so a restarted operator converges to the same routing without loading anything twice. The cycle runs on a
+short clock and is woken at once by adapter and pod events, which is what makes failover a matter of seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from lorafleet.operator import assign, conditions, migration
+from lorafleet.operator import constants as c
+from lorafleet.operator import resources as res
+from lorafleet.operator.scrape import WorkerLoad
+from lorafleet.operator.state import Runtime, sleep_or_wake
+from lorafleet.operator.validation import Problem, adapter_path, adapter_rank, validate_adapter
+from lorafleet.operator.workerclient import AdapterInfo, WorkerClient, WorkerError, make_client
+
+log = logging.getLogger(__name__)
+
+ANNOT_DRAIN = "lorafleet.io/drain"
+
+
+@dataclass
+class Worker:
+    pod: str
+    uid: str | None
+    ip: str | None
+    node: str | None
+    endpoint: str | None
+    draining: bool
+    client: WorkerClient | None = None
+    adapters: dict[str, AdapterInfo] | None = None  # None: not reachable this cycle
+    load: WorkerLoad | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.adapters is not None
+
+    def holds(self, adapter: str) -> bool:
+        return bool(self.adapters and adapter in self.adapters and self.adapters[adapter].servable)
+
+
+@dataclass
+class AdapterView:
+    """What one cycle decided about one adapter; becomes its status."""
+
+    body: dict[str, Any]
+    problems: list[Problem] = field(default_factory=list)
+    desired: int = 0
+    asked: int = 0
+    deleting: bool = False
+    rate: float = 0.0
+    load_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.body["metadata"]["name"]
+
+    @property
+    def fatal(self) -> Problem | None:
+        return next((p for p in self.problems if p.fatal), None)
+
+
+def pod_is_running(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    if pod.get("metadata", {}).get("deletionTimestamp") or status.get("phase") != "Running":
+        return False
+    ready = [cond for cond in status.get("conditions") or [] if cond.get("type") == "Ready"]
+    return bool(status.get("podIP")) and (not ready or ready[0].get("status") == "True")
+
+
+class BaseModelFleet:
+    def __init__(self, runtime: Runtime, namespace: str, name: str) -> None:
+        self.rt = runtime
+        self.ns = namespace
+        self.name = name
+        self._wake = asyncio.Event()
+        self._clients: dict[tuple[str, str], WorkerClient] = {}
+        self._token: str | None = None
+        self._routes: dict[str, list[str]] = {}  # adapter -> pods last written to its EndpointSlice
+        self._services: set[str] = set()
+        self._drains: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._since: dict[tuple[str, str], str] = {}
+        self._blocked: dict[tuple[str, str], float] = {}  # (adapter, pod) -> monotonic time when retry is allowed
+        self._fail_count: dict[tuple[str, str], int] = {}
+        self._load_errors: dict[str, str] = {}
+        self._last_status: dict[str, dict[str, Any]] = {}
+        self._last_events: dict[tuple[str, str], str] = {}
+        self._loads: dict[str, WorkerLoad] = {}
+        self._last_scrape = 0.0
+        self._gone: dict[str, asyncio.Event] = {}
+        self.workers: list[Worker] = []
+        self.cycles = 0
+        self.moves_pending: list[tuple[str, str, str]] = []  # rebalancer moves (adapter, source, target)
+
+    # ---------------------------------------------------------------- loop control
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, get_view: Any, stopped: Any) -> None:
+        """The daemon body: cycle, then sleep until woken or the interval passes."""
+        from lorafleet.operator.rebalancer import Rebalancer
+
+        rebalancer = Rebalancer(self)
+        while not stopped:
+            self._wake.clear()
+            bm, adapters, pods = get_view()
+            if bm is None:
+                return
+            t0 = time.monotonic()
+            try:
+                await self.cycle(bm, adapters, pods)
+                if rebalancer.due():
+                    await rebalancer.run(bm, adapters)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad cycle kill the daemon
+                log.exception("reconcile of BaseModel %s/%s failed", self.ns, self.name)
+                self.rt.metrics.reconcile_errors.labels("basemodel").inc()
+            finally:
+                self.rt.metrics.reconcile_seconds.labels("basemodel").observe(time.monotonic() - t0)
+            await sleep_or_wake(self._wake, self.rt.config.interval)
+
+    async def close(self) -> None:
+        for task in self._drains.values():
+            task.cancel()
+        for client in self._clients.values():
+            await client.aclose()
+
+    # ---------------------------------------------------------------- observation
+    async def _admin_token(self) -> str | None:
+        if self._token is None:
+            self._token = await self.rt.kube.read_secret_value(
+                self.ns, res.admin_secret_name(self.name), c.ADMIN_TOKEN_KEY
+            )
+        return self._token
+
+    def _endpoint(self, pod: Mapping[str, Any], port: int) -> str | None:
+        if self.rt.config.local_endpoints:
+            return (pod["metadata"].get("annotations") or {}).get(c.ANNOT_LOCAL_ENDPOINT)
+        ip = (pod.get("status") or {}).get("podIP")
+        return f"{ip}:{port}" if ip else None
+
+    def _client(self, engine: str, pod: str, endpoint: str, token: str | None) -> WorkerClient:
+        key = (pod, endpoint)
+        if key not in self._clients:
+            self._clients[key] = make_client(engine, f"http://{endpoint}", token, retries=2, backoff=0.1)
+        return self._clients[key]
+
+    async def observe(self, bm: Mapping[str, Any], pods: list[Mapping[str, Any]]) -> list[Worker]:
+        port = res.worker_port(bm)
+        engine = res.engine_of(bm)
+        token = await self._admin_token()
+        workers: list[Worker] = []
+        for pod in pods:
+            meta = pod["metadata"]
+            if not pod_is_running(pod) and not meta.get("deletionTimestamp"):
+                continue
+            endpoint = self._endpoint(pod, port)
+            w = Worker(
+                pod=meta["name"],
+                uid=meta.get("uid"),
+                ip=(pod.get("status") or {}).get("podIP"),
+                node=(pod.get("spec") or {}).get("nodeName"),
+                endpoint=endpoint,
+                draining=bool(meta.get("deletionTimestamp"))
+                or (meta.get("annotations") or {}).get(ANNOT_DRAIN) == "true",
+            )
+            if endpoint:
+                w.client = self._client(engine, w.pod, endpoint, token)
+            workers.append(w)
+        scrape = time.monotonic() - self._last_scrape >= self.rt.config.metrics_every
+        if scrape:
+            self._last_scrape = time.monotonic()
+
+        async def probe(w: Worker) -> None:
+            if w.client is None:
+                return
+            try:
+                w.adapters = {a.name: a for a in await w.client.adapters()}
+            except WorkerError as exc:
+                log.debug("worker %s unreachable: %s", w.pod, exc)
+                self.rt.metrics.worker_errors.labels(self.name, "adapters").inc()
+                return
+            if scrape:
+                try:
+                    self._loads[w.pod] = await w.client.load_report()
+                except (WorkerError, ValueError):
+                    self.rt.metrics.worker_errors.labels(self.name, "metrics").inc()
+            w.load = self._loads.get(w.pod)
+
+        await asyncio.gather(*(probe(w) for w in workers))
+        live = {(w.pod, w.endpoint) for w in workers}
+        for key in [k for k in self._clients if k not in live]:
+            await self._clients.pop(key).aclose()
+        return workers
+
+    # ---------------------------------------------------------------- one cycle
+    async def cycle(
+        self, bm: Mapping[str, Any], adapter_bodies: list[dict[str, Any]], pods: list[Mapping[str, Any]]
+    ) -> None:
+        self.cycles += 1
+        workers = await self.observe(bm, pods)
+        self.workers = workers
+        usable = [w for w in workers if w.reachable and not w.draining]
+        by_pod = {w.pod: w for w in workers}
+        limits = (bm.get("spec") or {}).get("limits") or {}
+        capacity = int(limits.get("maxAdapters") or 0) + int(limits.get("maxCpuAdapters") or 0) or 1_000_000
+
+        views: dict[str, AdapterView] = {}
+        for body in adapter_bodies:
+            view = AdapterView(body=body)
+            view.deleting = bool(body["metadata"].get("deletionTimestamp"))
+            view.rate = sum((w.load.adapter_rate.get(view.name, 0.0) if w.load else 0.0) for w in workers)
+            view.problems = validate_adapter(
+                body, bm, workers=len(usable), check_local_sources=self.rt.config.check_sources
+            )
+            if not view.deleting and view.fatal is None:
+                view.desired, view.asked = assign.desired_replicas(
+                    body.get("spec") or {}, view.rate, len(usable), per_replica_rate=self.rt.config.per_replica_rate
+                )
+            views[view.name] = view
+
+        draining_pairs = set(self._drains)
+        current: dict[str, set[str]] = {}
+        for name in views:
+            current[name] = {w.pod for w in usable if w.holds(name) and (name, w.pod) not in draining_pairs}
+        now = time.monotonic()
+        blocked: dict[str, set[str]] = {}
+        for (a, p), until in list(self._blocked.items()):
+            if until > now:
+                blocked.setdefault(a, set()).add(p)
+            else:
+                del self._blocked[(a, p)]
+        # Rebalancer moves: add on the target now; the source becomes surplus and is drained below.
+        extra_removes: list[tuple[str, str]] = []
+        moves, self.moves_pending = self.moves_pending, []
+        move_targets: list[tuple[str, str]] = []
+        for a, src, dst in moves:
+            if a in views and src in current.get(a, set()) and dst in {w.pod for w in usable} and dst not in current[a]:
+                move_targets.append((a, dst))
+                extra_removes.append((a, src))
+        slots = [
+            assign.WorkerSlot(
+                name=w.pod,
+                node=w.node,
+                capacity=capacity,
+                max_rank=int(limits["maxRank"]) if limits.get("maxRank") else None,
+                load=(w.load.total_rate if w.load else 0.0),
+            )
+            for w in usable
+        ]
+        t0 = time.perf_counter()
+        desired = {n: v.desired for n, v in views.items()}
+        ranks = {n: adapter_rank(v.body) or 0 for n, v in views.items()}
+        prio = {n: int((v.body.get("spec") or {}).get("priority") or 0) for n, v in views.items()}
+        plan = assign.plan(
+            current,
+            desired,
+            slots,
+            rates={n: v.rate for n, v in views.items()},
+            ranks=ranks,
+            priority=prio,
+            blocked=blocked,
+        )
+        self.rt.metrics.solve_seconds.labels(self.name, "incremental").observe(time.perf_counter() - t0)
+        adds = plan.adds + move_targets
+        removes = plan.removes + extra_removes
+
+        # (1) load on targets, concurrently
+        async def load(a: str, pod: str) -> None:
+            w = by_pod[pod]
+            assert w.client is not None
+            view = views[a]
+            uri = str(((view.body.get("spec") or {}).get("source") or {}).get("uri", ""))
+            try:
+                await w.client.load(a, adapter_path(uri))
+            except WorkerError as exc:
+                self.rt.metrics.worker_errors.labels(self.name, "load").inc()
+                n = self._fail_count.get((a, pod), 0) + 1
+                self._fail_count[(a, pod)] = n
+                self._blocked[(a, pod)] = time.monotonic() + min(0.5 * 2**n, 30.0)
+                if exc.status:
+                    self._load_errors[a] = f"worker {pod} refused the adapter (HTTP {exc.status}): {exc.message}"
+                    self._event(view.body, "Warning", "LoadFailed", self._load_errors[a])
+                return
+            self.rt.metrics.loads.labels(self.name).inc()
+            self._fail_count.pop((a, pod), None)
+            self._load_errors.pop(a, None)
+            current[a].add(pod)
+            self._since[(a, pod)] = conditions.now_iso()
+            self._event(view.body, "Normal", "Loaded", f"loaded on worker {pod} (node {by_pod[pod].node})")
+
+        await asyncio.gather(*(load(a, p) for a, p in adds))
+
+        # (2)+(3) routing: exactly the ready pods that hold the adapter, minus replicas about to be drained.
+        removing = set(removes)
+        to_drain: list[tuple[str, str]] = list(removes)
+        for w in workers:
+            if not w.draining or not w.adapters:
+                continue
+            for a in w.adapters:
+                if a not in views or (a, w.pod) in self._drains or not w.holds(a):
+                    continue
+                if current.get(a) or views[a].deleting or views[a].fatal:
+                    to_drain.append((a, w.pod))  # a replacement is routed (or nothing should serve): drain it
+                else:
+                    current.setdefault(a, set()).add(w.pod)  # keep serving until a replacement exists
+        for name, view in views.items():
+            if view.deleting or view.fatal:
+                for w in workers:
+                    if w.holds(name) and (name, w.pod) not in self._drains:
+                        to_drain.append((name, w.pod))
+                if self._routes.get(name):  # un-route first; never create routing objects for it
+                    await self._route(bm, view, [])
+                continue
+            targets = {p for p in current.get(name, set()) if (name, p) not in removing}
+            await self._route(bm, view, [by_pod[p] for p in sorted(targets)])
+
+        # (4)-(6) drain and unload in the background so one slow request never stalls the fleet.
+        for a, pod in dict.fromkeys(to_drain):
+            if (a, pod) in self._drains:
+                continue
+            w = by_pod.get(pod)
+            reason = "deleted" if views[a].deleting else ("drain" if w and w.draining else "rebalance")
+            self._drains[(a, pod)] = asyncio.create_task(self._drain(a, w, reason, views[a].body))
+
+        await self._write_adapter_statuses(bm, views, by_pod, plan)
+        await self._write_basemodel_status(bm, workers, views)
+        for name, ev in list(self._gone.items()):
+            if self.is_gone(name):
+                ev.set()
+
+    # ---------------------------------------------------------------- actions
+    async def _route(self, bm: Mapping[str, Any], view: AdapterView, targets: list[Worker]) -> None:
+        name = view.name
+        pods = [w.pod for w in targets]
+        if self._routes.get(name) == pods and name in self._services:
+            return
+        port = res.worker_port(bm)
+        if name not in self._services:
+            await self.rt.kube.apply(res.adapter_service(view.body, port), patch=False)
+            self._services.add(name)
+        slice_body = res.adapter_endpointslice(
+            view.body,
+            port,
+            [res.RouteTarget(pod=w.pod, ip=w.ip or "", node=w.node, uid=w.uid) for w in targets if w.ip],
+        )
+        await self.rt.kube.replace_endpointslice(slice_body)
+        before = self._routes.get(name)
+        self._routes[name] = pods
+        if before is not None:
+            self._event(view.body, "Normal", "Routed", f"routing to {', '.join(pods) or 'no pods'}")
+
+    async def _drain(self, adapter: str, worker: Worker | None, reason: str, body: dict[str, Any]) -> None:
+        try:
+            client = worker.client if worker and worker.reachable else None
+            seconds, timed_out = await migration.drain_and_unload(
+                client, adapter, grace=self.rt.config.drain_grace, timeout=self.rt.config.drain_timeout
+            )
+            if client is not None:
+                self.rt.metrics.unloads.labels(self.name).inc()
+            if reason != "deleted":
+                self.rt.metrics.migrations.labels(self.name, reason).inc()
+            pod = worker.pod if worker else "?"
+            self._since.pop((adapter, pod), None)
+            msg = f"unloaded from worker {pod} after {seconds:.2f}s drain ({reason})"
+            if timed_out:
+                msg += "; drain timed out, in-flight requests finish on the old replica"
+            self._event(body, "Normal", "Unloaded", msg)
+        except WorkerError as exc:
+            self.rt.metrics.worker_errors.labels(self.name, "unload").inc()
+            log.warning("unload of %s from %s failed: %s", adapter, worker.pod if worker else "?", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("drain of %s failed", adapter)
+        finally:
+            self._drains.pop((adapter, worker.pod if worker else "?"), None)
+            self.wake()
+
+    def is_gone(self, adapter: str) -> bool:
+        """No reachable worker holds the adapter and no drain of it is running."""
+        if any(a == adapter for a, _ in self._drains):
+            return False
+        return not any(w.adapters and adapter in w.adapters for w in self.workers)
+
+    async def wait_gone(self, adapter: str, timeout: float) -> bool:
+        ev = self._gone.setdefault(adapter, asyncio.Event())
+        self.wake()
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._gone.pop(adapter, None)
+
+    async def forget(self, adapter: str, body: Mapping[str, Any]) -> None:
+        """Removes the adapter's routing objects once it is gone from every worker."""
+        route = res.adapter_route_name(adapter)
+        await self.rt.kube.delete("EndpointSlice", self.ns, route)
+        await self.rt.kube.delete("Service", self.ns, route)
+        self._routes.pop(adapter, None)
+        self._services.discard(adapter)
+        self._last_status.pop(adapter, None)
+        self._load_errors.pop(adapter, None)
+
+    def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        key = (body["metadata"]["name"], reason)
+        if reason in {"Loaded", "Unloaded", "Routed"}:
+            key = (body["metadata"]["name"], f"{reason}:{message}:{time.monotonic()}")
+        if self._last_events.get(key) == message:
+            return
+        self._last_events[key] = message
+        if len(self._last_events) > 10000:
+            self._last_events.clear()
+        try:
+            kopf.event(dict(body), type=type_, reason=reason, message=message[:1000])
+        except Exception:  # events are best effort (e.g. outside a running operator)
+            log.debug("event %s/%s not posted", reason, message)
+
+    # ---------------------------------------------------------------- status
+    async def _write_adapter_statuses(
+        self, bm: Mapping[str, Any], views: dict[str, AdapterView], by_pod: dict[str, Worker], plan: assign.Plan
+    ) -> None:
+        for name, view in views.items():
+            if view.deleting:
+                continue
+            body = view.body
+            meta = body["metadata"]
+            old = body.get("status") or {}
+            routed = self._routes.get(name, [])
+            placements = []
+            for pod in routed:
+                w = by_pod.get(pod)
+                since = self._since.setdefault((name, pod), self._old_since(old, pod) or conditions.now_iso())
+                placements.append({"pod": pod, "node": (w.node if w else None) or "", "since": since})
+            versions = {
+                w.adapters[name].version
+                for pod in routed
+                if (w := by_pod.get(pod)) and w.adapters and name in w.adapters
+            }
+            conds = old.get("conditions") or []
+            gen = meta.get("generation")
+            fatal = view.fatal
+            soft = [p for p in view.problems if not p.fatal]
+            load_error = self._load_errors.get(name)
+            if fatal:
+                phase = "Failed"
+                conds = conditions.set_condition(conds, "Ready", False, fatal.reason, fatal.message, gen)
+                conds = conditions.set_condition(conds, "Placed", False, fatal.reason, fatal.message, gen)
+                self._event(body, "Warning", fatal.reason, fatal.message)
+            else:
+                n = len(routed)
+                if n == 0:
+                    phase = "Pending" if not load_error else "Failed"
+                    reason = "LoadFailed" if load_error else ("NoWorkers" if not by_pod else "Placing")
+                    msg = load_error or "waiting for a worker to load the adapter"
+                    conds = conditions.set_condition(conds, "Ready", False, reason, msg, gen)
+                else:
+                    phase = "Ready"
+                    conds = conditions.set_condition(conds, "Ready", True, "Routable", f"served by {n} worker(s)", gen)
+                placed = n >= view.desired and view.desired > 0
+                conds = conditions.set_condition(
+                    conds,
+                    "Placed",
+                    placed,
+                    "ReplicasPlaced" if placed else "ReplicasPending",
+                    f"{n}/{view.asked} replicas placed",
+                    gen,
+                )
+            degraded = soft[0] if soft else None
+            if degraded is None and load_error and not fatal:
+                degraded = Problem("LoadFailed", load_error, fatal=False)
+            if degraded is not None:
+                conds = conditions.set_condition(conds, "Degraded", True, degraded.reason, degraded.message, gen)
+                self._event(body, "Warning", degraded.reason, degraded.message)
+            else:
+                conds = conditions.set_condition(conds, "Degraded", False, "AsExpected", "", gen)
+            status: dict[str, Any] = {
+                "observedGeneration": gen,
+                "phase": phase,
+                "placements": placements,
+                "readyReplicas": len(routed),
+                "desiredReplicas": view.asked,
+                "observedRequestRate": round(view.rate, 3),
+                "conditions": conds,
+            }
+            if versions - {None}:
+                status["version"] = str(sorted(v for v in versions if v is not None)[-1])
+            compare = {k: v for k, v in status.items() if k != "conditions"}
+            last = self._last_status.get(name)
+            if last is not None and last["cmp"] == compare and conditions.same_ignoring_time(last["conds"], conds):
+                continue
+            if last is None and self._same_as_body(old, compare, conds):
+                self._last_status[name] = {"cmp": compare, "conds": conds}
+                continue
+            await self.rt.kube.patch_status(c.ADAPTERS, self.ns, name, status)
+            self._last_status[name] = {"cmp": compare, "conds": conds}
+
+    @staticmethod
+    def _old_since(old_status: Mapping[str, Any], pod: str) -> str | None:
+        for p in old_status.get("placements") or []:
+            if p.get("pod") == pod:
+                return p.get("since")
+        return None
+
+    @staticmethod
+    def _same_as_body(old: Mapping[str, Any], compare: Mapping[str, Any], conds: list[dict[str, Any]]) -> bool:
+        return all(old.get(k) == v for k, v in compare.items()) and conditions.same_ignoring_time(
+            old.get("conditions"), conds
+        )
+
+    async def _write_basemodel_status(
+        self, bm: Mapping[str, Any], workers: list[Worker], views: dict[str, AdapterView]
+    ) -> None:
+        spec = bm.get("spec") or {}
+        meta = bm["metadata"]
+        gen = meta.get("generation")
+        ready = [w for w in workers if w.reachable and not w.draining]
+        want = int(spec.get("replicas", 1))
+        limits = spec.get("limits") or {}
+        per_worker = []
+        for w in sorted(workers, key=lambda w: w.pod):
+            count = len([a for a in (w.adapters or {}) if (w.adapters or {})[a].servable])
+            self.rt.metrics.placements.labels(self.name, w.pod).set(count)
+            per_worker.append(
+                {
+                    "pod": w.pod,
+                    "node": w.node or "",
+                    "ready": w.reachable and not w.draining,
+                    "adapters": count,
+                    "maxAdapters": int(limits.get("maxAdapters") or 0),
+                    "requestRate": round(w.load.total_rate, 3) if w.load else 0.0,
+                    "kvCacheUsage": round(w.load.kv_usage, 4) if w.load else 0.0,
+                }
+            )
+        self.rt.metrics.workers_ready.labels(self.name).set(len(ready))
+        old = bm.get("status") or {}
+        conds = old.get("conditions") or []
+        if ready:
+            conds = conditions.set_condition(
+                conds, "Ready", True, "WorkersReady", f"{len(ready)}/{want} workers ready", gen
+            )
+        else:
+            conds = conditions.set_condition(conds, "Ready", False, "NoReadyWorkers", f"0/{want} workers ready", gen)
+        short = len(ready) < want
+        conds = conditions.set_condition(
+            conds,
+            "Degraded",
+            short,
+            "WorkersMissing" if short else "AsExpected",
+            f"{want - len(ready)} worker(s) not ready" if short else "",
+            gen,
+        )
+        status = {
+            "observedGeneration": gen,
+            "replicas": want,
+            "readyWorkers": len(ready),
+            "workers": per_worker,
+            "adapters": len([v for v in views.values() if not v.deleting]),
+            "placedAdapters": len([n for n, pods in self._routes.items() if pods and n in views]),
+            "conditions": conds,
+        }
+        compare = {k: v for k, v in status.items() if k not in {"conditions", "workers"}}
+        compare["workers"] = [
+            {k: v for k, v in w.items() if k not in {"requestRate", "kvCacheUsage"}} for w in per_worker
+        ]
+        last = self._last_status.get(f"\0bm:{self.name}")
+        if last is not None and last["cmp"] == compare and conditions.same_ignoring_time(last["conds"], conds):
+            if time.monotonic() - last["t"] < 30:
+                return
+        await self.rt.kube.patch_status(c.BASEMODELS, self.ns, self.name, status)
+        self._last_status[f"\0bm:{self.name}"] = {"cmp": compare, "conds": conds, "t": time.monotonic()}

@@ -1,0 +1,76 @@
+"""BaseModel: owned children (admin Secret, worker Deployment, Service, PDB) and the fleet daemon.
+
+The handlers only build manifests with `resources` and apply them; the daemon hands the whole placement / routing
+job to `BaseModelFleet`, which is woken by adapter and pod events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+from lorafleet.operator import constants as c
+from lorafleet.operator import resources as res
+from lorafleet.operator.fleet import BaseModelFleet
+from lorafleet.operator.state import Runtime, index_key
+
+
+async def ensure_children(body: dict[str, Any], rt: Runtime) -> list[str]:
+    """Creates or updates every owned object. The Secret is created once: rotating it would lock workers out."""
+    kube = rt.kube
+    await kube.apply(res.admin_secret(body, res.new_admin_token()), patch=False)
+    done = [res.admin_secret_name(body["metadata"]["name"])]
+    for manifest in (
+        res.worker_deployment(body, rt.config.adapter_root),
+        res.worker_service(body),
+        res.worker_pdb(body),
+    ):
+        await kube.apply(manifest)
+        done.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
+    return done
+
+
+@kopf.on.resume(c.GROUP, c.VERSION, c.BASEMODELS)
+@kopf.on.create(c.GROUP, c.VERSION, c.BASEMODELS)
+@kopf.on.update(c.GROUP, c.VERSION, c.BASEMODELS, field="spec")
+async def basemodel_apply(body: kopf.Body, memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
+    rt: Runtime = memo.runtime
+    done = await ensure_children(dict(body), rt)
+    kopf.info(body, reason="Reconciled", message=f"applied {', '.join(done)}")
+    rt.wake(namespace, name)
+
+
+@kopf.daemon(c.GROUP, c.VERSION, c.BASEMODELS, cancellation_timeout=5.0)
+async def basemodel_fleet(
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    stopped: kopf.DaemonStopped,
+    basemodels_idx: kopf.Index,
+    adapters_idx: kopf.Index,
+    workerpods_idx: kopf.Index,
+    **_: Any,
+) -> None:
+    rt: Runtime = memo.runtime
+    key = index_key(namespace, name)
+    fleet = BaseModelFleet(rt, namespace, name)
+    rt.fleets[key] = fleet
+
+    def view() -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+        bm = next(iter(basemodels_idx.get(key, [])), None)
+        if bm is not None and bm["metadata"].get("deletionTimestamp"):
+            bm = None
+        return bm, list(adapters_idx.get(key, [])), list(workerpods_idx.get(key, []))
+
+    try:
+        await fleet.run(view, stopped)
+    finally:
+        if rt.fleets.get(key) is fleet:
+            del rt.fleets[key]
+        await fleet.close()
+
+
+@kopf.on.delete(c.GROUP, c.VERSION, c.BASEMODELS)
+async def basemodel_delete(body: kopf.Body, **_: Any) -> None:
+    """Children go with their owner (garbage collector); adapters of this model turn BaseModelNotFound."""
+    kopf.info(body, reason="Deleting", message="workers, service, PDB and admin token are garbage-collected")

@@ -1,0 +1,1 @@
+"""ContinualLearningJob: placeholder registration; the worker training API is driven by `cljob_sync` below."""

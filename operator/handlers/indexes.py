@@ -1,0 +1,41 @@
+"""kopf in-memory indices: BaseModels, adapters and worker pods keyed by (namespace, basemodel).
+
+kopf fills them from the API server before any handler runs, so after a restart the fleets start from the full
+picture instead of from whatever events happen to arrive first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+from lorafleet.operator import constants as c
+from lorafleet.operator.state import index_key, snapshot
+
+
+@kopf.index(c.GROUP, c.VERSION, c.BASEMODELS)
+def basemodels_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {index_key(namespace, name): snapshot(body)}
+
+
+@kopf.index(c.GROUP, c.VERSION, c.ADAPTERS)
+def adapters_idx(namespace: str, spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    return {index_key(namespace, spec.get("baseModel")): snapshot(body)}
+
+
+@kopf.index("v1", "pods", labels={c.LABEL_COMPONENT: c.COMPONENT_WORKER, c.LABEL_BASEMODEL: kopf.PRESENT})
+def workerpods_idx(
+    namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    return {index_key(namespace, labels.get(c.LABEL_BASEMODEL)): snapshot(body)}
+
+
+@kopf.on.event("v1", "pods", labels={c.LABEL_COMPONENT: c.COMPONENT_WORKER, c.LABEL_BASEMODEL: kopf.PRESENT})
+def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    """Any worker pod change (deleted, became Running, got its local endpoint) re-runs its fleet at once."""
+    memo.runtime.wake(namespace, labels.get(c.LABEL_BASEMODEL))
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.ADAPTERS)
+def adapter_changed(namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    memo.runtime.wake(namespace, spec.get("baseModel"))

@@ -1,0 +1,111 @@
+"""Periodic global rebalancing of one BaseModel's adapters: scrape → solve (OR-Tools) → diff → safe handoffs.
+
+The fast path (`assign.plan`) only repairs; it never moves a healthy replica. This clock-driven path asks the
+placement model for a better placement given measured per-adapter rates, and the model's hysteresis keeps small load
+changes from moving anything. Each resulting move becomes a handoff executed by the fleet's next cycle (load on the
+target, route, un-route the source, drain, unload), so rebalancing and failure repair share one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.operator import assign
+from lorafleet.operator.validation import adapter_rank
+
+if TYPE_CHECKING:
+    from lorafleet.operator.fleet import BaseModelFleet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADAPTER_BYTES = 64 * 1024 * 1024
+DEFAULT_WORKER_MEMORY = 1 << 40
+
+
+class Rebalancer:
+    def __init__(self, fleet: BaseModelFleet) -> None:
+        self.fleet = fleet
+        self.last = time.monotonic()
+        self.last_result: Any = None
+
+    def due(self) -> bool:
+        interval = self.fleet.rt.config.rebalance_interval
+        return interval > 0 and time.monotonic() - self.last >= interval
+
+    async def run(self, bm: Mapping[str, Any], adapters: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+        self.last = time.monotonic()
+        moves = plan_moves(self.fleet, bm, adapters)
+        if moves is None:
+            return []
+        result, found = moves
+        self.last_result = result
+        self.fleet.rt.metrics.solve_seconds.labels(self.fleet.name, "rebalance").observe(result.solve_seconds)
+        if found:
+            log.info("rebalance %s/%s: %d move(s)", self.fleet.ns, self.fleet.name, len(found))
+            self.fleet.moves_pending.extend(found)
+            self.fleet.wake()
+        return found
+
+
+def plan_moves(
+    fleet: BaseModelFleet, bm: Mapping[str, Any], adapters: list[dict[str, Any]]
+) -> tuple[Any, list[tuple[str, str, str]]] | None:
+    """Translates the fleet's observation into the placement model and its moves into (adapter, source, target)."""
+    try:
+        from lorafleet.operator.placement import Adapter, PlacementParams, Worker, diff, solve
+    except ImportError:  # placement package not importable: the fast path still serves everything
+        return None
+    limits = (bm.get("spec") or {}).get("limits") or {}
+    usable = [w for w in fleet.workers if w.reachable and not w.draining]
+    if len(usable) < 2:
+        return None
+    slots = int(limits.get("maxAdapters") or 0) + int(limits.get("maxCpuAdapters") or 0) or 1_000_000
+    rates: dict[str, float] = {}
+    for w in usable:
+        for name, rate in (w.load.adapter_rate if w.load else {}).items():
+            rates[name] = rates.get(name, 0.0) + rate
+    workers = [
+        Worker(
+            name=w.pod,
+            node=w.node or w.pod,
+            memory_bytes=DEFAULT_WORKER_MEMORY,
+            slots=slots,
+            max_rank=int(limits.get("maxRank") or 1 << 20),
+        )
+        for w in usable
+    ]
+    current: dict[str, set[str]] = {}
+    models = []
+    for body in adapters:
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            continue
+        name = meta["name"]
+        held = {w.pod for w in usable if w.holds(name)}
+        if not held:
+            continue  # not placed yet: the fast path owns it
+        want, _ = assign.desired_replicas(body.get("spec") or {}, rates.get(name, 0.0), len(usable))
+        current[name] = held
+        models.append(
+            Adapter(
+                name=name,
+                size_bytes=DEFAULT_ADAPTER_BYTES,
+                rank=adapter_rank(body) or 8,
+                rate=rates.get(name, 0.0),
+                min_replicas=want,
+                max_replicas=want,
+                priority=int((body.get("spec") or {}).get("priority") or 0),
+            )
+        )
+    if not models:
+        return None
+    result = solve(workers, models, current, PlacementParams(time_limit_s=1.0))
+    new = {a: set(ws) for a, ws in result.assignment.items()}
+    found: list[tuple[str, str, str]] = []
+    for move in diff(current, new):
+        if move.add and move.remove:
+            found.append((move.adapter, move.remove, move.add))
+    return result, found

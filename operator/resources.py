@@ -1,0 +1,363 @@
+"""Pure builders for every Kubernetes object the operator owns.
+
+They take CR bodies (plain dicts) and return manifests (plain dicts), so tests can assert on the exact bytes that
+will be sent and the handlers stay thin. Nothing here talks to the API server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lorafleet.operator import constants as c
+
+Body = Mapping[str, Any]
+
+VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
+WORKER_IMAGE = "ghcr.io/lorafleet/worker:0.1.0"
+
+
+def owner_reference(owner: Body, *, controller: bool = True) -> dict[str, Any]:
+    """An ownerReference that makes the API server's garbage collector delete children with their owner."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner.get("apiVersion", c.API_VERSION),
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": controller,
+        "blockOwnerDeletion": True,
+    }
+
+
+def dns_label(name: str, prefix: str = "", limit: int = 63) -> str:
+    """A DNS-1035 label derived from `name`; long or odd names keep a hash suffix so distinct inputs stay distinct."""
+    raw = f"{prefix}{name}".lower()
+    clean = re.sub(r"[^a-z0-9-]", "-", raw).strip("-")
+    if not clean or not clean[0].isalpha():
+        clean = f"x-{clean}"
+    if clean == raw and len(clean) <= limit:
+        return clean
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return f"{clean[: limit - 9].rstrip('-')}-{digest}"
+
+
+def worker_labels(basemodel: str) -> dict[str, str]:
+    return {c.LABEL_BASEMODEL: basemodel, c.LABEL_COMPONENT: c.COMPONENT_WORKER, c.LABEL_MANAGED_BY: c.MANAGER}
+
+
+def worker_selector(basemodel: str) -> dict[str, str]:
+    return {c.LABEL_BASEMODEL: basemodel, c.LABEL_COMPONENT: c.COMPONENT_WORKER}
+
+
+def selector_string(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def worker_name(bm_name: str) -> str:
+    return dns_label(f"{bm_name}-worker")
+
+
+def admin_secret_name(bm_name: str) -> str:
+    return dns_label(f"{bm_name}-admin")
+
+
+def adapter_route_name(adapter_name: str) -> str:
+    return dns_label(adapter_name, prefix="lora-")
+
+
+def worker_port(bm: Body) -> int:
+    return int(((bm.get("spec") or {}).get("worker") or {}).get("port") or c.DEFAULT_WORKER_PORT)
+
+
+def engine_of(bm: Body) -> str:
+    return str((bm.get("spec") or {}).get("engine") or "lorafleet")
+
+
+@dataclass(frozen=True)
+class ModelMount:
+    """How the model source reaches the container: the `--model` argument plus volumes to mount."""
+
+    arg: str
+    volumes: tuple[dict[str, Any], ...] = ()
+    mounts: tuple[dict[str, Any], ...] = ()
+
+
+def model_mount(uri: str) -> ModelMount:
+    """Maps a BaseModel source URI onto the worker container.
+
+    file:// and absolute paths are host paths mounted at the same path (so the path means the same thing on the
+    node, in the container, and to the local shim); pvc://claim/sub mounts the claim at /models; hub-style URIs
+    (hf://, s3://) are handed to the worker, which resolves them.
+    """
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if uri.startswith("/"):
+        vol = {"name": "model", "hostPath": {"path": uri, "type": "Directory"}}
+        mnt = {"name": "model", "mountPath": uri, "readOnly": True}
+        return ModelMount(uri, (vol,), (mnt,))
+    if uri.startswith("pvc://"):
+        claim, _, sub = uri[len("pvc://") :].partition("/")
+        vol = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mnt = {"name": "model", "mountPath": "/models", "readOnly": True}
+        return ModelMount(f"/models/{sub}".rstrip("/"), (vol,), (mnt,))
+    return ModelMount(uri)
+
+
+def _limit_args(limits: Mapping[str, Any], flags: Mapping[str, str]) -> list[str]:
+    out: list[str] = []
+    for key, flag in flags.items():
+        if limits.get(key) is not None:
+            out += [flag, str(limits[key])]
+    return out
+
+
+# CRD limit field -> `lorafleet worker` flag. Only flags the worker really accepts belong here.
+LORAFLEET_LIMIT_FLAGS: dict[str, str] = {
+    "maxAdapters": "--max-loras",
+    "maxCpuAdapters": "--max-cpu-loras",
+    "maxRank": "--max-lora-rank",
+    "kvCacheFraction": "--kv-cache-fraction",
+    "maxBatchedTokens": "--max-batched-tokens",
+}
+VLLM_LIMIT_FLAGS: dict[str, str] = {
+    "maxAdapters": "--max-loras",
+    "maxCpuAdapters": "--max-cpu-loras",
+    "maxRank": "--max-lora-rank",
+    "kvCacheFraction": "--gpu-memory-utilization",
+    "maxBatchedTokens": "--max-num-batched-tokens",
+}
+
+
+def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tuple[dict[str, Any], list[dict]]:
+    """The worker container and the pod volumes it needs, for either engine."""
+    spec = bm.get("spec") or {}
+    name = bm["metadata"]["name"]
+    wspec = spec.get("worker") or {}
+    limits = spec.get("limits") or {}
+    port = worker_port(bm)
+    mount = model_mount(str((spec.get("source") or {}).get("uri", "")))
+    volumes = [*mount.volumes]
+    mounts = [*mount.mounts]
+    volumes.append({"name": "adapters", "hostPath": {"path": adapter_root, "type": "DirectoryOrCreate"}})
+    mounts.append({"name": "adapters", "mountPath": adapter_root})
+    env: list[dict[str, Any]] = []
+    if engine_of(bm) == "vllm":
+        image = wspec.get("image") or VLLM_IMAGE
+        args = ["--model", mount.arg, "--port", str(port), "--enable-lora", "--served-model-name", name]
+        if spec.get("dtype"):
+            args += ["--dtype", str(spec["dtype"])]
+        args += _limit_args(limits, VLLM_LIMIT_FLAGS)
+        env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
+        env.append(
+            {
+                "name": "VLLM_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": admin_secret_name(name), "key": c.ADMIN_TOKEN_KEY}},
+            }
+        )
+        command: list[str] = []
+        probe_path = "/health"
+    else:
+        image = wspec.get("image") or WORKER_IMAGE
+        command = ["lorafleet", "worker"]
+        args = ["--model", mount.arg, "--port", str(port), "--adapter-root", adapter_root]
+        args += ["--admin-token-file", f"{c.ADMIN_TOKEN_DIR}/{c.ADMIN_TOKEN_KEY}", "--served-model-name", name]
+        if spec.get("dtype"):
+            args += ["--dtype", str(spec["dtype"])]
+        args += _limit_args(limits, LORAFLEET_LIMIT_FLAGS)
+        volumes.append({"name": "admin-token", "secret": {"secretName": admin_secret_name(name), "defaultMode": 0o440}})
+        mounts.append({"name": "admin-token", "mountPath": c.ADMIN_TOKEN_DIR, "readOnly": True})
+        probe_path = "/ready"
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": image,
+        "args": args,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "env": env,
+        "volumeMounts": mounts,
+        "resources": dict(wspec.get("resources") or {}),
+        "readinessProbe": {"httpGet": {"path": probe_path, "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    if command:
+        container["command"] = command
+    return container, volumes
+
+
+def worker_deployment(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> dict[str, Any]:
+    spec = bm.get("spec") or {}
+    meta = bm["metadata"]
+    name = meta["name"]
+    wspec = spec.get("worker") or {}
+    container, volumes = worker_container(bm, adapter_root)
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if wspec.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(wspec["nodeSelector"])
+    if wspec.get("tolerations"):
+        pod_spec["tolerations"] = [dict(t) for t in wspec["tolerations"]]
+    labels = worker_labels(name)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": worker_name(name),
+            "namespace": meta.get("namespace"),
+            "labels": labels,
+            "ownerReferences": [owner_reference(bm)],
+        },
+        "spec": {
+            "replicas": int(spec.get("replicas", 1)),
+            "selector": {"matchLabels": worker_selector(name)},
+            # Replace one worker at a time so adapters always have somewhere to go.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def worker_service(bm: Body) -> dict[str, Any]:
+    meta = bm["metadata"]
+    port = worker_port(bm)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": worker_name(meta["name"]),
+            "namespace": meta.get("namespace"),
+            "labels": worker_labels(meta["name"]),
+            "ownerReferences": [owner_reference(bm)],
+        },
+        "spec": {
+            "selector": worker_selector(meta["name"]),
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def worker_pdb(bm: Body) -> dict[str, Any]:
+    meta = bm["metadata"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": worker_name(meta["name"]),
+            "namespace": meta.get("namespace"),
+            "labels": worker_labels(meta["name"]),
+            "ownerReferences": [owner_reference(bm)],
+        },
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": worker_selector(meta["name"])}},
+    }
+
+
+def new_admin_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def admin_secret(bm: Body, token: str) -> dict[str, Any]:
+    """The per-BaseModel bearer token for the workers' admin API; created once, never rotated silently."""
+    meta = bm["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": admin_secret_name(meta["name"]),
+            "namespace": meta.get("namespace"),
+            "labels": worker_labels(meta["name"]),
+            "ownerReferences": [owner_reference(bm)],
+        },
+        "stringData": {c.ADMIN_TOKEN_KEY: token},
+    }
+
+
+def adapter_route_labels(adapter: Body) -> dict[str, str]:
+    meta = adapter["metadata"]
+    bm = str((adapter.get("spec") or {}).get("baseModel", ""))
+    return {
+        c.LABEL_ADAPTER: dns_label(meta["name"]),
+        c.LABEL_BASEMODEL: bm,
+        c.LABEL_COMPONENT: c.COMPONENT_ROUTE,
+        c.LABEL_MANAGED_BY: c.MANAGER,
+    }
+
+
+def adapter_service(adapter: Body, port: int) -> dict[str, Any]:
+    """Headless Service with no selector: its endpoints are exactly what the operator writes to the slice."""
+    meta = adapter["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": adapter_route_name(meta["name"]),
+            "namespace": meta.get("namespace"),
+            "labels": adapter_route_labels(adapter),
+            "annotations": {"lorafleet.io/adapter-name": meta["name"]},
+            "ownerReferences": [owner_reference(adapter)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],
+        },
+    }
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    """One ready pod that holds an adapter; `ip` is the pod IP (never loopback: the API server rejects it)."""
+
+    pod: str
+    ip: str
+    node: str | None = None
+    uid: str | None = None
+
+
+def adapter_endpointslice(adapter: Body, port: int, targets: Iterable[RouteTarget]) -> dict[str, Any]:
+    meta = adapter["metadata"]
+    svc = adapter_route_name(meta["name"])
+    endpoints = []
+    for t in sorted(targets, key=lambda t: t.pod):
+        ep: dict[str, Any] = {
+            "addresses": [t.ip],
+            "conditions": {"ready": True, "serving": True, "terminating": False},
+            "targetRef": {"kind": "Pod", "name": t.pod, "namespace": meta.get("namespace")},
+        }
+        if t.uid:
+            ep["targetRef"]["uid"] = t.uid
+        if t.node:
+            ep["nodeName"] = t.node
+        endpoints.append(ep)
+    labels = adapter_route_labels(adapter)
+    labels["kubernetes.io/service-name"] = svc
+    labels["endpointslice.kubernetes.io/managed-by"] = c.ENDPOINTSLICE_MANAGED_BY
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": svc,
+            "namespace": meta.get("namespace"),
+            "labels": labels,
+            "ownerReferences": [owner_reference(adapter)],
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }
+
+
+def slice_pods(slice_body: Mapping[str, Any] | None) -> list[str]:
+    """Pod names an EndpointSlice routes to (ready endpoints only)."""
+    out = []
+    for ep in (slice_body or {}).get("endpoints") or []:
+        if (ep.get("conditions") or {}).get("ready", True) and ep.get("targetRef"):
+            out.append(ep["targetRef"]["name"])
+    return sorted(out)

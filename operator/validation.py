@@ -1,0 +1,87 @@
+"""Checks a LoRAAdapter against its BaseModel before anything is loaded; pure so every reason is unit-tested.
+
+Fatal problems stop placement (the adapter could never serve correctly); soft ones (more replicas than workers)
+let it serve with what exists and mark it Degraded, so a user sees the shortfall instead of a silent cap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    message: str
+    fatal: bool = True
+
+
+def adapter_path(uri: str) -> str:
+    """What the worker's load API gets as `lora_path`: a filesystem path for file:// URIs, the URI otherwise."""
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    return uri
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("file://") or uri.startswith("/")
+
+
+def adapter_rank(adapter: Mapping[str, Any], path_exists: Callable[[str], bool] = os.path.exists) -> int | None:
+    """Rank from spec.rank, else from adapter_config.json next to a local source (so limits hold without it)."""
+    spec = adapter.get("spec") or {}
+    if spec.get("rank"):
+        return int(spec["rank"])
+    uri = str((spec.get("source") or {}).get("uri", ""))
+    if is_local(uri):
+        cfg = os.path.join(adapter_path(uri), "adapter_config.json")
+        if path_exists(cfg):
+            import json
+
+            try:
+                with open(cfg) as fh:
+                    return int(json.load(fh).get("r") or 0) or None
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def validate_adapter(
+    adapter: Mapping[str, Any],
+    basemodel: Mapping[str, Any] | None,
+    *,
+    workers: int | None = None,
+    check_local_sources: bool = True,
+    path_exists: Callable[[str], bool] = os.path.exists,
+) -> list[Problem]:
+    spec = adapter.get("spec") or {}
+    problems: list[Problem] = []
+    bm_name = spec.get("baseModel")
+    if basemodel is None:
+        problems.append(Problem("BaseModelNotFound", f"BaseModel {bm_name!r} does not exist in this namespace"))
+        return problems
+    uri = str((spec.get("source") or {}).get("uri", ""))
+    if not uri:
+        problems.append(Problem("SourceMissing", "spec.source.uri is empty"))
+    elif check_local_sources and is_local(uri) and not path_exists(adapter_path(uri)):
+        problems.append(Problem("SourceNotFound", f"adapter source {uri} does not exist (checked from the operator)"))
+    max_rank = ((basemodel.get("spec") or {}).get("limits") or {}).get("maxRank")
+    rank = adapter_rank(adapter, path_exists) if not problems else spec.get("rank")
+    if max_rank and rank and int(rank) > int(max_rank):
+        problems.append(
+            Problem("RankExceedsLimit", f"adapter rank {rank} exceeds BaseModel {bm_name} limits.maxRank {max_rank}")
+        )
+    rep = spec.get("replicas") or {}
+    asked = rep if isinstance(rep, int) else int(rep.get("min") or 1)
+    if workers is not None and asked > workers:
+        problems.append(
+            Problem(
+                "ReplicasExceedWorkers",
+                f"{asked} replicas requested but BaseModel {bm_name} has {workers} ready worker(s)",
+                fatal=False,
+            )
+        )
+    return problems
