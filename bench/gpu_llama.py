@@ -165,11 +165,20 @@ class BenchLlama:
     """Random-weight bf16 Llama on the GPU with `num_slots` LoRA slots of rank `rank` and a paged KV pool."""
 
     def __init__(
-        self, cfg, num_slots: int, rank: int, num_blocks: int, page: int = 16, max_pos: int = 8192, seed: int = 0
+        self,
+        cfg,
+        num_slots: int,
+        rank: int,
+        num_blocks: int,
+        page: int = 16,
+        max_pos: int = 8192,
+        seed: int = 0,
+        device: str = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         self.sh = sh = Shape.from_config(cfg)
         self.rank, self.num_slots, self.page = rank, num_slots, page
-        dev, dt = torch.device("cuda"), torch.bfloat16
+        dev, dt = torch.device(device), dtype
         g = torch.Generator(device=dev).manual_seed(seed)
         qd, kvd = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
 
