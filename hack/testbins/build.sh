@@ -97,9 +97,10 @@ build_plain() {  # name version package
   local name="$1" version="$2" pkg="$3" ld="${4:-}"
   local out="$bin_root/$name-$version"
   if [[ -x "$out/$name" ]]; then log "$name $version: cached in $out"; return; fi
-  mkdir -p "$out"
+  mkdir -p "$out.tmp"
   log "$name $version: go install $pkg@$version"
-  GOBIN="$out" go install -trimpath -ldflags "-s -w $ld" "$pkg@$version"
+  GOBIN="$out.tmp" go install -trimpath -ldflags "-s -w $ld" "$pkg@$version"
+  mkdir -p "$out" && mv -f "$out.tmp/$name" "$out/$name" && rmdir "$out.tmp"
   log "$name $version: done"
 }
 
@@ -107,7 +108,19 @@ start=$(date +%s)
 which="${*:-all}"
 [[ "$which" == all || "$which" == *etcd* ]] && build_etcd
 [[ "$which" == all || "$which" == *kwok* ]] && build_plain kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
-[[ "$which" == all || "$which" == *helm* ]] && build_plain helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+helm_ldflags() {
+  # Helm's default Kubernetes version (for `helm template`, `helm lint` and chart kubeVersion checks) is stamped
+  # from the client-go minor it was built with, as its Makefile does; unstamped builds claim v1.20.
+  local gomod minor
+  gomod="$(cd "$work" && go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+  minor="$(sed -n 's#^[[:space:]]*k8s.io/client-go v0\.\([0-9]*\)\..*#\1#p' "$gomod" | head -1)"
+  local ld="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld="$ld -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=${minor:-36}"
+  done
+  echo "$ld"
+}
+[[ "$which" == all || "$which" == *helm* ]] && build_plain helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
 [[ "$which" == all || "$which" == *k8s* ]] && build_k8s
 log "all control-plane binaries ready in $(( $(date +%s) - start ))s"
 echo "K8S_BIN=$bin_root/k8s-$K8S_VERSION"
