@@ -1,0 +1,99 @@
+"""Session fixtures for the worker engine tests: one tiny Llama checkpoint and PEFT adapters built in tmp dirs.
+
+Why session scope: building a model + tokenizer + 5 adapters takes a few seconds; every test reuses them
+read-only. Torch is limited to 2 threads because up to 7 helpers and CI share 2 cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+# name -> (rank, use_rslora, targets, seed); ranks differ on purpose (padded slots of mixed ranks)
+ADAPTERS = {
+    "ad_r4": (4, False, None, 11),
+    "ad_r8": (8, False, None, 12),
+    "ad_r16rs": (16, True, None, 13),
+    "ad_r2qv": (2, False, ["q_proj", "v_proj"], 14),
+    "ad_r8v2": (8, False, None, 15),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from lorafleet.worker.testing import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_model, adapter_root) -> dict[str, Path]:
+    from lorafleet.worker.testing import build_peft_adapter
+
+    out = {}
+    for name, (rank, rs, targets, seed) in ADAPTERS.items():
+        out[name] = build_peft_adapter(
+            adapter_root / name, tiny_model, rank=rank, use_rslora=rs, targets=targets, seed=seed, std=0.1
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_peft(tiny_model, adapters):
+    """transformers + peft with every adapter loaded: the numerical reference (mixed batches via adapter_names)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    names = list(adapters)
+    pm = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(adapters[n]), adapter_name=n)
+    pm.eval()
+    pm.generation_config.eos_token_id = None  # references generate exactly n tokens, like ignore_eos
+    pm.base_model.model.generation_config.eos_token_id = None
+    return pm
+
+
+@pytest.fixture
+def make_engine(tiny_model, adapter_root):
+    """Factory for engines on the tiny model; every engine gets the adapter root allowed."""
+    from lorafleet.worker.config import EngineConfig
+    from lorafleet.worker.engine.llm_engine import LLMEngine
+
+    def make(**kw) -> LLMEngine:
+        kw.setdefault("adapter_roots", [str(adapter_root)])
+        kw.setdefault("block_size", 4)
+        kw.setdefault("num_kv_blocks", 256)
+        return LLMEngine(EngineConfig(model=str(kw.pop("model", tiny_model)), **kw))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_peft):
+    """Greedy continuation from transformers(+peft), forcing exactly n tokens (no EOS stop)."""
+    return lambda prompt, n, adapter=None: _hf_greedy(hf_peft, prompt, n, adapter)
+
+
+def _hf_greedy(pm, prompt: list[int], n: int, adapter: str | None) -> list[int]:
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = pm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0),
+            adapter_names=[adapter or "__base__"],
+        )
+    return out[0, len(prompt) :].tolist()
