@@ -26,7 +26,7 @@ ANNOT_LOCAL_ENDPOINT = "lorafleet.io/local-endpoint"
 # Prefix for kopf's own progress/diff-base annotations so they live under our domain.
 KOPF_PREFIX = "lorafleet.io"
 
-ENDPOINTSLICE_MANAGED_BY = "lorafleet.io/operator"
+ENDPOINTSLICE_MANAGED_BY = "lorafleet-operator"
 ADMIN_TOKEN_KEY = "token"
 ADMIN_TOKEN_DIR = "/var/run/lorafleet/admin"
 DEFAULT_WORKER_PORT = 8000

@@ -101,6 +101,7 @@ class BaseModelFleet:
         self.workers: list[Worker] = []
         self.cycles = 0
         self.moves_pending: list[tuple[str, str, str]] = []  # rebalancer moves (adapter, source, target)
+        self.last_solve: str | None = None  # short text of the last OR-Tools rebalance, shown in status
 
     # ---------------------------------------------------------------- loop control
     def wake(self) -> None:
@@ -222,7 +223,10 @@ class BaseModelFleet:
             view.deleting = bool(body["metadata"].get("deletionTimestamp"))
             view.rate = sum((w.load.adapter_rate.get(view.name, 0.0) if w.load else 0.0) for w in workers)
             view.problems = validate_adapter(
-                body, bm, workers=len(usable), check_local_sources=self.rt.config.check_sources
+                body,
+                bm,
+                workers=int((bm.get("spec") or {}).get("replicas", 1)),
+                check_local_sources=self.rt.config.check_sources,
             )
             if not view.deleting and view.fatal is None:
                 view.desired, view.asked = assign.desired_replicas(
@@ -324,7 +328,11 @@ class BaseModelFleet:
                     await self._route(bm, view, [])
                 continue
             targets = {p for p in current.get(name, set()) if (name, p) not in removing}
-            await self._route(bm, view, [by_pod[p] for p in sorted(targets)])
+            try:
+                await self._route(bm, view, [by_pod[p] for p in sorted(targets)])
+            except Exception:  # one adapter's routing object must not stall the others
+                log.exception("routing of adapter %s failed", name)
+                self.rt.metrics.reconcile_errors.labels("routing").inc()
 
         # (4)-(6) drain and unload in the background so one slow request never stalls the fleet.
         for a, pod in dict.fromkeys(to_drain):
@@ -444,7 +452,7 @@ class BaseModelFleet:
             for pod in routed:
                 w = by_pod.get(pod)
                 since = self._since.setdefault((name, pod), self._old_since(old, pod) or conditions.now_iso())
-                placements.append({"pod": pod, "node": (w.node if w else None) or "", "since": since})
+                placements.append({"pod": pod, "node": (w.node if w else None) or "", "since": since, "ready": True})
             versions = {
                 w.adapters[name].version
                 for pod in routed
@@ -491,9 +499,10 @@ class BaseModelFleet:
                 "observedGeneration": gen,
                 "phase": phase,
                 "placements": placements,
-                "readyReplicas": len(routed),
-                "desiredReplicas": view.asked,
-                "observedRequestRate": round(view.rate, 3),
+                "requestRate": round(view.rate, 3),
+                "message": (fatal or degraded).message
+                if (fatal or degraded)
+                else f"{len(routed)}/{view.asked} replicas",
                 "conditions": conds,
             }
             if versions - {None}:
@@ -531,6 +540,7 @@ class BaseModelFleet:
         want = int(spec.get("replicas", 1))
         limits = spec.get("limits") or {}
         per_worker = []
+        slots = int(limits.get("maxAdapters") or 0) + int(limits.get("maxCpuAdapters") or 0)
         for w in sorted(workers, key=lambda w: w.pod):
             count = len([a for a in (w.adapters or {}) if (w.adapters or {})[a].servable])
             self.rt.metrics.placements.labels(self.name, w.pod).set(count)
@@ -539,10 +549,9 @@ class BaseModelFleet:
                     "pod": w.pod,
                     "node": w.node or "",
                     "ready": w.reachable and not w.draining,
-                    "adapters": count,
-                    "maxAdapters": int(limits.get("maxAdapters") or 0),
-                    "requestRate": round(w.load.total_rate, 3) if w.load else 0.0,
-                    "kvCacheUsage": round(w.load.kv_usage, 4) if w.load else 0.0,
+                    "adapterSlots": slots,
+                    "slotsUsed": count,
+                    "load": round(w.load.total_rate, 3) if w.load else 0.0,
                 }
             )
         self.rt.metrics.workers_ready.labels(self.name).set(len(ready))
@@ -563,19 +572,17 @@ class BaseModelFleet:
             f"{want - len(ready)} worker(s) not ready" if short else "",
             gen,
         )
-        status = {
-            "observedGeneration": gen,
-            "replicas": want,
-            "readyWorkers": len(ready),
-            "workers": per_worker,
-            "adapters": len([v for v in views.values() if not v.deleting]),
-            "placedAdapters": len([n for n, pods in self._routes.items() if pods and n in views]),
-            "conditions": conds,
-        }
+        live = [v for v in views.values() if not v.deleting and not v.fatal]
+        placed = len([v for v in live if self._routes.get(v.name)])
+        msg = f"{placed}/{len(live)} adapters placed"
+        if self.last_solve is not None:
+            msg += f"; last rebalance {self.last_solve}"
+        conds = conditions.set_condition(
+            conds, "Placed", placed == len(live), "AllPlaced" if placed == len(live) else "Placing", msg, gen
+        )
+        status = {"observedGeneration": gen, "readyWorkers": len(ready), "workers": per_worker, "conditions": conds}
         compare = {k: v for k, v in status.items() if k not in {"conditions", "workers"}}
-        compare["workers"] = [
-            {k: v for k, v in w.items() if k not in {"requestRate", "kvCacheUsage"}} for w in per_worker
-        ]
+        compare["workers"] = [{k: v for k, v in w.items() if k != "load"} for w in per_worker]
         last = self._last_status.get(f"\0bm:{self.name}")
         if last is not None and last["cmp"] == compare and conditions.same_ignoring_time(last["conds"], conds):
             if time.monotonic() - last["t"] < 30:

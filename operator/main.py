@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     kopf.configure(verbose=args.verbose)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     runtime = make_runtime(config_from_args(args), args.kubeconfig)
     if args.metrics_port:
         runtime.metrics.serve(args.metrics_port)

@@ -43,6 +43,10 @@ class Rebalancer:
         result, found = moves
         self.last_result = result
         self.fleet.rt.metrics.solve_seconds.labels(self.fleet.name, "rebalance").observe(result.solve_seconds)
+        self.fleet.last_solve = (
+            f"{result.status} in {result.solve_seconds * 1000:.0f} ms, max/mean load {result.max_over_mean:.2f}, "
+            f"{len(found)} move(s)"
+        )
         if found:
             log.info("rebalance %s/%s: %d move(s)", self.fleet.ns, self.fleet.name, len(found))
             self.fleet.moves_pending.extend(found)

@@ -179,7 +179,7 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "env": env,
         "volumeMounts": mounts,
-        "resources": dict(wspec.get("resources") or {}),
+        "resources": quantities(wspec.get("resources") or {}),
         "readinessProbe": {"httpGet": {"path": probe_path, "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
@@ -187,6 +187,11 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
     if command:
         container["command"] = command
     return container, volumes
+
+
+def quantities(resources: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Resource requirements with every quantity as a string (`nvidia.com/gpu: 1` arrives as an int)."""
+    return {kind: {k: str(v) for k, v in (vals or {}).items()} for kind, vals in resources.items()}
 
 
 def worker_deployment(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def validate_adapter(
         problems.append(
             Problem(
                 "ReplicasExceedWorkers",
-                f"{asked} replicas requested but BaseModel {bm_name} has {workers} ready worker(s)",
+                f"{asked} replicas requested but BaseModel {bm_name} runs {workers} worker(s)",
                 fatal=False,
             )
         )

@@ -33,7 +33,13 @@ async def adapter_apply(
     conds = (body.get("status") or {}).get("conditions") or []
     conds = conditions.set_condition(conds, "Ready", False, problem.reason, problem.message, gen)
     conds = conditions.set_condition(conds, "Placed", False, problem.reason, problem.message, gen)
-    status = {"observedGeneration": gen, "phase": "Pending", "placements": [], "readyReplicas": 0, "conditions": conds}
+    status = {
+        "observedGeneration": gen,
+        "phase": "Pending",
+        "placements": [],
+        "message": problem.message,
+        "conditions": conds,
+    }
     await rt.kube.patch_status(c.ADAPTERS, namespace, name, status)
     kopf.warn(body, reason=problem.reason, message=problem.message)
 

@@ -65,7 +65,7 @@ def test_deployment_runs_worker_with_token_model_and_limits() -> None:
     assert vols["model"]["hostPath"]["path"] == "/models/llama"
     mounts = {m["name"]: m for m in ctr["volumeMounts"]}
     assert mounts["admin-token"]["readOnly"] is True and mounts["model"]["mountPath"] == "/models/llama"
-    assert ctr["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert ctr["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "gpu"
     assert pod["automountServiceAccountToken"] is False
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/ready"
@@ -115,7 +115,7 @@ def test_adapter_route_is_headless_without_selector_and_slice_lists_targets() ->
     )
     assert sl["metadata"]["name"] == name
     assert sl["metadata"]["labels"]["kubernetes.io/service-name"] == name
-    assert sl["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "lorafleet.io/operator"
+    assert sl["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "lorafleet-operator"
     assert [e["addresses"] for e in sl["endpoints"]] == [["10.244.0.7"], ["10.244.1.5"]]  # sorted by pod
     assert sl["endpoints"][0]["targetRef"] == {"kind": "Pod", "name": "w-a", "namespace": "ml", "uid": "u-a"}
     assert sl["ports"] == [{"name": "http", "port": 8100, "protocol": "TCP"}]

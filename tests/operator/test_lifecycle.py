@@ -1,0 +1,186 @@
+"""The whole lifecycle against a real API server, real KWOK pods and real CPU worker processes.
+
+The tests run in file order and share one fleet (one namespace, one operator subprocess, one BaseModel with two
+workers), because starting workers is the expensive part on 2 cores. Each test states one behaviour.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from lorafleet.operator import constants as c
+from lorafleet.operator import resources as res
+
+from lorafleet.local.harness import LocalFleet, StreamingRouter, wait_for
+from lorafleet.local.samples import adapter, basemodel
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
+
+BM = "tiny"
+ADAPTERS = ("ada", "bob", "cat")
+
+
+def routed(fleet: LocalFleet, name: str, n: int = 1) -> list[tuple[str, str]]:
+    routes = fleet.routes(name)
+    return routes if len(routes) >= n else []
+
+
+def test_basemodel_creates_owned_children_and_workers_become_ready(fleet: LocalFleet, tiny_assets) -> None:
+    fleet.create(c.BASEMODELS, basemodel(BM, tiny_assets["model"], replicas=2))
+    bm = fleet.get(c.BASEMODELS, BM)
+    uid = bm["metadata"]["uid"]
+    dep = wait_for(lambda: fleet.apps.read_namespaced_deployment(res.worker_name(BM), fleet.namespace), 30)
+    assert dep.metadata.owner_references[0].uid == uid
+    assert (
+        fleet.core.read_namespaced_service(res.worker_name(BM), fleet.namespace).metadata.owner_references[0].uid == uid
+    )
+    assert fleet.core.read_namespaced_secret(res.admin_secret_name(BM), fleet.namespace).data["token"]
+    args = dep.spec.template.spec.containers[0].args
+    assert args[args.index("--admin-token-file") + 1] == "/var/run/lorafleet/admin/token"
+    wait_for(lambda: (fleet.get(c.BASEMODELS, BM).get("status") or {}).get("readyWorkers") == 2, 180, 0.5, "2 workers")
+    status = fleet.get(c.BASEMODELS, BM)["status"]
+    assert status["observedGeneration"] == bm["metadata"]["generation"]
+    assert {w["pod"] for w in status["workers"]} == {p.metadata.name for p in fleet.worker_pods(BM)}
+    assert fleet.condition(c.BASEMODELS, BM, "Ready")["status"] == "True"
+    assert "finalizers" in bm["metadata"] or fleet.get(c.BASEMODELS, BM)["metadata"].get("finalizers")
+
+
+def test_adapters_are_placed_loaded_routed_and_complete(fleet: LocalFleet, tiny_assets) -> None:
+    t0 = time.monotonic()
+    fleet.create(c.ADAPTERS, adapter("ada", BM, tiny_assets["r4"], replicas=1))
+    fleet.create(c.ADAPTERS, adapter("bob", BM, tiny_assets["r8"], replicas=2))
+    fleet.create(c.ADAPTERS, adapter("cat", BM, tiny_assets["r16"], replicas=1))
+    token = fleet.admin_token(BM)
+    for name, n in (("ada", 1), ("bob", 2), ("cat", 1)):
+        routes = wait_for(lambda name=name, n=n: routed(fleet, name, n), 30, 0.1, f"{name} routed")
+        assert len(routes) == n
+        # every routed pod really holds the adapter, and a completion through each works
+        for _pod, ep in routes:
+            assert name in fleet.worker_adapters(ep, token)
+            r = fleet.complete(name, ep)
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == name
+        obj = wait_for(
+            lambda name=name, n=n: (
+                (o := fleet.get(c.ADAPTERS, name)) and len(o["status"].get("placements", [])) == n and o
+            ),
+            15,
+        )
+        assert sorted(p["pod"] for p in obj["status"]["placements"]) == sorted(p for p, _ in routes)
+        assert obj["status"]["phase"] == "Ready"
+        assert fleet.condition(c.ADAPTERS, name, "Ready")["status"] == "True"
+        assert fleet.condition(c.ADAPTERS, name, "Placed")["status"] == "True"
+        # headless Service with no selector, owned by the adapter
+        svc = fleet.core.read_namespaced_service(res.adapter_route_name(name), fleet.namespace)
+        assert svc.spec.cluster_ip == "None" and not svc.spec.selector
+        assert svc.metadata.owner_references[0].uid == obj["metadata"]["uid"]
+    bob_pods = [p for p, _ in fleet.routes("bob")]
+    nodes = {p.spec.node_name for p in fleet.worker_pods(BM) if p.metadata.name in bob_pods}
+    assert len(nodes) == 2  # replicas spread across nodes
+    assert time.monotonic() - t0 < 30
+    reasons = {e.reason for e in fleet.events_for("ada")}
+    assert "Loaded" in reasons
+
+
+def test_scale_adapter_replicas_up_and_down(fleet: LocalFleet) -> None:
+    fleet.patch(c.ADAPTERS, "ada", {"spec": {"replicas": {"min": 2}}})
+    routes = wait_for(lambda: routed(fleet, "ada", 2), 30, 0.1, "ada on 2 workers")
+    token = fleet.admin_token(BM)
+    assert all("ada" in fleet.worker_adapters(ep, token) for _, ep in routes)
+    fleet.patch(c.ADAPTERS, "ada", {"spec": {"replicas": {"min": 1}}})
+    wait_for(lambda: len(fleet.routes("ada")) == 1, 30, 0.1, "ada back to 1")
+    # the dropped replica is drained and unloaded, not just un-routed
+    eps = fleet.pod_endpoints()
+    wait_for(lambda: sum("ada" in fleet.worker_adapters(ep, token) for ep in eps.values()) == 1, 30, 0.2, "unload")
+
+
+def test_migration_under_a_request_stream_drops_nothing(fleet: LocalFleet) -> None:
+    token = fleet.admin_token(BM)
+    ((source, source_ep),) = fleet.routes("cat")
+    with StreamingRouter(fleet, "cat", concurrency=2) as stream:
+        wait_for(lambda: stream.ok >= 5, 30, 0.1, "stream warmed up")
+        # drain the source worker: every adapter it holds moves by safe handoff
+        fleet.core.patch_namespaced_pod(
+            source, fleet.namespace, {"metadata": {"annotations": {"lorafleet.io/drain": "true"}}}
+        )
+        wait_for(lambda: (r := fleet.routes("cat")) and r[0][0] != source, 30, 0.1, "cat moved")
+        wait_for(lambda: "cat" not in fleet.worker_adapters(source_ep, token), 30, 0.1, "cat unloaded from source")
+        before = stream.ok
+        wait_for(lambda: stream.ok >= before + 5, 30, 0.1, "stream continues on the target")
+    assert stream.failed == [], stream.failed[:5]
+    assert len(stream.served_by) == 2 and stream.ok > 10
+    assert fleet.operator_metric("lorafleet_operator_migrations_total") >= 1
+    fleet.core.patch_namespaced_pod(
+        source, fleet.namespace, {"metadata": {"annotations": {"lorafleet.io/drain": None}}}
+    )
+
+
+def test_deleted_worker_pod_adapters_move_within_seconds(fleet: LocalFleet) -> None:
+    pods = {p for p, _ in fleet.routes("ada")}
+    victim = next(iter(pods))
+    held = [a for a in ADAPTERS if victim in {p for p, _ in fleet.routes(a)}]
+    t0 = time.monotonic()
+    fleet.core.delete_namespaced_pod(victim, fleet.namespace, grace_period_seconds=0)
+    for name in held:
+        routes = wait_for(
+            lambda name=name: (r := fleet.routes(name)) and all(p != victim for p, _ in r) and r,
+            20,
+            0.1,
+            f"{name} moved",
+        )
+        assert fleet.complete(name, routes[0][1]).status_code == 200
+    elapsed = time.monotonic() - t0
+    assert elapsed < 10, elapsed
+    # the Deployment replaces the pod; the replacement becomes a ready worker and can take adapters again
+    wait_for(lambda: (fleet.get(c.BASEMODELS, BM)["status"] or {}).get("readyWorkers") == 2, 120, 0.5, "replacement")
+    wait_for(lambda: len(fleet.routes("bob")) == 2, 30, 0.2, "bob back to 2 replicas")
+
+
+def test_operator_restart_rebuilds_state_without_duplicate_loads(fleet: LocalFleet) -> None:
+    eps = fleet.pod_endpoints()
+    loads_before = {pod: fleet.worker_api_loads(ep) for pod, ep in eps.items()}
+    routes_before = {a: fleet.slice_pods(a) for a in ADAPTERS}
+    fleet.stop_operator()
+    fleet.start_operator()
+    # wait until the new operator has run several full cycles
+    wait_for(lambda: fleet.operator_metric("lorafleet_operator_reconcile_seconds_count") >= 6, 60, 0.5, "cycles")
+    assert fleet.operator_metric("lorafleet_operator_adapter_loads_total") == 0
+    assert {pod: fleet.worker_api_loads(ep) for pod, ep in eps.items()} == loads_before
+    assert {a: fleet.slice_pods(a) for a in ADAPTERS} == routes_before
+
+
+def test_delete_adapter_drains_unloads_and_unroutes(fleet: LocalFleet) -> None:
+    token = fleet.admin_token(BM)
+    holders = [ep for _, ep in fleet.routes("bob")]
+    assert holders
+    fleet.delete(c.ADAPTERS, "bob")
+    wait_for(lambda: fleet.get(c.ADAPTERS, "bob") is None, 30, 0.2, "finalizer released")
+    assert all("bob" not in fleet.worker_adapters(ep, token) for ep in holders)
+    assert fleet.slice_pods("bob") is None
+    from kubernetes.client.rest import ApiException
+
+    with pytest.raises(ApiException) as err:
+        fleet.core.read_namespaced_service(res.adapter_route_name("bob"), fleet.namespace)
+    assert err.value.status == 404
+    assert fleet.complete("bob", holders[0]).status_code == 404
+
+
+def _bad(fleet: LocalFleet, name: str, cond: str, reason: str, status: str = "False") -> None:
+    got = wait_for(lambda: (c_ := fleet.condition(c.ADAPTERS, name, cond)) and c_["reason"] == reason and c_, 20, 0.2)
+    assert got["status"] == status and got["message"]
+    wait_for(lambda: any(e.reason == reason and e.type == "Warning" for e in fleet.events_for(name)), 20, 0.2, "event")
+
+
+def test_bad_inputs_get_conditions_and_events(fleet: LocalFleet, tiny_assets) -> None:
+    fleet.create(c.ADAPTERS, adapter("orphan", "no-such-model", tiny_assets["r4"]))
+    fleet.create(c.ADAPTERS, adapter("missing-src", BM, "file:///nonexistent/adapter"))
+    fleet.create(c.ADAPTERS, adapter("too-big", BM, tiny_assets["r32"]))  # maxRank is 16
+    fleet.create(c.ADAPTERS, adapter("too-many", BM, tiny_assets["r4"], replicas=3))  # 2 workers
+    _bad(fleet, "orphan", "Ready", "BaseModelNotFound")
+    _bad(fleet, "missing-src", "Ready", "SourceNotFound")
+    _bad(fleet, "too-big", "Ready", "RankExceedsLimit")
+    _bad(fleet, "too-many", "Degraded", "ReplicasExceedWorkers", status="True")
+    assert fleet.slice_pods("missing-src") is None and fleet.slice_pods("too-big") is None
+    wait_for(lambda: len(fleet.routes("too-many")) == 2, 30, 0.2, "serves with what exists")
+    assert "3 replicas requested" in fleet.condition(c.ADAPTERS, "too-many", "Degraded")["message"]
