@@ -306,7 +306,8 @@ class AsyncEngineRunner:
                     outputs = engine.step()
                     self._dispatch(outputs)
                     self._refresh_counts()
-                    self._refresh(force=False)
+                    # Going idle: publish the final state now, not one interval later.
+                    self._refresh(force=not engine.has_unfinished_requests())
                 else:
                     self._refresh(force=False)
                     self._wake.wait(self.idle_wait_s)
@@ -383,16 +384,16 @@ class AsyncEngineRunner:
                 elif m is not None:
                     m.on_tokens(t.lora_name, n, now - (t.last_token_at or now))
                 t.last_token_at = now
-            try:
-                t.loop.call_soon_threadsafe(t.queue.put_nowait, out)
-            except RuntimeError:  # the handler's loop is closed: nobody is listening
-                self._do_abort(out.request_id)
-                continue
             if out.finished:
+                # Metrics and hooks first: a client that got its response may scrape or send feedback at once.
                 self._tracked.pop(out.request_id, None)
                 if m is not None:
                     m.on_finished(t.lora_name, now - t.arrival)
                 self._run_finish_hooks(t, out, now)
+            try:
+                t.loop.call_soon_threadsafe(t.queue.put_nowait, out)
+            except RuntimeError:  # the handler's loop is closed: nobody is listening
+                self._do_abort(out.request_id)
 
     def _run_finish_hooks(self, t: _Tracked, out: Any, now: float) -> None:
         if not self.finish_hooks:

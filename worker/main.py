@@ -114,7 +114,7 @@ def build_worker(args: argparse.Namespace):
     metrics = WorkerMetrics(served, max_loras=args.max_loras, max_adapter_labels=args.max_adapter_labels)
 
     def factory():
-        from lorafleet.worker.engine import LLMEngine
+        from lorafleet.worker.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(cfg)
         for name, path in modules:

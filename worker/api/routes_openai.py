@@ -131,16 +131,19 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
     return JSONResponse(payload, headers=headers)
 
 
-async def _events(stream: RequestStream) -> AsyncIterator[tuple[Any, str]]:
-    """(output, text delta) pairs; the delta is the new suffix of the engine's cumulative text."""
+async def _events(stream: RequestStream, holdback: int) -> AsyncIterator[tuple[Any, str]]:
+    """(output, text delta) pairs; the delta is the new suffix of the engine's cumulative text.
+
+    With stop strings, the last `holdback` (= longest stop string - 1) characters are held back until the request
+    finishes: the engine cuts the text before a stop string once it is complete, and a partial match must never
+    have been sent (vLLM does the same).
+    """
     sent = ""
     async for out in stream:
         text = out.text or ""
-        if text.startswith(sent):
-            delta = text[len(sent) :]
-        else:  # detokenisation revised earlier text (should not happen with a prefix-stable detokeniser)
-            delta = text
-        sent = text
+        visible = text if out.finished or holdback <= 0 else text[: max(0, len(text) - holdback)]
+        delta = visible[len(sent) :] if visible.startswith(sent) and len(visible) > len(sent) else ""
+        sent += delta
         yield out, delta
 
 
@@ -152,7 +155,7 @@ async def _completion_events(stream: RequestStream, prep: Prepared, include_usag
     base = {"id": prep.request_id, "object": "text_completion", "created": prep.created, "model": prep.model}
     completion_tokens = 0
     try:
-        async for out, delta in _events(stream):
+        async for out, delta in _events(stream, prep.holdback):
             completion_tokens = len(out.output_token_ids)
             reason = finish_reason(out) if out.finished else None
             if not delta and reason is None:
@@ -209,7 +212,7 @@ async def _chat_events(stream: RequestStream, prep: Prepared, include_usage: boo
     yield sse({**base, "choices": [first]})
     completion_tokens = 0
     try:
-        async for out, delta in _events(stream):
+        async for out, delta in _events(stream, prep.holdback):
             completion_tokens = len(out.output_token_ids)
             reason = finish_reason(out) if out.finished else None
             if not delta and reason is None:

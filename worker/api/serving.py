@@ -41,6 +41,10 @@ class Prepared:
     params: Any
     created: int
 
+    @property
+    def holdback(self) -> int:
+        return max((len(s) for s in getattr(self.params, "stop", []) or []), default=0) - 1
+
 
 def resolve_lora(settings: ApiSettings, model: str) -> str | None:
     """The base model is selected by its served name (or its path, like vLLM); anything else names an adapter."""
@@ -77,7 +81,7 @@ def sampling_params(
     body: _SamplingFields, limit: int | None, num_prompt_tokens: int, context: int | None, eos_token_id: int | None
 ) -> Any:
     """Builds and validates the engine's SamplingParams; over-long prompts and bad values become 400."""
-    from lorafleet.worker.engine import SamplingParams
+    from lorafleet.worker.engine.sequence import SamplingParams
 
     if num_prompt_tokens == 0:
         raise APIError(400, "the prompt is empty (0 tokens)", param="prompt")

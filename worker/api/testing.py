@@ -43,3 +43,65 @@ class ServerThread:
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self._thread.join(timeout)
+
+
+class Worker:
+    """A running worker (engine thread + HTTP server) for tests; `close()` stops both."""
+
+    def __init__(self, runner, server: ServerThread, app) -> None:
+        self.runner = runner
+        self.server = server
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def call(self, fn, timeout: float = 30.0):
+        """Runs `fn(engine)` in the engine thread between iterations (e.g. `lambda e: e.stats()`)."""
+        return self.runner.call_threadsafe(fn).result(timeout)
+
+    def close(self) -> None:
+        self.server.stop()
+        self.runner.stop()
+
+
+def start_worker(
+    model_dir: str,
+    *,
+    served_model_name: str | None = None,
+    admin_token: str | None = None,
+    max_waiting: int = 0,
+    max_adapter_labels: int = 64,
+    engine_factory=None,
+    wait_ready: bool = True,
+    **engine_config,
+) -> Worker:
+    """Starts the real engine (built from `EngineConfig(model_dir, **engine_config)`) behind the real app."""
+    from pathlib import Path
+
+    from lorafleet.worker.api.app import create_app
+    from lorafleet.worker.api.settings import ApiSettings
+    from lorafleet.worker.async_engine import AsyncEngineRunner
+    from lorafleet.worker.config import EngineConfig
+    from lorafleet.worker.metrics import WorkerMetrics
+
+    engine_config.setdefault("kv_cache_bytes", 8 << 20)
+    cfg = EngineConfig(model=str(model_dir), **engine_config)
+    served = served_model_name or Path(str(model_dir).rstrip("/")).name
+    settings = ApiSettings(served_model_name=served, model_path=str(model_dir), admin_token=admin_token)
+    metrics = WorkerMetrics(served, max_loras=cfg.max_loras, max_adapter_labels=max_adapter_labels)
+
+    def build():
+        from lorafleet.worker.engine.llm_engine import LLMEngine
+
+        return LLMEngine(cfg)
+
+    runner = AsyncEngineRunner(engine_factory or build, metrics=metrics, max_waiting=max_waiting)
+    runner.start()
+    if wait_ready and not runner.wait_ready(120):
+        runner.stop()
+        raise RuntimeError(f"engine did not start: {runner.error}")
+    app = create_app(runner, settings)
+    server = ServerThread(app).start()
+    return Worker(runner, server, app)
