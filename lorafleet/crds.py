@@ -4,6 +4,8 @@ The YAML in `crds/` is what the API server enforces; these pydantic models are w
 and write. tests/foundation/test_crd_models.py proves that both describe the same fields, types, required-ness,
 enums, bounds and defaults, so neither can drift. Python attributes are snake_case; (de)serialise with aliases:
 `BaseModelSpec.model_validate(obj["spec"])`, `status.model_dump(by_alias=True, exclude_none=True)`.
+The CEL rules of the CRDs (field combinations) are mirrored by `model_validator`s with the same messages; only
+metadata.name length and immutability (transition rules) are left to the API server.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel as _Pydantic
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "lorafleet.io"
@@ -98,6 +100,14 @@ class EngineLimits(_Model):
     max_batched_tokens: Annotated[int, Field(ge=1, le=1048576)] = 8192
     finetune_token_budget: Annotated[int, Field(ge=0, le=1048576)] = 0  # co-serving fine-tuning tokens/iteration
 
+    @model_validator(mode="after")
+    def _consistent(self) -> EngineLimits:  # mirrors the CEL rules on spec.limits
+        if self.max_cpu_adapters is not None and self.max_cpu_adapters < self.max_adapters:
+            raise ValueError("spec.limits.maxCpuAdapters must be >= spec.limits.maxAdapters")
+        if self.finetune_token_budget > self.max_batched_tokens:
+            raise ValueError("spec.limits.finetuneTokenBudget must not exceed spec.limits.maxBatchedTokens")
+        return self
+
 
 class BaseModelSpec(_Model):
     source: ModelSource
@@ -106,6 +116,12 @@ class BaseModelSpec(_Model):
     replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 1
     worker: WorkerTemplate = Field(default_factory=WorkerTemplate)
     limits: EngineLimits = Field(default_factory=EngineLimits)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BaseModelSpec:
+        if self.engine == "vllm" and self.source.format == "gguf":
+            raise ValueError("spec.source.format gguf is only supported with spec.engine lorafleet")
+        return self
 
 
 class WorkerStatus(_Model):
@@ -136,6 +152,14 @@ class AdapterReplicas(_Model):
     min: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 1
     max: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] | None = None
     auto: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterReplicas:
+        if self.max is not None and self.min > self.max:
+            raise ValueError("spec.replicas.min must be <= spec.replicas.max")
+        if self.auto and self.max is None:
+            raise ValueError("spec.replicas.max is required when spec.replicas.auto is true")
+        return self
 
 
 class LoRAAdapterSpec(_Model):
@@ -172,6 +196,12 @@ class FeedbackSelector(_Model):
     accept: bool = True
     corrections: bool = True
     min_reward: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeedbackSelector:
+        if not (self.accept or self.corrections):
+            raise ValueError("spec.feedback must enable accept or corrections")
+        return self
 
 
 class OptimizerSpec(_Model):
@@ -214,6 +244,12 @@ class ContinualLearningJobSpec(_Model):
     stale_policy: Literal["recompute", "drop"] = "recompute"
     latency_target: LatencyTarget | None = None
     min_finetune_share: Annotated[float, Field(ge=0, le=1)] = 0.05
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ContinualLearningJobSpec:
+        if self.mode != "colocated" and self.latency_target is not None:
+            raise ValueError("spec.latencyTarget applies only to spec.mode colocated")
+        return self
 
 
 class PublishedVersion(_Model):
