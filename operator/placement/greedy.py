@@ -17,7 +17,7 @@ from lorafleet.operator.placement.evaluate import Assignment
 from lorafleet.operator.placement.problem import Problem
 
 
-class _Room:
+class Room:
     """Remaining slots/memory and running load per worker while a greedy places replicas."""
 
     def __init__(self, problem: Problem) -> None:
@@ -48,7 +48,7 @@ def _lpt_order(problem: Problem, priority_first: bool) -> list[int]:
     return list(np.lexsort((idx, -pri, -problem.size_kib, -problem.share)))
 
 
-def _fill(problem: Problem, room: _Room, a: int, ws: list[int], score: np.ndarray, upto: int | None = None) -> None:
+def _fill(problem: Problem, room: Room, a: int, ws: list[int], score: np.ndarray, upto: int | None = None) -> None:
     """Add replicas of adapter a to ws until its target count (or `upto`), choosing the lowest `score` worker that
     fits."""
     target = int(problem.replicas[a]) if upto is None else min(upto, int(problem.replicas[a]))
@@ -72,7 +72,7 @@ def balanced(problem: Problem) -> Assignment:
     best: Assignment | None = None
     best_placed = -1
     for priority_first in (False, True):
-        room = _Room(problem)
+        room = Room(problem)
         assign: Assignment = [[] for _ in range(problem.num_adapters)]
         order = _lpt_order(problem, priority_first)
         if priority_first:  # short of capacity: every adapter once before any adapter twice
@@ -99,7 +99,7 @@ def _weighted_placed(problem: Problem, assign: Assignment) -> int:
 
 def repair(problem: Problem) -> Assignment:
     """The current placement made valid: keep what still fits, trim extra replicas, add missing ones."""
-    room = _Room(problem)
+    room = Room(problem)
     assign: Assignment = [[] for _ in range(problem.num_adapters)]
     order = _lpt_order(problem, priority_first=True)
     for a in order:
@@ -122,7 +122,7 @@ def repair(problem: Problem) -> Assignment:
 
 def least_adapters(problem: Problem) -> Assignment:
     """AIBrix-like baseline: adapters in the given order, each replica to the worker with the fewest adapters."""
-    room = _Room(problem)
+    room = Room(problem)
     assign: Assignment = [[] for _ in range(problem.num_adapters)]
     for a in range(problem.num_adapters):
         # Ties broken by worker order, as a scheduler iterating a pod list would.

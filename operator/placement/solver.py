@@ -4,7 +4,8 @@ Order of concerns (lexicographic, each phase fixes the previous one's value as a
   0. place as many replicas as capacity allows, priority-weighted (only run when the greedy hint falls short);
   1. anti-affinity violations (replicas of one adapter sharing a node), then max worker load -- one objective
      `excess * (UB - LB + 1) + M`, exact lexicographic because M lives in [LB, UB];
-  2. bytes moved relative to the current placement, with max load <= phase 1's and no more violations, and below
+  2. bytes moved relative to the current placement, with max load <= phase 1's (plus half the hysteresis band when
+     moving: a near-optimal placement that moves far fewer bytes is the better answer) and no more violations; below
      that (exactly lexicographic by weighting) the sum of worker loads above the mean, so that placements with the
      same maximum prefer the even one.
 Hysteresis sits between 1 and 2: when the current placement, repaired for capacity and replica-bound violations, has
@@ -36,6 +37,7 @@ from lorafleet.operator.placement.evaluate import (
 )
 from lorafleet.operator.placement.model import PlacementModel, build_model
 from lorafleet.operator.placement.problem import Problem, build_problem
+from lorafleet.operator.placement.sticky import sticky_rebalance
 from lorafleet.operator.placement.types import Adapter, PlacementParams, PlacementResult, PlacementStatus, Worker
 from ortools.sat.python import cp_model
 
@@ -45,6 +47,9 @@ _PHASE1_SHARE = 0.6
 _PHASE1_GAP = 5e-3
 # Phase 2 stops once its objective is within this fraction of the fleet's total load of its bound.
 _SPREAD_GAP = 2e-3
+# A move may land up to this fraction of the hysteresis above the best max load found, if that saves bytes. Half the
+# band keeps the result stable: solving again from it finds it within hysteresis and moves nothing.
+_MIGRATION_SLACK = 0.5
 # Most of the time limit that a spread-only phase 2 (no current placement) may take.
 _SPREAD_SHARE = 0.15
 
@@ -97,20 +102,33 @@ class _Solve:
     def run(self) -> PlacementResult:
         p = self.p
         self.lap("problem")
-        hint = greedy.balanced(p)
+        balanced = greedy.balanced(p)
         repaired = greedy.repair(p) if any(p.current) else None
         self.lap("greedy")
-        if repaired is not None and _score(p, repaired) < _score(p, hint):
-            hint = repaired
         if p.num_workers == 0 or int(p.replicas.sum()) == 0:
-            return self._result(hint, PlacementStatus.OPTIMAL, kept=False)
-        if repaired is not None and self._keep(repaired, _score(p, hint), self.lb):
+            return self._result(balanced, PlacementStatus.OPTIMAL, kept=False)
+        if repaired is not None and self._keep(repaired, _score(p, balanced), self.lb):
             # Fast path: the current placement is already within hysteresis of a bound no placement can beat.
             self.solver_status = "SKIPPED_WITHIN_HYSTERESIS"
             return self._result(repaired, PlacementStatus.OPTIMAL, kept=True)
+        hints = [balanced]
+        if repaired is not None:
+            steps = 4 * p.num_workers
+            hints += [repaired, sticky_rebalance(p, repaired, self.lb * (1 + _PHASE1_GAP), steps)]
+            self.lap("sticky")
+        hint = self._best_hint(hints)
         if self.remaining() <= 0:
             return self._fallback(hint, repaired)
-        return self._cpsat(hint, repaired)
+        return self._cpsat(hint, repaired, hints)
+
+    def _best_hint(self, hints: list[Assignment]) -> Assignment:
+        """Best (missing replicas, anti-affinity, max load); among those within the migration slack of the best max
+        load, the one that moves the fewest bytes (the balanced greedy ignores the current placement entirely)."""
+        scores = [_score(self.p, h) for h in hints]
+        top = min(scores)
+        slack = 1 + _MIGRATION_SLACK * self.params.hysteresis
+        near = [i for i, sc in enumerate(scores) if sc[:2] == top[:2] and sc[2] <= top[2] * slack + 1e-12]
+        return hints[min(near, key=lambda i: (moved_bytes(self.p, hints[i]), scores[i]))]
 
     def _keep(self, repaired: Assignment, best: tuple[int, int, float], best_load: float) -> bool:
         short, excess, load = _score(self.p, repaired)
@@ -155,9 +173,8 @@ class _Solve:
             return s, None
         return s, pm.assignment(np.asarray(s.response_proto.solution, dtype=np.int64), self.p.num_adapters)
 
-    def _cpsat(self, hint: Assignment, repaired: Assignment | None) -> PlacementResult:
+    def _cpsat(self, hint: Assignment, repaired: Assignment | None, hints: list[Assignment]) -> PlacementResult:
         p, params = self.p, self.params
-        hints = [hint] + ([repaired] if repaired is not None else [])
         cands = candidate_sets(p, hints, worker_loads(p, hint), params.candidates_per_adapter, params.seed)
         self.lap("candidates")
         soft = sum(shortfall(p, hint).values()) > 0
@@ -196,8 +213,11 @@ class _Solve:
             self.cp_bound = s.best_objective_bound / p.scale
         if repaired is not None and self._keep(repaired, _score(p, sol), _score(p, sol)[2]):
             return self._result(repaired, _status(optimal), kept=True)
-        # Phase 2: at no worse balance and anti-affinity, fewest bytes moved, then the most even spread below the max.
-        pm.model.add(pm.max_load <= pm.int_max_load(sol))
+        # Phase 2: at no worse anti-affinity and a max load within the migration slack of phase 1's, the fewest bytes
+        # moved, then the most even spread below the max.
+        m1 = pm.int_max_load(sol)
+        slack = _MIGRATION_SLACK * params.hysteresis if migrate else 0.0
+        pm.model.add(pm.max_load <= max(m1, int(m1 * (1 + slack))))
         if pm.excess:
             pm.model.add(excess <= anti_affinity_excess_model(pm, sol))
         spread = pm.spread_expr()
@@ -209,7 +229,7 @@ class _Solve:
         self.solver_status = "OPTIMAL" if optimal else "FEASIBLE"
         if sol2 is None:  # the constraints above keep any phase-2 solution at least as good as `sol`
             return self._result(sol, _status(optimal), kept=False)
-        return self._result(sol2, _status(optimal), kept=False)
+        return self._result(sol2, _status(optimal and pm.int_max_load(sol2) <= m1), kept=False)
 
     def _result(self, assign: Assignment, status: PlacementStatus, kept: bool) -> PlacementResult:
         p = self.p

@@ -288,3 +288,25 @@ def test_medium_fleet_is_near_the_bound_and_beats_least_adapters():
     p = build_problem(workers, adapters, None, params)
     loads = worker_loads(p, greedy.least_adapters(p))
     assert res.max_over_mean < loads.max() / loads.mean()
+
+
+def test_after_a_shift_moves_far_fewer_bytes_than_a_fresh_solve_and_is_stable():
+    workers, adapters = _fleet(150, 12, seed=13)
+    params = PlacementParams(time_limit_s=1.0, deterministic=True, seed=1)
+    first = solve(workers, adapters, params=params)
+    current = {k: set(v) for k, v in first.assignment.items()}
+    # Popularity change: the 8 hottest adapters swap rates with 8 cold ones.
+    rates = [a.rate for a in adapters]
+    for hot, cold in zip(range(8), range(100, 108), strict=True):
+        rates[hot], rates[cold] = rates[cold], rates[hot]
+    shifted = [Adapter(**{**a.__dict__, "rate": rates[i]}) for i, a in enumerate(adapters)]
+    moved = solve(workers, shifted, current, params)
+    fresh = solve(workers, shifted, None, params)
+    check_valid(moved, workers, shifted)
+    assert not moved.kept_current and moved.moved_bytes > 0
+    fresh_moves = sum(a.size_bytes * len(set(fresh.assignment[a.name]) - current[a.name]) for a in shifted)
+    assert moved.moved_bytes * 3 < fresh_moves
+    assert moved.objective <= fresh.objective * (1 + params.hysteresis)
+    # Solving again from the result keeps it: no ping-pong between rebalances.
+    again = solve(workers, shifted, {k: set(v) for k, v in moved.assignment.items()}, params)
+    assert again.kept_current and again.moved_bytes == 0
