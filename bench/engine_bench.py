@@ -225,6 +225,7 @@ def hf_peft(shape: dict, n_adapters: int, batch_sizes: list[int], plen: int, ste
     for i in range(1, n_adapters):
         model.add_adapter(f"ad{i}", lcfg)
     model.to(torch.bfloat16)
+    model.eval()  # peft refuses adapter_names in training mode
     build_s = time.perf_counter() - t0
     print(f"  hf+peft built in {build_s:.1f} s", flush=True)
     out = {"build_s": build_s, "by_batch": {}}
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.empty_cache()
     if "hf" in phases:
         try:
-            hf = hf_peft(LLAMA_31_8B, 32, [16, 64] if q else [32, 64, 128], 128, 3 if q else 5)
+            hf = hf_peft(LLAMA_31_8B, 32, [16, 64] if q else [32, 64, 128], 128, 3 if q else 4)
             metrics = {}
             ours = state.get("ours_32_decode_heavy_tps")
             if ours:

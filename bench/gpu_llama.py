@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from lorafleet.worker.layers.triton_attention import paged_attention
-from lorafleet.worker.lora.triton_ops import lora_expand, lora_shrink
+from lorafleet.worker.lora.triton_ops import lora_expand_slices, lora_shrink_accumulate
 
 LLAMA_31_8B = dict(
     hidden_size=4096,
@@ -144,14 +144,11 @@ def lora_layout(sh: Shape, r: int) -> dict[str, tuple[int, int]]:
     qd, kvd = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
     return {
         "a_qkv": (3 * r, sh.hidden),
-        "b_q": (qd, r),
-        "b_k": (kvd, r),
-        "b_v": (kvd, r),
+        "b_qkv": (qd + 2 * kvd, r),
         "a_o": (r, qd),
         "b_o": (sh.hidden, r),
         "a_gu": (2 * r, sh.hidden),
-        "b_g": (sh.inter, r),
-        "b_u": (sh.inter, r),
+        "b_gu": (2 * sh.inter, r),
         "a_d": (r, sh.inter),
         "b_d": (sh.hidden, r),
     }
@@ -225,11 +222,9 @@ class BenchLlama:
         n = sum(lw[k].numel() for lw in self.layers for k in ("ln1", "ln2", "qkv", "o", "gu", "d"))
         return 2 * (n + self.norm.numel() + self.lm_head.numel())
 
-    def _lora(self, x, a, bs, outs, seg_indptr, seg_slots) -> None:
-        v = lora_shrink(x, a, seg_indptr, seg_slots)
-        r = self.rank
-        for i, (b, y) in enumerate(zip(bs, outs, strict=True)):
-            lora_expand(v[:, i * r : (i + 1) * r], b, seg_indptr, seg_slots, self.scales, y)
+    def _lora(self, x, a, b, y, v, bounds, seg_indptr, seg_slots) -> None:
+        lora_shrink_accumulate(x, a, seg_indptr, seg_slots, v)
+        lora_expand_slices(v, b, seg_indptr, seg_slots, self.scales, y, bounds)
 
     def forward(self, inp: dict[str, torch.Tensor], max_q_len: int, use_lora: bool, last_only: bool) -> torch.Tensor:
         """One step over a flat batch; returns greedy next tokens, one per sequence (last_only) or per token."""
@@ -239,6 +234,10 @@ class BenchLlama:
         seg_indptr, seg_slots = inp.get("seg_indptr"), inp.get("seg_slots")
         t = ids.shape[0]
         x = self.embed[ids]
+        r = self.rank
+        seg = (seg_indptr, seg_slots)
+        # one zeroed fp32 buffer for every shrink of the step (7 rank-columns per layer: q,k,v | o | gate,up | down)
+        vbuf = torch.zeros(sh.layers, t, 7 * r, device=x.device, dtype=torch.float32) if use_lora else None
         res = x
         delta = None
         for li, lw in enumerate(self.layers):
@@ -249,14 +248,8 @@ class BenchLlama:
                 h = add_rmsnorm(delta, res, lw["ln1"], 1e-5)
             qkv = h @ lw["qkv"].t()
             if use_lora:
-                self._lora(
-                    h,
-                    lw["a_qkv"],
-                    (lw["b_q"], lw["b_k"], lw["b_v"]),
-                    (qkv[:, :qd], qkv[:, qd : qd + kvd], qkv[:, qd + kvd :]),
-                    seg_indptr,
-                    seg_slots,
-                )
+                vl = vbuf[li]
+                self._lora(h, lw["a_qkv"], lw["b_qkv"], qkv, vl[:, : 3 * r], (0, qd, qd + kvd, qd + 2 * kvd), *seg)
             _rope_cache_kernel[(t, sh.heads + sh.kv_heads)](
                 qkv,
                 pos,
@@ -282,23 +275,16 @@ class BenchLlama:
             ).view(t, qd)
             o = attn @ lw["o"].t()
             if use_lora:
-                self._lora(attn, lw["a_o"], (lw["b_o"],), (o,), seg_indptr, seg_slots)
+                self._lora(attn, lw["a_o"], lw["b_o"], o, vl[:, 3 * r : 4 * r], (0, sh.hidden), *seg)
             h = add_rmsnorm(o, res, lw["ln2"], 1e-5)
             gu = h @ lw["gu"].t()
             if use_lora:
-                self._lora(
-                    h,
-                    lw["a_gu"],
-                    (lw["b_g"], lw["b_u"]),
-                    (gu[:, : sh.inter], gu[:, sh.inter :]),
-                    seg_indptr,
-                    seg_slots,
-                )
+                self._lora(h, lw["a_gu"], lw["b_gu"], gu, vl[:, 4 * r : 6 * r], (0, sh.inter, 2 * sh.inter), *seg)
             act = torch.empty(t, sh.inter, device=gu.device, dtype=gu.dtype)
             _silu_mul_kernel[(t, triton.cdiv(sh.inter, 1024))](gu, act, sh.inter, BLOCK=1024)
             delta = act @ lw["d"].t()
             if use_lora:
-                self._lora(act, lw["a_d"], (lw["b_d"],), (delta,), seg_indptr, seg_slots)
+                self._lora(act, lw["a_d"], lw["b_d"], delta, vl[:, 6 * r : 7 * r], (0, sh.hidden), *seg)
         if last_only:
             last = inp["q_indptr"][1:] - 1
             delta, res = delta[last], res[last]

@@ -76,6 +76,34 @@ def check_lora(device: str, dtype: torch.dtype, tol: float) -> None:
         assert torch.equal(wide[no_adapter.to(device)], before[no_adapter.to(device)])
 
 
+def check_fused(device: str, dtype: torch.dtype, tol: float) -> None:
+    """`lora_shrink_accumulate` + `lora_expand_slices` (fused qkv-style projection) equal per-slice ops.py calls."""
+    from lorafleet.worker.lora import ops, triton_ops
+
+    g = torch.Generator().manual_seed(3)
+    t, k, r, s = 45, 200, 8, 4
+    outs = [64, 16, 16]  # q, k, v widths: slice bounds not aligned to the kernel's column tiles on purpose
+    lens, slots = [10, 0, 5, 20, 10], [3, 0, -1, 1, 3]
+    x = torch.randn(t, k, generator=g).to(device, dtype)
+    a = [(torch.randn(s, r, k, generator=g) / k**0.5).to(device, dtype) for _ in outs]
+    b = [torch.randn(s, n, r, generator=g).to(device, dtype) for n in outs]
+    sc = (torch.rand(s, generator=g) + 0.5).to(device)
+    indptr, sl = _segments(lens, slots, device)
+    v = torch.full((t, 3 * r), 0.25, device=device)
+    triton_ops.lora_shrink_accumulate(x, torch.cat(a, dim=1), indptr, sl, v)
+    y = torch.randn(t, sum(outs), generator=g).to(device, dtype)
+    y_ref = y.float().clone()
+    bounds = (0, 64, 80, 96)
+    for i in range(3):
+        v_ref = ops.lora_shrink(x.float(), a[i].float(), indptr, sl)
+        assert _rel(v[:, i * r : (i + 1) * r] - 0.25, v_ref) < tol
+        ops.lora_expand(v_ref, b[i].float(), indptr, sl, sc, y_ref[:, bounds[i] : bounds[i + 1]])
+    triton_ops.lora_expand_slices(v - 0.25, torch.cat(b, dim=1), indptr, sl, sc, y, bounds)
+    assert _rel(y, y_ref) < tol
+    with pytest.raises(ValueError):
+        triton_ops.lora_expand_slices(v, torch.cat(b, dim=1), indptr, sl, sc, y, (0, 64, 95))
+
+
 def check_attention(device: str, dtype: torch.dtype, tol: float) -> None:
     from lorafleet.worker.layers.triton_attention import paged_attention, paged_attention_reference
 
@@ -101,6 +129,16 @@ def check_attention(device: str, dtype: torch.dtype, tol: float) -> None:
         assert _rel(o, ref) < tol, (q_lens, ctxs, _rel(o, ref))
 
 
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])  # type: ignore[return-value]
+
+
+@pytest.mark.skipif(
+    _triton_version() < (3, 7),
+    reason="Triton < 3.7's interpreter cannot iterate over a range bounded by loaded scalars (compiled code can)",
+)
 def test_triton_kernels_interpreted_on_cpu() -> None:
     """The compiled-kernel logic, run by Triton's interpreter in a fresh process (fp32, exact to rounding)."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -116,6 +154,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 def test_lora_gpu_fp32_and_bf16() -> None:
     check_lora("cuda", torch.float32, 5e-3)
     check_lora("cuda", torch.bfloat16, 2e-2)
+    check_fused("cuda", torch.float32, 5e-3)
+    check_fused("cuda", torch.bfloat16, 2e-2)
 
 
 @gpu
@@ -153,6 +193,7 @@ def test_attention_gpu_fp32_and_bf16() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     check_lora("cpu", torch.float32, 1e-5)
+    check_fused("cpu", torch.float32, 1e-5)
     print("lora ok")
     check_attention("cpu", torch.float32, 1e-5)
     print("attention ok")

@@ -37,7 +37,7 @@ def _find_segment(seg_indptr, t, G, LOG_G: tl.constexpr):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "G"])
 def _shrink_kernel(
     x_ptr,
     a_ptr,
@@ -60,7 +60,7 @@ def _shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -99,13 +99,13 @@ def _shrink_kernel(
                 acc += tl.dot(x, a.to(x.dtype))
     o_ptrs = out_ptr + rows[:, None].to(tl.int64) * so_t + rr[None, :] * so_r
     o_mask = row_ok[:, None] & r_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(o_ptrs, acc, mask=o_mask)
-    else:
+    if ATOMIC:
         tl.atomic_add(o_ptrs, acc, mask=o_mask)
+    else:
+        tl.store(o_ptrs, acc, mask=o_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "G"])
 def _expand_kernel(
     v_ptr,
     b_ptr,
@@ -117,6 +117,8 @@ def _expand_kernel(
     N,
     R,
     G,
+    N1,
+    N2,
     sv_t,
     sv_r,
     sb_s,
@@ -139,13 +141,14 @@ def _expand_kernel(
     g_last = _find_segment(seg_indptr, last, G, LOG_G)
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     c_ok = cols < N
-    v_all = tl.load(
-        v_ptr + rows[:, None].to(tl.int64) * sv_t + rr[None, :] * sv_r,
-        mask=row_ok[:, None] & r_ok[None, :],
-        other=0.0,
-    )
+    # output slices: columns [0, N1) use v[:, 0:R], [N1, N2) v[:, R:2R], [N2, N) v[:, 2R:3R]
+    col_last = tl.minimum(col0 + BLOCK_N, N) - 1
+    s_first = (col0 >= N1).to(tl.int32) + (col0 >= N2).to(tl.int32)
+    s_last = (col_last >= N1).to(tl.int32) + (col_last >= N2).to(tl.int32)
+    col_slice = (cols >= N1).to(tl.int32) + (cols >= N2).to(tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     touched = tl.zeros((BLOCK_M,), dtype=tl.int1)
     for g in range(g_first, g_last + 1):
@@ -156,13 +159,18 @@ def _expand_kernel(
             in_seg = (rows >= lo) & (rows < hi) & row_ok
             touched = touched | in_seg
             scale = tl.load(scales_ptr + slot)
-            v = tl.where(in_seg[:, None], v_all * scale, 0.0)
-            b = tl.load(
-                b_ptr + slot * sb_s + rr[:, None] * sb_r + cols[None, :].to(tl.int64) * sb_n,
-                mask=r_ok[:, None] & c_ok[None, :],
-                other=0.0,
-            )
-            acc += tl.dot(v, b.to(tl.float32))
+            for sl in range(s_first, s_last + 1):
+                v = tl.load(
+                    v_ptr + rows[:, None].to(tl.int64) * sv_t + (sl * R + rr[None, :]) * sv_r,
+                    mask=in_seg[:, None] & r_ok[None, :],
+                    other=0.0,
+                )
+                b = tl.load(
+                    b_ptr + slot * sb_s + rr[:, None] * sb_r + cols[None, :].to(tl.int64) * sb_n,
+                    mask=r_ok[:, None] & (c_ok & (col_slice == sl))[None, :],
+                    other=0.0,
+                )
+                acc += tl.dot(v * scale, b.to(tl.float32))
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * sy_t + cols[None, :] * sy_n
     y_mask = touched[:, None] & c_ok[None, :]
     y = tl.load(y_ptrs, mask=y_mask, other=0.0)
@@ -179,33 +187,36 @@ def _block_r(r: int) -> int:
 
 
 def _shrink_config(t: int, k: int) -> tuple[int, int, int]:
-    """BLOCK_M, BLOCK_K, SPLIT_K: small M tiles for decode, split K until ~2 programs per SM (132 on H100/H200)."""
+    """BLOCK_M, BLOCK_K, SPLIT_K: small M tiles for decode, split K until ~4 programs per SM (132 on H100/H200):
+    a decode batch has only T/16 row tiles, and each program's loop over its segments is latency bound."""
     block_m = 16 if t <= 512 else 64
     block_k = 128 if block_m == 16 else 64
     m_tiles = triton.cdiv(t, block_m)
     split = 1
-    while m_tiles * split < 256 and k // (split * 2) >= 4 * block_k:
+    while m_tiles * split < 512 and k // (split * 2) >= 2 * block_k:
         split *= 2
     return block_m, block_k, split
 
 
-def lora_shrink(
+def lora_shrink_accumulate(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     seg_indptr: torch.Tensor,
     seg_slots: torch.Tensor,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """v[t] = x[t] · A[slot(t)]ᵀ in fp32; rows of segments without an adapter are zero. Same contract as ops.py."""
+    """out[t] += x[t] · A[slot(t)]ᵀ (fp32 atomics). Lets a model zero ONE buffer per step for all its shrinks
+    instead of one memset per projection (a memset is a kernel launch: ~4 µs x 4 x layers per decode step)."""
     t, k = x.shape
     r = lora_a.shape[1]
-    if out is None:
-        out = torch.zeros(t, r, dtype=torch.float32, device=x.device)
-    else:
-        out.zero_()
     g = seg_slots.shape[0]
     if t == 0 or g == 0:
         return out
+    _launch_shrink(x, lora_a, seg_indptr, seg_slots, out, t, k, r, g, atomic=True)
+    return out
+
+
+def _launch_shrink(x, lora_a, seg_indptr, seg_slots, out, t, k, r, g, atomic: bool) -> None:
     block_m, block_k, split = _shrink_config(t, k)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
@@ -232,26 +243,55 @@ def lora_shrink(
         BLOCK_M=block_m,
         BLOCK_R=_block_r(r),
         BLOCK_K=block_k,
-        SPLIT_K=split,
+        ATOMIC=atomic or split > 1,
         num_warps=4,
     )
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """v[t] = x[t] · A[slot(t)]ᵀ in fp32; rows of segments without an adapter are zero. Same contract as ops.py."""
+    t, k = x.shape
+    r = lora_a.shape[1]
+    if out is None:
+        out = torch.zeros(t, r, dtype=torch.float32, device=x.device)
+    else:
+        out.zero_()
+    g = seg_slots.shape[0]
+    if t == 0 or g == 0:
+        return out
+    _launch_shrink(x, lora_a, seg_indptr, seg_slots, out, t, k, r, g, atomic=False)
     return out
 
 
-def lora_expand(
+def lora_expand_slices(
     v: torch.Tensor,
     lora_b: torch.Tensor,
     seg_indptr: torch.Tensor,
     seg_slots: torch.Tensor,
     scales: torch.Tensor,
     y: torch.Tensor,
+    bounds: tuple[int, ...],
 ) -> torch.Tensor:
-    """y[t] += scale[slot] * v[t] · B[slot]ᵀ in place (fp32 accumulation, one rounding). Same contract as ops.py."""
+    """Fused expand for a fused projection (qkv, gate|up): output columns [bounds[i], bounds[i+1]) get
+    scale * v[:, i*R:(i+1)*R] · B[slot][bounds[i]:bounds[i+1]]ᵀ, where B stacks the slices' B matrices along
+    the output dim ([S, N, R]). Same result as one `lora_expand` per slice, in one launch (up to 3 slices)."""
     t, n = y.shape
     r = lora_b.shape[2]
     g = seg_slots.shape[0]
+    if len(bounds) < 2 or len(bounds) > 4 or bounds[0] != 0 or bounds[-1] != n:
+        raise ValueError(f"bounds must be 0 < ... < {n} with 1 to 3 slices, got {bounds}")
+    if v.shape[1] < (len(bounds) - 1) * r or lora_b.shape[1] != n:
+        raise ValueError("v must hold R columns per slice and lora_b one row per output column")
     if t == 0 or g == 0:
         return y
+    n1 = bounds[1] if len(bounds) > 2 else n
+    n2 = bounds[2] if len(bounds) > 3 else n
     block_m = 16 if t <= 512 else 64
     block_n = 128 if block_m == 16 else 64
     grid = (triton.cdiv(t, block_m), triton.cdiv(n, block_n))
@@ -266,6 +306,8 @@ def lora_expand(
         n,
         r,
         g,
+        n1,
+        n2,
         v.stride(0),
         v.stride(1),
         lora_b.stride(0),
@@ -280,3 +322,15 @@ def lora_expand(
         num_warps=4,
     )
     return y
+
+
+def lora_expand(
+    v: torch.Tensor,
+    lora_b: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_slots: torch.Tensor,
+    scales: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.Tensor:
+    """y[t] += scale[slot] * v[t] · B[slot]ᵀ in place (fp32 accumulation, one rounding). Same contract as ops.py."""
+    return lora_expand_slices(v, lora_b, seg_indptr, seg_slots, scales, y, (0, y.shape[1]))
