@@ -201,7 +201,8 @@ class BaseModelFleet:
 
         await asyncio.gather(*(probe(w) for w in workers))
         live = {(w.pod, w.endpoint) for w in workers}
-        for key in [k for k in self._clients if k not in live]:
+        busy = {pod for _, pod in self._drains}  # a running drain still owns its client
+        for key in [k for k in self._clients if k not in live and k[0] not in busy]:
             await self._clients.pop(key).aclose()
         return workers
 
@@ -286,8 +287,9 @@ class BaseModelFleet:
             assert w.client is not None
             view = views[a]
             uri = str(((view.body.get("spec") or {}).get("source") or {}).get("uri", ""))
+            path = self.rt.source_override.get((self.ns, a)) or adapter_path(uri, self.rt.config.adapter_root)
             try:
-                await w.client.load(a, adapter_path(uri))
+                await w.client.load(a, path)
             except WorkerError as exc:
                 self.rt.metrics.worker_errors.labels(self.name, "load").inc()
                 n = self._fail_count.get((a, pod), 0) + 1

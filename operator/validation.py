@@ -19,10 +19,13 @@ class Problem:
     fatal: bool = True
 
 
-def adapter_path(uri: str) -> str:
-    """What the worker's load API gets as `lora_path`: a filesystem path for file:// URIs, the URI otherwise."""
+def adapter_path(uri: str, adapter_root: str = "/var/lib/lorafleet/adapters") -> str:
+    """What the worker's load API gets as `lora_path`: a filesystem path for file:// URIs; pvc://CLAIM/PATH is
+    read from the adapter root the worker pods mount (`<root>/CLAIM/PATH`); other URIs go to the worker as is."""
     if uri.startswith("file://"):
         return uri[len("file://") :]
+    if uri.startswith("pvc://"):
+        return f"{adapter_root.rstrip('/')}/{uri[len('pvc://') :]}"
     return uri
 
 

@@ -61,12 +61,15 @@ class LocalFleet:
         adapter_root: str | None = None,
         operator_args: list[str] | None = None,
         worker_extra_args: list[str] | None = None,
+        operator_kubeconfig: str | Path | None = None,
     ) -> None:
         from kubernetes import client
 
         from lorafleet.operator.kube import load_config
 
         self.kubeconfig = str(kubeconfig)
+        # The operator may run with its own (least-privilege) credentials; the shim and the test client are admin.
+        self.operator_kubeconfig = str(operator_kubeconfig or kubeconfig)
         self.namespace = namespace
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,7 @@ class LocalFleet:
         ]
         self.operator_starts += 1
         log = open(self.state_dir / f"operator-{self.operator_starts}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "KUBECONFIG": self.operator_kubeconfig, "PYTHONUNBUFFERED": "1"}
         self.operator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         return self.operator
@@ -317,3 +320,68 @@ class StreamingRouter:
                     self.failed.append(f"{pod}: {type(exc).__name__} {exc}")
         finally:
             client.close()
+
+
+def service_account_kubeconfig(
+    admin_kubeconfig: str | Path,
+    out: str | Path,
+    manifests: str | Path,
+    *,
+    namespace: str = "lorafleet-system",
+    name: str = "lorafleet-operator",
+) -> Path:
+    """Applies the operator's ServiceAccount + least-privilege ClusterRole/Binding from `manifests/` and writes a
+    kubeconfig that authenticates as that ServiceAccount (TokenRequest), so the operator runs with exactly the RBAC
+    a real install grants it and a missing rule fails loudly."""
+    import json
+
+    import yaml
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from lorafleet.operator.kube import load_config
+
+    api = load_config(str(admin_kubeconfig))
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    mdir = Path(manifests)
+
+    def load(file: str) -> dict[str, Any]:
+        return yaml.safe_load((mdir / file).read_text())
+
+    def ensure(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    ensure(core.create_namespace, {"metadata": {"name": namespace}})
+    sa = load("serviceaccount.yaml")
+    ensure(
+        core.create_namespaced_service_account,
+        namespace,
+        {**sa, "metadata": {**sa["metadata"], "namespace": namespace}},
+    )
+    role = load("clusterrole.yaml")
+    try:
+        rbac.create_cluster_role(role)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        rbac.replace_cluster_role(role["metadata"]["name"], role)
+    ensure(rbac.create_cluster_role_binding, load("clusterrolebinding.yaml"))
+    token = core.create_namespaced_service_account_token(name, namespace, {"spec": {"expirationSeconds": 86400}})
+    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())  # JSON is YAML
+    cluster = admin["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": name, "user": {"token": token.status.token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": name}}],
+        "current-context": "operator",
+    }
+    path = Path(out)
+    path.write_text(json.dumps(config, indent=2))
+    path.chmod(0o600)
+    return path

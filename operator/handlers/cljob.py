@@ -1,1 +1,159 @@
-"""ContinualLearningJob: placeholder registration; the worker training API is driven by `cljob_sync` below."""
+"""ContinualLearningJob: start/stop training on a worker that serves the adapter, mirror progress into status, and
+roll every newly published version out to the adapter's other replicas (in-place load: new requests switch to it,
+in-flight ones finish on the old weights, then the old version is freed by the worker).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from lorafleet.operator import conditions, training
+from lorafleet.operator import constants as c
+from lorafleet.operator.state import Runtime
+from lorafleet.operator.workerclient import WorkerClient, WorkerError
+
+log = logging.getLogger(__name__)
+
+
+def _holders(rt: Runtime, namespace: str, adapter: dict[str, Any]) -> list[Any]:
+    fleet = rt.fleet(namespace, str((adapter.get("spec") or {}).get("baseModel")))
+    if fleet is None:
+        return []
+    name = adapter["metadata"]["name"]
+    return sorted((w for w in fleet.workers if w.holds(name) and w.client is not None), key=lambda w: w.pod)
+
+
+async def _set_status(
+    rt: Runtime, ns: str, name: str, body: kopf.Body, status: dict[str, Any], ok: bool, reason: str, msg: str
+) -> None:
+    gen = body["metadata"].get("generation")
+    conds = conditions.set_condition((body.get("status") or {}).get("conditions"), "Ready", ok, reason, msg, gen)
+    await rt.kube.patch_status(c.CLJOBS, ns, name, {**status, "observedGeneration": gen, "conditions": conds})
+
+
+@kopf.on.resume(c.GROUP, c.VERSION, c.CLJOBS)
+@kopf.on.create(c.GROUP, c.VERSION, c.CLJOBS)
+async def cljob_start(
+    body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, memo: kopf.Memo, patch: kopf.Patch, **_: Any
+) -> None:
+    rt: Runtime = memo.runtime
+    adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
+    if adapter is None:
+        await _set_status(
+            rt,
+            namespace,
+            name,
+            body,
+            {"phase": "Pending"},
+            False,
+            "AdapterNotFound",
+            f"LoRAAdapter {spec['adapter']} does not exist",
+        )
+        raise kopf.TemporaryError("adapter not found", delay=5)
+    holders = _holders(rt, namespace, adapter)
+    if not holders:
+        await _set_status(
+            rt,
+            namespace,
+            name,
+            body,
+            {"phase": "Pending"},
+            False,
+            "AdapterNotPlaced",
+            "waiting for a worker that serves the adapter",
+        )
+        raise kopf.TemporaryError("adapter not placed yet", delay=2)
+    trainer = holders[0]
+    try:
+        await trainer.client.post("/v1/training/jobs", training.job_request(name, spec))
+    except WorkerError as exc:
+        if exc.status != 409:  # 409: already running there (operator restart) — adopt it
+            await _set_status(rt, namespace, name, body, {"phase": "Failed"}, False, "WorkerRefused", exc.message)
+            kopf.warn(body, reason="WorkerRefused", message=exc.message)
+            raise kopf.TemporaryError(exc.message, delay=10) from exc
+    patch.metadata.annotations["lorafleet.io/trainer"] = trainer.pod
+    kopf.info(body, reason="Started", message=f"training {spec['adapter']} on worker {trainer.pod}")
+    await _set_status(rt, namespace, name, body, {"phase": "Running"}, True, "Training", f"on worker {trainer.pod}")
+
+
+@kopf.timer(c.GROUP, c.VERSION, c.CLJOBS, interval=2.0, initial_delay=1.0)
+async def cljob_sync(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str,
+    memo: kopf.Memo,
+    annotations: kopf.Annotations,
+    **_: Any,
+) -> None:
+    rt: Runtime = memo.runtime
+    pod = annotations.get("lorafleet.io/trainer")
+    adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
+    if not pod or adapter is None:
+        return
+    holders = {w.pod: w for w in _holders(rt, namespace, adapter)}
+    trainer = holders.get(pod)
+    if trainer is None:
+        await _set_status(
+            rt, namespace, name, body, {}, False, "TrainerLost", f"worker {pod} no longer serves the adapter"
+        )
+        return
+    try:
+        st = await trainer.client.get(f"/v1/training/jobs/{name}")
+    except WorkerError as exc:
+        log.info("job %s status unavailable: %s", name, exc)
+        return
+    status = training.job_status(st)
+    latest = training.latest_published(st)
+    if latest is not None:
+        version, path = latest
+        rt.source_override[(namespace, spec["adapter"])] = path  # new replicas load the newest version
+        loaded = {
+            p: ((w.adapters or {}).get(spec["adapter"]).path if w.adapters and spec["adapter"] in w.adapters else None)
+            for p, w in holders.items()
+        }
+        for wpod in training.stale_replicas({p: None for p in holders}, pod, path, loaded):
+            client: WorkerClient = holders[wpod].client
+            try:
+                await client.load(spec["adapter"], path, inplace=True)
+                kopf.info(body, reason="RolledOut", message=f"version {version} loaded on worker {wpod}")
+            except WorkerError as exc:
+                kopf.warn(body, reason="RolloutFailed", message=f"worker {wpod}: {exc.message}")
+    await _set_status(
+        rt,
+        namespace,
+        name,
+        body,
+        status,
+        status["phase"] in ("Running", "Succeeded"),
+        "Training",
+        f"{status['steps']} steps on {pod}",
+    )
+
+
+@kopf.on.delete(c.GROUP, c.VERSION, c.CLJOBS)
+async def cljob_stop(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str,
+    memo: kopf.Memo,
+    annotations: kopf.Annotations,
+    **_: Any,
+) -> None:
+    rt: Runtime = memo.runtime
+    pod = annotations.get("lorafleet.io/trainer")
+    adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
+    if not pod or adapter is None:
+        return
+    trainer = {w.pod: w for w in _holders(rt, namespace, adapter)}.get(pod)
+    if trainer is None:
+        return
+    try:
+        await trainer.client.request("DELETE", f"/v1/training/jobs/{name}")
+    except WorkerError as exc:
+        if exc.status != 404:
+            raise kopf.TemporaryError(exc.message, delay=2) from exc
+    kopf.info(body, reason="Stopped", message=f"training stopped on {pod}; published versions keep serving")

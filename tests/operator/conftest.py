@@ -67,13 +67,17 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def fleet(op_cluster: object, crds: None, tiny_assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
-    from lorafleet.local.harness import LocalFleet
+    from lorafleet.local.harness import LocalFleet, service_account_kubeconfig
 
     ns = f"op-{uuid.uuid4().hex[:6]}"
+    state = tmp_path_factory.mktemp("fleet")
+    # The operator runs as the manifests' ServiceAccount with the manifests' ClusterRole: least privilege, tested live.
+    sa_kubeconfig = service_account_kubeconfig(op_cluster.kubeconfig, state / "operator.kubeconfig", ROOT / "manifests")  # type: ignore[attr-defined]
     lf = LocalFleet(
         op_cluster.kubeconfig,  # type: ignore[attr-defined]
         ns,
-        tmp_path_factory.mktemp("fleet"),
+        state,
+        operator_kubeconfig=sa_kubeconfig,
         adapter_root=str(tiny_assets["adapters"]),
         operator_args=["--interval", "0.5", "--drain-grace", "0.5", "--rebalance-interval", "0"],
         worker_extra_args=["--max-num-seqs", "8", "--kv-cache-bytes", str(16 << 20)],

@@ -177,10 +177,36 @@ def test_bad_inputs_get_conditions_and_events(fleet: LocalFleet, tiny_assets) ->
     fleet.create(c.ADAPTERS, adapter("missing-src", BM, "file:///nonexistent/adapter"))
     fleet.create(c.ADAPTERS, adapter("too-big", BM, tiny_assets["r32"]))  # maxRank is 16
     fleet.create(c.ADAPTERS, adapter("too-many", BM, tiny_assets["r4"], replicas=3))  # 2 workers
+    fleet.create(c.ADAPTERS, adapter("remote-src", BM, "s3://no-such-bucket/adapters/x"))  # the worker says 400
     _bad(fleet, "orphan", "Ready", "BaseModelNotFound")
     _bad(fleet, "missing-src", "Ready", "SourceNotFound")
     _bad(fleet, "too-big", "Ready", "RankExceedsLimit")
     _bad(fleet, "too-many", "Degraded", "ReplicasExceedWorkers", status="True")
+    _bad(fleet, "remote-src", "Ready", "LoadFailed")
+    assert "HTTP 400" in fleet.condition(c.ADAPTERS, "remote-src", "Ready")["message"]
     assert fleet.slice_pods("missing-src") is None and fleet.slice_pods("too-big") is None
     wait_for(lambda: len(fleet.routes("too-many")) == 2, 30, 0.2, "serves with what exists")
     assert "3 replicas requested" in fleet.condition(c.ADAPTERS, "too-many", "Degraded")["message"]
+
+
+def test_vllm_flavour_client_sees_adapters_through_vllm_endpoints_only(fleet: LocalFleet) -> None:
+    """Our worker speaks vLLM's dynamic-LoRA subset, so the stock-vLLM client is exercised against a real server."""
+    import asyncio
+
+    from lorafleet.operator.workerclient import VLLMWorkerClient
+
+    (pod, ep), *_ = fleet.routes("ada")
+    token = fleet.admin_token(BM)
+
+    async def run() -> list[str]:
+        client = VLLMWorkerClient(f"http://{ep}", token)
+        try:
+            assert await client.ready()
+            names = [a.name for a in await client.adapters()]
+            await client.unload("not-loaded-anywhere")  # idempotent: "cannot be found" is success
+            return names
+        finally:
+            await client.aclose()
+
+    names = asyncio.run(run())
+    assert "ada" in names and all(n != BM for n in names)

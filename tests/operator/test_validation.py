@@ -39,3 +39,7 @@ def test_replicas_over_workers_is_soft(tmp_path: Path) -> None:
 
 def test_adapter_path() -> None:
     assert adapter_path("file:///a/b") == "/a/b" and adapter_path("s3://b/k") == "s3://b/k"
+
+
+def test_pvc_sources_map_under_the_adapter_root() -> None:
+    assert adapter_path("pvc://adapters/llama/sql", "/mnt/a/") == "/mnt/a/adapters/llama/sql"

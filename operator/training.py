@@ -1,0 +1,99 @@
+"""ContinualLearningJob, pure parts: CR spec → worker training-API request, worker job status → CR status, and
+which replicas still serve an older version than the newest published one.
+
+The worker API (docs/training-api.md) rejects unknown fields, so the translation is explicit and unit-tested;
+CR fields without a worker counterpart (e.g. `lora.dropout`) are dropped here, not sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+MODES = {"colocated": "coserve", "dedicated": "standalone"}
+PHASES = {"Pending": "Pending", "Running": "Running", "Stopped": "Succeeded", "Failed": "Failed"}
+MAX_VERSIONS_IN_STATUS = 20
+
+
+def job_request(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    req: dict[str, Any] = {
+        "name": name,
+        "adapter": spec["adapter"],
+        "mode": MODES.get(spec.get("mode", "colocated"), "coserve"),
+    }
+    fb = spec.get("feedback") or {}
+    kinds = ["pair", "reward"]
+    if fb.get("accept", True):
+        kinds.append("accept")
+    if fb.get("corrections", True):
+        kinds.append("correction")
+    req["feedback"] = {"kinds": sorted(kinds)}
+    if fb.get("minReward") is not None:
+        req["feedback"]["minReward"] = fb["minReward"]
+    opt = spec.get("optimizer") or {}
+    o: dict[str, Any] = {}
+    for src, dst in (("learningRate", "lr"), ("weightDecay", "weightDecay"), ("betas", "betas"),
+                     ("gradAccumulation", "gradAccumulation"), ("maxSteps", "maxSteps")):  # fmt: skip
+        if opt.get(src) is not None:
+            o[dst] = opt[src]
+    if o:
+        req["optimizer"] = o
+    lora = spec.get("lora") or {}
+    lo = {k: lora[k] for k in ("rank", "alpha") if lora.get(k) is not None}
+    if lora.get("targetModules"):
+        lo["targets"] = list(lora["targetModules"])
+    if lo:
+        req["lora"] = lo
+    pub = spec.get("publish") or {}
+    p = {k: pub[k] for k in ("everySteps", "onHeldoutImprovement") if pub.get(k) is not None}
+    if p:
+        req["publish"] = p
+    for key in ("replayRatio", "maxActivationStaleness", "stalePolicy", "minFinetuneShare"):
+        if spec.get(key) is not None:
+            req[key] = spec[key]
+    tpot = (spec.get("latencyTarget") or {}).get("tpotMillis")
+    if tpot is not None:
+        req["latencyTarget"] = {"tpotMs": float(tpot)}
+    return req
+
+
+def job_status(worker_status: Mapping[str, Any]) -> dict[str, Any]:
+    """CR status fields from the worker's job status (bounded: the newest versions only)."""
+    versions = [
+        {
+            k: v
+            for k, v in (
+                ("version", str(pv.get("version"))),
+                ("step", pv.get("step")),
+                ("publishedAt", pv.get("publishedAt")),
+                ("heldoutLoss", pv.get("heldoutLoss")),
+            )
+            if v is not None
+        }  # fmt: skip
+        for pv in worker_status.get("publishedVersions") or []
+    ][-MAX_VERSIONS_IN_STATUS:]
+    out: dict[str, Any] = {
+        "phase": PHASES.get(str(worker_status.get("phase")), "Pending"),
+        "steps": int(worker_status.get("steps") or 0),
+        "tokensTrained": int(worker_status.get("tokensTrained") or 0),
+        "publishedVersions": versions,
+    }
+    if worker_status.get("loss") is not None:
+        out["loss"] = float(worker_status["loss"])
+    return out
+
+
+def latest_published(worker_status: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(version, path) of the newest published version, if any."""
+    pvs = [pv for pv in worker_status.get("publishedVersions") or [] if pv.get("path")]
+    if not pvs:
+        return None
+    pv = max(pvs, key=lambda p: int(p.get("version") or 0))
+    return str(pv["version"]), str(pv["path"])
+
+
+def stale_replicas(
+    held_versions: Mapping[str, str | None], trainer: str, latest_path: str, loaded_paths: Mapping[str, str | None]
+) -> list[str]:
+    """Workers (other than the trainer, which switches itself) whose copy was not loaded from `latest_path`."""
+    return sorted(w for w in held_versions if w != trainer and loaded_paths.get(w) != latest_path)

@@ -1,0 +1,50 @@
+"""CR spec ↔ worker training API (docs/training-api.md): exact field mapping, since the worker rejects unknown keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from lorafleet.operator import training
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sample_job_translates_to_the_worker_api() -> None:
+    sample = yaml.safe_load((ROOT / "manifests/samples/continuallearningjob.yaml").read_text())
+    req = training.job_request("support-en-online", sample["spec"])
+    assert req == {
+        "name": "support-en-online",
+        "adapter": "support-en",
+        "mode": "coserve",
+        "feedback": {"kinds": ["accept", "correction", "pair", "reward"], "minReward": 0.5},
+        "optimizer": {"lr": 0.0002, "weightDecay": 0.01, "betas": [0.9, 0.999], "gradAccumulation": 4},
+        "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "publish": {"everySteps": 50, "onHeldoutImprovement": True},
+        "replayRatio": 0.2,
+        "maxActivationStaleness": 4,
+        "stalePolicy": "recompute",
+        "minFinetuneShare": 0.05,
+        "latencyTarget": {"tpotMs": 50.0},
+    }
+    assert training.job_request("j", {"adapter": "a", "mode": "dedicated", "feedback": {"accept": False}})[
+        "feedback"
+    ] == {"kinds": ["correction", "pair", "reward"]}
+
+
+def test_status_is_bounded_and_latest_version_found() -> None:
+    pvs = [{"version": v, "step": v * 10, "path": f"/s/a/v{v}", "publishedAt": "t", "loss": 1.0} for v in range(1, 31)]
+    st = {"phase": "Running", "steps": 300, "tokensTrained": 5000, "loss": 0.5, "publishedVersions": pvs}
+    out = training.job_status(st)
+    assert out["phase"] == "Running" and out["steps"] == 300 and out["loss"] == 0.5
+    assert len(out["publishedVersions"]) == 20 and out["publishedVersions"][-1] == {
+        "version": "30",
+        "step": 300,
+        "publishedAt": "t",
+    }
+    assert training.latest_published(st) == ("30", "/s/a/v30")
+    assert training.latest_published({"publishedVersions": []}) is None
+    assert training.job_status({"phase": "Stopped"})["phase"] == "Succeeded"
+    assert training.stale_replicas({"w0": None, "w1": None, "w2": None}, "w0", "/p", {"w1": "/p", "w2": "/old"}) == [
+        "w2"
+    ]
