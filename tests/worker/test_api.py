@@ -14,6 +14,8 @@ import time
 
 import httpx
 import pytest
+from lorafleet.worker.api.testing import assert_openai_error as assert_error
+from lorafleet.worker.api.testing import wait_for
 
 TOKEN = "s3cret-token"
 SERVED = "tiny"
@@ -59,28 +61,6 @@ def sse_events(text: str) -> list:
         payload = block[len("data: ") :]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
-
-
-def assert_error(r: httpx.Response, status: int, err_type: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert err["code"] == status and isinstance(err["message"], str) and err["message"]
-    if err_type is not None:
-        assert err["type"] == err_type
-    return err
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def test_health_and_ready(client):
@@ -338,7 +318,9 @@ def test_duplicate_request_id_in_flight(worker):
     body = {"model": SERVED, "prompt": "dup", "max_tokens": 600, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=worker.url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": "dup-1"}) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # keep a reference: a collected iterator closes the connection (= abort)
+            next(lines)
+            assert _kv_state(worker)[0] == 1
             second = c.post("/v1/completions", json={**body, "stream": False}, headers={"X-Request-Id": "dup-1"})
             err = assert_error(second, 400)
             assert err["param"] == "X-Request-Id"

@@ -105,3 +105,27 @@ def start_worker(
     app = create_app(runner, settings)
     server = ServerThread(app).start()
     return Worker(runner, server, app)
+
+
+def assert_openai_error(r, status: int, err_type: str | None = None) -> dict:
+    """Asserts an OpenAI-shaped error response with this status; returns its `error` object."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["code"] == status and isinstance(err["message"], str) and err["message"], err
+    if err_type is not None:
+        assert err["type"] == err_type, err
+    return err
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
+    """Polls `predicate` until truthy or the timeout; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
