@@ -92,6 +92,10 @@ class ModelRunner:
         ]
         self.sampler = Sampler(self.device, seed)
         self.graph_runner = None  # set by worker/engine/cuda_graph.py on GPU (decode-only batches)
+        # Activation recording (worker/training/stash.py): `capture_hook(batch, inputs)` returns a model `capture`
+        # callable for this step, or None. Only consulted for batches with prefill tokens.
+        self.capture_hook = None
+        self._capture = None
         self.last_forward_seconds = 0.0
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
@@ -114,7 +118,7 @@ class ModelRunner:
         if any(s >= 0 for s in inp.seg_slot_list):
             self.store.wait_ready([s for s in inp.seg_slot_list if s >= 0])
             lora = SegmentLoRAContext(self.store, inp.seg_indptr, inp.seg_slots)
-        hidden = self.model(inp.input_ids, inp.positions, attn, lora)
+        hidden = self.model(inp.input_ids, inp.positions, attn, lora, self._capture)
         return hidden[inp.sample_rows]
 
     @torch.inference_mode()
@@ -122,7 +126,9 @@ class ModelRunner:
         """Runs one step; returns the sampled token of every sequence whose chunk reached its last token."""
         t0 = time.perf_counter()
         inp = self.prepare(batch)
+        self._capture = self.capture_hook(batch, inp) if self.capture_hook is not None and not inp.is_decode else None
         hidden = self._forward(inp)
+        self._capture = None
         out: dict[Sequence, int] = {}
         if inp.sample_seqs:
             logits = self.model.compute_logits(hidden)
