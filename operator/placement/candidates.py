@@ -27,9 +27,9 @@ def candidate_sets(
         chosen = set(problem.current[a])
         for h in hints:
             chosen.update(h[a])
-        pool = np.flatnonzero(problem.eligible[a])
-        if chosen:
-            pool = pool[~np.isin(pool, np.fromiter(chosen, dtype=np.int64))]
+        mask = problem.eligible[a].copy()
+        mask[list(chosen)] = False
+        pool = np.flatnonzero(mask)
         if k > 0 and pool.size:
             sample = pool if pool.size <= 3 * k else rng.choice(pool, size=3 * k, replace=False)
             by_load = sample[np.argsort(hint_loads[sample], kind="stable")]

@@ -60,7 +60,9 @@ def _fill(problem: Problem, room: Room, a: int, ws: list[int], score: np.ndarray
             return
         spread = ok.copy()
         if ws:
-            spread &= ~np.isin(problem.node, problem.node[np.asarray(ws)])
+            used = np.zeros(int(problem.node.max()) + 1, dtype=bool)
+            used[problem.node[np.asarray(ws)]] = True
+            spread &= ~used[problem.node]
         pick = spread if spread.any() else ok
         w = int(np.flatnonzero(pick)[np.argmin(score[pick])])
         room.take(a, w)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from lorafleet.operator.placement.evaluate import Assignment
+from lorafleet.operator.placement.evaluate import Assignment, flatten
 from lorafleet.operator.placement.problem import Problem
 from ortools.sat.python import cp_model
 
@@ -49,17 +49,19 @@ class PlacementModel:
         return int_max_load(self.int_base, self.int_share, assign)
 
     def hint(self, assign: Assignment) -> None:
-        """Replace the model's hint by a complete assignment (x, M and e all hinted, so CP-SAT can use it at once)."""
+        """Replace the model's hint by a complete assignment (x, M and e all hinted, so CP-SAT can use it at once).
+
+        Written straight into the proto in two bulk extends: add_hint per variable costs ~4 us, 0.7 s at 10000x256."""
+        n_w = len(self.per_worker)
+        held = np.fromiter((a * n_w + w for a, ws in enumerate(assign) for w in ws), dtype=np.int64)
+        values = np.isin(self.var_adapter * n_w + self.var_worker, held).astype(np.int64)
         self.model.clear_hints()
-        held = {(a, w) for a, ws in enumerate(assign) for w in ws}
-        values = [
-            1 if (a, w) in held else 0 for a, w in zip(self.var_adapter.tolist(), self.var_worker.tolist(), strict=True)
-        ]
-        for v, val in zip(self.x_vars, values, strict=True):
-            self.model.add_hint(v, val)
+        h = self.model.proto.solution_hint
+        h.vars.extend(self.var_index.tolist())
+        h.values.extend(values.tolist())
         self.model.add_hint(self.max_load, self.int_max_load(assign))
         for e, group in zip(self.excess, self.excess_groups, strict=True):
-            self.model.add_hint(e, max(0, sum(values[i] for i in group) - 1))
+            self.model.add_hint(e, max(0, int(values[group].sum()) - 1))
 
     def moved_expr(self, problem: Problem) -> cp_model.LinearExpr:
         """KiB loaded onto workers that do not hold the adapter now."""
@@ -112,10 +114,8 @@ class PlacementModel:
 
 def int_max_load(int_base: np.ndarray, int_share: np.ndarray, assign: Assignment) -> int:
     """Max integer (scaled) worker load of an assignment, as the model counts it."""
-    loads = int_base.copy()
-    for a, ws in enumerate(assign):
-        if ws:
-            np.add.at(loads, np.asarray(ws, dtype=np.int64), int_share[a])
+    ads, ws = flatten(assign)
+    loads = int_base + np.bincount(ws, weights=int_share[ads], minlength=int_base.size).round().astype(np.int64)
     return int(loads.max(initial=0))
 
 

@@ -236,7 +236,7 @@ class _Solve:
         loads = worker_loads(p, assign)
         top = float(loads.max(initial=0.0))
         mean = float(loads.mean()) if loads.size else 0.0
-        bound = max(self.lb, self.cp_bound)
+        bound = float(max(self.lb, self.cp_bound))
         unplaced = dict(p.unplaced)
         for a, missing in shortfall(p, assign).items():
             name = p.adapters[a].name
@@ -259,7 +259,7 @@ class _Solve:
             timings={k: round(v, 4) for k, v in self.timings.items()},
             unplaced=unplaced,
             kept_current=kept,
-            relaxation_bound=self.lb,
+            relaxation_bound=float(self.lb),
             solver_status=self.solver_status,
             replicas={a.name: int(p.replicas[i]) for i, a in enumerate(p.adapters)},
         )
