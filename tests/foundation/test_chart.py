@@ -1,0 +1,126 @@
+"""charts/lorafleet: CRDs byte-identical to crds/, lint, template variants, and a real install/uninstall."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lorafleet.controlplane import ApiError, ControlPlane, binaries
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "lorafleet"
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(binaries().helm), *args], capture_output=True, text=True, check=check)
+
+
+def template(*sets: str) -> list[dict[str, Any]]:
+    argv = ["template", "lf", str(CHART), "-n", "lorafleet-helm"]
+    for s in sets:
+        argv += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*argv).stdout) if d]
+
+
+def test_chart_crds_are_byte_identical_copies() -> None:
+    source = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml") if p.name != "kustomization.yaml"}
+    copies = {p.name: p.read_bytes() for p in (CHART / "crds").iterdir()}
+    assert len(source) == 5
+    assert copies == source, "run: cp crds/*_*.yaml charts/lorafleet/crds/"
+
+
+def test_lint_strict_and_schema_rejects_bad_values() -> None:
+    result = helm("lint", "--strict", str(CHART))
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    bad = helm("lint", "--strict", str(CHART), "--set", "replicaCount=many", check=False)
+    assert bad.returncode != 0 and "replicaCount" in bad.stdout + bad.stderr
+    typo = helm("template", "x", str(CHART), "--set", "metrics.prot=9", check=False)
+    assert typo.returncode != 0 and "prot" in typo.stderr
+
+
+def test_template_defaults_and_rbac_matches_the_manifests() -> None:
+    docs = template()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ClusterKopfPeering"]
+    )
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    manifest_role = yaml.safe_load((REPO / "manifests" / "clusterrole.yaml").read_text())
+    assert role["rules"] == manifest_role["rules"]
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "ghcr.io/lorafleet/lorafleet-operator:0.1.0"
+    assert container["args"] == [
+        "operator",
+        "--all-namespaces",
+        "--peering=lorafleet",
+        "--metrics-port=8080",
+        "--liveness-port=8081",
+    ]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert deploy["metadata"]["namespace"] == "lorafleet-helm"
+
+
+def test_template_options() -> None:
+    docs = template(
+        "peering.enabled=false",
+        "watchNamespaces={team-a,team-b}",
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true",
+    )
+    kinds = {d["kind"] for d in docs}
+    assert {"ServiceMonitor", "PodMonitor"} <= kinds and "ClusterKopfPeering" not in kinds
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:4] == ["operator", "--namespace=team-a", "--namespace=team-b", "--standalone"]
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+@pytest.mark.cluster
+def test_install_creates_objects_and_uninstall_removes_them(crds_installed: ControlPlane) -> None:
+    cp = crds_installed
+    release, ns = "lf", "lorafleet-helm"
+    cp.helm(
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        ns,
+        "--create-namespace",
+        "--set",
+        "peering.name=lorafleet-helm",
+        "--wait",
+        "--timeout",
+        "120s",
+    )
+    objects = {
+        "deployment": f"/apis/apps/v1/namespaces/{ns}/deployments/lf-lorafleet-operator",
+        "serviceaccount": f"/api/v1/namespaces/{ns}/serviceaccounts/lf-lorafleet",
+        "service": f"/api/v1/namespaces/{ns}/services/lf-lorafleet-operator-metrics",
+        "clusterrole": "/apis/rbac.authorization.k8s.io/v1/clusterroles/lf-lorafleet-operator",
+        "clusterrolebinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/lf-lorafleet-operator",
+        "peering": "/apis/kopf.dev/v1/clusterkopfpeerings/lorafleet-helm",
+    }
+    try:
+        for name, path in objects.items():
+            got = cp.request("GET", path)
+            assert got["metadata"]["labels"]["app.kubernetes.io/instance"] == release, name
+        deploy = cp.request("GET", objects["deployment"])
+        assert deploy["status"]["readyReplicas"] == 1  # --wait saw the KWOK pod Ready
+        status = json.loads(cp.helm("status", release, "-n", ns, "-o", "json").stdout)
+        assert status["info"]["status"] == "deployed"
+    finally:
+        cp.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "60s")
+    for name, path in objects.items():
+        with pytest.raises(ApiError) as err:
+            cp.request("GET", path)
+        assert err.value.status == 404, name
+    # Helm never deletes CRDs it installed from crds/ (so no custom resource is lost with a release).
+    cp.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/basemodels.lorafleet.io")
+    cp.kubectl("delete", "namespace", ns, "--wait=false")

@@ -1,0 +1,164 @@
+"""manifests/: the kustomize base renders, passes a server-side dry run, really deploys onto the KWOK cluster
+(Pod Security `restricted` admits the operator pod), and its ClusterRole grants exactly the least privilege."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lorafleet.controlplane import ControlPlane, binaries
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+SA = "system:serviceaccount:lorafleet-system:lorafleet-operator"
+
+
+def rendered() -> list[dict[str, Any]]:
+    import subprocess
+
+    out = subprocess.run(
+        [str(binaries().kubectl), "kustomize", str(MANIFESTS)], capture_output=True, text=True, check=True
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_base_renders_every_part() -> None:
+    docs = rendered()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["CustomResourceDefinition"] * 5
+        + ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"]
+    )
+    for doc in docs:
+        if doc["kind"] not in ("CustomResourceDefinition", "Namespace", "ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"] == "lorafleet-system", doc["kind"]
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "lorafleet-operator", "namespace": "lorafleet-system"}
+    ]
+
+
+def test_operator_deployment_is_hardened() -> None:
+    (deploy,) = by_kind(rendered(), "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["serviceAccountName"] == "lorafleet-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert set(container["resources"]) == {"requests", "limits"}
+    assert container["args"][:3] == ["operator", "--all-namespaces", "--peering=lorafleet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert (
+        f"--metrics-port={ports['metrics']}" in container["args"]
+        and f"--liveness-port={ports['health']}" in container["args"]
+    )
+    (svc,) = by_kind(rendered(), "Service")
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert svc["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+
+
+def test_cluster_role_is_least_privilege() -> None:
+    (role,) = by_kind(rendered(), "ClusterRole")
+    grants = {
+        (g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert not any("*" in (g, r) or "*" in verbs for (g, r), verbs in grants.items())
+    assert grants[("", "secrets")] == {"create", "get", "update", "patch"}  # never list/watch every secret
+    assert grants[("", "pods")] == {"get", "list", "watch"}
+    assert grants[("lorafleet.io", "loraadapters/status")] == {"get", "patch", "update"}
+    assert grants[("lorafleet.io", "basemodels/finalizers")] == {"update"}
+    assert grants[("kopf.dev", "clusterkopfpeerings")] >= {"get", "list", "watch", "patch"}
+    assert grants[("apiextensions.k8s.io", "customresourcedefinitions")] == {"get", "list", "watch"}
+    for resource in ("deployments", "services", "endpointslices", "poddisruptionbudgets"):
+        assert any(r == resource and {"create", "delete"} <= v for (_, r), v in grants.items())
+    assert not any(
+        r in ("clusterroles", "roles", "rolebindings", "nodes", "configmaps", "serviceaccounts") for _, r in grants
+    )
+
+
+@pytest.mark.cluster
+def test_server_side_dry_run(crds_installed: ControlPlane) -> None:
+    # A dry run creates nothing, so the namespace its namespaced objects go to must exist already.
+    crds_installed.kubectl("create", "namespace", "lorafleet-system", check=False)
+    result = crds_installed.kubectl("apply", "-k", str(MANIFESTS), "--dry-run=server")
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 11 and all(line.endswith("(server dry run)") for line in lines), result.stdout
+    with pytest.raises(Exception):  # noqa: B017 - a dry run must not have created anything
+        crds_installed.request("GET", "/apis/apps/v1/namespaces/lorafleet-system/deployments/lorafleet-operator")
+
+
+@pytest.mark.cluster
+def test_real_apply_runs_the_operator_pod_and_rbac_holds(crds_installed: ControlPlane) -> None:
+    cp = crds_installed
+    cp.kubectl("apply", "-k", str(MANIFESTS))
+    try:
+        cp.kubectl("apply", "-k", str(MANIFESTS / "peering"))
+        # KWOK runs the pod: Pod Security "restricted" (enforced on the namespace) admitted it and it became Ready.
+        cp.kubectl("rollout", "status", "-n", "lorafleet-system", "deployment/lorafleet-operator", "--timeout=90s")
+        pods = json.loads(cp.kubectl("get", "pods", "-n", "lorafleet-system", "-o", "json").stdout)["items"]
+        assert (
+            len(pods) == 1
+            and pods[0]["status"]["phase"] == "Running"
+            and pods[0]["spec"]["nodeName"].startswith("kwok-gpu-")
+        )
+        peering = cp.request("GET", "/apis/kopf.dev/v1/clusterkopfpeerings/lorafleet")
+        assert peering["metadata"]["name"] == "lorafleet"
+
+        def can(verb: str, resource: str, *extra: str) -> bool:
+            out = cp.kubectl("auth", "can-i", verb, resource, f"--as={SA}", *extra, check=False).stdout.strip()
+            return out == "yes"
+
+        allowed = [
+            ("get", "secrets", "-n", "default"),
+            ("create", "secrets", "-n", "team-a"),
+            ("create", "deployments.apps", "-n", "team-a"),
+            ("delete", "endpointslices.discovery.k8s.io", "-n", "team-a"),
+            ("patch", "loraadapters.lorafleet.io", "--subresource=status", "-n", "team-a"),
+            ("watch", "basemodels.lorafleet.io", "-A"),
+            ("patch", "clusterkopfpeerings.kopf.dev"),
+            ("create", "events", "-n", "team-a"),
+            ("list", "pods", "-A"),
+        ]
+        denied = [
+            ("list", "secrets", "-A"),
+            ("watch", "secrets", "-n", "default"),
+            ("delete", "pods", "-n", "team-a"),
+            ("create", "pods", "-n", "team-a"),
+            ("create", "clusterroles.rbac.authorization.k8s.io"),
+            ("patch", "nodes"),
+            ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+            ("delete", "basemodels.lorafleet.io", "-n", "team-a"),
+        ]
+        assert [a for a in allowed if not can(*a)] == []
+        assert [d for d in denied if can(*d)] == []
+    finally:
+        cp.kubectl("delete", "-k", str(MANIFESTS / "peering"), "--wait=false", check=False)
+        cp.kubectl(
+            "delete",
+            "-k",
+            str(MANIFESTS),
+            "-l",
+            "app.kubernetes.io/name=lorafleet-operator",
+            "--wait=false",
+            check=False,
+        )
+        cp.kubectl("delete", "namespace", "lorafleet-system", "--wait=false", check=False)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if "lorafleet-operator" not in cp.kubectl("get", "clusterrole", "-o", "name").stdout:
+            break
+        time.sleep(0.5)
+    assert "lorafleet-operator" not in cp.kubectl("get", "clusterrole", "-o", "name").stdout
