@@ -22,6 +22,14 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def flush(self) -> None:
+        """At the end of a request, emit text held back for an incomplete character (as U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix):
+            self.text += full[len(prefix) :]
+        self.prefix_offset = self.read_offset = len(self.ids)
+
     def append(self, token_id: int) -> bool:
         """Adds a token; returns True if a stop string now appears (text is cut before it)."""
         self.ids.append(token_id)

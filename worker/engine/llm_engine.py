@@ -201,13 +201,16 @@ class LLMEngine:
             seq.first_token_time = time.monotonic()
         p = seq.params
         reason = None
+        stop_string = False
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            reason = "stop"
+            reason = "stop"  # the stop token itself is not part of the text
         elif seq.detokenizer is not None and seq.detokenizer.append(token):
-            reason = "stop"
+            reason, stop_string = "stop", True
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
+            if seq.detokenizer is not None and not stop_string:
+                seq.detokenizer.flush()
             self.scheduler.finish(seq, reason)
             self._requests.pop(seq.request_id, None)
         return self._output(seq, [token])

@@ -1,0 +1,155 @@
+"""LLMEngine API: sampling (seeded, top-k/top-p), stop strings / stop ids, validation errors, abort, hooks, stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lorafleet.worker.engine.sampler import Sampler
+from lorafleet.worker.engine.sequence import SamplingParams
+from lorafleet.worker.lora.adapter import UnknownAdapterError
+
+PROMPT = [12, 40, 77, 301, 5, 64, 200]
+
+
+def _run(eng):
+    final = {}
+    while eng.has_unfinished_requests():
+        final.update({o.request_id: o for o in eng.step() if o.finished})
+    return final
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(make_engine):
+    eng = make_engine()
+    p = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=15, ignore_eos=True)
+    alone = eng.generate([PROMPT], p)[0].output_token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=15, ignore_eos=True)
+    for i in range(5):
+        eng.add_request(f"noise{i}", [9 + i, 8, 7, 6], others)
+    eng.add_request("seeded", PROMPT, p)
+    eng.add_request(
+        "seeded2", PROMPT, SamplingParams(temperature=0.9, top_p=0.95, seed=99, max_tokens=15, ignore_eos=True)
+    )
+    final = _run(eng)
+    assert final["seeded"].output_token_ids == alone
+    assert final["seeded2"].output_token_ids != alone
+    greedy = eng.generate([PROMPT], SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))[0]
+    topk1 = eng.generate([PROMPT], SamplingParams(temperature=1.5, top_k=1, max_tokens=15, ignore_eos=True))[0]
+    tiny_p = eng.generate([PROMPT], SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=15, ignore_eos=True))[0]
+    assert topk1.output_token_ids == greedy.output_token_ids == tiny_p.output_token_ids
+
+
+def test_sampler_distribution_respects_temperature_top_k_top_p():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    s = Sampler(torch.device("cpu"), seed=0)
+    n = 4000
+    draws = s(logits.repeat(n, 1), [SamplingParams(temperature=1.0)] * n, [None] * n)
+    freq = torch.bincount(torch.tensor(draws), minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
+    k2 = s(logits.repeat(n, 1), [SamplingParams(top_k=2)] * n, [None] * n)
+    assert set(k2) == {0, 1} and abs(k2.count(0) / n - 0.625) < 0.03
+    p = s(logits.repeat(n, 1), [SamplingParams(top_p=0.7)] * n, [None] * n)  # keeps 0.5 + 0.3
+    assert set(p) == {0, 1}
+    hot = s(logits.repeat(n, 1), [SamplingParams(temperature=100.0)] * n, [None] * n)
+    assert min(torch.bincount(torch.tensor(hot), minlength=4).tolist()) > n * 0.2  # ~uniform
+
+
+def test_stop_strings_stop_ids_and_incremental_text(make_engine):
+    eng = make_engine()
+    base = eng.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    full = eng.tokenizer.decode(base.output_token_ids, skip_special_tokens=True)
+    assert base.text == full  # incremental detokenization == one-shot decode
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), full
+    out = eng.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == full[: full.index(stop)]
+    stop_id = base.output_token_ids[4]
+    out = eng.generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id], ignore_eos=True)
+    )[0]
+    k = base.output_token_ids.index(stop_id)
+    assert out.finish_reason == "stop" and out.output_token_ids == base.output_token_ids[: k + 1]
+    out = eng.generate([PROMPT], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and out.output_token_ids == base.output_token_ids[:3]
+
+
+def test_eos_finishes_unless_ignored(make_engine):
+    eng = make_engine()
+    base = eng.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    eng.eos_token_ids = {base.output_token_ids[2]}
+    out = eng.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20))[0]
+    assert out.finish_reason == "stop" and len(out.output_token_ids) <= 3
+
+
+def test_request_validation(make_engine):
+    eng = make_engine(max_model_len=32)
+    bad = [
+        SamplingParams(temperature=-1),
+        SamplingParams(top_p=0),
+        SamplingParams(top_k=0),
+        SamplingParams(max_tokens=0),
+        SamplingParams(stop=[""]),
+    ]
+    for p in bad:
+        with pytest.raises(ValueError):
+            eng.add_request("x", PROMPT, p)
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request("x", list(range(1, 40)), SamplingParams())
+    with pytest.raises(ValueError):
+        eng.add_request("x", [], SamplingParams())
+    with pytest.raises(ValueError):
+        eng.add_request("x", [10**6], SamplingParams())
+    with pytest.raises(UnknownAdapterError) as exc:
+        eng.add_request("x", PROMPT, SamplingParams(), "nope")
+    assert isinstance(exc.value, KeyError) and "nope" in str(exc.value)
+    eng.add_request("dup", PROMPT, SamplingParams())
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request("dup", PROMPT, SamplingParams())
+    assert eng.stats().num_waiting == 1
+    # a request reaching max_model_len stops with "length"
+    out = _run(eng)["dup"]
+    assert out.finish_reason == "length"
+    long = eng.generate([list(range(1, 30))], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert long.finish_reason == "length" and 29 + len(long.output_token_ids) == 32
+
+
+def test_abort_frees_blocks_immediately_and_reports(make_engine):
+    eng = make_engine()
+    eng.add_request("a", PROMPT * 3, SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.add_request("b", PROMPT, SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    eng.step()
+    used = eng.stats().kv_blocks_used
+    assert used > 0
+    eng.abort_request("a")
+    assert eng.stats().kv_blocks_used < used and eng.stats().num_running == 1
+    eng.abort_request("a")  # idempotent
+    eng.abort_request("unknown")  # no error
+    outs = eng.step()
+    ab = [o for o in outs if o.request_id == "a"]
+    assert len(ab) == 1 and ab[0].finished and ab[0].finish_reason == "abort"
+    eng.abort_request("b")
+    eng.step()
+    assert eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests()
+
+
+def test_iteration_hooks_and_stats(make_engine, adapters):
+    eng = make_engine(max_num_batched_tokens=32, max_loras=2)
+    eng.load_adapter("ad_r4", str(adapters["ad_r4"]))
+    seen = []
+    eng.iteration_hooks.append(seen.append)
+    eng.add_request("a", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True), "ad_r4")
+    eng.add_request("b", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))
+    st = eng.stats()
+    assert st.num_waiting == 2 and st.waiting_by_adapter == {"ad_r4": 1} and st.max_loras == 2
+    eng.step()
+    st = eng.stats()
+    assert st.num_running == 2 and st.running_by_adapter == {"ad_r4": 1} and st.iteration_tokens == 14
+    assert seen[0].num_scheduled_tokens == 14 and seen[0].leftover_tokens == 32 - 14 and seen[0].num_seqs == 2
+    assert st.kv_blocks_used == 4 and st.kv_usage == pytest.approx(4 / st.kv_blocks_total)
+    assert st.adapters["gpu"] == 1 and st.adapters["slots_pinned"] == 1
+    _run(eng)
+    assert [i.leftover_tokens for i in seen[1:]] == [30, 30]
+    assert seen[1].num_decode_tokens == 2 and seen[0].num_prefill_tokens == 14
+    eng.step()  # idle step still reports the whole budget as leftover (training can use it)
+    assert seen[-1].leftover_tokens == 32 and seen[-1].num_seqs == 0
