@@ -207,11 +207,12 @@ class _Solve:
         if sol is None:
             return self._fallback(hint, repaired)
         # Reaching the relaxation bound and the excess floor proves optimality even when the search was cut short.
-        at_bounds = pm.int_max_load(sol) <= lb_int and anti_affinity_excess_model(pm, sol) <= pm.excess_floor
+        at_bounds = pm.int_max_load(sol) <= lb_int and pm.excess_of(sol) <= pm.excess_floor
         optimal = optimal and (self.solver_status == "OPTIMAL" or at_bounds)
         if not pm.excess:
             self.cp_bound = s.best_objective_bound / p.scale
-        if repaired is not None and self._keep(repaired, _score(p, sol), _score(p, sol)[2]):
+        best = _score(p, sol)
+        if repaired is not None and self._keep(repaired, best, best[2]):
             return self._result(repaired, _status(optimal), kept=True)
         # Phase 2: at no worse anti-affinity and a max load within the migration slack of phase 1's, the fewest bytes
         # moved, then the most even spread below the max.
@@ -219,7 +220,7 @@ class _Solve:
         slack = _MIGRATION_SLACK * params.hysteresis if migrate else 0.0
         pm.model.add(pm.max_load <= max(m1, int(m1 * (1 + slack))))
         if pm.excess:
-            pm.model.add(excess <= anti_affinity_excess_model(pm, sol))
+            pm.model.add(excess <= pm.excess_of(sol))
         spread = pm.spread_expr()
         pm.model.minimize(pm.moved_expr(p) * (pm.target_total + 1) + spread if migrate else spread)
         pm.hint(sol)
@@ -236,7 +237,8 @@ class _Solve:
         loads = worker_loads(p, assign)
         top = float(loads.max(initial=0.0))
         mean = float(loads.mean()) if loads.size else 0.0
-        bound = float(max(self.lb, self.cp_bound))
+        # CP-SAT's bound is on integer-rounded loads: never let rounding put it above the float objective.
+        bound = min(top, float(max(self.lb, self.cp_bound)))
         unplaced = dict(p.unplaced)
         for a, missing in shortfall(p, assign).items():
             name = p.adapters[a].name
@@ -245,6 +247,8 @@ class _Solve:
             unplaced[name] = f"{unplaced[name]}; {reason}" if name in unplaced else reason
         if unplaced:
             status = PlacementStatus.INFEASIBLE_PARTIAL
+        elif kept and status is PlacementStatus.OPTIMAL and top > bound * (1 + 1e-9):
+            status = PlacementStatus.FEASIBLE  # kept for stability, not proven optimal
         names = [w.name for w in p.workers]
         return PlacementResult(
             assignment={a.name: [names[w] for w in assign[i]] for i, a in enumerate(p.adapters)},
@@ -263,13 +267,6 @@ class _Solve:
             solver_status=self.solver_status,
             replicas={a.name: int(p.replicas[i]) for i, a in enumerate(p.adapters)},
         )
-
-
-def anti_affinity_excess_model(pm: PlacementModel, assign: Assignment) -> int:
-    """The model's excess-variable total for an assignment (counts only candidate node groups, like the model)."""
-    held = {(a, w) for a, ws in enumerate(assign) for w in ws}
-    on = [(int(a), int(w)) in held for a, w in zip(pm.var_adapter, pm.var_worker, strict=True)]
-    return sum(max(0, sum(on[i] for i in group) - 1) for group in pm.excess_groups)
 
 
 class _StopAt(cp_model.CpSolverSolutionCallback):

@@ -68,7 +68,13 @@ class PlacementParams:
 
 
 class PlacementStatus(enum.StrEnum):
-    """How the answer was found. INFEASIBLE_PARTIAL wins whenever some replica could not be placed."""
+    """How good the answer is known to be.
+
+    OPTIMAL: the max load is proven optimal (CP-SAT proved it within the candidate model, or it equals the relaxation
+    bound). FEASIBLE: valid, not proven optimal (time limit, early stop, or the current placement kept by hysteresis).
+    GREEDY_FALLBACK: CP-SAT had no time or found nothing; the greedy (or kept current) placement is returned.
+    INFEASIBLE_PARTIAL wins over all of them whenever some wanted replica could not be placed (see `unplaced`).
+    """
 
     OPTIMAL = "OPTIMAL"
     FEASIBLE = "FEASIBLE"
