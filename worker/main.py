@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from pathlib import Path
 
 log = logging.getLogger("lorafleet.worker")
@@ -133,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet.worker.logging import setup_logging
 
     setup_logging(json_lines=args.log_json, level=args.log_level)
+    import prometheus_client
     import uvicorn
 
+    prometheus_client.disable_created_metrics()  # no `*_created` series, as vLLM: half the page, no information
     app, runner = build_worker(args)
     log.info(
         "worker starting",
@@ -145,8 +148,24 @@ def main(argv: list[str] | None = None) -> int:
             "admin_auth": bool(app.state.settings.admin_token),
         },
     )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal to the handler that was there
+    # before it; with this one in place the re-raise lands here, so the engine thread is stopped and we exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stop)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=True)
+    except _Stop:
+        pass
     finally:
         runner.stop()
-    return 0 if runner.error in (None, "engine stopped") else 1
+    failed = runner.error not in (None, "engine stopped")
+    log.info("worker stopped", extra={"error": runner.error if failed else None})
+    return 1 if failed else 0
+
+
+class _Stop(Exception):
+    """Raised by the signal handler after uvicorn's graceful shutdown."""
+
+
+def _raise_stop(signum, _frame) -> None:
+    raise _Stop(signum)

@@ -1,0 +1,99 @@
+"""`lorafleet worker` as a user runs it: a subprocess with flags, a token file, a preloaded adapter and JSON logs;
+it becomes ready, serves base and adapter, guards admin endpoints, and exits 0 on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+from lorafleet.worker.api.testing import wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lorafleet_worker_cli(tiny_model, adapter_root, adapters, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-token\n")
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorafleet.cli",
+        "worker",
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--adapter-root",
+        str(adapter_root),
+        "--lora-modules",
+        f"ad_r4={adapters['ad_r4']}",
+        "--admin-token-file",
+        str(token_file),
+        "--max-loras",
+        "2",
+        "--max-lora-rank",
+        "16",
+        "--num-kv-blocks",
+        "128",
+        "--max-num-seqs",
+        "8",
+        "--log-json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFLEET_ADMIN_TOKEN": "ignored-because-file-wins"}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(ready, timeout=120, interval=0.2), log_path.read_text()[-3000:]
+        with httpx.Client(base_url=url, timeout=30) as c:
+            models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+            assert models["ad_r4"]["parent"] == "tiny" and models["tiny"]["root"] == str(tiny_model)
+            for model in ("tiny", "ad_r4"):
+                r = c.post("/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 3})
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+            assert c.get("/v1/adapters").status_code == 401
+            assert (
+                c.get("/v1/adapters", headers={"Authorization": "Bearer ignored-because-file-wins"}).status_code == 403
+            )
+            listing = c.get("/v1/adapters", headers={"Authorization": "Bearer cli-token"})
+            assert listing.status_code == 200 and listing.json()["max_loras"] == 2
+            assert [a["name"] for a in listing.json()["data"]] == ["ad_r4"]
+            assert "lorafleet_adapter_requests_total" in c.get("/metrics").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait(5)
+    assert rc == 0, log_path.read_text()[-3000:]
+    lines = [line for line in log_path.read_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    start = [r for r in records if r["msg"] == "worker starting"]
+    assert start and start[0]["port"] == port and start[0]["admin_auth"] is True
+    assert any(r["msg"] == "adapter loaded" and r.get("adapter") == "ad_r4" for r in records)
+    assert any(r["logger"].startswith("uvicorn") for r in records)  # access/server lines share the JSON format
