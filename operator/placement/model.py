@@ -36,6 +36,7 @@ class PlacementModel:
     target_total: int  # integer load of the fleet when every target replica is placed
     excess_floor: int  # anti-affinity excess no assignment in this model can avoid (replicas beyond candidate nodes)
     ub_int: int
+    lb_int: int
 
     def assignment(self, solution: np.ndarray, num_adapters: int) -> Assignment:
         """Worker lists per adapter from a CP-SAT solution vector (response.solution)."""
@@ -68,7 +69,8 @@ class PlacementModel:
         h = self.model.proto.solution_hint
         h.vars.extend(self.var_index.tolist())
         h.values.extend(values.tolist())
-        self.model.add_hint(self.max_load, self.int_max_load(assign))
+        # Rounded shares can put a placement's integer max a few units under floor(bound * scale): clamp into M's domain.
+        self.model.add_hint(self.max_load, min(self.ub_int, max(self.lb_int, self.int_max_load(assign))))
         for e, group in zip(self.excess, self.excess_groups, strict=True):
             self.model.add_hint(e, max(0, int(values[group].sum()) - 1))
 
@@ -200,4 +202,5 @@ def build_model(
         target_total=int(int_base.sum() + (int_share * problem.replicas).sum()),
         excess_floor=excess_floor,
         ub_int=ub_int,
+        lb_int=lb_int,
     )

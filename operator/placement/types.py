@@ -57,7 +57,9 @@ class PlacementParams:
     hysteresis: float = 0.05
     # Auto replicas: ceil(rate / per_replica_target_rate); 0 disables auto scaling (min_replicas is used).
     per_replica_target_rate: float = 0.0
-    # Weight of moved bytes against the anti-affinity penalty in the second (migration) phase; see solver.py.
+    # Moved bytes are minimised lexicographically after balance (solver.py, phase 2) when > 0; 0 treats moves as free
+    # (phase 2 then only evens out loads). A weighted mix was rejected: its exchange rate between bytes and load would
+    # need tuning per fleet, while "best balance, then fewest bytes, within half the hysteresis band" needs none.
     migration_weight: float = 1.0
     anti_affinity: bool = True
     seed: int = 0
