@@ -107,6 +107,7 @@ class _Tracked:
     extra: dict[str, Any]
     first_token_at: float | None = None
     last_token_at: float | None = None
+    last_output: Any = None
 
 
 class RequestStream:
@@ -360,12 +361,15 @@ class AsyncEngineRunner:
         fut.set_result(None)
 
     def _do_abort(self, request_id: str) -> None:
-        if self._tracked.pop(request_id, None) is None:
+        t = self._tracked.pop(request_id, None)
+        if t is None:
             return
         try:
             self._engine.abort_request(request_id)
         except KeyError:
             pass
+        # Hooks see aborted requests too (finish_reason "abort"), e.g. to drop activations stashed for them.
+        self._run_finish_hooks(t, t.last_output, time.monotonic(), reason="abort")
 
     def _dispatch(self, outputs: list[Any]) -> None:
         now = time.monotonic()
@@ -384,6 +388,7 @@ class AsyncEngineRunner:
                 elif m is not None:
                     m.on_tokens(t.lora_name, n, now - (t.last_token_at or now))
                 t.last_token_at = now
+            t.last_output = out
             if out.finished:
                 # Metrics and hooks first: a client that got its response may scrape or send feedback at once.
                 self._tracked.pop(out.request_id, None)
@@ -395,7 +400,7 @@ class AsyncEngineRunner:
             except RuntimeError:  # the handler's loop is closed: nobody is listening
                 self._do_abort(out.request_id)
 
-    def _run_finish_hooks(self, t: _Tracked, out: Any, now: float) -> None:
+    def _run_finish_hooks(self, t: _Tracked, out: Any, now: float, reason: str | None = None) -> None:
         if not self.finish_hooks:
             return
         record = FinishedRequest(
@@ -403,9 +408,9 @@ class AsyncEngineRunner:
             lora_name=t.lora_name,
             lora_version=getattr(out, "lora_version", None),
             prompt_token_ids=t.prompt_token_ids,
-            output_token_ids=list(out.output_token_ids),
-            text=out.text,
-            finish_reason=out.finish_reason,
+            output_token_ids=list(out.output_token_ids) if out is not None else [],
+            text=out.text if out is not None else "",
+            finish_reason=reason or (out.finish_reason if out is not None else None),
             arrival_time=t.arrival,
             finish_time=now,
             extra=t.extra,

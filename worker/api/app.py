@@ -48,6 +48,9 @@ def create_app(runner: AsyncEngineRunner, settings: ApiSettings, *, gpu_metrics:
     training = _training_router()
     if training is not None:
         app.include_router(training)
+        from lorafleet.worker.api.training import attach  # starts the request log + training service now
+
+        attach(app)
         log.info("continual-learning routes enabled")
     validation_handler, http_handler = make_handlers(own_paths)
     app.add_exception_handler(APIError, api_error_handler)

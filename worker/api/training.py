@@ -1,0 +1,190 @@
+"""Continual-learning HTTP routes (`docs/training-api.md`): feedback, training jobs.
+
+Why the thread pool: a feedback 2xx promises durability, so the handler fsyncs before answering; that disk wait
+(and every blocking wait on the engine thread) runs in Starlette's thread pool, off the event loop. Job creation/deletion run in the engine
+thread between iterations (`runner.call_threadsafe`), which is what makes version switches and job stops atomic
+with respect to serving.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from lorafleet.worker.api.errors import APIError
+from lorafleet.worker.training.feedback import FeedbackSample
+from lorafleet.worker.training.service import JobConflict, TrainingService
+from lorafleet.worker.training.spec import FeedbackRequest, JobRequest
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+router = APIRouter()
+MAX_FEEDBACK_BODY = 256 << 10
+MAX_FEEDBACK_TOKENS = 4096
+_attach_lock = threading.Lock()
+
+
+def attach(app, data_dir=None) -> TrainingService:
+    """Creates the app's training service (idempotent); call at app creation so the request log sees all traffic."""
+    with _attach_lock:
+        svc = getattr(app.state, "training", None)
+        if svc is None:
+            metrics = getattr(app.state, "metrics", None)
+            svc = TrainingService(app.state.runner, getattr(metrics, "registry", None), data_dir)
+            app.state.training = svc
+        return svc
+
+
+def _service(request: Request) -> TrainingService:
+    svc = attach(request.app)
+    if not svc.wait_ready(60):
+        raise APIError(503, f"training is not available: {svc.setup_error or 'engine still loading'}")
+    return svc
+
+
+def _validation_error(exc: ValidationError) -> APIError:
+    errs = exc.errors()
+    first = errs[0] if errs else {"msg": "invalid body", "loc": ()}
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    msg = first.get("msg", "invalid body")
+    # model-level shape rules (kind/field combinations) are 400; field schema violations are 422
+    status = 400 if not first.get("loc") else 422
+    return APIError(status, f"{loc + ': ' if loc else ''}{msg}", param=loc or None)
+
+
+def _body(raw: bytes, limit: int | None = None) -> dict:
+    if limit is not None and len(raw) > limit:
+        raise APIError(413, f"body is larger than {limit} bytes")
+    try:
+        data = json.loads(raw or b"null")
+    except ValueError as exc:
+        raise APIError(400, f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "body must be a JSON object")
+    return data
+
+
+def _tokenize(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+@router.post("/v1/feedback", status_code=202)
+async def post_feedback(request: Request) -> JSONResponse:
+    svc = await run_in_threadpool(_service, request)
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > MAX_FEEDBACK_BODY:
+        svc.metrics.feedback.labels("", "rejected").inc()
+        raise APIError(413, f"body is larger than {MAX_FEEDBACK_BODY} bytes")
+    raw = await request.body()
+    data: dict = {}
+    try:
+        data = _body(raw, MAX_FEEDBACK_BODY)
+        try:
+            fb = FeedbackRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        sample = _resolve(svc, fb)
+    except APIError:
+        svc.metrics.feedback.labels(str(data.get("adapter", ""))[:64], "rejected").inc()
+        raise
+    stored = await run_in_threadpool(svc.add_feedback, sample)  # written + fsynced before we answer
+    return JSONResponse(
+        {"feedbackId": stored.feedback_id, "adapter": stored.adapter, "trainable": stored.trainable, "seq": stored.seq},
+        status_code=202,
+    )
+
+
+def _resolve(svc: TrainingService, fb: FeedbackRequest) -> FeedbackSample:
+    tok = svc.runner.engine.tokenizer
+    eos = getattr(tok, "eos_token_id", None)
+    if fb.kind == "pair":
+        if fb.messages is not None:
+            try:
+                text = tok.apply_chat_template(fb.messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - template errors are the client's
+                raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+            prompt_ids = _tokenize(tok, text)
+        else:
+            prompt_ids = _tokenize(tok, fb.prompt or "")
+        completion_ids = _tokenize(tok, fb.completion or "") + ([eos] if isinstance(eos, int) else [])
+        adapter, request_id, version, weight = fb.adapter or "", None, None, 1.0
+        if not prompt_ids:
+            raise APIError(400, "prompt is empty after tokenization", param="prompt")
+    else:
+        rec = svc.finished_request(fb.requestId or "")
+        if rec is None:
+            raise APIError(404, f"request {fb.requestId!r} was not served here or expired from the request log")
+        if rec.lora_name is None:
+            raise APIError(400, f"request {fb.requestId!r} was served by the base model, not an adapter")
+        if fb.adapter is not None and fb.adapter != rec.lora_name:
+            raise APIError(400, f"request {fb.requestId!r} was served by adapter {rec.lora_name!r}", param="adapter")
+        adapter, request_id, version = rec.lora_name, rec.request_id, rec.lora_version
+        prompt_ids = list(rec.prompt_token_ids)
+        completion_ids = list(rec.output_token_ids)
+        weight = 1.0
+        if fb.kind == "correction":
+            completion_ids = _tokenize(tok, fb.completion or "") + ([eos] if isinstance(eos, int) else [])
+        elif fb.kind == "reject":
+            weight = 0.0
+        elif fb.kind == "reward":
+            weight = max(0.0, float(fb.reward or 0.0))
+        if not completion_ids:
+            raise APIError(400, f"request {fb.requestId!r} has no completion to train on")
+    if len(prompt_ids) + len(completion_ids) > MAX_FEEDBACK_TOKENS:
+        raise APIError(413, f"feedback has {len(prompt_ids) + len(completion_ids)} tokens (max {MAX_FEEDBACK_TOKENS})")
+    return FeedbackSample(
+        adapter=adapter,
+        kind=fb.kind,
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        weight=weight,
+        request_id=request_id,
+        served_version=_version_number(version),
+    )
+
+
+def _version_number(v: str | None) -> int | None:
+    if v and v.startswith("v") and v[1:].isdigit():
+        return int(v[1:])
+    return None
+
+
+@router.post("/v1/training/jobs", status_code=201)
+async def post_job(request: Request) -> JSONResponse:
+    svc = await run_in_threadpool(_service, request)
+    data = _body(await request.body(), 1 << 20)
+    try:
+        req = JobRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    try:
+        job = await svc.runner.call(lambda _e: svc.create_job(req))
+    except JobConflict as exc:
+        raise APIError(409, str(exc)) from exc
+    except (ValueError, KeyError) as exc:
+        raise APIError(400, f"cannot start job: {exc}") from exc
+    return JSONResponse(job.status(), status_code=201)
+
+
+@router.get("/v1/training/jobs")
+def list_jobs(request: Request) -> dict:
+    return {"jobs": _service(request).list_status()}
+
+
+@router.get("/v1/training/jobs/{name}")
+def get_job(request: Request, name: str) -> dict:
+    st = _service(request).job_status(name)
+    if st is None:
+        raise APIError(404, f"training job {name!r} not found")
+    return st
+
+
+@router.delete("/v1/training/jobs/{name}")
+async def delete_job(request: Request, name: str) -> dict:
+    svc = await run_in_threadpool(_service, request)
+    st = await svc.runner.call(lambda _e: svc.delete_job(name))
+    if st is None:
+        raise APIError(404, f"training job {name!r} not found")
+    return st
