@@ -54,7 +54,7 @@ def test_template_defaults_and_rbac_matches_the_manifests() -> None:
     assert role["rules"] == manifest_role["rules"]
     (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == "ghcr.io/lorafleet/lorafleet-operator:0.1.0"
+    assert container["image"] == "ghcr.io/lorafleet/operator:0.1.0"
     assert container["args"] == [
         "operator",
         "--all-namespaces",
