@@ -501,7 +501,7 @@ class BaseModelFleet:
                 "observedGeneration": gen,
                 "phase": phase,
                 "placements": placements,
-                "requestRate": round(view.rate, 3),
+                "requestRate": round(view.rate, 1),  # coarse: EWMA jitter must not cause a write every scrape
                 "message": (fatal or degraded).message
                 if (fatal or degraded)
                 else f"{len(routed)}/{view.asked} replicas",

@@ -48,7 +48,12 @@ class Rebalancer:
             f"{len(found)} move(s)"
         )
         if found:
-            log.info("rebalance %s/%s: %d move(s)", self.fleet.ns, self.fleet.name, len(found))
+            log.info(
+                "rebalance %s/%s: %s",
+                self.fleet.ns,
+                self.fleet.name,
+                ", ".join(f"{a}: {s} -> {t}" for a, s, t in found),
+            )
             self.fleet.moves_pending.extend(found)
             self.fleet.wake()
         return found
@@ -104,8 +109,8 @@ def plan_moves(
                 priority=int((body.get("spec") or {}).get("priority") or 0),
             )
         )
-    if not models:
-        return None
+    if not models or sum(rates.values()) <= 1e-6:
+        return None  # nothing measured: there is no load to balance, and moving replicas would only cost
     result = solve(workers, models, current, PlacementParams(time_limit_s=1.0))
     new = {a: set(ws) for a, ws in result.assignment.items()}
     found: list[tuple[str, str, str]] = []
