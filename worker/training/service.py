@@ -1,0 +1,285 @@
+"""The worker's training service: feedback intake, the served-request log, jobs, and their engine hooks.
+
+Why one object per worker: it owns the durable feedback log and the jobs, and it is the only thing that installs
+hooks into the engine (iteration hook for co-serving, capture hook for the activation stash). All training runs in
+the engine thread: during traffic from the iteration hook (leftover budget, FlexLLM), when idle from a driver
+thread that asks the engine thread (`runner.call`) for a slice of the whole budget. Job specs are persisted next to
+the feedback log, so a restarted worker resumes its jobs and retrains nothing it already lost: every accepted
+feedback sample is in the log (written and fsynced before the 2xx).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore
+from lorafleet.worker.training.job import ContinualLearningJob
+from lorafleet.worker.training.metrics import TrainingMetrics
+from lorafleet.worker.training.recorder import PrefillRecorder
+from lorafleet.worker.training.replay import builtin_general_text, chunk_tokens
+from lorafleet.worker.training.spec import JobRequest
+
+log = logging.getLogger(__name__)
+
+
+class JobConflict(Exception):
+    pass
+
+
+class TrainingService:
+    def __init__(self, runner, registry=None, data_dir: str | Path | None = None, request_log_size: int = 50_000):
+        self.runner = runner
+        self.metrics = TrainingMetrics(registry)
+        self.jobs: dict[str, ContinualLearningJob] = {}
+        self._requests: OrderedDict[str, object] = OrderedDict()
+        self._request_log_size = request_log_size
+        self._lock = threading.RLock()
+        self._data_dir_arg = data_dir
+        self.data_dir: Path | None = None
+        self.versions_root: Path | None = None
+        self.feedback: FeedbackStore | None = None
+        self._replay_domains: dict[str, list[list[int]]] | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._work = threading.Event()
+        self.setup_error: str | None = None
+        runner.finish_hooks.append(self._on_finished)
+        self._thread = threading.Thread(target=self._main, name="lorafleet-training", daemon=True)
+        self._thread.start()
+
+    # ---- setup ----
+    def _main(self) -> None:
+        try:
+            while not self.runner.wait_ready(1.0):
+                if self._stop.is_set() or (self.runner.error is not None):
+                    return
+            self.runner.call_threadsafe(self._install).result()
+            self._resume_jobs()
+        except Exception as exc:  # noqa: BLE001 - training must never take serving down
+            log.exception("training service failed to start")
+            self.setup_error = repr(exc)
+            return
+        finally:
+            self._ready.set()
+        self._idle_driver()
+
+    def _install(self, engine) -> None:
+        cfg = engine.config
+        if self._data_dir_arg is not None:
+            data = Path(self._data_dir_arg)
+        elif os.environ.get("LORAFLEET_TRAINING_DIR"):
+            data = Path(os.environ["LORAFLEET_TRAINING_DIR"])
+        elif cfg.adapter_roots:
+            data = Path(cfg.adapter_roots[0]) / ".lorafleet-training"
+        else:
+            from lorafleet.worker.loader import CACHE_ROOT
+
+            data = CACHE_ROOT / "training" / Path(str(cfg.model)).name
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "jobs").mkdir(exist_ok=True)
+        if cfg.adapter_roots:
+            versions = Path(cfg.adapter_roots[0])
+        else:
+            versions = data / "adapters"
+            versions.mkdir(exist_ok=True)
+            engine.store.roots.append(versions.resolve())
+        self.data_dir, self.versions_root = data, versions
+        self.feedback = FeedbackStore(data / "feedback.jsonl")
+        self.feedback.subscribe(self._on_feedback)
+        tok = engine.tokenizer
+        self._replay_domains = {
+            d: chunk_tokens(tok(text, add_special_tokens=False)["input_ids"], 128)
+            for d, text in builtin_general_text().items()
+        }
+        self._engine = engine
+        engine.iteration_hooks.append(self._on_iteration)
+        engine.runner.capture_hook = PrefillRecorder(self._record_lookup, engine.model.shape.num_layers)
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        return self._ready.wait(timeout) and self.setup_error is None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._work.set()
+        self._thread.join(5)
+        if self.feedback is not None:
+            self.feedback.close()
+
+    # ---- served requests (engine thread) ----
+    def _on_finished(self, rec) -> None:
+        with self._lock:
+            self._requests[rec.request_id] = rec
+            while len(self._requests) > self._request_log_size:
+                self._requests.popitem(last=False)
+        if rec.lora_name is not None:
+            job = self._job_for(rec.lora_name)
+            if job is not None and job.stash is not None and rec.finish_reason == "abort":
+                job.stash.abort(rec.request_id)
+
+    def finished_request(self, request_id: str):
+        with self._lock:
+            return self._requests.get(request_id)
+
+    # ---- feedback (HTTP threads) ----
+    def add_feedback(self, sample: FeedbackSample) -> FeedbackSample:
+        assert self.feedback is not None
+        out = self.feedback.append(sample)
+        self.metrics.feedback.labels(sample.adapter, "accepted").inc()
+        return out
+
+    def _on_feedback(self, s: FeedbackSample) -> None:
+        job = self._job_for(s.adapter)
+        if job is not None:
+            job.offer(s)
+            self._work.set()
+
+    # ---- jobs ----
+    def _job_for(self, adapter: str) -> ContinualLearningJob | None:
+        with self._lock:
+            for j in self.jobs.values():
+                if j.spec.adapter == adapter and j.phase == "Running":
+                    return j
+        return None
+
+    def _record_lookup(self, adapter: str):
+        job = self._job_for(adapter)
+        if job is None or job.stash is None:
+            return None
+        return job.stash, job.version_step
+
+    def create_job(self, req: JobRequest, persist: bool = True) -> ContinualLearningJob:
+        """Must be called in the engine thread (it reads the adapter store and may publish v1)."""
+        spec = req.to_spec()
+        with self._lock:
+            if spec.name in self.jobs:
+                raise JobConflict(f"job {spec.name!r} exists")
+            if any(j.spec.adapter == spec.adapter for j in self.jobs.values()):
+                raise JobConflict(f"adapter {spec.adapter!r} already has a job")
+        assert self.versions_root is not None and self.feedback is not None and self._replay_domains is not None
+        job = ContinualLearningJob(spec, self._engine, self.versions_root, self._replay_domains, self.metrics)
+        for s in self.feedback.samples(spec.adapter, spec.since_seq):
+            job.offer(s)
+        with self._lock:
+            self.jobs[spec.name] = job
+        if persist:
+            assert self.data_dir is not None
+            p = self.data_dir / "jobs" / f"{spec.name}.json"
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(req.model_dump_json())
+            os.replace(tmp, p)
+        self._work.set()
+        return job
+
+    def delete_job(self, name: str) -> dict | None:
+        """Engine thread: stops the job between iterations; published versions stay."""
+        with self._lock:
+            job = self.jobs.pop(name, None)
+        if job is None:
+            return None
+        job.stop()
+        if self.data_dir is not None:
+            (self.data_dir / "jobs" / f"{name}.json").unlink(missing_ok=True)
+        return job.status()
+
+    def _resume_jobs(self) -> None:
+        assert self.data_dir is not None
+        for p in sorted((self.data_dir / "jobs").glob("*.json")):
+            try:
+                req = JobRequest.model_validate_json(p.read_text())
+                self.runner.call_threadsafe(lambda e, r=req: self.create_job(r, persist=False)).result()
+                log.info("resumed training job %s", req.name)
+            except Exception:  # noqa: BLE001 - a bad persisted spec must not block the others
+                log.exception("cannot resume job from %s", p)
+
+    # ---- co-serving (engine thread) ----
+    def _on_iteration(self, info) -> None:
+        jobs = [j for j in list(self.jobs.values()) if j.phase == "Running"]
+        if not jobs:
+            return
+        budget = self._engine.config.max_num_batched_tokens
+        inference = info.num_scheduled_tokens
+        decoding = info.num_seqs > 0
+        for job in jobs:
+            if job.spec.mode == "standalone":
+                plan = max(0, budget - inference)
+            else:
+                plan = job.scheduler.plan(budget, inference, decoding)
+            t0 = time.perf_counter()
+            used = self._safe_work(job, plan) if plan > 0 else 0.0
+            if used and self._engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            job.scheduler.observe(budget, inference, int(used), info.step_seconds + dt, decoding)
+            self.metrics.share.labels(job.spec.adapter).set(job.scheduler.share)
+            self.metrics.finetune_tokens.observe(used)
+            inference += int(used)
+
+    def _safe_work(self, job: ContinualLearningJob, budget: float) -> float:
+        """A failing job is marked Failed; it never raises into the engine loop (serving must go on)."""
+        try:
+            return job.work(budget)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("training job %s failed", job.spec.name)
+            job.phase = "Failed"
+            job.message = f"training failed: {exc!r}"
+            job.stop()
+            job.phase = "Failed"
+            return 0.0
+
+    def _idle_slice(self, engine) -> float:
+        if engine.has_unfinished_requests():
+            return -1.0  # traffic: the iteration hook does the work
+        used = 0.0
+        for job in [j for j in list(self.jobs.values()) if j.phase == "Running"]:
+            used += self._safe_work(job, engine.config.max_num_batched_tokens)
+            job.scheduler.share = min(1.0, job.scheduler.share + job.scheduler.cfg.additive_step)
+            self.metrics.finetune_tokens.observe(used)
+        return used
+
+    def _idle_driver(self) -> None:
+        while not self._stop.is_set():
+            if not any(j.phase == "Running" for j in list(self.jobs.values())):
+                self._work.wait(0.2)
+                self._work.clear()
+                continue
+            try:
+                used = self.runner.call_threadsafe(self._idle_slice).result()
+            except Exception:  # noqa: BLE001 - engine dead or stopping
+                if not self.runner.alive:
+                    return
+                log.exception("training slice failed")
+                used = 0.0
+            if used == 0.0:
+                self._work.wait(0.05)
+                self._work.clear()
+            elif used < 0:
+                time.sleep(0.002)
+
+    # ---- status ----
+    def job_status(self, name: str) -> dict | None:
+        with self._lock:
+            job = self.jobs.get(name)
+        return None if job is None else job.status()
+
+    def list_status(self) -> list[dict]:
+        with self._lock:
+            jobs = list(self.jobs.values())
+        return [j.status() for j in jobs]
+
+    def describe(self) -> dict:
+        return {
+            "dataDir": str(self.data_dir),
+            "versionsRoot": str(self.versions_root),
+            "feedback": len(self.feedback or []),
+        }
+
+
+def load_job_file(path: Path) -> JobRequest:
+    return JobRequest.model_validate(json.loads(Path(path).read_text()))

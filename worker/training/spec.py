@@ -1,0 +1,178 @@
+"""Wire schemas of the training API (camelCase, unknown fields rejected) and their conversion to `JobSpec`.
+
+Why strict: a typo in a job spec (`replayRaito`) must be a 422, not a silently ignored knob; the same models parse
+persisted job specs when a worker restarts, so what resumes is exactly what was accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from lorafleet.worker.training.feedback import TRAINABLE_KINDS
+from lorafleet.worker.training.job import JobSpec
+from lorafleet.worker.training.trainer import OptimConfig
+from lorafleet.worker.training.versions import ATTN_PROJS, MLP_PROJS, PublishPolicy
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_DNS = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class FeedbackSpec(_Strict):
+    kinds: list[Literal["accept", "correction", "pair", "reward"]] = Field(
+        default_factory=lambda: list(TRAINABLE_KINDS)
+    )
+    minReward: float = Field(0.0, ge=-1.0, le=1.0)
+    sinceSeq: int = Field(0, ge=0)
+    epochs: int = Field(3, ge=1, le=100)
+
+
+class OptimizerSpec(_Strict):
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    weightDecay: float = Field(0.0, ge=0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    gradAccumulation: int = Field(4, ge=1, le=1024)
+    microBatchTokens: int = Field(512, ge=16)
+    maxGradNorm: float | None = Field(1.0, gt=0)
+    maxSteps: int | None = Field(None, ge=1)
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    useRslora: bool = False
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in ATTN_PROJS + MLP_PROJS]
+        if bad:
+            raise ValueError(f"unknown LoRA targets {bad}; allowed: {list(ATTN_PROJS + MLP_PROJS)}")
+        return sorted(set(v))
+
+
+class PublishSpec(_Strict):
+    everySteps: int = Field(20, ge=1)
+    onHeldoutImprovement: bool = False
+    heldoutFraction: float = Field(0.1, ge=0.0, le=0.5)
+    maxLossSpike: float = Field(2.0, gt=1.0)
+
+
+class LatencyTarget(_Strict):
+    tpotMs: float = Field(50.0, gt=0)
+
+
+class JobRequest(_Strict):
+    name: str
+    adapter: str = Field(min_length=1, max_length=253)
+    mode: Literal["coserve", "standalone"] = "coserve"
+    feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    publish: PublishSpec = Field(default_factory=PublishSpec)
+    replayRatio: float = Field(0.25, ge=0.0, le=0.9)
+    maxActivationStaleness: int = Field(4, ge=0)
+    stalePolicy: Literal["recompute", "drop"] = "recompute"
+    latencyTarget: LatencyTarget = Field(default_factory=LatencyTarget)
+    minFinetuneShare: float = Field(0.05, ge=0.0, le=1.0)
+    recordActivations: bool = True
+    stashBytes: int = Field(256 << 20, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _DNS.match(v):
+            raise ValueError("name must be a DNS-1123 label (lowercase alphanumerics and '-', at most 63)")
+        return v
+
+    @model_validator(mode="after")
+    def _adapter(self) -> JobRequest:
+        if self.adapter.strip() != self.adapter or "/" in self.adapter:
+            raise ValueError("adapter must be a plain adapter name")
+        return self
+
+    def to_spec(self) -> JobSpec:
+        o = self.optimizer
+        return JobSpec(
+            name=self.name,
+            adapter=self.adapter,
+            mode=self.mode,
+            kinds=list(self.feedback.kinds),
+            min_reward=self.feedback.minReward,
+            since_seq=self.feedback.sinceSeq,
+            epochs=self.feedback.epochs,
+            optim=OptimConfig(
+                lr=o.lr,
+                weight_decay=o.weightDecay,
+                betas=tuple(o.betas),
+                eps=o.eps,
+                grad_accumulation=o.gradAccumulation,
+                max_grad_norm=o.maxGradNorm,
+                micro_batch_tokens=o.microBatchTokens,
+            ),
+            max_steps=o.maxSteps,
+            rank=self.lora.rank,
+            alpha=self.lora.alpha,
+            targets=list(self.lora.targets),
+            use_rslora=self.lora.useRslora,
+            publish=PublishPolicy(
+                every_steps=self.publish.everySteps,
+                on_heldout_improvement=self.publish.onHeldoutImprovement,
+                max_loss_spike=self.publish.maxLossSpike,
+            ),
+            heldout_fraction=self.publish.heldoutFraction,
+            replay_ratio=self.replayRatio,
+            max_staleness=self.maxActivationStaleness,
+            stale_policy=self.stalePolicy,
+            tpot_ms=self.latencyTarget.tpotMs,
+            min_share=self.minFinetuneShare,
+            record_activations=self.recordActivations,
+            stash_bytes=self.stashBytes,
+        )
+
+
+class FeedbackRequest(_Strict):
+    kind: Literal["accept", "reject", "correction", "reward", "pair"]
+    requestId: str | None = Field(None, min_length=1, max_length=256)
+    adapter: str | None = Field(None, min_length=1, max_length=253)
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    completion: str | None = None
+    reward: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> FeedbackRequest:
+        if self.kind == "pair":
+            if self.requestId is not None:
+                raise ValueError("kind 'pair' carries prompt/messages + completion, not requestId")
+            if not self.adapter:
+                raise ValueError("kind 'pair' needs 'adapter'")
+            if (self.prompt is None) == (self.messages is None):
+                raise ValueError("kind 'pair' needs exactly one of 'prompt' or 'messages'")
+            if not self.completion:
+                raise ValueError("kind 'pair' needs a non-empty 'completion'")
+        else:
+            if not self.requestId:
+                raise ValueError(f"kind {self.kind!r} refers to a served request: 'requestId' is required")
+            if self.prompt is not None or self.messages is not None:
+                raise ValueError("prompt/messages are only allowed with kind 'pair'")
+        if self.kind == "correction" and not self.completion:
+            raise ValueError("kind 'correction' needs a non-empty 'completion'")
+        if self.kind in ("accept", "reject", "reward") and self.completion is not None:
+            raise ValueError(f"kind {self.kind!r} takes no 'completion'")
+        if self.kind == "reward":
+            if self.reward is None or not -1.0 <= self.reward <= 1.0:
+                raise ValueError("kind 'reward' needs 'reward' in [-1, 1]")
+        elif self.reward is not None:
+            raise ValueError("'reward' is only allowed with kind 'reward'")
+        if self.messages is not None:
+            for m in self.messages:
+                if set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
+                    raise ValueError("messages must be {role: system|user|assistant, content: str} objects")
+        return self
