@@ -210,7 +210,7 @@ class ControlPlane:
                 self._has_default_sa,
             )
         if self.kwok and self.kwok_nodes:
-            self.add_kwok_nodes(self.kwok_nodes)
+            self.ensure_kwok_nodes(self.kwok_nodes)
 
     def _wait(self, what: str, names: list[str], ready: Callable[[], bool]) -> None:
         """Polls `ready` until it holds, failing fast with the log tail if one of `names` exits meanwhile."""
@@ -326,17 +326,30 @@ class ControlPlane:
         except (ApiError, OSError):
             return False
 
-    def add_kwok_nodes(self, count: int, start_index: int | None = None) -> list[str]:
-        """Creates `count` fake GPU nodes (capacity `nvidia.com/gpu`) and waits until KWOK reports them Ready."""
+    def add_kwok_nodes(self, count: int) -> list[str]:
+        """Creates `count` more fake GPU nodes (capacity `nvidia.com/gpu`) and waits until KWOK reports them Ready."""
+        existing = self._kwok_node_names()
+        first = max((int(n.rsplit("-", 1)[1]) for n in existing), default=-1) + 1
+        return self._create_kwok_nodes(range(first, first + count))
+
+    def ensure_kwok_nodes(self, count: int) -> list[str]:
+        """Makes sure nodes kwok-gpu-0..count-1 exist (a restart on a kept state dir reuses them) and are Ready."""
+        return self._create_kwok_nodes(range(count))
+
+    def _kwok_node_names(self) -> set[str]:
+        return {n["metadata"]["name"] for n in self.request("GET", "/api/v1/nodes?labelSelector=type%3Dkwok")["items"]}
+
+    def _create_kwok_nodes(self, indices: range) -> list[str]:
         if not self.kwok:
-            raise RuntimeError("add_kwok_nodes needs ControlPlane(kwok=True)")
-        existing = self.request("GET", "/api/v1/nodes?labelSelector=type%3Dkwok")["items"]
-        first = len(existing) if start_index is None else start_index
+            raise RuntimeError("KWOK nodes need ControlPlane(kwok=True)")
+        existing = self._kwok_node_names()
         names = []
-        for index in range(first, first + count):
+        for index in indices:
             node = fake_gpu_node(index, gpus=self.gpus_per_node)
-            self.request("POST", "/api/v1/nodes", node)
-            names.append(node["metadata"]["name"])
+            name = node["metadata"]["name"]
+            if name not in existing:
+                self.request("POST", "/api/v1/nodes", node)
+            names.append(name)
 
         def all_ready() -> bool:
             for name in names:
@@ -345,5 +358,5 @@ class ControlPlane:
                     return False
             return True
 
-        self._wait(f"{count} KWOK GPU node(s) Ready", ["kwok"], all_ready)
+        self._wait(f"{len(names)} KWOK GPU node(s) Ready", ["kwok"], all_ready)
         return names

@@ -244,9 +244,14 @@ def test_lorafleet_cluster_command(tmp_path: Path) -> None:
             [kubectl, "get", "nodes", "-o", "name"], env=env, capture_output=True, text=True, check=True
         ).stdout
         assert nodes.split() == ["node/kwok-gpu-0"]
+        subprocess.run([kubectl, "create", "namespace", "kept"], env=env, capture_output=True, check=True)
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     assert not any(alive(pid) for pid in cp_state["pids"].values())
     assert (state / "pki" / "ca.crt").exists() and (state / "etcd").is_dir()  # kept for a restart
     assert not port_open(cp_state["ports"]["apiserver"])
+    # A restart on the kept state dir finds its objects and reuses its nodes instead of adding more.
+    with ControlPlane(state, kwok=True, kwok_nodes=1, quiet=True) as again:
+        assert again.request("GET", "/api/v1/namespaces/kept")["metadata"]["name"] == "kept"
+        assert [n["metadata"]["name"] for n in again.request("GET", "/api/v1/nodes")["items"]] == ["kwok-gpu-0"]
