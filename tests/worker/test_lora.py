@@ -50,7 +50,7 @@ class _Slots:
     def __init__(self, a, b, scales):
         self.a, self.b, self.scales = a, b, scales
 
-    def stacked(self, layer_idx, proj):
+    def stacked(self, layer_idx, proj, always=False):
         return self.a, self.b
 
 

@@ -82,7 +82,16 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or self._derive_num_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.block_manager, self.store)
-        self.runner = ModelRunner(self.model, self.store, num_blocks, config.block_size, config.seed)
+        self.runner = ModelRunner(
+            self.model,
+            self.store,
+            num_blocks,
+            config.block_size,
+            config.seed,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+        )
         self.iteration_hooks: list[Callable[[IterationInfo], None]] = []
         self._requests: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # abort notices delivered by the next step()

@@ -2,21 +2,29 @@
 
 Why sort by adapter slot: the batched-LoRA ops want each adapter's tokens contiguous (Punica segments), so the
 batch is stably reordered by slot, `seg_indptr`/`seg_slots` are built from the runs, and results are mapped back.
-The GPU helper's CUDA-graph decode runner plugs in at `self.graph_runner` (see `_forward`).
+On CUDA the attention is the Triton paged kernel (device tensors only) and decode-only batches replay CUDA graphs
+(`cuda_graph.py`, one set with LoRA and one without); elsewhere the SDPA context serves every batch.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 from lorafleet.worker.engine.sampler import Sampler
 from lorafleet.worker.engine.scheduler import ScheduledBatch
 from lorafleet.worker.engine.sequence import Sequence
-from lorafleet.worker.layers.attention import PagedAttentionContext
+from lorafleet.worker.layers.attention import (
+    PagedAttentionContext,
+    TritonPagedAttentionContext,
+    triton_attention_available,
+)
 from lorafleet.worker.layers.lora_context import SegmentLoRAContext
 from lorafleet.worker.lora.store import AdapterStore
 from lorafleet.worker.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -27,7 +35,14 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
 class StepInputs:
     """Flat tensors for one forward: tokens sorted by adapter, their positions, KV slots and LoRA segments."""
 
-    def __init__(self, seqs: list[Sequence], num_tokens: list[int], block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        seqs: list[Sequence],
+        num_tokens: list[int],
+        block_size: int,
+        device: torch.device,
+        table_width: int | None = None,
+    ) -> None:
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
         self.order = order
         ids: list[int] = []
@@ -38,6 +53,7 @@ class StepInputs:
         self.sample_seqs: list[Sequence] = []
         seg_slots: list[int] = []
         seg_indptr = [0]
+        q_indptr = [0]
         for i in order:
             seq, n = seqs[i], num_tokens[i]
             start = seq.num_computed_tokens
@@ -48,6 +64,7 @@ class StepInputs:
                 slot_map.append(bt[p // block_size] * block_size + p % block_size)
             starts.append(start)
             qlens.append(n)
+            q_indptr.append(len(ids))
             tables.append(bt)
             if start + n == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
@@ -57,12 +74,20 @@ class StepInputs:
             else:
                 seg_slots.append(seq.slot)
                 seg_indptr.append(len(ids))
-        max_blocks = max(len(t) for t in tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        width = table_width or max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        self.num_seqs = len(seqs)
         self.input_ids = torch.tensor(ids, dtype=torch.long, device=device)
         self.positions = torch.tensor(pos, dtype=torch.long, device=device)
         self.slot_mapping = torch.tensor(slot_map, dtype=torch.long, device=device)
-        self.block_tables = torch.tensor(padded, dtype=torch.long, device=device)
+        self.block_tables = torch.tensor(
+            padded, dtype=torch.long if table_width is None else torch.int32, device=device
+        )
+        self.seq_lens = torch.tensor(
+            [s + n for s, n in zip(starts, qlens, strict=True)], dtype=torch.int32, device=device
+        )
+        self.q_indptr = torch.tensor(q_indptr, dtype=torch.int32, device=device)
+        self.max_q_len = max(qlens)
         self.starts = starts
         self.query_lens = qlens
         self.sample_rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
@@ -71,10 +96,34 @@ class StepInputs:
         self.seg_slot_list = seg_slots
         self.is_decode = all(n == 1 for n in num_tokens)
 
+    @property
+    def has_lora(self) -> bool:
+        return any(s >= 0 for s in self.seg_slot_list)
+
+    def graph_inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "positions": self.positions,
+            "slot_mapping": self.slot_mapping,
+            "block_tables": self.block_tables,
+            "seq_lens": self.seq_lens,
+            "q_indptr": self.q_indptr,
+            "seg_indptr": self.seg_indptr,
+            "seg_slots": self.seg_slots,
+        }
+
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, store: AdapterStore, num_blocks: int, block_size: int, seed: int = 0
+        self,
+        model: LlamaForCausalLM,
+        store: AdapterStore,
+        num_blocks: int,
+        block_size: int,
+        seed: int = 0,
+        max_model_len: int = 4096,
+        max_num_seqs: int = 64,
+        enforce_eager: bool = True,
     ) -> None:
         self.model = model
         self.store = store
@@ -83,41 +132,120 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         s = model.shape
+        # one extra block at the end: the scratch slot that padded rows of a CUDA graph write their K/V into
         self.kv_caches = [
             (
-                torch.zeros(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device),
-                torch.zeros(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device),
+                torch.zeros(
+                    num_blocks + 1, block_size, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device
+                ),
+                torch.zeros(
+                    num_blocks + 1, block_size, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device
+                ),
             )
             for _ in range(s.num_layers)
         ]
         self.sampler = Sampler(self.device, seed)
-        self.graph_runner = None  # set by worker/engine/cuda_graph.py on GPU (decode-only batches)
+        self.use_triton = triton_attention_available(self.device) and s.sliding_window is None
+        self.table_width = -(-max_model_len // block_size) if self.use_triton else None
+        self.graph_runner = None  # decode CUDA graphs without LoRA (cuda_graph.CudaGraphRunner)
+        self.graph_runner_lora = None  # ... and with the batched-LoRA ops over every slot
         # Activation recording (worker/training/stash.py): `capture_hook(batch, inputs)` returns a model `capture`
         # callable for this step, or None. Only consulted for batches with prefill tokens.
         self.capture_hook = None
         self._capture = None
         self.last_forward_seconds = 0.0
+        if self.use_triton and not enforce_eager:
+            self._capture_graphs(max_num_seqs)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        return StepInputs(batch.seqs, batch.num_tokens, self.block_size, self.device)
+        return StepInputs(batch.seqs, batch.num_tokens, self.block_size, self.device, self.table_width)
+
+    def _graph_forward(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
+        attn = TritonPagedAttentionContext(
+            self.kv_caches,
+            inputs["slot_mapping"],
+            inputs["block_tables"],
+            inputs["seq_lens"],
+            inputs["q_indptr"],
+            1,
+            self.model.attn_scale,
+        )
+        lora = (
+            SegmentLoRAContext(self.store, inputs["seg_indptr"], inputs["seg_slots"], always=True)
+            if with_lora
+            else None
+        )
+        return self.model(inputs["input_ids"], inputs["positions"], attn, lora)
+
+    def _capture_graphs(self, max_num_seqs: int) -> None:
+        """Captures decode graphs for batch sizes up to max_num_seqs (pads to the next captured size)."""
+        from lorafleet.worker.engine.cuda_graph import EDGE, CudaGraphRunner, InputSpec, default_sizes
+        from lorafleet.worker.lora import dispatch, ops
+
+        if dispatch.ops_for(self.device) is ops:
+            log.warning("CUDA graphs disabled: the Triton LoRA kernels are unavailable")
+            return
+        scratch = self.num_blocks * self.block_size
+        specs = [
+            InputSpec("input_ids"),
+            InputSpec("positions"),
+            InputSpec("slot_mapping", pad=scratch),
+            InputSpec("block_tables"),
+            InputSpec("seq_lens", pad=0),
+            InputSpec("q_indptr", extra=1, pad=EDGE),
+            InputSpec("seg_indptr", extra=1, pad=EDGE),
+            InputSpec("seg_slots", pad=-1),
+        ]
+        dev = self.device
+        width = self.table_width or 1
+
+        def example(bs: int) -> dict[str, torch.Tensor]:
+            return {
+                "input_ids": torch.zeros(bs, dtype=torch.long, device=dev),
+                "positions": torch.zeros(bs, dtype=torch.long, device=dev),
+                "slot_mapping": torch.full((bs,), scratch, dtype=torch.long, device=dev),
+                "block_tables": torch.zeros(bs, width, dtype=torch.int32, device=dev),
+                "seq_lens": torch.zeros(bs, dtype=torch.int32, device=dev),
+                "q_indptr": torch.arange(bs + 1, dtype=torch.int32, device=dev),
+                "seg_indptr": torch.arange(bs + 1, dtype=torch.int32, device=dev),
+                "seg_slots": torch.full((bs,), -1, dtype=torch.int32, device=dev),
+            }
+
+        t0 = time.perf_counter()
+        sizes = default_sizes(max_num_seqs)
+        with torch.inference_mode():
+            self.graph_runner = CudaGraphRunner(lambda x: self._graph_forward(x, False), specs, sizes, example)
+            self.graph_runner_lora = CudaGraphRunner(lambda x: self._graph_forward(x, True), specs, sizes, example)
+        log.info("captured decode CUDA graphs for %d batch sizes in %.1f s", len(sizes), time.perf_counter() - t0)
 
     def _forward(self, inp: StepInputs) -> torch.Tensor:
         """Hidden states of the sampled rows [N, H]."""
-        if self.graph_runner is not None and inp.is_decode and self.graph_runner.can_run(inp):
-            return self.graph_runner.run(inp)
-        attn = PagedAttentionContext(
-            self.kv_caches,
-            inp.slot_mapping,
-            inp.block_tables,
-            inp.starts,
-            inp.query_lens,
-            self.model.attn_scale,
-            self.model.shape.sliding_window,
-        )
-        lora = None
-        if any(s >= 0 for s in inp.seg_slot_list):
+        if inp.has_lora:
             self.store.wait_ready([s for s in inp.seg_slot_list if s >= 0])
-            lora = SegmentLoRAContext(self.store, inp.seg_indptr, inp.seg_slots)
+        graph = self.graph_runner_lora if inp.has_lora else self.graph_runner
+        if graph is not None and inp.is_decode and self._capture is None and graph.size_for(inp.num_seqs) is not None:
+            return graph(inp.graph_inputs(), inp.num_seqs)  # decode: every row samples, in order
+        if self.use_triton:
+            attn = TritonPagedAttentionContext(
+                self.kv_caches,
+                inp.slot_mapping,
+                inp.block_tables,
+                inp.seq_lens,
+                inp.q_indptr,
+                inp.max_q_len,
+                self.model.attn_scale,
+            )
+        else:
+            attn = PagedAttentionContext(
+                self.kv_caches,
+                inp.slot_mapping,
+                inp.block_tables,
+                inp.starts,
+                inp.query_lens,
+                self.model.attn_scale,
+                self.model.shape.sliding_window,
+            )
+        lora = SegmentLoRAContext(self.store, inp.seg_indptr, inp.seg_slots) if inp.has_lora else None
         hidden = self.model(inp.input_ids, inp.positions, attn, lora, self._capture)
         return hidden[inp.sample_rows]
 

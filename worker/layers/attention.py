@@ -79,6 +79,59 @@ class PagedAttentionContext:
         return out.transpose(1, 2)[self.q_batch, self.q_pos]
 
 
+class TritonPagedAttentionContext:
+    """The CUDA path: same semantics as PagedAttentionContext, but only device tensors and the Triton kernel of
+    `triton_attention.py` (no host-side lists or masks), so a decode step using it can be captured in a CUDA graph.
+    `seq_lens[b]` = tokens of sequence b after this step; its queries are rows q_indptr[b]:q_indptr[b+1]."""
+
+    def __init__(
+        self,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        slot_mapping: torch.Tensor,  # [T] int64
+        block_tables: torch.Tensor,  # [B, max_blocks] int32
+        seq_lens: torch.Tensor,  # [B] int32
+        q_indptr: torch.Tensor,  # [B+1] int32
+        max_q_len: int,
+        scale: float,
+    ) -> None:
+        from lorafleet.worker.layers.triton_attention import paged_attention
+
+        self._paged_attention = paged_attention
+        self.kv_caches = kv_caches
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.seq_lens = seq_lens
+        self.q_indptr = q_indptr
+        self.max_q_len = max_q_len
+        self.scale = scale
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        nb, bs, hk, d = k_cache.shape
+        k_cache.view(nb * bs, hk, d).index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(nb * bs, hk, d).index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        return self._paged_attention(
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            self.block_tables,
+            self.seq_lens,
+            self.q_indptr,
+            self.max_q_len,
+            self.scale,
+        )
+
+
+def triton_attention_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from lorafleet.worker.layers import triton_attention  # noqa: F401
+    except Exception:  # noqa: BLE001 - no triton: the SDPA path serves
+        return False
+    return True
+
+
 class DenseAttentionContext:
     """Causal attention over packed sequences (`seq_lens`), optionally after per-layer prefix K/V (one sequence)."""
 

@@ -18,13 +18,17 @@ class SlotWeights(Protocol):
 
     scales: torch.Tensor  # [S] float32
 
-    def stacked(self, layer_idx: int, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+    def stacked(self, layer_idx: int, proj: str, always: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 class SegmentLoRAContext:
-    def __init__(self, slots: SlotWeights, seg_indptr: torch.Tensor, seg_slots: torch.Tensor) -> None:
+    def __init__(
+        self, slots: SlotWeights, seg_indptr: torch.Tensor, seg_slots: torch.Tensor, always: bool = False
+    ) -> None:
+        """`always`: apply every projection even if no resident adapter targets it (CUDA graphs bake the choice in)."""
         from lorafleet.worker.lora import dispatch
 
+        self.always = always
         self.slots = slots
         self.seg_indptr = seg_indptr
         self.seg_slots = seg_slots
@@ -32,7 +36,7 @@ class SegmentLoRAContext:
         self._buf: torch.Tensor | None = None
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        w = self.slots.stacked(layer_idx, proj)
+        w = self.slots.stacked(layer_idx, proj, self.always)
         if w is None:
             return y
         lora_a, lora_b = w

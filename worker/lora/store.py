@@ -209,8 +209,9 @@ class AdapterStore:
         return av.weights
 
     # ---- GPU slot tier -------------------------------------------------------------------------------------------
-    def stacked(self, layer_idx: int, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._proj_users[proj] == 0:
+    def stacked(self, layer_idx: int, proj: str, always: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The slot tensors of one projection; None when no resident adapter targets it (skip the LoRA work)."""
+        if self._proj_users[proj] == 0 and not always:
             return None
         return self._a[(layer_idx, proj)], self._b[(layer_idx, proj)]
 
