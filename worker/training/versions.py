@@ -63,9 +63,9 @@ def save_peft_adapter(
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
-    if extra_meta:
-        cfg["lorafleet"] = extra_meta
     (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    if extra_meta:  # beside, not inside, adapter_config.json: peft warns about unknown config keys
+        (tmp / "lorafleet_version.json").write_text(json.dumps(extra_meta, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -1,0 +1,219 @@
+"""The training API over a real worker: durable feedback across a crash, 4xx never stored, and live version
+switches under concurrent streams (each request served by exactly one version, token for token)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from lorafleet.worker.testing import build_peft_adapter
+
+WORKER = """
+import sys, time, torch
+torch.set_num_threads(1)
+from lorafleet.worker.api.testing import start_worker
+w = start_worker(sys.argv[1], adapter_roots=[sys.argv[2]], max_num_batched_tokens=64)
+print(w.url, flush=True)
+time.sleep(3600)
+"""
+
+
+def _spawn(model: Path, root: Path, train_dir: Path) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, LORAFLEET_TRAINING_DIR=str(train_dir), OMP_NUM_THREADS="1")
+    p = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(model), str(root)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    url = p.stdout.readline().strip()
+    assert url.startswith("http://"), url
+    return p, url
+
+
+def _wait(fn, timeout=60.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(interval)
+    return fn()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_crash_after_2xx_loses_no_feedback(tmp_path, tiny_dir):
+    root, train = tmp_path / "adapters", tmp_path / "train"
+    root.mkdir()
+    proc, url = _spawn(tiny_dir, root, train)
+    try:
+        c = httpx.Client(base_url=url, timeout=60)
+        job = {"name": "j1", "adapter": "ad", "publish": {"everySteps": 1000, "heldoutFraction": 0.0}}
+        assert c.post("/v1/training/jobs", json=job).status_code == 201
+        ids = []
+        for i in range(25):
+            r = c.post(
+                "/v1/feedback",
+                json={"kind": "pair", "adapter": "ad", "prompt": f"question {i}", "completion": f" answer {i}"},
+            )
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["feedbackId"])
+        os.kill(proc.pid, signal.SIGKILL)  # right after the last 2xx: no clean shutdown, no flush
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = (train / "feedback.jsonl").read_text().splitlines()
+    assert [json.loads(x)["feedback_id"] for x in lines] == ids
+
+    proc, url = _spawn(tiny_dir, root, train)
+    try:
+        c = httpx.Client(base_url=url, timeout=60)
+        st = _wait(lambda: (r := c.get("/v1/training/jobs/j1")).status_code == 200 and r.json())  # resumed
+        st = _wait(lambda: (s := c.get("/v1/training/jobs/j1").json())["steps"] >= 2 and s)
+        assert st["samples"]["available"] == 25 and st["phase"] == "Running"
+        assert st["tokensTrained"] > 0
+        r = c.post("/v1/feedback", json={"kind": "pair", "adapter": "ad", "prompt": "q", "completion": " a"})
+        assert r.json()["seq"] == 25
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+@pytest.fixture()
+def worker(tmp_path, tiny_dir):
+    from lorafleet.worker.api.testing import start_worker
+
+    root = tmp_path / "adapters"
+    build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=7, std=0.2)
+    os.environ["LORAFLEET_TRAINING_DIR"] = str(tmp_path / "train")
+    try:
+        w = start_worker(str(tiny_dir), adapter_roots=[str(root)], max_num_batched_tokens=64)
+    finally:
+        del os.environ["LORAFLEET_TRAINING_DIR"]
+    w.call(lambda e: e.load_adapter("ad", str(root / "ad"), "v0"))
+    yield w
+    w.close()
+
+
+def test_feedback_4xx_is_never_stored(worker, tmp_path):
+    c = httpx.Client(base_url=worker.url, timeout=30)
+    bad = [
+        ({"kind": "accept"}, 400),  # refers to nothing
+        ({"kind": "pair", "adapter": "ad", "completion": "x"}, 400),  # no prompt
+        ({"kind": "pair", "adapter": "ad", "prompt": "p", "messages": [], "completion": "x"}, 400),
+        ({"kind": "reward", "requestId": "x", "reward": 3.0}, 400),
+        ({"kind": "accept", "requestId": "never-served"}, 404),
+        ({"kind": "pair", "adapter": "ad", "prompt": "word " * 5000, "completion": "x"}, 413),
+        ({"kind": "thumbs", "requestId": "x"}, 422),
+        ({"kind": "pair", "adapter": "ad", "prompt": "p", "completion": "x", "extra": 1}, 422),
+    ]
+    for body, status in bad:
+        r = c.post("/v1/feedback", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["code"] == status
+    r = c.post("/v1/feedback", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = c.post("/v1/feedback", content=b"x" * (300 << 10), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    # served by the base model: nothing to train
+    out = c.post(
+        "/v1/completions",
+        json={"model": Path(str(worker.app.state.settings.served_model_name)).name, "prompt": "hello", "max_tokens": 2},
+    ).json()
+    assert c.post("/v1/feedback", json={"kind": "accept", "requestId": out["id"]}).status_code == 400
+    ok = c.post("/v1/feedback", json={"kind": "pair", "adapter": "ad", "prompt": "p", "completion": " x"})
+    assert ok.status_code == 202 and ok.json()["seq"] == 0  # nothing before it was stored
+    log = tmp_path / "train" / "feedback.jsonl"
+    assert len(log.read_text().splitlines()) == 1
+    metrics = c.get("/metrics").text
+    assert 'lorafleet_feedback_total{adapter="ad",result="accepted"} 1.0' in metrics
+    # job API errors
+    assert c.get("/v1/training/jobs/nope").status_code == 404
+    assert c.post("/v1/training/jobs", json={"name": "Bad_Name", "adapter": "ad"}).status_code == 422
+    assert c.post("/v1/training/jobs", json={"name": "j", "adapter": "ad", "replayRaito": 0.1}).status_code == 422
+    assert c.post("/v1/training/jobs", json={"name": "j", "adapter": "ad"}).status_code == 201
+    assert c.post("/v1/training/jobs", json={"name": "j2", "adapter": "ad"}).status_code == 409
+    assert c.delete("/v1/training/jobs/j").json()["phase"] == "Stopped"
+    assert c.delete("/v1/training/jobs/j").status_code == 404
+
+
+def _hf_greedy(tiny_dir, adapter_dir, prompt_ids, n):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    ids = torch.tensor([prompt_ids])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_version_switch_under_concurrent_streams(worker, tiny_dir, tmp_path):
+    c = httpx.Client(base_url=worker.url, timeout=60)
+    job = {
+        "name": "live",
+        "adapter": "ad",
+        "optimizer": {"lr": 0.05, "gradAccumulation": 1, "maxGradNorm": None},
+        "publish": {"everySteps": 1, "heldoutFraction": 0.0, "maxLossSpike": 1000.0},
+        "replayRatio": 0.0,
+        "latencyTarget": {"tpotMs": 1000},
+    }
+    assert c.post("/v1/training/jobs", json=job).status_code == 201
+    for i in range(6):
+        c.post("/v1/feedback", json={"kind": "pair", "adapter": "ad", "prompt": f"red {i}", "completion": " blue cat"})
+    results: dict[int, list[str]] = {}
+
+    def stream(i: int) -> None:
+        ids = []
+        with httpx.Client(base_url=worker.url, timeout=60) as cc:
+            for k in range(3):
+                body = {
+                    "model": "ad",
+                    "prompt": f"the fleet {i} {k}",
+                    "max_tokens": 10,
+                    "temperature": 0,
+                    "stream": True,
+                    "ignore_eos": True,
+                }
+                with cc.stream("POST", "/v1/completions", json=body) as r:
+                    rid = r.headers["x-request-id"]
+                    for _ in r.iter_lines():
+                        pass
+                ids.append(rid)
+        results[i] = ids
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    svc = worker.app.state.training
+    recs = [svc.finished_request(rid) for ids in results.values() for rid in ids]
+    assert len(recs) == 18 and all(r is not None for r in recs)
+    versions = {r.lora_version for r in recs}
+    assert len(versions) >= 3, versions  # versions really switched while streams were running
+    st = c.get("/v1/training/jobs/live").json()
+    assert st["steps"] >= 3
+    root = Path(st["publishedVersions"][-1]["path"]).parent
+    checked = 0
+    for r in recs:
+        vdir = root / r.lora_version if r.lora_version != "v0" else tmp_path / "adapters" / "ad"
+        assert len(r.output_token_ids) == 10
+        assert _hf_greedy(tiny_dir, vdir, r.prompt_token_ids, 10) == r.output_token_ids, r.lora_version
+        checked += 1
+    assert checked == 18
