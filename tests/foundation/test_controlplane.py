@@ -151,13 +151,14 @@ def test_deployment_yields_running_pods_and_gpu_capacity_is_enforced(cluster: Co
         per_node[p["spec"]["nodeName"]] = per_node.get(p["spec"]["nodeName"], 0) + 1
     assert sorted(per_node.values()) == [2] * gpu_nodes
     (pending,) = [p for p in pods if p["status"].get("phase") == "Pending"]
-    events = cluster.request(
-        "GET",
-        f"/api/v1/namespaces/{namespace}/events?fieldSelector=involvedObject.name%3D{pending['metadata']['name']}",
-    )
-    assert any(
-        e["reason"] == "FailedScheduling" and f"Insufficient {GPU_RESOURCE}" in e["message"] for e in events["items"]
-    )
+    query = f"/api/v1/namespaces/{namespace}/events?fieldSelector=involvedObject.name%3D{pending['metadata']['name']}"
+    deadline = time.monotonic() + 30
+    while True:
+        messages = [e["message"] for e in cluster.request("GET", query)["items"] if e["reason"] == "FailedScheduling"]
+        if any(f"Insufficient {GPU_RESOURCE}" in m for m in messages) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert any(f"Insufficient {GPU_RESOURCE}" in m for m in messages), messages
     # The endpointslice controller publishes exactly the running pods' IPs (EndpointSlice validation accepts them).
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -255,3 +256,18 @@ def test_lorafleet_cluster_command(tmp_path: Path) -> None:
     with ControlPlane(state, kwok=True, kwok_nodes=1, quiet=True) as again:
         assert again.request("GET", "/api/v1/namespaces/kept")["metadata"]["name"] == "kept"
         assert [n["metadata"]["name"] for n in again.request("GET", "/api/v1/nodes")["items"]] == ["kwok-gpu-0"]
+
+
+def test_k8s_api_fixture_is_a_working_admin_client(k8s_api: object) -> None:
+    from kubernetes import client
+
+    nodes = client.CoreV1Api(k8s_api).list_node(label_selector="type=kwok").items
+    assert len(nodes) >= 3 and all(n.status.capacity[GPU_RESOURCE] == "8" for n in nodes)
+    access = client.AuthorizationV1Api(k8s_api).create_self_subject_access_review(
+        client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(verb="*", resource="*", group="*")
+            )
+        )
+    )
+    assert access.status.allowed is True  # system:masters
