@@ -117,6 +117,42 @@ def step_times(model: BenchLlama, bs: int, ctx: int, configs: list[tuple[str, bo
     return res
 
 
+def prefill_times(model: BenchLlama, n_seqs: int, plen: int, configs: list[tuple[str, bool, int]]) -> dict:
+    """Eager forward time of one prefill batch (n_seqs x plen tokens), LoRA vs none: the cost that a scheduler pays
+    whenever it admits requests."""
+    import numpy as np
+
+    from bench.engine_sim import segments
+
+    dev = torch.device("cuda")
+    page = model.page
+    nb = (plen + page - 1) // page
+    res = {}
+    for label, use_lora, n in configs:
+        slots = sorted(i % max(n, 1) for i in range(n_seqs)) if use_lora else [-1] * n_seqs
+        bt = np.zeros((n_seqs, nb), dtype=np.int32)
+        for i in range(n_seqs):
+            bt[i] = 1 + i * nb + np.arange(nb)
+        pos = np.tile(np.arange(plen), n_seqs)
+        row = np.repeat(np.arange(n_seqs), plen)
+        slot_map = bt[row, pos // page].astype(np.int64) * page + pos % page
+        ind, ss = segments(np.repeat(slots, plen))
+        inp = {
+            "input_ids": torch.randint(0, 1000, (n_seqs * plen,), device=dev),
+            "positions": torch.from_numpy(pos).to(dev),
+            "slot_mapping": torch.from_numpy(slot_map).to(dev),
+            "block_table": torch.from_numpy(bt).to(dev),
+            "seq_lens": torch.full((n_seqs,), plen, dtype=torch.int32, device=dev),
+            "q_indptr": torch.arange(0, n_seqs * plen + 1, plen, dtype=torch.int32, device=dev),
+            "seg_indptr": torch.from_numpy(ind).to(dev),
+            "seg_slots": torch.from_numpy(ss).to(dev),
+        }
+        ts = time_ms(lambda inp=inp, u=use_lora: model.forward(inp, plen, u, last_only=True), 8, 2)
+        res[label] = {"median_ms": statistics.median(ts), "tokens": n_seqs * plen}
+        print(f"  prefill {n_seqs}x{plen} {label}: {res[label]['median_ms']:.2f} ms", flush=True)
+    return res
+
+
 def eager_vs_graph(model: BenchLlama, bs: int, ctx: int) -> dict:
     slots = list(range(bs))
     maxb = (ctx + model.page - 1) // model.page + 1
@@ -286,6 +322,14 @@ def main(argv: list[str] | None = None) -> None:
     cal = calib()
     print("calib", cal, flush=True)
     state: dict = {}
+    if "tune" in phases:
+        try:
+            from bench.lora_kernel_bench import run as tune_run
+
+            rep = tune_run()
+            write(out, "lora_kernels", {"metrics": {}, **rep})
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
     if "8b" in phases:
         try:
             run_8b(out, cal, q, state)
@@ -340,6 +384,11 @@ def run_8b(out: Path, cal: dict, q: bool, state: dict) -> None:
         "decode_hbm_efficiency_bs1": wbytes / (s1["no_lora"]["median_ms"] / 1e3) / cal["copy_bw_bytes_per_s"],
         "decode_hbm_efficiency_bs1_lora": wbytes / (s1["lora_1"]["median_ms"] / 1e3) / cal["copy_bw_bytes_per_s"],
     }
+    try:
+        res["prefill_8192_tokens"] = pf = prefill_times(model, 32, 256, [("no_lora", False, 0), ("lora_32", True, 32)])
+        m["lora_prefill_overhead_32"] = pf["lora_32"]["median_ms"] / pf["no_lora"]["median_ms"]
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
     print("8B metrics so far", m, flush=True)
     write(out, "8b_steps", {"metrics": m, "calib": cal, **res})
     try:

@@ -186,14 +186,15 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _shrink_config(t: int, k: int) -> tuple[int, int, int]:
+def _shrink_config(t: int, k: int, tune: dict[str, int]) -> tuple[int, int, int]:
     """BLOCK_M, BLOCK_K, SPLIT_K: small M tiles for decode, split K until ~4 programs per SM (132 on H100/H200):
     a decode batch has only T/16 row tiles, and each program's loop over its segments is latency bound."""
-    block_m = 16 if t <= 512 else 64
-    block_k = 128 if block_m == 16 else 64
+    block_m = tune.get("block_m", 16 if t <= 512 else 64)
+    block_k = tune.get("block_k", 128 if t <= 512 else 64)
+    max_split = tune.get("split", 64)
     m_tiles = triton.cdiv(t, block_m)
     split = 1
-    while m_tiles * split < 512 and k // (split * 2) >= 2 * block_k:
+    while split * 2 <= max_split and m_tiles * split < 512 and k // (split * 2) >= 2 * block_k:
         split *= 2
     return block_m, block_k, split
 
@@ -216,8 +217,19 @@ def lora_shrink_accumulate(
     return out
 
 
+# Launch parameters by regime ("decode": T <= 512 rows, else "prefill"); filled from a sweep on an H200
+# (bench/lora_kernel_bench.py). Keys: block_m, block_k / block_n, split (shrink: max K splits), num_warps, num_stages.
+TUNING: dict[str, dict[str, int]] = {
+    "shrink_decode": {},
+    "shrink_prefill": {},
+    "expand_decode": {},
+    "expand_prefill": {},
+}
+
+
 def _launch_shrink(x, lora_a, seg_indptr, seg_slots, out, t, k, r, g, atomic: bool) -> None:
-    block_m, block_k, split = _shrink_config(t, k)
+    tune = TUNING["shrink_decode" if t <= 512 else "shrink_prefill"]
+    block_m, block_k, split = _shrink_config(t, k, tune)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
     grid = (triton.cdiv(t, block_m), split)
@@ -244,7 +256,8 @@ def _launch_shrink(x, lora_a, seg_indptr, seg_slots, out, t, k, r, g, atomic: bo
         BLOCK_R=_block_r(r),
         BLOCK_K=block_k,
         ATOMIC=atomic or split > 1,
-        num_warps=4,
+        num_warps=tune.get("num_warps", 4),
+        num_stages=tune.get("num_stages", 3),
     )
 
 
@@ -292,8 +305,9 @@ def lora_expand_slices(
         return y
     n1 = bounds[1] if len(bounds) > 2 else n
     n2 = bounds[2] if len(bounds) > 3 else n
-    block_m = 16 if t <= 512 else 64
-    block_n = 128 if block_m == 16 else 64
+    tune = TUNING["expand_decode" if t <= 512 else "expand_prefill"]
+    block_m = tune.get("block_m", 16 if t <= 512 else 64)
+    block_n = tune.get("block_n", 128 if t <= 512 else 64)
     grid = (triton.cdiv(t, block_m), triton.cdiv(n, block_n))
     _expand_kernel[grid](
         v,
@@ -319,7 +333,8 @@ def lora_expand_slices(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=_block_r(r),
-        num_warps=4,
+        num_warps=tune.get("num_warps", 4),
+        num_stages=tune.get("num_stages", 3),
     )
     return y
 
