@@ -10,7 +10,7 @@ The objectives (solver.py decides which and in which order) are read off these p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from lorafleet.operator.placement.evaluate import Assignment, flatten
@@ -37,6 +37,8 @@ class PlacementModel:
     excess_floor: int  # anti-affinity excess no assignment in this model can avoid (replicas beyond candidate nodes)
     ub_int: int
     lb_int: int
+    overs: list[tuple[int, cp_model.IntVar]] = field(default_factory=list)  # (worker, load above mean), phase 2
+    spread_mean: int = 0
 
     def assignment(self, solution: np.ndarray, num_adapters: int) -> Assignment:
         """Worker lists per adapter from a CP-SAT solution vector (response.solution)."""
@@ -73,6 +75,10 @@ class PlacementModel:
         self.model.add_hint(self.max_load, min(self.ub_int, max(self.lb_int, self.int_max_load(assign))))
         for e, group in zip(self.excess, self.excess_groups, strict=True):
             self.model.add_hint(e, max(0, int(values[group].sum()) - 1))
+        if self.overs:  # spread variables exist (phase 2): hint them too, or CP-SAT must complete the hint itself
+            loads = int_loads(self.int_base, self.int_share, assign)
+            for w, o in self.overs:
+                self.model.add_hint(o, max(0, int(loads[w]) - self.spread_mean))
 
     def moved_expr(self, problem: Problem) -> cp_model.LinearExpr:
         """KiB loaded onto workers that do not hold the adapter now."""
@@ -91,7 +97,8 @@ class PlacementModel:
         """
         m = self.model
         mean = self.target_total // max(1, len(self.per_worker))
-        overs: list[cp_model.IntVar] = []
+        self.spread_mean = mean
+        overs = self.overs
         for w, pos in enumerate(self.per_worker):
             if not pos:
                 continue
@@ -99,8 +106,8 @@ class PlacementModel:
             shares = self.int_share[self.var_adapter[pos]].tolist()
             load = cp_model.LinearExpr.weighted_sum([self.x_vars[i] for i in pos], shares)
             m.add(load - o <= mean - int(self.int_base[w]))
-            overs.append(o)
-        return cp_model.LinearExpr.sum(overs)
+            overs.append((w, o))
+        return cp_model.LinearExpr.sum([o for _, o in overs])
 
     def placed_expr(self, problem: Problem) -> cp_model.LinearExpr:
         """Priority-weighted placed replicas (for the soft, capacity-starved case). An adapter's first replica is worth
@@ -123,22 +130,31 @@ class PlacementModel:
         return cp_model.LinearExpr.weighted_sum(vs, ks)
 
 
+def int_loads(int_base: np.ndarray, int_share: np.ndarray, assign: Assignment) -> np.ndarray:
+    """Integer (scaled) worker loads of an assignment, as the model counts them."""
+    ads, ws = flatten(assign)
+    return int_base + np.bincount(ws, weights=int_share[ads], minlength=int_base.size).round().astype(np.int64)
+
+
 def int_max_load(int_base: np.ndarray, int_share: np.ndarray, assign: Assignment) -> int:
     """Max integer (scaled) worker load of an assignment, as the model counts it."""
-    ads, ws = flatten(assign)
-    loads = int_base + np.bincount(ws, weights=int_share[ads], minlength=int_base.size).round().astype(np.int64)
-    return int(loads.max(initial=0))
+    return int(int_loads(int_base, int_share, assign).max(initial=0))
 
 
 def build_model(
     problem: Problem, cands: list[list[int]], lb_int: int, hint: Assignment, soft: bool, anti_affinity: bool
 ) -> PlacementModel:
     """Build the model (see module docstring). M lies in [lb_int, the hint's max load]: a valid lower bound and the
-    load of a known solution."""
+    load of a known solution (or a load no placement can exceed, see below)."""
     m = cp_model.CpModel()
     int_share = problem.int_share()
     int_base = problem.int_base()
     ub_int = max(lb_int, int_max_load(int_base, int_share, hint))
+    # The hint's max load bounds the optimum only when balance is the first objective. When placing more replicas
+    # (soft) or fewer anti-affinity violations come first, the better placement may be more loaded than the hint:
+    # then use a load no worker can exceed.
+    if soft or (anti_affinity and int(problem.replicas.max(initial=0)) >= 2):
+        ub_int = max(ub_int, int(int_base.max(initial=0)) + int((int_share * problem.replicas).sum()))
     x_vars: list[cp_model.IntVar] = []
     var_a: list[int] = []
     var_w: list[int] = []

@@ -43,7 +43,7 @@ from ortools.sat.python import cp_model
 
 # Share of the remaining time given to phase 1 when phase 2 will follow.
 _PHASE1_SHARE = 0.6
-# Phase 1 stops once within this relative distance of CP-SAT's bound (balance differences below it are noise).
+# Phase 1 stops once within this relative distance of the relaxation bound (balance differences below it are noise).
 _PHASE1_GAP = 5e-3
 # Phase 2 stops once its objective is within this fraction of the fleet's total load of its bound.
 _SPREAD_GAP = 2e-3
@@ -180,7 +180,7 @@ class _Solve:
         soft = sum(shortfall(p, hint).values()) > 0
         lb_int = int(math.floor(self.lb * p.scale))
         pm = build_model(p, cands, lb_int, hint, soft, params.anti_affinity)
-        ub_int = max(lb_int, pm.int_max_load(hint))
+        ub_int = pm.ub_int
         pm.hint(hint)
         self.lap("model")
         migrate = repaired is not None and params.migration_weight > 0
@@ -199,11 +199,12 @@ class _Solve:
         excess = cp_model.LinearExpr.sum(pm.excess) if pm.excess else 0
         weight = ub_int - lb_int + 1
         pm.model.minimize(excess * weight + pm.max_load if pm.excess else pm.max_load)
-        # Stop as soon as both parts reach bounds known without search: the excess floor and the relaxation bound.
-        stop_at = (
-            pm.excess_floor * weight + int(lb_int * (1 + _PHASE1_GAP)) if pm.excess else int(lb_int * (1 + _PHASE1_GAP))
-        )
-        s, sol = self._run_phase("balance", pm, self.remaining() * _PHASE1_SHARE, _PHASE1_GAP, stop_at=stop_at)
+        # Stop as soon as both parts reach bounds known without search: the excess floor and (within _PHASE1_GAP) the
+        # relaxation bound. Capping the load part at ub keeps the stop exact on excess: one more excess unit costs
+        # `weight` > ub - lb. CP-SAT's relative gap limit is not used here for the same reason: on the combined
+        # objective it could accept an extra anti-affinity violation.
+        stop_at = pm.excess_floor * weight + min(ub_int, int(lb_int * (1 + _PHASE1_GAP)))
+        s, sol = self._run_phase("balance", pm, self.remaining() * _PHASE1_SHARE, 0.0, stop_at=stop_at)
         if sol is None:
             return self._fallback(hint, repaired)
         # Reaching the relaxation bound and the excess floor proves optimality even when the search was cut short.
@@ -228,8 +229,10 @@ class _Solve:
         seconds = self.remaining() if migrate else min(self.remaining(), _SPREAD_SHARE * params.time_limit_s)
         _, sol2 = self._run_phase("migration", pm, seconds, 0.0, absolute_gap=_SPREAD_GAP * pm.target_total)
         self.solver_status = "OPTIMAL" if optimal else "FEASIBLE"
-        if sol2 is None:  # the constraints above keep any phase-2 solution at least as good as `sol`
-            return self._result(sol, _status(optimal), kept=False)
+        if sol2 is None:  # no phase-2 answer in time: phase 1's, or its hint if that moves less within the slack
+            final = self._best_hint([sol, hint]) if migrate else sol
+            return self._result(final, _status(optimal and pm.int_max_load(final) <= m1), kept=False)
+        # The constraints above keep any phase-2 solution at least as good as `sol`.
         return self._result(sol2, _status(optimal and pm.int_max_load(sol2) <= m1), kept=False)
 
     def _result(self, assign: Assignment, status: PlacementStatus, kept: bool) -> PlacementResult:
