@@ -150,6 +150,62 @@ def test_operator_restart_rebuilds_state_without_duplicate_loads(fleet: LocalFle
     assert {a: fleet.slice_pods(a) for a in ADAPTERS} == routes_before
 
 
+def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet) -> None:
+    fleet.patch(c.ADAPTERS, "ada", {"spec": {"replicas": {"min": 2}}})
+    wait_for(lambda: len(fleet.routes("ada")) == 2, 30, 0.1, "ada on 2 workers")
+    job = {
+        "apiVersion": "lorafleet.io/v1alpha1",
+        "kind": "ContinualLearningJob",
+        "metadata": {"name": "ada-cl"},
+        "spec": {
+            "adapter": "ada",
+            "mode": "colocated",
+            "optimizer": {"learningRate": 0.001, "gradAccumulation": 1, "maxSteps": 4},
+            "publish": {"everySteps": 2},
+            "replayRatio": 0.0,
+        },
+    }
+    fleet.create(c.CLJOBS, job)
+    trainer = wait_for(
+        lambda: ((fleet.get(c.CLJOBS, "ada-cl") or {}).get("metadata", {}).get("annotations") or {}).get(
+            "lorafleet.io/trainer"
+        ),
+        30,
+        0.2,
+        "job started on a worker",
+    )
+    eps = fleet.pod_endpoints()
+    token = fleet.admin_token(BM)
+    for i in range(12):
+        body = {"adapter": "ada", "kind": "pair", "prompt": f"question {i} about the fleet", "completion": " paris"}
+        r = fleet.http.post(
+            f"http://{eps[trainer]}/v1/feedback", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert r.status_code == 202, r.text
+    st = wait_for(
+        lambda: (s := (fleet.get(c.CLJOBS, "ada-cl") or {}).get("status") or {}).get("publishedVersions") and s,
+        120,
+        0.5,
+        "a published version in status",
+    )
+    assert st["steps"] >= 2 and st["tokensTrained"] > 0 and st["phase"] in ("Running", "Succeeded")
+    worker_job = fleet.http.get(
+        f"http://{eps[trainer]}/v1/training/jobs/ada-cl", headers={"Authorization": f"Bearer {token}"}
+    ).json()
+    newest = max(worker_job["publishedVersions"], key=lambda v: int(v["version"]))
+    other = next(p for p, _ in fleet.routes("ada") if p != trainer)
+    # the other replica switches to the published weights (in-place load of the new version)
+    wait_for(lambda: fleet.worker_adapters(eps[other], token)["ada"]["path"] == newest["path"], 30, 0.3, "rollout")
+    assert any(e.reason == "RolledOut" for e in fleet.events_for("ada-cl"))
+    assert fleet.complete("ada", eps[other]).status_code == 200
+    fleet.delete(c.CLJOBS, "ada-cl")
+    wait_for(lambda: fleet.get(c.CLJOBS, "ada-cl") is None, 30, 0.2, "job deleted")
+    stopped = fleet.http.get(
+        f"http://{eps[trainer]}/v1/training/jobs/ada-cl", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert stopped.status_code == 404 or stopped.json()["phase"] == "Stopped"
+
+
 def test_delete_adapter_drains_unloads_and_unroutes(fleet: LocalFleet) -> None:
     token = fleet.admin_token(BM)
     holders = [ep for _, ep in fleet.routes("bob")]
