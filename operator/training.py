@@ -11,7 +11,13 @@ from collections.abc import Mapping
 from typing import Any
 
 MODES = {"colocated": "coserve", "dedicated": "standalone"}
-PHASES = {"Pending": "Pending", "Running": "Running", "Succeeded": "Succeeded", "Stopped": "Succeeded", "Failed": "Failed"}
+PHASES = {
+    "Pending": "Pending",
+    "Running": "Running",
+    "Succeeded": "Succeeded",
+    "Stopped": "Succeeded",
+    "Failed": "Failed",
+}
 MAX_VERSIONS_IN_STATUS = 20
 
 
