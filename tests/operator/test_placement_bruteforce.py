@@ -66,3 +66,46 @@ def test_matches_exhaustive_search_on_tiny_fleets(seed: int):
     excess = sum(len(ws) - len({placed[x].node for x in ws}) for ws in res.assignment.values())
     assert excess == best[0]
     assert best[1] - 1e-9 <= res.objective <= best[1] * 1.005 + 1e-9
+
+
+def all_placements(workers: list[Worker], adapters: list[Adapter]):
+    """Every valid placement as (assignment, excess, max load)."""
+    choices = []
+    for a in adapters:
+        ok = [w for w in workers if a.rank <= w.max_rank and a.size_bytes <= w.memory_bytes]
+        choices.append(list(itertools.combinations(ok, a.min_replicas)))
+    for combo in itertools.product(*choices):
+        slots = {w.name: 0 for w in workers}
+        mem = {w.name: 0 for w in workers}
+        load = {w.name: w.load for w in workers}
+        for a, ws in zip(adapters, combo, strict=True):
+            for w in ws:
+                slots[w.name] += 1
+                mem[w.name] += a.size_bytes
+                load[w.name] += a.rate / len(ws)
+        if any(slots[w.name] > w.slots or mem[w.name] > w.memory_bytes for w in workers):
+            continue
+        excess = sum(len(ws) - len({w.node for w in ws}) for ws in combo)
+        yield {a.name: {w.name for w in ws} for a, ws in zip(adapters, combo, strict=True)}, excess, max(load.values())
+
+
+@pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("BRUTE_SEEDS", "12"))))
+def test_rebalance_moves_no_more_bytes_than_any_placement_as_good(seed: int):
+    """From a random current placement: no valid placement with the same anti-affinity and a max load at most the
+    result's loads fewer bytes onto new workers (phase 2 is byte-optimal on tiny fleets; kept placements too)."""
+    rng = random.Random(1000 + seed)
+    workers = [Worker(f"w{i}", f"n{i % 2}", KIB * 1000, rng.choice([3, 4]), 64, rng.uniform(0, 2)) for i in range(4)]
+    adapters = [
+        Adapter(f"a{i}", KIB * rng.choice([100, 200, 400]), 8, rng.uniform(0.5, 10), r, r)
+        for i, r in enumerate(rng.choices([1, 1, 2], k=5))
+    ]
+    current = {a.name: set(rng.sample([w.name for w in workers], a.min_replicas)) for a in adapters}
+    res = solve(workers, adapters, current, PlacementParams(time_limit_s=2, deterministic=True, seed=seed))
+    assert not res.unplaced
+    nodes = {w.name: w.node for w in workers}
+    excess = sum(len(ws) - len({nodes[x] for x in ws}) for ws in res.assignment.values())
+    size = {a.name: a.size_bytes for a in adapters}
+    for placement, p_excess, p_load in all_placements(workers, adapters):
+        if p_excess <= excess and p_load <= res.objective * (1 - 1e-6):
+            moved = sum(size[n] * len(ws - current[n]) for n, ws in placement.items())
+            assert res.moved_bytes <= moved, (placement, p_load, res)
