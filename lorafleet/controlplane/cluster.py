@@ -10,7 +10,9 @@ side by side. Usage::
         cp.request("GET", "/api/v1/namespaces")
 
 `stop()` (also run by `__exit__`, atexit, SIGTERM and SIGHUP) kills every process it started and leaves nothing
-listening; a temporary state directory is deleted, an explicit `state_dir` is kept so the cluster can be restarted.
+listening; a temporary state directory is deleted (unless LORAFLEET_KEEP_CLUSTER_STATE is set, to read the component
+logs in `<state_dir>/logs/`), an explicit `state_dir` is kept so the cluster can be restarted with its objects.
+Pods annotated `kwok.x-k8s.io/status=custom` are not touched by KWOK: their status (IPs, readiness) is yours to write.
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ class ControlPlane:
     def stop(self) -> None:
         """Kills every process this control plane started; removes the state directory if it was temporary."""
         self._stop_processes()
-        if self._temporary and self.state_dir.exists():
+        if os.environ.get("LORAFLEET_KEEP_CLUSTER_STATE"):
+            self._log(f"keeping {self.state_dir} (logs in logs/) because LORAFLEET_KEEP_CLUSTER_STATE is set")
+        elif self._temporary and self.state_dir.exists():
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def pids(self) -> dict[str, int]:

@@ -51,15 +51,15 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _install_handlers() -> None:
+    """atexit once; SIGTERM/SIGHUP handlers once, from the main thread (the only place Python allows it)."""
     global _handlers_installed
-    if _handlers_installed:
-        return
-    atexit.register(_stop_everything)
-    if threading.current_thread() is threading.main_thread():
+    if not _handlers_installed:
+        atexit.register(_stop_everything)
+        _handlers_installed = True
+    if not _previous and threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGHUP):
             _previous[signum] = signal.getsignal(signum)
             signal.signal(signum, _on_signal)
-    _handlers_installed = True
 
 
 class ProcessFailed(RuntimeError):
