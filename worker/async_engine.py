@@ -221,7 +221,23 @@ class AsyncEngineRunner:
 
     @property
     def snapshot(self) -> EngineSnapshot:
+        """The last published state (at most `snapshot_interval_s` old while requests run)."""
         return self._snapshot
+
+    async def fresh_snapshot(self) -> EngineSnapshot:
+        """The state as of now, read between iterations (what a client that just got a response expects to see);
+        the last published one if the engine is not running."""
+        if not self.ready:
+            return self._snapshot
+
+        def take(engine: Any) -> EngineSnapshot:
+            self._refresh(force=True)
+            return self._snapshot
+
+        try:
+            return await self.call(take)
+        except EngineDeadError:
+            return self._snapshot
 
     # -- called from the event loop -----------------------------------------------------------------------------
     def check_serving(self) -> None:
@@ -432,11 +448,11 @@ class AsyncEngineRunner:
             return
         self._last_snapshot = now
         snap = read_snapshot(self._engine, self.metrics)
+        if self.metrics is not None:
+            publish_snapshot(self.metrics, snap, self._engine)  # before the snapshot: readers of it see metrics too
         self._snapshot = snap
         with self._lock:
             self._num_waiting = snap.num_waiting
-        if self.metrics is not None:
-            publish_snapshot(self.metrics, snap, self._engine)
 
     def _die(self, reason: str) -> None:
         self._error = reason

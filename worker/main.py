@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     except _Stop:
         pass
     finally:
+        for hook in list(getattr(app.state, "shutdown_hooks", [])):
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - shutting down anyway; say what failed
+                log.exception("shutdown hook failed")
         runner.stop()
     failed = runner.error not in (None, "engine stopped")
     log.info("worker stopped", extra={"error": runner.error if failed else None})

@@ -333,7 +333,7 @@ def test_unload_while_streaming_finishes_on_started_weights(client, worker, adap
     """The stream keeps its adapter version after the unload; new requests for the name get 404 at once."""
     name = "ad_r8v2"
     assert load(client, name, adapters[name]).status_code == 200
-    body = {"model": name, "prompt": "tree river mountain", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    body = {"model": name, "prompt": "tree river mountain", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
     ref = client.post("/v1/completions", json=body, headers={"X-Request-Id": "ref-run"})
     assert ref.status_code == 200
     ref_rec = worker.finished["ref-run"]

@@ -105,7 +105,7 @@ def test_metrics_after_known_traffic(worker, traffic):
     assert value(m, "lorafleet_adapter_load_seconds_count", tier="host") == 2
     assert value(m, "lorafleet_adapter_load_seconds_count", tier="gpu") >= 1
     rate = value(m, "lorafleet_adapter_request_rate", adapter="ad_r4")
-    assert 0.05 < rate <= 0.1  # 3 arrivals / tau (30 s), decayed by the seconds since
+    assert 0.03 < rate <= 0.1  # 3 arrivals / tau (30 s), decayed by the seconds since
     assert not [n for (n, _) in m if n.startswith("lorafleet_gpu_")]  # no NVML here: absent, not zero
 
 

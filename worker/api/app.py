@@ -1,9 +1,10 @@
 """FastAPI app factory: `create_app(runner, settings)`.
 
 The continual-learning routes live in `worker/api/training.py` (an `APIRouter` named `router`), included here when
-that module exists; they reach the engine through `request.app.state.runner` (an `AsyncEngineRunner`: `call()` runs
-a function in the engine thread between iterations, `finish_hooks` see every finished request) and register their
-metrics on `app.state.metrics.registry`.
+that module exists, and its `attach(app)` is called once (the training service then sees all traffic); they reach the
+engine through `request.app.state.runner` (an `AsyncEngineRunner`: `call()` runs a function in the engine thread
+between iterations, `finish_hooks` see every finished or aborted request) and register their metrics on
+`app.state.metrics.registry`. `app.state.shutdown_hooks` run when the worker stops (`lorafleet worker`, tests).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 
-def _training_router():
+def _training_module():
     try:
-        from lorafleet.worker.api.training import router
+        from lorafleet.worker.api import training
     except ModuleNotFoundError as exc:
         if exc.name == "lorafleet.worker.api.training":
             return None
         raise
-    return router
+    return training
 
 
 def create_app(runner: AsyncEngineRunner, settings: ApiSettings, *, gpu_metrics: bool = True) -> FastAPI:
@@ -45,12 +46,16 @@ def create_app(runner: AsyncEngineRunner, settings: ApiSettings, *, gpu_metrics:
     for r in own:
         app.include_router(r)
     own_paths = frozenset(getattr(route, "path", "") for r in own for route in r.routes)
-    training = _training_router()
+    app.state.shutdown_hooks = []  # callables run (in order) when the worker stops
+    training = _training_module()
     if training is not None:
-        app.include_router(training)
-        from lorafleet.worker.api.training import attach  # starts the request log + training service now
-
-        attach(app)
+        app.include_router(training.router)
+        attach = getattr(training, "attach", None)
+        if callable(attach):
+            service = attach(app)  # starts the request log + training service now, so it sees all traffic
+            close = getattr(service, "close", None)
+            if callable(close):
+                app.state.shutdown_hooks.append(close)
         log.info("continual-learning routes enabled")
     validation_handler, http_handler = make_handlers(own_paths)
     app.add_exception_handler(APIError, api_error_handler)

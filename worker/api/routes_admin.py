@@ -103,7 +103,7 @@ async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) 
 async def list_adapters(request: Request) -> JSONResponse:
     runner = _runner(request)
     check_serving(runner)
-    snap = runner.snapshot
+    snap = await runner.fresh_snapshot()
     metrics = request.app.state.metrics
     data = []
     for info in snap.adapters:

@@ -247,7 +247,7 @@ async def models(request: Request) -> JSONResponse:
             "max_model_len": context,
         }
     ]
-    for info in runner.snapshot.adapters:
+    for info in (await runner.fresh_snapshot()).adapters:
         data.append(
             {
                 "id": info.name,

@@ -63,6 +63,8 @@ class Worker:
 
     def close(self) -> None:
         self.server.stop()
+        for hook in list(getattr(self.app.state, "shutdown_hooks", [])):
+            hook()
         self.runner.stop()
 
 
