@@ -93,7 +93,10 @@ def engine_config(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         seed=args.seed,
     )
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as exc:  # a flag error: say so and exit 2 like argparse, no traceback
+        raise SystemExit(f"lorafleet worker: {exc}") from exc
     return cfg
 
 

@@ -97,3 +97,39 @@ def test_lorafleet_worker_cli(tiny_model, adapter_root, adapters, tmp_path):
     assert start and start[0]["port"] == port and start[0]["admin_auth"] is True
     assert any(r["msg"] == "adapter loaded" and r.get("adapter") == "ad_r4" for r in records)
     assert any(r["logger"].startswith("uvicorn") for r in records)  # access/server lines share the JSON format
+
+
+def test_admin_token_sources(tmp_path, monkeypatch):
+    import pytest
+    from lorafleet.worker.main import TOKEN_ENV, read_admin_token
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert read_admin_token(None) is None  # no token configured: admin endpoints are open
+    monkeypatch.setenv(TOKEN_ENV, " from-env \n")
+    assert read_admin_token(None) == "from-env"
+    f = tmp_path / "t"
+    f.write_text("from-file\n")
+    assert read_admin_token(str(f)) == "from-file"  # the file wins over the environment
+    f.write_text("  \n")
+    with pytest.raises(SystemExit):
+        read_admin_token(str(f))  # an empty token file is a deployment error, not "no auth"
+
+
+def test_worker_flags_map_to_engine_config(tmp_path):
+    import pytest
+    from lorafleet.worker.main import build_parser, engine_config, parse_lora_modules
+
+    args = build_parser().parse_args(
+        ["--model", str(tmp_path), "--max-loras", "3", "--max-cpu-loras", "9", "--max-lora-rank", "32"]
+        + ["--adapter-root", "/a", "--adapter-root", "/b", "--max-num-seqs", "5", "--max-batched-tokens", "256"]
+        + ["--kv-cache-bytes", "1048576", "--block-size", "8"]
+    )
+    cfg = engine_config(args)
+    assert (cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank) == (3, 9, 32)
+    assert cfg.adapter_roots == ["/a", "/b"]
+    assert (cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.kv_cache_bytes, cfg.block_size) == (5, 256, 1 << 20, 8)
+    assert parse_lora_modules(["a=/x", " b = /y "]) == [("a", "/x"), ("b", "/y")]
+    with pytest.raises(SystemExit):
+        parse_lora_modules(["no-equals-sign"])
+    with pytest.raises(SystemExit):
+        engine_config(build_parser().parse_args(["--model", "m", "--max-loras", "8", "--max-cpu-loras", "2"]))
