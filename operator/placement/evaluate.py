@@ -86,3 +86,13 @@ def relaxation_bound(problem: Problem) -> float:
         per_adapter = problem.share[placed] + masked.min(axis=1)
         bound = max(bound, float(per_adapter[np.isfinite(per_adapter)].max(initial=0.0)))
     return bound
+
+
+def excess_floor(problem: Problem) -> int:
+    """Anti-affinity excess that no placement avoids: replicas beyond the distinct nodes of an adapter's eligible
+    workers."""
+    total = 0
+    for a in np.flatnonzero(problem.replicas >= 2):
+        nodes = np.unique(problem.node[problem.eligible[a]]).size
+        total += max(0, int(problem.replicas[a]) - nodes)
+    return total

@@ -30,6 +30,7 @@ from lorafleet.operator.placement.candidates import candidate_sets
 from lorafleet.operator.placement.evaluate import (
     Assignment,
     anti_affinity_excess,
+    excess_floor,
     moved_bytes,
     relaxation_bound,
     shortfall,
@@ -67,11 +68,11 @@ def solve(
     return _Solve(p, params, t0).run()
 
 
-def _score(p: Problem, assign: Assignment) -> tuple[int, int, float]:
+def _score(p: Problem, assign: Assignment, anti_affinity: bool = True) -> tuple[int, int, float]:
     """Lexicographic quality: (missing replicas, anti-affinity excess, max load); lower is better."""
     return (
         sum(shortfall(p, assign).values()),
-        anti_affinity_excess(p, assign),
+        anti_affinity_excess(p, assign) if anti_affinity else 0,
         float(worker_loads(p, assign).max(initial=0.0)),
     )
 
@@ -96,6 +97,9 @@ class _Solve:
         self.timings[name] = self.timings.get(name, 0.0) + now - self._mark
         self._mark = now
 
+    def score(self, assign: Assignment) -> tuple[int, int, float]:
+        return _score(self.p, assign, self.params.anti_affinity)
+
     def remaining(self) -> float:
         return self.deadline - time.perf_counter()
 
@@ -107,8 +111,11 @@ class _Solve:
         self.lap("greedy")
         if p.num_workers == 0 or int(p.replicas.sum()) == 0:
             return self._result(balanced, PlacementStatus.OPTIMAL, kept=False)
-        if repaired is not None and self._keep(repaired, _score(p, balanced), self.lb):
-            # Fast path: the current placement is already within hysteresis of a bound no placement can beat.
+        if repaired is not None and self._keep(
+            repaired, (0, excess_floor(p) if self.params.anti_affinity else 0, self.lb), self.lb
+        ):
+            # Fast path: the current placement places everything, with no avoidable anti-affinity violation, within
+            # hysteresis of a load bound no placement can beat.
             self.solver_status = "SKIPPED_WITHIN_HYSTERESIS"
             return self._result(repaired, PlacementStatus.OPTIMAL, kept=True)
         hints = [balanced]
@@ -124,18 +131,18 @@ class _Solve:
     def _best_hint(self, hints: list[Assignment]) -> Assignment:
         """Best (missing replicas, anti-affinity, max load); among those within the migration slack of the best max
         load, the one that moves the fewest bytes (the balanced greedy ignores the current placement entirely)."""
-        scores = [_score(self.p, h) for h in hints]
+        scores = [self.score(h) for h in hints]
         top = min(scores)
         slack = 1 + _MIGRATION_SLACK * self.params.hysteresis
         near = [i for i, sc in enumerate(scores) if sc[:2] == top[:2] and sc[2] <= top[2] * slack + 1e-12]
         return hints[min(near, key=lambda i: (moved_bytes(self.p, hints[i]), scores[i]))]
 
     def _keep(self, repaired: Assignment, best: tuple[int, int, float], best_load: float) -> bool:
-        short, excess, load = _score(self.p, repaired)
+        short, excess, load = self.score(repaired)
         return short <= best[0] and excess <= best[1] and load <= (1 + self.params.hysteresis) * best_load + 1e-12
 
     def _fallback(self, hint: Assignment, repaired: Assignment | None) -> PlacementResult:
-        if repaired is not None and self._keep(repaired, _score(self.p, hint), _score(self.p, hint)[2]):
+        if repaired is not None and self._keep(repaired, self.score(hint), self.score(hint)[2]):
             return self._result(repaired, PlacementStatus.GREEDY_FALLBACK, kept=True)
         return self._result(hint, PlacementStatus.GREEDY_FALLBACK, kept=False)
 
@@ -212,7 +219,7 @@ class _Solve:
         optimal = optimal and (self.solver_status == "OPTIMAL" or at_bounds)
         if not pm.excess:
             self.cp_bound = s.best_objective_bound / p.scale
-        best = _score(p, sol)
+        best = self.score(sol)
         if repaired is not None and self._keep(repaired, best, best[2]):
             return self._result(repaired, _status(optimal), kept=True)
         # Phase 2: at no worse anti-affinity and a max load within the migration slack of phase 1's, the fewest bytes

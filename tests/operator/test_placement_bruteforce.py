@@ -12,6 +12,21 @@ from lorafleet.operator.placement import Adapter, PlacementParams, Worker, solve
 KIB = 1024  # the model accounts memory in whole KiB (sizes rounded up, budgets down)
 
 
+def _check_valid(assignment: dict[str, list[str]], workers: list[Worker], adapters: list[Adapter]) -> None:
+    """Hard constraints of a result: ready workers only, rank, slots, memory, distinct workers per adapter."""
+    by_name = {w.name: w for w in workers}
+    slots = {w.name: 0 for w in workers}
+    mem = {w.name: 0 for w in workers}
+    for a in adapters:
+        ws = assignment[a.name]
+        assert len(ws) == len(set(ws)) <= a.min_replicas
+        for name in ws:
+            assert by_name[name].ready and a.rank <= by_name[name].max_rank
+            slots[name] += 1
+            mem[name] += a.size_bytes
+    assert all(slots[w.name] <= w.slots and mem[w.name] <= w.memory_bytes for w in workers)
+
+
 def brute_force(workers: list[Worker], adapters: list[Adapter]) -> tuple[int, float] | None:
     """(min excess, then min max load) over every valid placement; None when nothing places every replica."""
     choices = []
@@ -109,3 +124,55 @@ def test_rebalance_moves_no_more_bytes_than_any_placement_as_good(seed: int):
         if p_excess <= excess and p_load <= res.objective * (1 - 1e-6):
             moved = sum(size[n] * len(ws - current[n]) for n, ws in placement.items())
             assert res.moved_bytes <= moved, (placement, p_load, res)
+
+
+@pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("BRUTE_SEEDS", "12"))))
+def test_random_fleets_with_current_placements_dead_workers_and_one_to_three_nodes(seed: int):
+    """Whatever the current placement: everything is placed when some placement can, with the fewest anti-affinity
+    violations, and a max load within the hysteresis band of the best such placement."""
+    rng = random.Random(5000 + seed)
+    n_nodes = rng.choice([1, 2, 3])
+    workers = [
+        Worker(
+            f"w{i}",
+            f"n{i % n_nodes}",
+            KIB * rng.choice([300, 600, 1000]),
+            rng.choice([1, 2, 3]),
+            rng.choice([16, 64]),
+            rng.uniform(0, 3),
+            rng.random() > 0.15,
+        )
+        for i in range(rng.choice([3, 4, 5]))
+    ]
+    adapters = [
+        Adapter(
+            f"a{i}",
+            KIB * rng.choice([100, 200, 400]),
+            rng.choice([8, 16, 32]),
+            rng.uniform(0, 10),
+            r,
+            r,
+            False,
+            rng.choice([0, 1]),
+        )
+        for i, r in enumerate(rng.choices([1, 1, 2, 3], k=rng.choice([3, 4, 5])))
+    ]
+    names = [w.name for w in workers]
+    current = {a.name: set(rng.sample(names, min(len(names), a.min_replicas))) for a in adapters if rng.random() < 0.7}
+    params = PlacementParams(time_limit_s=2, deterministic=True, seed=seed)
+    res = solve(workers, adapters, current, params)
+    _check_valid(res.assignment, workers, adapters)
+    ready = [w for w in workers if w.ready]
+    if any(res.replicas[a.name] < a.min_replicas for a in adapters):
+        assert res.unplaced  # more replicas than eligible workers: said so
+        return
+    options = [(e, load) for _, e, load in all_placements(ready, adapters)]
+    if not options:
+        assert res.unplaced
+        return
+    assert not res.unplaced
+    best_excess = min(e for e, _ in options)
+    best_load = min(load for e, load in options if e == best_excess)
+    nodes = {w.name: w.node for w in workers}
+    assert sum(len(ws) - len({nodes[x] for x in ws}) for ws in res.assignment.values()) == best_excess
+    assert res.objective <= best_load * (1 + params.hysteresis) + 1e-9
