@@ -150,3 +150,21 @@ def test_unload_lets_running_requests_finish_and_refuses_new_ones(make_engine, a
         final.update({o.request_id: o for o in eng.step() if o.finished})
     assert final["r"].output_token_ids == hf_greedy(PROMPT, 8, "ad_r16rs")
     assert eng.store.versions() == [] and eng.store.stats()["gpu"] == 0
+
+
+def test_adapter_gone_from_disk_aborts_its_request_only(make_engine, adapters, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(adapters["ad_r4"], root / "gone")
+    eng = make_engine(max_loras=1, max_cpu_loras=1, adapter_roots=[str(root), str(adapters["ad_r8"].parent)])
+    eng.load_adapter("gone", str(root / "gone"))
+    eng.load_adapter("ad_r8", str(adapters["ad_r8"]))  # evicts "gone" from host memory (1 host entry)
+    assert eng.store.current("gone").tier == "disk"
+    shutil.rmtree(root / "gone")
+    eng.add_request("a", PROMPT, GREEDY, "gone")
+    eng.add_request("b", PROMPT, GREEDY, "ad_r8")
+    final = {}
+    while eng.has_unfinished_requests():
+        final.update({o.request_id: o for o in eng.step() if o.finished})
+    assert final["a"].finish_reason == "abort" and final["a"].output_token_ids == []
+    assert final["b"].finish_reason == "length" and len(final["b"].output_token_ids) == 10
+    assert eng.block_manager.num_free == eng.block_manager.num_blocks

@@ -175,6 +175,10 @@ class LLMEngine:
         t0 = time.perf_counter()
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
+        for seq, err in batch.failed:
+            log.warning("request %s aborted: %s", seq.request_id, err)
+            self._requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq, []))
         forward_s = 0.0
         if batch.seqs:
             sampled = self.runner.execute(batch)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.sequence import Sequence, SequenceStatus
+from lorafleet.worker.lora.adapter import AdapterError
 from lorafleet.worker.lora.store import AdapterStore
 
 
@@ -23,6 +24,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)  # tokens computed for each sequence this step
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)  # adapter could not be loaded: finish as abort
 
     @property
     def total_tokens(self) -> int:
@@ -105,9 +107,16 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[i]
-            if seq.adapter is not None and self.store.ensure_slot(seq.adapter) is None:
-                i += 1  # every slot is pinned by other adapters' running sequences: try the next request
-                continue
+            if seq.adapter is not None:
+                try:
+                    slot = self.store.ensure_slot(seq.adapter)
+                except AdapterError as exc:  # e.g. evicted from host memory and gone from disk since
+                    batch.failed.append((seq, str(exc)))
+                    self.finish(seq, "abort")
+                    continue
+                if slot is None:
+                    i += 1  # every slot is pinned by other adapters' running sequences: try the next request
+                    continue
             n = min(seq.num_remaining, budget)
             if not self.bm.allocate_to(seq, seq.num_computed_tokens + n):
                 break  # out of KV blocks: admit nobody else this step
