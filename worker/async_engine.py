@@ -285,15 +285,19 @@ class AsyncEngineRunner:
         """Thread-safe; the engine thread frees the request's KV blocks before its next step."""
         self._submit(("abort", request_id, None, None))
 
-    async def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Runs `fn(engine)` in the engine thread between iterations and returns its result (or raises)."""
-        return await asyncio.wrap_future(self.call_threadsafe(fn))
+    async def call(self, fn: Callable[[Any], Any], *, publish: bool = False) -> Any:
+        """Runs `fn(engine)` in the engine thread between iterations and returns its result (or raises).
 
-    def call_threadsafe(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
+        `publish=True` republishes the snapshot and metrics right after (admin changes such as adapter loads);
+        otherwise they follow within `snapshot_interval_s` (training slices call in a tight loop).
+        """
+        return await asyncio.wrap_future(self.call_threadsafe(fn, publish=publish))
+
+    def call_threadsafe(self, fn: Callable[[Any], Any], *, publish: bool = False) -> concurrent.futures.Future:
         if not self.alive:
             raise EngineDeadError(self._error or "engine thread is not running")
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(("call", fn, None, fut))
+        self._submit(("call", fn, publish, fut))
         return fut
 
     def _submit(self, cmd: tuple) -> None:
@@ -356,7 +360,7 @@ class AsyncEngineRunner:
                     fut.set_result(a(self._engine))
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     fut.set_exception(exc)
-                self._refresh(force=True)
+                self._refresh(force=bool(b))
 
     def _do_add(self, tracked: _Tracked, params: Any, fut: concurrent.futures.Future) -> None:
         with self._lock:

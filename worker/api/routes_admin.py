@@ -62,7 +62,7 @@ async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest) -> P
         return time.perf_counter() - started
 
     try:
-        seconds = await runner.call(load)
+        seconds = await runner.call(load, publish=True)
     except FileExistsError as exc:
         raise APIError(
             400, f"The lora adapter '{name}' has already been loaded.", param="lora_name", err_type="InvalidUserInput"
@@ -91,7 +91,7 @@ async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) 
         engine.unload_adapter(name)
 
     try:
-        await runner.call(unload)
+        await runner.call(unload, publish=True)
     except LookupError as exc:
         raise APIError(
             400, f"The lora adapter '{name}' cannot be found.", param="lora_name", err_type="NotFoundError"
