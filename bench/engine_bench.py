@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.empty_cache()
     if "hf" in phases:
         try:
-            hf = hf_peft(LLAMA_31_8B, 32, [16, 64] if q else [32, 64, 128], 128, 3 if q else 4)
+            hf = hf_peft(LLAMA_31_8B, 32, [16, 64] if q else [64, 128], 128, 3 if q else 4)
             metrics = {}
             ours = state.get("ours_32_decode_heavy_tps")
             if ours:
@@ -438,7 +438,7 @@ def run_1b(out: Path, cal: dict, q: bool) -> None:
         "decode_hbm_efficiency_bs1_1b": wbytes / (s1["no_lora"]["median_ms"] / 1e3) / cal["copy_bw_bytes_per_s"],
     }
     write(out, "1b", {"metrics": m, "calib": cal, **res})
-    n = 256 if q else 1024
+    n = 256 if q else 768
     tp = {}
     for mix in ("decode_heavy", "sharegpt"):
         for label, use_lora, na in (
