@@ -2,10 +2,10 @@
 
 - `balanced`: longest-processing-time first (replica share descending); each replica goes to the least
   loaded eligible worker with room, on a node the adapter does not use yet when one exists. Complete and fast
-  (O(replicas * workers) numpy), within a few percent of the optimum on skewed rates; CP-SAT starts from it.
+  (O(replicas * workers) numpy), within 1 % of the bound on the benchmark's Zipf fleets; the fresh-placement hint.
 - `repair`: keeps every still-valid current replica (worker ready, rank/memory allowed, room left, up to the target
   count, distinct nodes first) and places the missing replicas like `balanced`. What "nothing moves" means when the
-  current placement breaks capacity or replica bounds.
+  current placement breaks capacity or replica bounds (sticky.py then improves it with few moves).
 - `least_adapters`: each replica to the worker holding the fewest adapters, ignoring rates: what AIBrix's default
   scheduler does, the baseline the benchmark reports beside ours.
 """

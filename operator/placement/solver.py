@@ -1,22 +1,27 @@
 """Adapter placement: CP-SAT over candidate sets, lexicographic objectives, hysteresis, greedy fallback.
 
 Order of concerns (lexicographic, each phase fixes the previous one's value as a constraint):
-  0. place as many replicas as capacity allows, priority-weighted (only run when the greedy hint falls short);
-  1. anti-affinity violations (replicas of one adapter sharing a node), then max worker load -- one objective
-     `excess * (UB - LB + 1) + M`, exact lexicographic because M lives in [LB, UB];
-  2. bytes moved relative to the current placement, with max load <= phase 1's (plus half the hysteresis band when
-     moving: a near-optimal placement that moves far fewer bytes is the better answer) and no more violations; below
-     that (exactly lexicographic by weighting) the sum of worker loads above the mean, so that placements with the
-     same maximum prefer the even one.
-Hysteresis sits between 1 and 2: when the current placement, repaired for capacity and replica-bound violations, has
-a max load within `hysteresis` of phase 1's (and no more violations), it is kept and nothing but the repairs moves.
+  0. place as many replicas as capacity allows, priority-weighted, every adapter once before any twice (only run when
+     the hint falls short);
+  1. anti-affinity violations (replicas of one adapter sharing a node), then max worker load M -- one objective
+     `excess * (UB - LB + 1) + M`, exactly lexicographic because M lives in [LB, UB] (UB is a load no worker can
+     exceed whenever fewer violations may cost load);
+  2. bytes moved relative to the current placement, with no more violations and M <= phase 1's (plus half the
+     hysteresis band when there is a current placement: a near-optimal placement that moves far fewer bytes is the
+     better answer, and one a re-solve keeps); below that, exactly lexicographic by weighting, the sum of worker
+     loads above the mean, so placements with the same maximum prefer the even one.
+Hysteresis: when the current placement, repaired for capacity and replica-bound violations, places everything with
+no more violations and a max load within `hysteresis` of phase 1's (or, before any search, of the relaxation bound
+with only unavoidable violations), it is kept and nothing but the repairs moves.
 `migration_weight` <= 0 drops the moved-bytes term from phase 2 (moves are treated as free).
-Status OPTIMAL means the max load is proven optimal within the candidate model (phases 0-1); phase 2 stops at its
-time limit or gap like any refinement.
+Status OPTIMAL means the max load is proven optimal (CP-SAT within the candidate model, or equal to the relaxation
+bound); phase 2 is a refinement that stops at its time limit or gap.
 
-Scale comes from candidate sets (candidates.py), a complete greedy hint, a wall-clock limit covering the build, and
-the relaxation lower bound as M's domain floor (CP-SAT stops as soon as it reaches it). Fallback: with no time, or if
-CP-SAT returns no solution, the best greedy (or the repaired current, under the same hysteresis rule) is returned.
+Scale: candidate sets (candidates.py); a complete hint, the best of the balanced greedy, the repaired current
+placement and a sticky rebalance of it (sticky.py, few bytes moved); a wall-clock limit covering everything from the
+problem build on; M's domain floored at the relaxation bound, and phase 1 stopped at the first solution within 0.5 %
+of it with only unavoidable violations. Fallback: with no time, or if CP-SAT returns no solution, the best hint (or
+the repaired current placement, under the same hysteresis rule) is returned as GREEDY_FALLBACK.
 """
 
 from __future__ import annotations
