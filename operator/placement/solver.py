@@ -195,6 +195,8 @@ class _Solve:
         ub_int = pm.ub_int
         pm.hint(hint)
         self.lap("model")
+        if self.remaining() <= 0:  # building took the whole budget: answer now rather than overrun it
+            return self._fallback(hint, repaired)
         migrate = repaired is not None and params.migration_weight > 0
         optimal = True
         if soft:
