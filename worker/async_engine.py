@@ -394,6 +394,9 @@ class AsyncEngineRunner:
     def _dispatch(self, outputs: list[Any]) -> None:
         now = time.monotonic()
         m = self.metrics
+        # One wake-up per event loop per step (not one per request): with hundreds of sequences in a batch, a
+        # call_soon_threadsafe per output would cost a self-pipe write and a GIL hand-off each.
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any, str]]] = {}
         for out in outputs:
             t = self._tracked.get(out.request_id)
             if t is None:
@@ -415,10 +418,14 @@ class AsyncEngineRunner:
                 if m is not None:
                     m.on_finished(t.lora_name, now - t.arrival)
                 self._run_finish_hooks(t, out, now)
+            batches.setdefault(t.loop, []).append((t.queue, out, out.request_id))
+        for loop, items in batches.items():
             try:
-                t.loop.call_soon_threadsafe(t.queue.put_nowait, out)
-            except RuntimeError:  # the handler's loop is closed: nobody is listening
-                self._do_abort(out.request_id)
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the handlers' loop is closed: nobody is listening
+                for _q, out, request_id in items:
+                    if not out.finished:
+                        self._do_abort(request_id)
 
     def _run_finish_hooks(self, t: _Tracked, out: Any, now: float, reason: str | None = None) -> None:
         if not self.finish_hooks:
@@ -481,6 +488,11 @@ class AsyncEngineRunner:
                     self._pending_adds -= 1
             if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(err)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any, str]]) -> None:
+    for q, out, _request_id in items:
+        q.put_nowait(out)
 
 
 def _int(obj: Any, name: str, default: int = 0) -> int:

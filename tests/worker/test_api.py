@@ -67,6 +67,7 @@ def test_health_and_ready(client):
     assert client.get("/health").status_code == 200
     r = client.get("/ready")
     assert r.status_code == 200 and r.json() == {"status": "ready"}
+    assert client.get("/version").json()["version"] == "0.1.0"
 
 
 @pytest.mark.parametrize("model", [SERVED, "ad_r8"])
@@ -362,3 +363,56 @@ def test_unload_while_streaming_finishes_on_started_weights(client, worker, adap
     assert rec.lora_version == ref_rec.lora_version
     assert "".join(text) == ref.json()["choices"][0]["text"]
     assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=2.0)
+
+
+def test_concurrent_mixed_streams_with_cancellations(client, worker, adapters):
+    """24 concurrent requests over base + 2 adapters, streaming and not, every third cancelled mid-stream: each
+    completed one has exactly the tokens it gets alone, cancelled ones are aborted, and no KV block leaks."""
+    import asyncio
+
+    for name in ("ad_r8", "ad_r2qv"):
+        assert load(client, name, adapters[name]).status_code in (200, 400)
+    models = [SERVED, "ad_r8", "ad_r2qv"]
+    jobs = []
+    for i in range(24):
+        body = {
+            "model": models[i % 3],
+            "prompt": f"river {i} " * (1 + i % 5),
+            "max_tokens": 6 + i % 7,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": i % 2 == 0,
+        }
+        jobs.append((f"cc-{i}", body, i % 3 == 2))
+    # the answers alone, one request at a time
+    alone = {}
+    for rid, body, _cancel in jobs:
+        r = client.post("/v1/completions", json={**body, "stream": False}, headers={"X-Request-Id": f"{rid}-alone"})
+        assert r.status_code == 200
+        alone[rid] = worker.finished[f"{rid}-alone"].output_token_ids
+
+    async def one(c: httpx.AsyncClient, rid: str, body: dict, cancel: bool):
+        if not cancel:
+            r = await c.post("/v1/completions", json=body, headers={"X-Request-Id": rid})
+            assert r.status_code == 200, r.text
+            return
+        long = {**body, "max_tokens": 500, "stream": True}
+        async with c.stream("POST", "/v1/completions", json=long, headers={"X-Request-Id": rid}) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen == 2:
+                    break  # leaving the block closes the connection mid-stream
+
+    async def main():
+        async with httpx.AsyncClient(base_url=worker.url, timeout=60) as c:
+            await asyncio.gather(*(one(c, rid, body, cancel) for rid, body, cancel in jobs))
+
+    asyncio.run(main())
+    for rid, _body, cancel in jobs:
+        rec = wait_for(lambda rid=rid: worker.finished.get(rid), timeout=5)
+        if cancel:
+            assert rec.finish_reason == "abort" and len(rec.output_token_ids) < 500
+        else:
+            assert rec.finish_reason == "length" and rec.output_token_ids == alone[rid], rid
+    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=3), _kv_state(worker)

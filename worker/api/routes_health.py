@@ -1,4 +1,4 @@
-"""`/health` (the engine thread is alive), `/ready` (the model is loaded) and `/metrics` (Prometheus text)."""
+"""`/health` (the engine thread is alive), `/ready` (the model is loaded), `/version` and `/metrics` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,18 @@ async def ready(request: Request) -> Response:
         return JSONResponse({"status": "ready"})
     status = "dead" if runner.error else "loading"
     return JSONResponse({"status": status, "reason": runner.error}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        v = package_version("lorafleet")
+    except PackageNotFoundError:
+        v = "unknown"
+    return JSONResponse({"version": v})
 
 
 @router.get("/metrics")
