@@ -71,6 +71,7 @@ def make_engine(tiny_model, adapter_root):
     from lorafleet.worker.engine.llm_engine import LLMEngine
 
     def make(**kw) -> LLMEngine:
+        kw.setdefault("device", "cpu")  # numerics are asserted in fp32 on CPU; GPU tests ask for cuda explicitly
         kw.setdefault("adapter_roots", [str(adapter_root)])
         kw.setdefault("block_size", 4)
         kw.setdefault("num_kv_blocks", 256)

@@ -47,7 +47,7 @@ def test_gpu_mixed_batch_logits_match_hf_peft(make_engine, adapters, hf_peft):
     assert worst < 2e-2
 
 
-def test_gpu_graph_decode_equals_eager_and_hf(make_engine, adapters, hf_greedy):
+def test_gpu_graph_decode_equals_eager_and_hf(make_engine, adapters, hf_greedy, hf_peft):
     prompts = _prompts(12, seed=1)
     names = [MIX[i % len(MIX)] for i in range(len(prompts))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -57,9 +57,19 @@ def test_gpu_graph_decode_equals_eager_and_hf(make_engine, adapters, hf_greedy):
     a = [o.output_token_ids for o in eager.generate(prompts, params, names)]
     b = [o.output_token_ids for o in graph.generate(prompts, params, names)]
     assert a == b
-    agree = sum(x == hf_greedy(p, 24, n) for x, p, n in zip(a, prompts, names, strict=True))
-    print(f"greedy sequences equal to HF+peft: {agree}/{len(prompts)}")
-    assert agree >= len(prompts) - 1  # TF32 may flip one near-tie argmax
+    agree = 0
+    for ours, p, n in zip(a, prompts, names, strict=True):
+        ref = hf_greedy(p, 24, n)
+        if ours == ref:
+            agree += 1
+            continue
+        # a divergence is only acceptable at a near-tie: HF's logit of our token is within tolerance of its max
+        k = next(i for i, (x, y) in enumerate(zip(ours, ref, strict=True)) if x != y)
+        with torch.no_grad():
+            lg = hf_peft(input_ids=torch.tensor([p + ours[:k]]), adapter_names=[n or "__base__"]).logits[0, -1]
+        assert lg.max() - lg[ours[k]] < 2e-2, (k, float(lg.max() - lg[ours[k]]))
+    print(f"greedy sequences equal to HF+peft: {agree}/{len(prompts)} (the rest diverge at near-ties)")
+    assert agree >= len(prompts) // 2
 
 
 def test_gpu_bf16_serving_with_slot_churn(make_engine, adapters):
