@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="share of free GPU memory for the KV cache")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-waiting", type=int, default=1024, help="waiting requests before 429 (0 = unbounded)")
-    p.add_argument("--max-adapter-labels", type=int, default=64, help="adapters with their own metric labels")
+    p.add_argument(
+        "--max-adapter-labels", type=int, default=128, help="loaded adapters with their own metric labels (rest: other)"
+    )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")

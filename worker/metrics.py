@@ -138,7 +138,7 @@ class AdapterLabels:
 class WorkerMetrics:
     """All serving metrics of one worker; updated by the engine runner thread, read by `/metrics`."""
 
-    def __init__(self, served_model_name: str, max_loras: int = 0, max_adapter_labels: int = 64) -> None:
+    def __init__(self, served_model_name: str, max_loras: int = 0, max_adapter_labels: int = 128) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.base_label = served_model_name
         self.max_loras = max_loras

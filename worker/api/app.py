@@ -18,7 +18,6 @@ from lorafleet.worker.api.errors import APIError, api_error_handler, make_handle
 from lorafleet.worker.api.settings import ApiSettings
 from lorafleet.worker.async_engine import AsyncEngineRunner
 from lorafleet.worker.gpu import GpuCollector
-from lorafleet.worker.metrics import WorkerMetrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,3 @@ def create_app(runner: AsyncEngineRunner, settings: ApiSettings, *, gpu_metrics:
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(StarletteHTTPException, http_handler)
     return app
-
-
-def new_metrics(settings: ApiSettings, max_loras: int = 0, max_adapter_labels: int = 64) -> WorkerMetrics:
-    return WorkerMetrics(settings.served_model_name, max_loras=max_loras, max_adapter_labels=max_adapter_labels)
