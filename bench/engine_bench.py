@@ -354,6 +354,17 @@ def main(argv: list[str] | None = None) -> None:
             run_1b(out, cal, q)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
+    gc.collect()
+    torch.cuda.empty_cache()
+    if "llm" in phases:
+        try:
+            from bench.engine_llm_bench import run as llm_run
+
+            r = llm_run(Path("/tmp/lf_llm"), LLAMA_32_1B, 256 if q else 512, [0, 32])
+            m = {f"llm_engine_1b_{k}_tok_s": v["tokens_per_s"] for k, v in r["runs"].items()}
+            write(out, "llm_engine_1b", {"metrics": m, **r})
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
 
 
 def run_8b(out: Path, cal: dict, q: bool, state: dict) -> None:
