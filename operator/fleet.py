@@ -27,6 +27,7 @@ from lorafleet.operator.workerclient import AdapterInfo, WorkerClient, WorkerErr
 log = logging.getLogger(__name__)
 
 ANNOT_DRAIN = "lorafleet.io/drain"
+UNREACHABLE_GRACE = 3.0  # seconds a timing-out worker keeps its last known adapters
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Worker:
     client: WorkerClient | None = None
     adapters: dict[str, AdapterInfo] | None = None  # None: not reachable this cycle
     load: WorkerLoad | None = None
+    stale: bool = False  # adapters are the last known ones (the latest probe timed out)
 
     @property
     def reachable(self) -> bool:
@@ -98,6 +100,7 @@ class BaseModelFleet:
         self._loads: dict[str, WorkerLoad] = {}
         self._last_scrape = 0.0
         self._gone: dict[str, asyncio.Event] = {}
+        self._last_seen: dict[str, tuple[float, dict[str, AdapterInfo]]] = {}
         self.workers: list[Worker] = []
         self.cycles = 0
         self.moves_pending: list[tuple[str, str, str]] = []  # rebalancer moves (adapter, source, target)
@@ -188,9 +191,16 @@ class BaseModelFleet:
                 return
             try:
                 w.adapters = {a.name: a for a in await w.client.adapters()}
+                self._last_seen[w.pod] = (time.monotonic(), w.adapters)
             except WorkerError as exc:
                 log.debug("worker %s unreachable: %s", w.pod, exc)
                 self.rt.metrics.worker_errors.labels(self.name, "adapters").inc()
+                # A slow answer (timeout) from a worker seen healthy moments ago is not a crash: keep its last
+                # known adapters for a short grace so one busy second does not reshuffle routing. A refused
+                # connection (process gone) or a 5xx is believed at once.
+                seen = self._last_seen.get(w.pod)
+                if "Timeout" in exc.message and seen and time.monotonic() - seen[0] < UNREACHABLE_GRACE:
+                    w.adapters, w.stale = seen[1], True
                 return
             if scrape:
                 try:
@@ -200,6 +210,8 @@ class BaseModelFleet:
             w.load = self._loads.get(w.pod)
 
         await asyncio.gather(*(probe(w) for w in workers))
+        for pod in [p for p in self._last_seen if p not in {w.pod for w in workers}]:
+            del self._last_seen[pod]
         live = {(w.pod, w.endpoint) for w in workers}
         busy = {pod for _, pod in self._drains}  # a running drain still owns its client
         for key in [k for k in self._clients if k not in live and k[0] not in busy]:
@@ -258,7 +270,7 @@ class BaseModelFleet:
             assign.WorkerSlot(
                 name=w.pod,
                 node=w.node,
-                capacity=capacity,
+                capacity=0 if w.stale else capacity,  # a timing-out worker keeps what it has, takes nothing new
                 max_rank=int(limits["maxRank"]) if limits.get("maxRank") else None,
                 load=(w.load.total_rate if w.load else 0.0),
             )

@@ -137,6 +137,20 @@ def test_deleted_worker_pod_adapters_move_within_seconds(fleet: LocalFleet) -> N
     wait_for(lambda: len(fleet.routes("bob")) == 2, 30, 0.2, "bob back to 2 replicas")
 
 
+def test_crashed_worker_process_is_routed_around_and_gets_adapters_back(fleet: LocalFleet) -> None:
+    pod = fleet.routes("bob")[0][0]
+    old_ep = fleet.pod_endpoints()[pod]
+    held = [a for a in ADAPTERS if pod in {p for p, _ in fleet.routes(a)}]
+    t0 = time.monotonic()
+    assert fleet.shim.kill_worker(pod)  # SIGKILL, like an OOM kill; the pod object stays
+    for name in held:
+        wait_for(lambda name=name: pod not in {p for p, _ in fleet.routes(name)} and fleet.routes(name), 20, 0.1, name)
+    assert time.monotonic() - t0 < 10
+    # the shim restarts the container (new port, re-annotated); the empty worker gets its replicas back
+    wait_for(lambda: fleet.pod_endpoints().get(pod) not in (None, old_ep), 120, 0.5, "worker restarted")
+    wait_for(lambda: pod in {p for p, _ in fleet.routes("bob")}, 60, 0.2, "bob back on the restarted worker")
+
+
 def test_operator_restart_rebuilds_state_without_duplicate_loads(fleet: LocalFleet) -> None:
     eps = fleet.pod_endpoints()
     loads_before = {pod: fleet.worker_api_loads(ep) for pod, ep in eps.items()}
