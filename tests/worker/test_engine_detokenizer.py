@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from lorafleet.worker.engine.detokenizer import IncrementalDetokenizer
 
 TEXT = " Hello world, the café costs 5€ and 日本語 text 🙂 done"
