@@ -8,6 +8,7 @@ logits of magnitude ~1-10. We assert atol 1e-4, two orders above the observed no
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lorafleet.worker.engine.sequence import SamplingParams
 
@@ -117,7 +118,7 @@ def _compare_with_hf(make_engine, model_dir, prompt_len: int = 40, atol: float =
     return eng
 
 
-def test_rope_scaling_llama3_and_linear_match_hf(tmp_path, make_engine):
+def test_rope_scaling_llama3_linear_yarn_match_hf(tmp_path, make_engine):
     from lorafleet.worker.testing import TinyLlamaSpec, build_tiny_llama
 
     llama3 = {
@@ -127,7 +128,8 @@ def test_rope_scaling_llama3_and_linear_match_hf(tmp_path, make_engine):
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16,
     }
-    for name, scaling in (("llama3", llama3), ("linear", {"rope_type": "linear", "factor": 4.0})):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    for name, scaling in (("llama3", llama3), ("linear", {"rope_type": "linear", "factor": 4.0}), ("yarn", yarn)):
         d = build_tiny_llama(tmp_path / name, TinyLlamaSpec(rope_scaling=scaling, rope_theta=500.0), seed=5)
         _compare_with_hf(make_engine, d, prompt_len=60)  # positions well past original_max_position_embeddings
 
@@ -167,3 +169,12 @@ def test_mistral_shape_with_sliding_window(tmp_path, make_engine):
     MistralForCausalLM(cfg).save_pretrained(str(tmp_path), safe_serialization=True)
     eng = _compare_with_hf(make_engine, tmp_path, prompt_len=30)
     assert eng.model.shape.sliding_window == 12 and eng.model.shape.head_dim == 32
+
+
+def test_dynamic_rope_is_refused_clearly(tmp_path):
+    from lorafleet.worker.loader import load_model
+    from lorafleet.worker.testing import TinyLlamaSpec, build_tiny_llama
+
+    d = build_tiny_llama(tmp_path, TinyLlamaSpec(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match="unsupported rope_type 'dynamic'"):
+        load_model(d, torch.device("cpu"), torch.float32)

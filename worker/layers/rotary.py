@@ -62,10 +62,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        inv_freq, scale = compute_inv_freq(hf_config, head_dim)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = t[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        with torch.device("cpu"):  # exact fp32 tables even when the model is built on the meta device
+            inv_freq, scale = compute_inv_freq(hf_config, head_dim)
+            t = torch.arange(max_positions, dtype=torch.float32)
+            freqs = t[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
