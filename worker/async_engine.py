@@ -449,9 +449,11 @@ class AsyncEngineRunner:
                 log.exception("finish hook %r failed", hook)
 
     def _refresh_counts(self) -> None:
-        stats = self._engine.stats()
+        """The waiting count the 429 check uses, every step; cheap (full stats walk every adapter version)."""
+        waiting = getattr(getattr(self._engine, "scheduler", None), "waiting", None)
+        n = len(waiting) if waiting is not None else int(self._engine.stats().num_waiting)
         with self._lock:
-            self._num_waiting = int(stats.num_waiting)
+            self._num_waiting = n
 
     def _refresh(self, force: bool) -> None:
         now = time.monotonic()
