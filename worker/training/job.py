@@ -134,6 +134,7 @@ class ContinualLearningJob:
         self.last_loss: float | None = None
         self.heldout_loss: float | None = None
         self.tokens_trained = 0
+        self.sequence_tokens = 0  # every token of finished training sequences (feedback + replay), for throughput
         self.counts = {"available": 0, "trained": 0, "rejected": 0, "replay": 0, "heldout": 0}
         self._good = self._snapshot()
         self._rng = torch.Generator().manual_seed(spec.seed)
@@ -277,6 +278,7 @@ class ContinualLearningJob:
 
     def _sequence_done(self, seq: LayerwiseSequence, item: _Item | None) -> None:
         self._group_loss += seq.loss_sum
+        self.sequence_tokens += seq.n
         s = seq.sample
         self._group_tokens += s.loss_tokens
         if s.domain is not None:
@@ -307,9 +309,10 @@ class ContinualLearningJob:
         if self.stash is not None:
             self.metrics.stash_bytes.set(self.stash.bytes_used)
         step = self.trainer.step
-        if self.publisher.due(step):
-            self._publish(reason_ok=False)
-        if self.spec.max_steps is not None and step >= self.spec.max_steps:
+        last = self.spec.max_steps is not None and step >= self.spec.max_steps
+        if self.publisher.due(step) or (last and self.version_steps.get(self.current_version or "", -1) != step):
+            self._publish(reason_ok=False)  # also on completion, so the final weights are always a version
+        if last:
             self.phase = "Succeeded"
 
     # ---- versions ----

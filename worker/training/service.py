@@ -201,25 +201,8 @@ class TrainingService:
     # ---- co-serving (engine thread) ----
     def _on_iteration(self, info) -> None:
         jobs = [j for j in list(self.jobs.values()) if j.phase == "Running"]
-        if not jobs:
-            return
-        budget = self._engine.config.max_num_batched_tokens
-        inference = info.num_scheduled_tokens
-        decoding = info.num_seqs > 0
-        for job in jobs:
-            if job.spec.mode == "standalone":
-                plan = max(0, budget - inference)
-            else:
-                plan = job.scheduler.plan(budget, inference, decoding)
-            t0 = time.perf_counter()
-            used = self._safe_work(job, plan) if plan > 0 else 0.0
-            if used and self._engine.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            job.scheduler.observe(budget, inference, int(used), info.step_seconds + dt, decoding)
-            self.metrics.share.labels(job.spec.adapter).set(job.scheduler.share)
-            self.metrics.finetune_tokens.observe(used)
-            inference += int(used)
+        if jobs:
+            coserve_iteration(self._engine, jobs, info, self.metrics, self._safe_work)
 
     def _safe_work(self, job: ContinualLearningJob, budget: float) -> float:
         """A failing job is marked Failed; it never raises into the engine loop (serving must go on)."""
@@ -279,6 +262,33 @@ class TrainingService:
             "versionsRoot": str(self.versions_root),
             "feedback": len(self.feedback or []),
         }
+
+
+def coserve_iteration(engine, jobs, info, metrics: TrainingMetrics | None = None, work=None) -> float:
+    """FlexLLM step, run at the end of a serving iteration: each job plans its tokens from the leftover budget
+    (AIMD share + cost model), runs that much training, and feeds the iteration's total time back to its
+    controller. Shared by the service's iteration hook and the GPU benchmarks. Returns the units used."""
+    budget = engine.config.max_num_batched_tokens
+    inference = info.num_scheduled_tokens
+    decoding = info.num_seqs > 0
+    total = 0.0
+    for job in jobs:
+        if job.spec.mode == "standalone":
+            plan = max(0, budget - inference)
+        else:
+            plan = job.scheduler.plan(budget, inference, decoding)
+        t0 = time.perf_counter()
+        used = (work(job, plan) if work is not None else job.work(plan)) if plan > 0 else 0.0
+        if used and engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        job.scheduler.observe(budget, inference, int(used), info.step_seconds + dt, decoding)
+        if metrics is not None:
+            metrics.share.labels(job.spec.adapter).set(job.scheduler.share)
+            metrics.finetune_tokens.observe(used)
+        inference += int(used)
+        total += used
+    return total
 
 
 def load_job_file(path: Path) -> JobRequest:

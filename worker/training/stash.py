@@ -6,11 +6,11 @@ tokens against this stored prompt state (`DenseAttentionContext(prefix_kv=...)`)
 That differs from full backprop through the prompt in one way only: the gradient paths from the completion's loss
 through the prompt positions' K/V (into the LoRA weights applied to prompt tokens) are cut; the completion tokens'
 own paths (including their attention over the prompt) are exact. With an unchanged adapter version the stashed K/V
-equal a recomputation bit for bit (same weights, same kernels), so the gradients equal the "recompute the prompt
-under no-grad" gradients; a test proves it. What the backward needs from the prompt is therefore exactly its K/V.
+equal a recomputation up to float rounding (the serving path computes them with the paged attention and the
+segment LoRA ops), so the gradients equal the "recompute the prompt under no-grad" gradients; a test checks it. What the backward needs from the prompt is therefore exactly its K/V.
 
-Memory discipline: captured tensors are copied (non-blocking, on the current stream) into one preallocated host
-arena (pinned on CUDA) in forward order, as the layers run. The arena is a ring: a new allocation overwrites the
+Memory discipline: captured tensors are copied (non-blocking, on a side stream ordered after the layer that made
+them) into one preallocated host arena (pinned on CUDA) in forward order, as the layers run. The arena is a ring: a new allocation overwrites the
 oldest entries (counted as evicted), so recording never allocates, never waits and never grows beyond the cap; a
 request whose recording was overwritten before it finished is simply not stashed. Entries carry the adapter version
 and the job's optimizer step of that version; a stash older than the staleness bound is recomputed or dropped by
@@ -72,6 +72,8 @@ class ActivationStash:
         self.device = torch.device(device)
         pin = self.device.type == "cuda" and torch.cuda.is_available()
         self._arena = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=pin)
+        # D2H copies run on a side stream after the layer's K/V exist, overlapping the rest of the forward
+        self._stream = torch.cuda.Stream(device=self.device) if pin else None
         self._head = 0
         self._allocs: deque[_Alloc] = deque()
         self._entries: OrderedDict[str, StashEntry] = OrderedDict()
@@ -107,8 +109,16 @@ class ActivationStash:
                     self._entries.pop(request_id, None)
                     self.counters.skipped += 1
                     return False
-                dst.copy_(t.detach(), non_blocking=True)
                 views.append(dst)
+            if self._stream is not None and k.is_cuda:
+                self._stream.wait_stream(torch.cuda.current_stream(k.device))
+                with torch.cuda.stream(self._stream):
+                    for dst, t in zip(views, (k, v), strict=True):
+                        dst.copy_(t.detach(), non_blocking=True)
+                        t.record_stream(self._stream)  # keep the source alive until the copy ran
+            else:
+                for dst, t in zip(views, (k, v), strict=True):
+                    dst.copy_(t.detach())
             e.k[layer].append(views[0])
             e.v[layer].append(views[1])
             e.nbytes += k.numel() * k.element_size() + v.numel() * v.element_size()
@@ -127,9 +137,9 @@ class ActivationStash:
                 return False
             e.prompt_ids = list(prompt_ids)
             e.complete = True
-            if self.device.type == "cuda" and torch.cuda.is_available():
+            if self._stream is not None:
                 ev = torch.cuda.Event()
-                ev.record()
+                ev.record(self._stream)
                 e.event = ev
             self.counters.recorded += 1
             return True

@@ -1,0 +1,518 @@
+"""Continual-learning GPU benchmarks (issue 5), on the real engine (`LLMEngine`) with a Llama-3.2-1B-shaped model
+(random bf16 weights, built on the device; no checkpoint download) and a rank-16 adapter on q/k/v/o.
+
+Keys (under `metrics`):
+- activation_reuse_training_speedup: training tokens/s (completion tokens) when the prompt state comes from the
+  activation stash recorded while serving (forward only the completion against it) / a separate trainer that
+  recomputes the forward over prompt + completion (full backprop), same GPU, same feedback.
+- recording_ttft_ratio: serving TTFT p50 with prefill recording on / off, same Poisson arrivals.
+- coserve_finetune_retention_50 / _90: fine-tuning tokens/s while co-serving at 50% / 90% of the max inference load,
+  divided by fine-tuning alone.
+- coserve_p99_tpot_ratio: p99 per-request TPOT co-serving / inference alone, same arrivals (90% load).
+- coserve_vs_timeslice_finetune_throughput: fine-tuning tokens/s of co-serving / of alternating 64 inference
+  iterations with 64 fine-tuning iterations, same arrivals (90% load); both latency-target attainments reported.
+The co-serving job's TPOT target is 1.10 x the p99 TPOT of inference alone at the same arrivals.
+
+Run on the GPU machine (repo not installed): `python bench/cl_gpu.py --out DIR` (a sys.path/__path__ shim makes
+`lorafleet.worker` importable from the checkout). CPU smoke: `python bench/cl_gpu.py --device cpu --tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shim() -> None:
+    try:
+        import lorafleet.worker  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    sys.path.insert(0, str(ROOT))
+    import lorafleet
+
+    lorafleet.__path__.append(str(ROOT))
+
+
+_shim()
+
+import torch  # noqa: E402
+
+LLAMA_32_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+)
+
+
+class Cfg:
+    def __init__(self, tiny: bool, device: str) -> None:
+        self.tiny = tiny
+        self.device = device
+        gpu = device.startswith("cuda")
+        self.budget = 256 if tiny else 2048
+        self.max_seqs = 16 if tiny else 128
+        self.inf_prompt = 32 if tiny else 256
+        self.inf_out = 16 if tiny else 128
+        self.ft_prompt = 48 if tiny else 512
+        self.ft_completion = 16 if tiny else 128
+        self.duration = 4.0 if tiny else 20.0
+        self.reuse_samples = 8 if tiny else 32
+        self.stash_bytes = (64 << 20) if tiny else (4 << 30)
+        self.dtype = "float32" if not gpu else "bfloat16"
+
+
+def build_checkpoint(cfg: Cfg, work: Path) -> Path:
+    from lorafleet.worker.testing import TinyLlamaSpec, build_tiny_llama, build_tokenizer
+
+    out = work / "model"
+    if cfg.tiny:
+        return build_tiny_llama(out, TinyLlamaSpec(hidden_size=128, intermediate_size=256, num_hidden_layers=4))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True)
+    tok = build_tokenizer(out)
+    hf = LlamaConfig(
+        **LLAMA_32_1B,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+    )
+    with torch.device(cfg.device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(hf).to(torch.bfloat16)
+    model.save_pretrained(str(out), safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def build_adapter(shape, root: Path, rank: int = 16) -> Path:
+    from lorafleet.worker.training.versions import save_peft_adapter
+
+    g = torch.Generator().manual_seed(1)
+    w = {}
+    for layer in range(shape.num_layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            fin, fout = shape.proj_dims(proj)
+            w[(layer, proj)] = (torch.randn(rank, fin, generator=g) * 0.02, torch.randn(fout, rank, generator=g) * 0.02)
+    return save_peft_adapter(root / "ad", w, rank, 2 * rank, ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def make_engine(cfg: Cfg, ckpt: Path, root: Path):
+    from lorafleet.worker.config import EngineConfig
+    from lorafleet.worker.engine.llm_engine import LLMEngine
+
+    ec = EngineConfig(
+        model=str(ckpt),
+        device=cfg.device,
+        dtype=cfg.dtype,
+        max_num_batched_tokens=cfg.budget,
+        max_num_seqs=cfg.max_seqs,
+        adapter_roots=[str(root)],
+        kv_cache_fraction=0.35,
+        kv_cache_bytes=256 << 20,
+        max_model_len=2048,
+    )
+    eng = LLMEngine(ec)
+    return eng
+
+
+def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0, mode: str = "coserve"):
+    from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
+    from lorafleet.worker.training.metrics import TrainingMetrics
+    from lorafleet.worker.training.trainer import OptimConfig
+    from lorafleet.worker.training.versions import PublishPolicy
+
+    spec = JobSpec(
+        name=name,
+        adapter="ad",
+        mode=mode,
+        epochs=10_000,
+        optim=OptimConfig(lr=1e-4, grad_accumulation=4),
+        publish=PublishPolicy(every_steps=10**9),
+        heldout_fraction=0.0,
+        replay_ratio=0.0,
+        tpot_ms=tpot_ms,
+        min_share=0.05,
+        record_activations=record,
+        stash_bytes=engine_stash_bytes(engine),
+        max_seq_tokens=4096,
+    )
+    return ContinualLearningJob(spec, engine, root / "versions", {}, TrainingMetrics())
+
+
+def engine_stash_bytes(engine) -> int:
+    return getattr(engine, "_bench_stash_bytes", 64 << 20)
+
+
+def feed(job, cfg: Cfg, n: int, seed: int) -> None:
+    from lorafleet.worker.training.feedback import FeedbackSample
+
+    rng = random.Random(seed)
+    vocab = min(job.engine.model.shape.vocab_size, 30000)
+    for i in range(n):
+        p = [rng.randrange(10, vocab) for _ in range(cfg.ft_prompt)]
+        c = [rng.randrange(10, vocab) for _ in range(cfg.ft_completion)]
+        job.offer(FeedbackSample("ad", "pair", p, c, feedback_id=f"fb-{seed}-{i}", seq=i))
+
+
+def sync(cfg: Cfg) -> None:
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def run_load(engine, cfg: Cfg, rate: float | None, seed: int, job=None, mode: str = "alone", record_job=None) -> dict:
+    """Drives the engine with Poisson arrivals (rate req/s; None = closed loop of 4 x max_seqs requests) for
+    cfg.duration seconds. mode: alone | coserve (iteration hook) | timeslice (64 inference / 64 training its).
+    Returns TTFT/TPOT lists, fine-tuning sequence tokens and the window length."""
+    from lorafleet.worker.engine.sequence import SamplingParams
+    from lorafleet.worker.training.service import coserve_iteration
+
+    rng = random.Random(seed)
+    vocab = min(engine.model.shape.vocab_size, 30000)
+    if rate is None:
+        arrivals = [0.0] * (4 * cfg.max_seqs)
+    else:
+        arrivals, t = [], 0.0
+        while True:
+            t += rng.expovariate(rate)
+            if t > cfg.duration:
+                break
+            arrivals.append(t)
+    prompts = [[rng.randrange(10, vocab) for _ in range(cfg.inf_prompt)] for _ in arrivals]
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.inf_out, ignore_eos=True)
+    engine.iteration_hooks.clear()
+    if mode == "coserve" and job is not None:
+        engine.iteration_hooks.append(lambda info: coserve_iteration(engine, [job], info))
+    seqs: dict[str, dict] = {}
+    ft0 = job.sequence_tokens if job is not None else 0
+    sync(cfg)
+    t0 = time.perf_counter()
+    i = 0
+    iters = 0
+    phase_train = False
+    phase_left = 64
+    window_end = None
+    while True:
+        now = time.perf_counter() - t0
+        while i < len(arrivals) and arrivals[i] <= now:
+            rid = f"r{seed}-{i}"
+            engine.add_request(rid, prompts[i], params, "ad")
+            seqs[rid] = {"arr": t0 + arrivals[i], "times": []}
+            i += 1
+        if rate is None and i == len(arrivals) and window_end is None:
+            window_end = 0.0
+        done = i == len(arrivals) and not engine.has_unfinished_requests()
+        if done:
+            break
+        if mode == "timeslice" and job is not None and phase_train:
+            job.work(cfg.budget)
+            sync(cfg)
+            phase_left -= 1
+            if phase_left == 0:
+                phase_train, phase_left = False, 64
+            continue
+        if engine.has_unfinished_requests():
+            outs = engine.step()
+            iters += 1
+            tnow = time.perf_counter()
+            for o in outs:
+                if o.new_token_ids and o.request_id in seqs:
+                    seqs[o.request_id]["times"].append(tnow)
+            if mode == "timeslice":
+                phase_left -= 1
+                if phase_left == 0:
+                    phase_train, phase_left = True, 64
+        elif job is not None and mode in ("coserve", "alone_ft"):
+            job.work(cfg.budget)  # idle: fine-tuning gets the whole budget
+            sync(cfg)
+        else:
+            time.sleep(0.0002)
+        if rate is not None and now > cfg.duration + 60:
+            break
+    elapsed = time.perf_counter() - t0
+    ttft = [s["times"][0] - s["arr"] for s in seqs.values() if s["times"]]
+    tpot = [(s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1) for s in seqs.values() if len(s["times"]) > 1]
+    ft_tokens = (job.sequence_tokens - ft0) if job is not None else 0
+    engine.iteration_hooks.clear()
+    return {
+        "requests": len(seqs),
+        "elapsed_s": elapsed,
+        "req_per_s": len(seqs) / elapsed,
+        "ttft": ttft,
+        "tpot": tpot,
+        "ft_tokens": ft_tokens,
+        "ft_tokens_per_s": ft_tokens / elapsed,
+        "iterations": iters,
+    }
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+def finetune_alone(engine, job, cfg: Cfg) -> float:
+    """Fine-tuning tokens/s with the whole budget every iteration and no inference."""
+    job.work(cfg.budget * 4)  # warm-up
+    sync(cfg)
+    t0 = time.perf_counter()
+    n0 = job.sequence_tokens
+    while time.perf_counter() - t0 < cfg.duration / 2:
+        job.work(cfg.budget)
+        sync(cfg)
+    return (job.sequence_tokens - n0) / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
+    """Stash reuse vs a separate trainer that recomputes the forward (same samples, same steps)."""
+    from lorafleet.worker.engine.sequence import SamplingParams
+    from lorafleet.worker.training.lora_context import TrainableLoRA
+    from lorafleet.worker.training.recorder import PrefillRecorder
+    from lorafleet.worker.training.stash import ActivationStash
+    from lorafleet.worker.training.trainer import LoRATrainer, OptimConfig, TrainSample
+
+    rng = random.Random(3)
+    vocab = min(engine.model.shape.vocab_size, 30000)
+    n = cfg.reuse_samples
+    prompts = [[rng.randrange(10, vocab) for _ in range(cfg.ft_prompt)] for _ in range(n)]
+    stash = ActivationStash(cfg.stash_bytes, engine.device)
+    engine.runner.capture_hook = PrefillRecorder(
+        lambda name: (stash, lambda v: 0) if name == "ad" else None, engine.model.shape.num_layers
+    )
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), ["ad"] * n)
+    engine.runner.capture_hook = None
+    completions = [[rng.randrange(10, vocab) for _ in range(cfg.ft_completion)] for _ in range(n)]
+    lora = TrainableLoRA.from_peft(engine.model.shape, engine.store.current("ad").path, device=engine.device)
+    trainer = LoRATrainer(engine.model, lora, OptimConfig(grad_accumulation=4), compute_dtype=engine.dtype)
+    group = 4
+
+    def reuse_samples(idx):
+        out = []
+        for j in idx:
+            e = stash.take(outs[j].request_id)
+            kv = stash.load(e, engine.device, engine.dtype)
+            m = len(prompts[j]) - 1
+            out.append(TrainSample(prompts[j], completions[j], prefix_kv=[(k[:m], v[:m]) for k, v in kv]))
+        return out
+
+    def full_samples(idx):
+        return [TrainSample(prompts[j], completions[j]) for j in idx]
+
+    # warm-up both paths (kernels, allocator) on the first group, then time the rest
+    trainer.train_step(full_samples(range(group)))
+    trainer.train_step(reuse_samples(range(group)))
+    sync(cfg)
+    timed = [list(range(s, s + group)) for s in range(group, n - group + 1, group)]
+    t0 = time.perf_counter()
+    for idx in timed:
+        trainer.train_step(full_samples(idx))
+    sync(cfg)
+    t_full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for idx in timed:
+        trainer.train_step(reuse_samples(idx))  # includes bringing the stash back from host memory
+    sync(cfg)
+    t_reuse = time.perf_counter() - t0
+    tokens = sum(cfg.ft_completion for idx in timed for _ in idx)
+    return {
+        "stash_recorded": stash.counters.recorded,
+        "tokens": tokens,
+        "full_recompute_tokens_per_s": tokens / t_full,
+        "reuse_tokens_per_s": tokens / t_reuse,
+        "speedup": t_full / t_reuse,
+        "prompt_tokens": cfg.ft_prompt,
+        "completion_tokens": cfg.ft_completion,
+    }
+
+
+def bench_recording(engine, cfg: Cfg, root: Path, rate: float) -> dict:
+    from lorafleet.worker.training.recorder import PrefillRecorder
+    from lorafleet.worker.training.stash import ActivationStash
+
+    off = run_load(engine, cfg, rate, seed=11)
+    stash = ActivationStash(cfg.stash_bytes, engine.device)
+    engine.runner.capture_hook = PrefillRecorder(
+        lambda name: (stash, lambda v: 0) if name == "ad" else None, engine.model.shape.num_layers
+    )
+    on = run_load(engine, cfg, rate, seed=11)
+    engine.runner.capture_hook = None
+    return {
+        "ttft_p50_off": pct(off["ttft"], 0.5),
+        "ttft_p50_on": pct(on["ttft"], 0.5),
+        "ratio": pct(on["ttft"], 0.5) / pct(off["ttft"], 0.5),
+        "recorded": stash.counters.recorded,
+        "evicted": stash.counters.evicted,
+        "skipped": stash.counters.skipped,
+        "rate": rate,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--phase", action="append", default=None, help="reuse | recording | coserve (default: all)")
+    args = ap.parse_args(argv)
+    phases = args.phase or ["reuse", "recording", "coserve"]
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    cfg = Cfg(args.tiny, args.device)
+    work = Path(tempfile.mkdtemp(prefix="cl-gpu-"))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {
+        "command": " ".join(["bench/cl_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "device": _device(args.device),
+        "commit": _commit(),
+        "config": {k: v for k, v in vars(cfg).items()},
+        "metrics": {},
+        "raw": {},
+        "errors": {},
+    }
+    out_file = out_dir / ("cl_gpu_tiny.json" if args.tiny else "cl_gpu.json")
+
+    def save() -> None:
+        out_file.write_text(json.dumps(result, indent=1, default=str))
+
+    t_all = time.perf_counter()
+    ckpt = build_checkpoint(cfg, work)
+    root = work / "adapters"
+    root.mkdir()
+    engine = make_engine(cfg, ckpt, root)
+    engine._bench_stash_bytes = cfg.stash_bytes
+    build_adapter(engine.model.shape, root)
+    engine.load_adapter("ad", str(root / "ad"), "v1")
+    result["raw"]["setup_s"] = time.perf_counter() - t_all
+    m = result["metrics"]
+
+    if "reuse" in phases:
+        try:
+            r = bench_reuse(engine, cfg, root)
+            result["raw"]["reuse"] = r
+            m["activation_reuse_training_speedup"] = r["speedup"]
+        except Exception:  # noqa: BLE001 - keep the other phases
+            result["errors"]["reuse"] = traceback.format_exc()
+        save()
+
+    # max inference load (closed loop), shared by the phases below
+    run_load(engine, cfg, None, seed=1)  # warm-up (CUDA graphs, allocator)
+    closed = run_load(engine, cfg, None, seed=2)
+    r_max = closed["req_per_s"]
+    result["raw"]["max_load_req_per_s"] = r_max
+    save()
+
+    if "recording" in phases:
+        try:
+            r = bench_recording(engine, cfg, root, 0.5 * r_max)
+            result["raw"]["recording"] = r
+            m["recording_ttft_ratio"] = r["ratio"]
+        except Exception:  # noqa: BLE001
+            result["errors"]["recording"] = traceback.format_exc()
+        save()
+
+    if "coserve" in phases:
+        try:
+            job = make_job(engine, root, "ft", record=False)
+            feed(job, cfg, 256, seed=5)
+            alone = finetune_alone(engine, job, cfg)
+            raw = {"finetune_alone_tokens_per_s": alone}
+            for load in (0.5, 0.9):
+                rate = load * r_max
+                inf = run_load(engine, cfg, rate, seed=20 + int(load * 10))
+                target_s = 1.10 * pct(inf["tpot"], 0.99)
+                job.scheduler.cfg.tpot_target_s = target_s
+                job.scheduler.share = job.scheduler.cfg.initial_share
+                co = run_load(engine, cfg, rate, seed=20 + int(load * 10), job=job, mode="coserve")
+                key = f"{int(load * 100)}"
+                att_inf = sum(t <= target_s for t in inf["tpot"]) / max(1, len(inf["tpot"]))
+                att_co = sum(t <= target_s for t in co["tpot"]) / max(1, len(co["tpot"]))
+                raw[key] = {
+                    "rate": rate,
+                    "tpot_target_s": target_s,
+                    "inference_alone": _summ(inf),
+                    "coserve": _summ(co),
+                    "attainment_alone": att_inf,
+                    "attainment_coserve": att_co,
+                    "final_share": job.scheduler.share,
+                }
+                m[f"coserve_finetune_retention_{key}"] = co["ft_tokens_per_s"] / alone
+                if load == 0.9:
+                    m["coserve_p99_tpot_ratio"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
+                    ts = run_load(engine, cfg, rate, seed=20 + int(load * 10), job=job, mode="timeslice")
+                    att_ts = sum(t <= target_s for t in ts["tpot"]) / max(1, len(ts["tpot"]))
+                    raw[key]["timeslice"] = _summ(ts)
+                    raw[key]["attainment_timeslice"] = att_ts
+                    m["coserve_vs_timeslice_finetune_throughput"] = co["ft_tokens_per_s"] / max(
+                        1e-9, ts["ft_tokens_per_s"]
+                    )
+                else:
+                    m["coserve_p99_tpot_ratio_50"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
+                result["raw"]["coserve"] = raw
+                save()
+        except Exception:  # noqa: BLE001
+            result["errors"]["coserve"] = traceback.format_exc()
+        save()
+    result["raw"]["total_s"] = time.perf_counter() - t_all
+    save()
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result["metrics"], indent=1))
+    if result["errors"]:
+        print(json.dumps(result["errors"], indent=1), file=sys.stderr)
+    return 0
+
+
+def _summ(r: dict) -> dict:
+    return {
+        "requests": r["requests"],
+        "elapsed_s": r["elapsed_s"],
+        "ttft_p50": pct(r["ttft"], 0.5),
+        "tpot_p50": pct(r["tpot"], 0.5),
+        "tpot_p99": pct(r["tpot"], 0.99),
+        "ft_tokens_per_s": r["ft_tokens_per_s"],
+        "iterations": r["iterations"],
+    }
+
+
+def _device(device: str) -> dict:
+    d = {"torch": torch.__version__, "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        d["name"] = torch.cuda.get_device_name(0)
+    return d
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
