@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import threading
 from typing import Any
 
@@ -24,6 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--standalone", action="store_true", help="no peering: always active")
     group.add_argument("--peering", default=None, help="kopf peering object name (one active replica)")
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority; the highest live replica is active (default: random, so replicas never tie: "
+        "kopf pauses every replica when two share the top priority)",
+    )
     p.add_argument("--kubeconfig", default=None)
     p.add_argument(
         "--local-endpoints",
@@ -87,6 +95,7 @@ async def run_operator(
     await kopf.operator(
         standalone=bool(args.standalone or not args.peering),
         peering_name=args.peering,
+        priority=args.priority if args.priority is not None else random.randint(1, 1_000_000),
         clusterwide=bool(args.all_namespaces),
         namespaces=args.namespace if not args.all_namespaces else (),
         liveness_endpoint=liveness,

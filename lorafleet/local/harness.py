@@ -81,6 +81,7 @@ class LocalFleet:
         self.discovery = client.DiscoveryV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.apps = client.AppsV1Api(api)
+        self.policy = client.PolicyV1Api(api)
         self.http = httpx.Client(timeout=60.0)
         self.shim: Any = None
         self.operator: subprocess.Popen[bytes] | None = None
@@ -109,14 +110,15 @@ class LocalFleet:
             **kwargs,
         ).start()
 
-    def start_operator(self) -> subprocess.Popen[bytes]:
+    def start_operator(self, peering: list[str] | None = None) -> subprocess.Popen[bytes]:
+        """Starts `lorafleet operator` (standalone unless `peering` flags are given, e.g. ["--peering", "x"])."""
         self.operator_metrics_port = free_port()
         argv = [
             sys.executable,
             "-m",
             "lorafleet.cli",
             "operator",
-            "--standalone",
+            *(peering or ["--standalone"]),
             "--local-endpoints",
             "-n",
             self.namespace,

@@ -32,10 +32,12 @@ def test_basemodel_creates_owned_children_and_workers_become_ready(fleet: LocalF
     uid = bm["metadata"]["uid"]
     dep = wait_for(lambda: fleet.apps.read_namespaced_deployment(res.worker_name(BM), fleet.namespace), 30)
     assert dep.metadata.owner_references[0].uid == uid
-    assert (
-        fleet.core.read_namespaced_service(res.worker_name(BM), fleet.namespace).metadata.owner_references[0].uid == uid
-    )
-    assert fleet.core.read_namespaced_secret(res.admin_secret_name(BM), fleet.namespace).data["token"]
+    svc = wait_for(lambda: fleet.core.read_namespaced_service(res.worker_name(BM), fleet.namespace), 30)
+    assert svc.metadata.owner_references[0].uid == uid
+    pdb = wait_for(lambda: fleet.policy.read_namespaced_pod_disruption_budget(res.worker_name(BM), fleet.namespace), 30)
+    assert pdb.metadata.owner_references[0].uid == uid and pdb.spec.max_unavailable == 1
+    secret = wait_for(lambda: fleet.core.read_namespaced_secret(res.admin_secret_name(BM), fleet.namespace), 30)
+    assert len(secret.data["token"]) > 40
     args = dep.spec.template.spec.containers[0].args
     assert args[args.index("--admin-token-file") + 1] == "/var/run/lorafleet/admin/token"
     wait_for(lambda: (fleet.get(c.BASEMODELS, BM).get("status") or {}).get("readyWorkers") == 2, 180, 0.5, "2 workers")

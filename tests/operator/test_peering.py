@@ -1,0 +1,51 @@
+"""kopf peering: with `--peering`, a second operator replica stays passive while a higher-priority one is alive,
+and takes over when it leaves. Real API server, real operator subprocesses (as the manifests' ServiceAccount)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from lorafleet.operator import constants as c
+from lorafleet.operator import resources as res
+
+from lorafleet.local.harness import LocalFleet, service_account_kubeconfig, wait_for
+from lorafleet.local.samples import basemodel
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_passive_replica_takes_over(op_cluster, crds, tmp_path: Path) -> None:
+    ns = f"peer-{uuid.uuid4().hex[:6]}"
+    sa = service_account_kubeconfig(op_cluster.kubeconfig, tmp_path / "sa.kubeconfig", ROOT / "manifests")
+    a = LocalFleet(op_cluster.kubeconfig, ns, tmp_path / "a", operator_kubeconfig=sa)
+    b = LocalFleet(op_cluster.kubeconfig, ns, tmp_path / "b", operator_kubeconfig=sa)
+    a.ensure_namespace()
+    a.custom.create_namespaced_custom_object(
+        "kopf.dev",
+        "v1",
+        ns,
+        "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "lf"}},
+    )
+    try:
+        a.start_operator(["--peering", "lf", "--priority", "10"])
+        wait_for(lambda: "Initial authentication has finished" in a.operator_log(), 30, 0.2, "A up")
+        b.start_operator(["--peering", "lf", "--priority", "5"])
+        wait_for(lambda: "Initial authentication has finished" in b.operator_log(), 30, 0.2, "B up")
+        a.create(c.BASEMODELS, basemodel("served-by-a", "/nonexistent/model", replicas=0))
+        wait_for(lambda: a.apps.read_namespaced_deployment(res.worker_name("served-by-a"), ns), 30, 0.2, "A acts")
+        time.sleep(5)
+        # kopf starts every peered replica paused; B must never resume while A (priority 10) is alive
+        assert "Resuming operations" not in b.operator_log()
+        assert "served-by-a" not in b.operator_log()
+        a.stop_operator()  # graceful: A removes itself from the peering object
+        wait_for(lambda: "Resuming operations" in b.operator_log(), 60, 0.2, "B resumes")
+        a.create(c.BASEMODELS, basemodel("served-by-b", "/nonexistent/model", replicas=0))
+        wait_for(lambda: a.apps.read_namespaced_deployment(res.worker_name("served-by-b"), ns), 30, 0.2, "B acts")
+    finally:
+        a.close()
+        b.close()
