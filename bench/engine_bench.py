@@ -330,9 +330,9 @@ def main(argv: list[str] | None = None) -> None:
             write(out, "lora_kernels", {"metrics": {}, **rep})
         except Exception:  # noqa: BLE001
             traceback.print_exc()
-    if "8b" in phases:
+    if "8b" in phases or "8bsteps" in phases:
         try:
-            run_8b(out, cal, q, state)
+            run_8b(out, cal, q, state, steps_only="8b" not in phases)
         except Exception:  # noqa: BLE001 - keep going with the other phases
             traceback.print_exc()
     gc.collect()
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
 
 
-def run_8b(out: Path, cal: dict, q: bool, state: dict) -> None:
+def run_8b(out: Path, cal: dict, q: bool, state: dict, steps_only: bool = False) -> None:
     cfg = llama_config(LLAMA_31_8B)
     t0 = time.perf_counter()
     slots = 128
@@ -402,6 +402,8 @@ def run_8b(out: Path, cal: dict, q: bool, state: dict) -> None:
         traceback.print_exc()
     print("8B metrics so far", m, flush=True)
     write(out, "8b_steps", {"metrics": m, "calib": cal, **res})
+    if steps_only:
+        return
     try:
         res["cold_ttft"] = ct = cold_ttft(model, 128)
         m["cold_adapter_ttft_ms_host"] = ct["median"]["host_ms"]

@@ -124,6 +124,7 @@ def run(budget_s: float = 100.0) -> dict:
                 # correctness of the winner against the default's result (shrink accumulates: compare increments)
                 for n in names:
                     fn, outbuf, _, _ = cs[n]
+                    outbuf.normal_()  # timing replays accumulated into it (bf16 y can reach inf)
                     before = outbuf.clone()
                     fn()
                     got = outbuf.float() - before.float()
