@@ -26,6 +26,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     adapter_roots: list[str] = field(default_factory=list)
     enforce_eager: bool = False
+    enable_prefix_caching: bool = False  # reuse KV of identical prompt prefixes (salted by adapter version)
     seed: int = 0
 
     def validate(self) -> None:

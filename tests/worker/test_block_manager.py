@@ -35,3 +35,28 @@ def test_shared_block_is_freed_by_last_user():
     assert bm.num_free == 2
     bm.free(b)
     assert bm.num_free == 3
+
+
+def test_prefix_cache_reuses_full_blocks_salted_by_adapter():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = _seq(10)  # tokens 0..9: two full blocks + 2
+    assert bm.match_prefix(a, None) == 0 and bm.allocate_to(a, 10)
+    a.num_computed_tokens = 10
+    bm.commit(a, None)
+    assert len(bm.cached) == 2 and len(a.block_hashes) == 2
+    b = _seq(9)  # same first 8 tokens: reuses both blocks, computes the 9th token itself
+    assert bm.match_prefix(b, None) == 8 and b.block_table == a.block_table[:2]
+    assert bm.ref_counts[a.block_table[0]] == 2
+    c = _seq(8)  # exactly two blocks: the last block is recomputed so the last token yields logits
+    assert bm.match_prefix(c, None) == 4
+    d = _seq(10)
+    assert bm.match_prefix(d, ("adapter", "v1")) == 0  # other adapter version: other KV, no reuse
+    for s in (a, b, c):
+        bm.free(s)
+    assert bm.num_free == 8 and len(bm.cached) == 2  # freed blocks keep their contents until reallocated
+    e = _seq(9)
+    assert bm.match_prefix(e, None) == 8 and bm.num_free == 6
+    bm.free(e)
+    big = _seq(32)
+    assert bm.allocate_to(big, 32) and not bm.cached  # reallocation evicts the cached hashes
+    bm.free(big)

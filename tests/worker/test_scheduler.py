@@ -123,3 +123,29 @@ def test_many_streams_mixed_adapters_and_aborts(make_engine, adapters):
             assert o.lora_name == choice[i]
     assert eng.store.counters["slot_evictions"] > 0
     _assert_clean(eng)
+
+
+def test_prefix_caching_skips_shared_prompt_blocks_with_identical_outputs(make_engine, adapters):
+    system = _prompts(1, seed=9)[0] * 4  # a long shared "system prompt"
+    prompts = [system + [20 + i, 30 + i, 40 + i] for i in range(4)]
+    names = [None, "ad_r4", None, "ad_r4"]
+    ref = make_engine(block_size=4)
+    ref.load_adapter("ad_r4", str(adapters["ad_r4"]))
+    expect = [o.output_token_ids for o in ref.generate(prompts, GREEDY, names)]
+    eng = make_engine(block_size=4, enable_prefix_caching=True, num_kv_blocks=64)
+    eng.load_adapter("ad_r4", str(adapters["ad_r4"]))
+    first = eng.generate(prompts[:2], GREEDY, names[:2])  # fills the cache for base and for ad_r4
+    assert eng.stats().prefix_cache_hit_tokens == 0
+    seen = []
+    eng.iteration_hooks.append(seen.append)
+    rest = eng.generate(prompts[2:], GREEDY, names[2:])
+    reused = (len(system) + 2) // 4 * 4
+    assert eng.stats().prefix_cache_hit_tokens == 2 * reused
+    assert seen[0].num_scheduled_tokens == sum(len(p) for p in prompts[2:]) - 2 * reused
+    assert [o.output_token_ids for o in first + rest] == expect
+    _assert_clean(eng)
+    # a tiny cache under pressure: still correct, nothing leaked
+    small = make_engine(block_size=4, enable_prefix_caching=True, num_kv_blocks=20, max_num_seqs=2)
+    small.load_adapter("ad_r4", str(adapters["ad_r4"]))
+    assert [o.output_token_ids for o in small.generate(prompts, GREEDY, names)] == expect
+    _assert_clean(small)

@@ -55,6 +55,7 @@ class EngineStats:
     running_by_adapter: dict[str, int] = field(default_factory=dict)
     waiting_by_adapter: dict[str, int] = field(default_factory=dict)
     max_loras: int = 0
+    prefix_cache_hit_tokens: int = 0
     adapters: dict[str, int] = field(default_factory=dict)  # store tier counts and load/evict counters
 
 
@@ -80,7 +81,7 @@ class LLMEngine:
             roots=config.adapter_roots,
         )
         num_blocks = config.num_kv_blocks or self._derive_num_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.store)
         self.runner = ModelRunner(
             self.model,
@@ -185,6 +186,7 @@ class LLMEngine:
             forward_s = self.runner.last_forward_seconds
             for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
                 seq.num_computed_tokens += n
+                self.block_manager.commit(seq, seq.cache_salt)
             for seq, tok in sampled.items():
                 outputs.append(self._append_token(seq, tok))
             self._prefetch_waiting()
@@ -274,6 +276,7 @@ class LLMEngine:
             running_by_adapter=dict(run),
             waiting_by_adapter=dict(wait),
             max_loras=self.config.max_loras,
+            prefix_cache_hit_tokens=bm.hit_tokens,
             adapters=self.store.stats(),
         )
 

@@ -32,6 +32,15 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
     return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+def _pad_tables(tables: list[list[int]], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, width] block table, zero padded, built with one scatter (CUDA graphs use width = max_model_len blocks)."""
+    lens = torch.tensor([len(t) for t in tables])
+    out = torch.zeros(len(tables), width, dtype=dtype)
+    flat = torch.tensor([b for t in tables for b in t], dtype=dtype)
+    out[torch.arange(width)[None, :] < lens[:, None]] = flat
+    return out
+
+
 class StepInputs:
     """Flat tensors for one forward: tokens sorted by adapter, their positions, KV slots and LoRA segments."""
 
@@ -42,6 +51,7 @@ class StepInputs:
         block_size: int,
         device: torch.device,
         table_width: int | None = None,
+        int32_tables: bool = False,
     ) -> None:
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
         self.order = order
@@ -75,14 +85,11 @@ class StepInputs:
                 seg_slots.append(seq.slot)
                 seg_indptr.append(len(ids))
         width = table_width or max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
         self.num_seqs = len(seqs)
         self.input_ids = torch.tensor(ids, dtype=torch.long, device=device)
         self.positions = torch.tensor(pos, dtype=torch.long, device=device)
         self.slot_mapping = torch.tensor(slot_map, dtype=torch.long, device=device)
-        self.block_tables = torch.tensor(
-            padded, dtype=torch.long if table_width is None else torch.int32, device=device
-        )
+        self.block_tables = _pad_tables(tables, width, torch.int32 if int32_tables else torch.long).to(device)
         self.seq_lens = torch.tensor(
             [s + n for s, n in zip(starts, qlens, strict=True)], dtype=torch.int32, device=device
         )
@@ -158,7 +165,9 @@ class ModelRunner:
             self._capture_graphs(max_num_seqs)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        return StepInputs(batch.seqs, batch.num_tokens, self.block_size, self.device, self.table_width)
+        graph_decode = self.graph_runner is not None and all(n == 1 for n in batch.num_tokens)
+        width = self.table_width if graph_decode else None  # graphs need the static width, eager steps do not
+        return StepInputs(batch.seqs, batch.num_tokens, self.block_size, self.device, width, self.use_triton)
 
     def _graph_forward(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
         attn = TritonPagedAttentionContext(

@@ -117,8 +117,11 @@ class Scheduler:
                 if slot is None:
                     i += 1  # every slot is pinned by other adapters' running sequences: try the next request
                     continue
+            self.bm.match_prefix(seq, seq.cache_salt)
             n = min(seq.num_remaining, budget)
             if not self.bm.allocate_to(seq, seq.num_computed_tokens + n):
+                self.bm.free(seq)  # give back prefix-cache hits too; they stay cached
+                seq.num_computed_tokens = 0
                 break  # out of KV blocks: admit nobody else this step
             del self.waiting[i]
             if seq.adapter is not None:

@@ -71,6 +71,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # prefix-cache hashes of the full, computed blocks
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
@@ -100,6 +101,11 @@ class Sequence:
     @property
     def lora_version(self) -> str | None:
         return self.adapter.version if self.adapter else None
+
+    @property
+    def cache_salt(self) -> tuple[str, str] | None:
+        """KV depends on the adapter version too: it salts the prefix-cache hashes."""
+        return (self.adapter.name, self.adapter.version) if self.adapter else None
 
     @property
     def slot(self) -> int:
