@@ -188,7 +188,7 @@ def run_load(engine, cfg: Cfg, rate: float | None, seed: int, job=None, mode: st
     cfg.duration seconds. mode: alone | coserve (iteration hook) | timeslice (64 inference / 64 training its).
     Returns TTFT/TPOT lists, fine-tuning sequence tokens and the window length."""
     from lorafleet.worker.engine.sequence import SamplingParams
-    from lorafleet.worker.training.service import coserve_iteration
+    from lorafleet.worker.training.coserve import coserve_iteration
 
     rng = random.Random(seed)
     vocab = min(engine.model.shape.vocab_size, 30000)
@@ -309,7 +309,9 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
     engine.runner.capture_hook = None
     completions = [[rng.randrange(10, vocab) for _ in range(cfg.ft_completion)] for _ in range(n)]
     lora = TrainableLoRA.from_peft(engine.model.shape, engine.store.current("ad").path, device=engine.device)
-    trainer = LoRATrainer(engine.model, lora, OptimConfig(grad_accumulation=4), compute_dtype=engine.dtype)
+    trainer = LoRATrainer(
+        engine.model, lora, OptimConfig(grad_accumulation=4, micro_batch_tokens=8192), compute_dtype=engine.dtype
+    )
     group = 4
 
     def reuse_samples(idx):

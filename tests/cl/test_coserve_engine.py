@@ -7,10 +7,10 @@ from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine.llm_engine import LLMEngine
 from lorafleet.worker.engine.sequence import SamplingParams
 from lorafleet.worker.testing import build_peft_adapter
+from lorafleet.worker.training.coserve import coserve_iteration
 from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
 from lorafleet.worker.training.metrics import TrainingMetrics
-from lorafleet.worker.training.service import coserve_iteration
 from lorafleet.worker.training.trainer import OptimConfig
 from lorafleet.worker.training.versions import PublishPolicy
 

@@ -12,6 +12,7 @@ The hard invariant is `inference_tokens + finetune_tokens <= budget` for every i
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -87,3 +88,32 @@ class CoServeScheduler:
             self.share = max(self.cfg.min_share, self.share * self.cfg.decrease_factor)
         elif seconds < self.cfg.tpot_target_s * self.cfg.low_water:
             self.share = min(1.0, self.share + self.cfg.additive_step)
+
+
+def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
+    """FlexLLM step, run at the end of a serving iteration: each job plans its tokens from the leftover budget
+    (AIMD share + cost model), runs that much training, and feeds the iteration's total time back to its
+    controller. Shared by the service's iteration hook and the GPU benchmarks. Returns the units used."""
+    budget = engine.config.max_num_batched_tokens
+    inference = info.num_scheduled_tokens
+    decoding = info.num_seqs > 0
+    total = 0.0
+    for job in jobs:
+        if job.spec.mode == "standalone":
+            plan = max(0, budget - inference)
+        else:
+            plan = job.scheduler.plan(budget, inference, decoding)
+        t0 = time.perf_counter()
+        used = (work(job, plan) if work is not None else job.work(plan)) if plan > 0 else 0.0
+        if used and engine.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        job.scheduler.observe(budget, inference, int(used), info.step_seconds + dt, decoding)
+        if metrics is not None:
+            metrics.share.labels(job.spec.adapter).set(job.scheduler.share)
+            metrics.finetune_tokens.observe(used)
+        inference += int(used)
+        total += used
+    return total

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
+from lorafleet.worker.training.coserve import coserve_iteration
 from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore
 from lorafleet.worker.training.job import ContinualLearningJob
 from lorafleet.worker.training.metrics import TrainingMetrics
@@ -262,33 +262,6 @@ class TrainingService:
             "versionsRoot": str(self.versions_root),
             "feedback": len(self.feedback or []),
         }
-
-
-def coserve_iteration(engine, jobs, info, metrics: TrainingMetrics | None = None, work=None) -> float:
-    """FlexLLM step, run at the end of a serving iteration: each job plans its tokens from the leftover budget
-    (AIMD share + cost model), runs that much training, and feeds the iteration's total time back to its
-    controller. Shared by the service's iteration hook and the GPU benchmarks. Returns the units used."""
-    budget = engine.config.max_num_batched_tokens
-    inference = info.num_scheduled_tokens
-    decoding = info.num_seqs > 0
-    total = 0.0
-    for job in jobs:
-        if job.spec.mode == "standalone":
-            plan = max(0, budget - inference)
-        else:
-            plan = job.scheduler.plan(budget, inference, decoding)
-        t0 = time.perf_counter()
-        used = (work(job, plan) if work is not None else job.work(plan)) if plan > 0 else 0.0
-        if used and engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        job.scheduler.observe(budget, inference, int(used), info.step_seconds + dt, decoding)
-        if metrics is not None:
-            metrics.share.labels(job.spec.adapter).set(job.scheduler.share)
-            metrics.finetune_tokens.observe(used)
-        inference += int(used)
-        total += used
-    return total
 
 
 def load_job_file(path: Path) -> JobRequest:

@@ -169,12 +169,20 @@ class ActivationStash:
         if e.event is not None:
             e.event.synchronize()
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * e.num_layers
+        dev = torch.device(device)
         for layer in reversed(range(e.num_layers)):
-            k = torch.cat(e.k[layer], 0).to(device, non_blocking=True)
-            v = torch.cat(e.v[layer], 0).to(device, non_blocking=True)
-            if dtype is not None:
-                k, v = k.to(dtype), v.to(dtype)
-            out[layer] = (k, v)
+            pair = []
+            for chunks in (e.k[layer], e.v[layer]):
+                n = sum(c.shape[0] for c in chunks)
+                dst = torch.empty((n, *chunks[0].shape[1:]), dtype=chunks[0].dtype, device=dev)
+                off = 0
+                for c in chunks:  # straight from the (pinned) arena: async DMA, no host-side concatenation
+                    dst[off : off + c.shape[0]].copy_(c, non_blocking=True)
+                    off += c.shape[0]
+                pair.append(dst.to(dtype) if dtype is not None else dst)
+            out[layer] = (pair[0], pair[1])
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # the arena range may be reused after we return
         with self._lock:
             self._release(e)
         return out  # type: ignore[return-value]

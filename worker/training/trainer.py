@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from lorafleet.worker.layers.attention import DenseAttentionContext
 from lorafleet.worker.models.llama import LlamaForCausalLM
+from lorafleet.worker.training.attention import PackedPrefixAttention
 from lorafleet.worker.training.lora_context import TrainableLoRA, TrainLoRAContext
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -140,14 +141,50 @@ class LoRATrainer:
         self.model(ids, torch.arange(n, device=self.device), attn, self.ctx, capture)
         return [(kv[i]["k"], kv[i]["v"]) for i in range(layers)]
 
+    def packed_loss_sums(self, samples: list[TrainSample]) -> torch.Tensor:
+        """Per-sample Σ w·CE of several samples in ONE forward (packed tokens, per-sample prefixes); shape [n]."""
+        parts = [self.sequence_inputs(s) for s in samples]
+        ids = torch.cat([p[0] for p in parts])
+        pos = torch.cat([p[1] for p in parts])
+        targets = torch.cat([p[2] for p in parts])
+        prefixes = [p[3] if p[3] is not None and p[3][0][0].shape[0] > 0 else None for p in parts]
+        lens = [int(p[0].shape[0]) for p in parts]
+        attn = PackedPrefixAttention(
+            self.model.attn_scale, lens, prefixes, self.device, sliding_window=self.model.shape.sliding_window
+        )
+        h = self.model(ids, pos, attn, self.ctx)
+        rows = targets >= 0
+        tok = F.cross_entropy(self.model.compute_logits(h[rows]), targets[rows], reduction="none")
+        owner = torch.repeat_interleave(
+            torch.arange(len(samples), device=self.device), torch.tensor(lens, device=self.device)
+        )[rows]
+        weights = torch.tensor([s.weight for s in samples], device=self.device, dtype=tok.dtype)
+        return torch.zeros(len(samples), device=self.device, dtype=tok.dtype).index_add(0, owner, tok) * weights
+
     # ---- optimisation ----
     def accumulate(self, samples: list[TrainSample], denom: int) -> float:
-        """Backward of each sample's loss / denom (gradients add up); returns the summed (unnormalised) loss."""
+        """Backward of the samples' loss / denom (gradients add up); returns the summed (unnormalised) loss.
+        Samples are packed into micro-batches of at most `micro_batch_tokens` tokens, one forward each."""
         total = 0.0
-        for s in samples:
-            loss = self.loss_sum(s)
+        batch: list[TrainSample] = []
+        size = 0
+        cap = self.cfg.micro_batch_tokens
+
+        def flush() -> float:
+            if not batch:
+                return 0.0
+            loss = self.packed_loss_sums(batch).sum()
             (loss / denom).backward()
-            total += float(loss.detach())
+            return float(loss.detach())
+
+        for s in samples:
+            n = len(s.completion_ids) + (1 if s.prefix_kv is not None else len(s.prompt_ids))
+            if batch and size + n > cap:
+                total += flush()
+                batch, size = [], 0
+            batch.append(s)
+            size += n
+        total += flush()
         return total
 
     def optimizer_step(self) -> float:
