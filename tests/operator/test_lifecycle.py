@@ -282,3 +282,29 @@ def test_vllm_flavour_client_sees_adapters_through_vllm_endpoints_only(fleet: Lo
 
     names = asyncio.run(run())
     assert "ada" in names and all(n != BM for n in names)
+
+
+def test_rebalancer_moves_load_off_a_hot_worker_without_dropping_requests(fleet: LocalFleet, tiny_assets) -> None:
+    """Load-driven migration: two busy adapters share one worker; the OR-Tools rebalancer spreads them."""
+    pods = sorted(p.metadata.name for p in fleet.worker_pods(BM))
+    hot, cold = pods[0], pods[1]
+    fleet.core.patch_namespaced_pod(
+        cold, fleet.namespace, {"metadata": {"annotations": {"lorafleet.io/drain": "true"}}}
+    )
+    for name in ("hot-x", "hot-y"):
+        fleet.create(c.ADAPTERS, adapter(name, BM, tiny_assets["r8"], replicas=1))
+    for name in ("hot-x", "hot-y"):
+        wait_for(lambda name=name: [p for p, _ in fleet.routes(name)] == [hot], 30, 0.1, f"{name} on {hot}")
+    fleet.core.patch_namespaced_pod(cold, fleet.namespace, {"metadata": {"annotations": {"lorafleet.io/drain": None}}})
+    fleet.stop_operator()
+    fleet.operator_args = ["--interval", "0.5", "--drain-grace", "0.5", "--rebalance-interval", "2"]
+    fleet.start_operator()
+    with StreamingRouter(fleet, "hot-x") as sx, StreamingRouter(fleet, "hot-y") as sy:
+        wait_for(lambda: {fleet.routes("hot-x")[0][0], fleet.routes("hot-y")[0][0]} == {hot, cold}, 60, 0.2, "spread")
+        before = (sx.ok, sy.ok)
+        wait_for(lambda: sx.ok > before[0] + 3 and sy.ok > before[1] + 3, 30, 0.1, "streams continue")
+    assert sx.failed == [] and sy.failed == [], (sx.failed[:3], sy.failed[:3])
+    assert fleet.operator_metric("lorafleet_operator_migrations_total", {"reason": "rebalance"}) >= 1
+    assert fleet.operator_metric("lorafleet_operator_solve_seconds_count", {"kind": "rebalance"}) >= 1
+    placed = fleet.condition(c.BASEMODELS, BM, "Placed")
+    assert "last rebalance" in placed["message"]
