@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
+from lorafleet.operator import conditions
 from lorafleet.operator import constants as c
 from lorafleet.operator import resources as res
 from lorafleet.operator.fleet import BaseModelFleet
@@ -71,6 +72,23 @@ async def basemodel_fleet(
 
 
 @kopf.on.delete(c.GROUP, c.VERSION, c.BASEMODELS)
-async def basemodel_delete(body: kopf.Body, **_: Any) -> None:
-    """Children go with their owner (garbage collector); adapters of this model turn BaseModelNotFound."""
+async def basemodel_delete(
+    body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, adapters_idx: kopf.Index, **_: Any
+) -> None:
+    """Children go with their owner (garbage collector). Its adapters are un-routed at once (their workers are
+    going away) and say why they no longer serve; they come back by themselves if the BaseModel is recreated."""
+    rt: Runtime = memo.runtime
+    port = res.worker_port(body)
+    for adapter in list(adapters_idx.get(index_key(namespace, name), [])):
+        if adapter["metadata"].get("deletionTimestamp"):
+            continue
+        await rt.kube.replace_endpointslice(res.adapter_endpointslice(adapter, port, []))
+        gen = adapter["metadata"].get("generation")
+        conds = (adapter.get("status") or {}).get("conditions") or []
+        msg = f"BaseModel {name} was deleted"
+        conds = conditions.set_condition(conds, "Ready", False, "BaseModelNotFound", msg, gen)
+        conds = conditions.set_condition(conds, "Placed", False, "BaseModelNotFound", msg, gen)
+        status = {"phase": "Pending", "placements": [], "message": msg, "conditions": conds, "observedGeneration": gen}
+        await rt.kube.patch_status(c.ADAPTERS, namespace, adapter["metadata"]["name"], status)
+        kopf.warn(adapter, reason="BaseModelNotFound", message=msg)
     kopf.info(body, reason="Deleting", message="workers, service, PDB and admin token are garbage-collected")

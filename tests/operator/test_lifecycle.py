@@ -308,3 +308,21 @@ def test_rebalancer_moves_load_off_a_hot_worker_without_dropping_requests(fleet:
     assert fleet.operator_metric("lorafleet_operator_solve_seconds_count", {"kind": "rebalance"}) >= 1
     placed = fleet.condition(c.BASEMODELS, BM, "Placed")
     assert "last rebalance" in placed["message"]
+
+
+def test_deleting_the_basemodel_unroutes_its_adapters_and_collects_children(fleet: LocalFleet) -> None:
+    fleet.delete(c.BASEMODELS, BM)
+    wait_for(lambda: fleet.get(c.BASEMODELS, BM) is None, 30, 0.2, "finalizer released")
+    for name in ("ada", "cat", "hot-x"):
+        _bad(fleet, name, "Ready", "BaseModelNotFound")
+        assert fleet.slice_pods(name) == []
+    from kubernetes.client.rest import ApiException
+
+    def gone() -> bool:
+        try:
+            fleet.apps.read_namespaced_deployment(res.worker_name(BM), fleet.namespace)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone, 60, 0.5, "worker Deployment garbage-collected")
