@@ -325,8 +325,8 @@ class AsyncEngineRunner:
                     self._refresh_counts()
                 if engine.has_unfinished_requests():
                     outputs = engine.step()
+                    self._refresh_counts()  # before delivery: a client that saw its token sees the new counts
                     self._dispatch(outputs)
-                    self._refresh_counts()
                     # Going idle: publish the final state now, not one interval later.
                     self._refresh(force=not engine.has_unfinished_requests())
                 else:
