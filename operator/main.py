@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-port", type=int, default=8080, help="0 disables the metrics endpoint")
     p.add_argument("--liveness-port", type=int, default=8081, help="0 disables /healthz")
+    p.add_argument("--liveness-host", default="0.0.0.0", help="address /healthz listens on (kubelet probes the pod IP)")
     p.add_argument("--interval", type=float, default=1.0, help="reconcile period when nothing happens (s)")
     p.add_argument("--drain-grace", type=float, default=1.0, help="seconds routers get to see a routing change")
     p.add_argument("--drain-timeout", type=float, default=60.0)
@@ -91,7 +92,7 @@ async def run_operator(
 ) -> None:
     import lorafleet.operator.handlers  # noqa: F401  (registers handlers)
 
-    liveness = f"http://127.0.0.1:{args.liveness_port}/healthz" if args.liveness_port else None
+    liveness = f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None
     await kopf.operator(
         standalone=bool(args.standalone or not args.peering),
         peering_name=args.peering,

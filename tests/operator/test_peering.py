@@ -11,7 +11,7 @@ import pytest
 from lorafleet.operator import constants as c
 from lorafleet.operator import resources as res
 
-from lorafleet.local.harness import LocalFleet, service_account_kubeconfig, wait_for
+from lorafleet.local.harness import LocalFleet, free_port, service_account_kubeconfig, wait_for
 from lorafleet.local.samples import basemodel
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -21,7 +21,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_passive_replica_takes_over(op_cluster, crds, tmp_path: Path) -> None:
     ns = f"peer-{uuid.uuid4().hex[:6]}"
     sa = service_account_kubeconfig(op_cluster.kubeconfig, tmp_path / "sa.kubeconfig", ROOT / "manifests")
-    a = LocalFleet(op_cluster.kubeconfig, ns, tmp_path / "a", operator_kubeconfig=sa)
+    live = free_port()
+    a = LocalFleet(
+        op_cluster.kubeconfig,
+        ns,
+        tmp_path / "a",
+        operator_kubeconfig=sa,
+        operator_args=["--liveness-port", str(live), "--liveness-host", "127.0.0.1"],
+    )
     b = LocalFleet(op_cluster.kubeconfig, ns, tmp_path / "b", operator_kubeconfig=sa)
     a.ensure_namespace()
     a.custom.create_namespaced_custom_object(
@@ -34,6 +41,8 @@ def test_passive_replica_takes_over(op_cluster, crds, tmp_path: Path) -> None:
     try:
         a.start_operator(["--peering", "lf", "--priority", "10"])
         wait_for(lambda: "Initial authentication has finished" in a.operator_log(), 30, 0.2, "A up")
+        # kopf's liveness endpoint answers once the operator runs (what the Deployment's probes call)
+        wait_for(lambda: a.http.get(f"http://127.0.0.1:{live}/healthz", timeout=2).status_code == 200, 30, 0.2)
         b.start_operator(["--peering", "lf", "--priority", "5"])
         wait_for(lambda: "Initial authentication has finished" in b.operator_log(), 30, 0.2, "B up")
         a.create(c.BASEMODELS, basemodel("served-by-a", "/nonexistent/model", replicas=0))
