@@ -149,3 +149,27 @@ def test_prefix_caching_skips_shared_prompt_blocks_with_identical_outputs(make_e
     small.load_adapter("ad_r4", str(adapters["ad_r4"]))
     assert [o.output_token_ids for o in small.generate(prompts, GREEDY, names)] == expect
     _assert_clean(small)
+
+
+def test_cold_adapter_is_not_starved_by_a_hot_one(make_engine, adapters):
+    eng = make_engine(max_loras=1, max_num_seqs=4)
+    for n in ("ad_r4", "ad_r8"):
+        eng.load_adapter(n, str(adapters[n]))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    eng.add_request("hot0", [11, 12, 13], params, "ad_r4")
+    eng.step()
+    eng.add_request("cold", [14, 15, 16], params, "ad_r8")
+    done, k = {}, 1
+    for _ in range(200):  # a continuous stream of hot requests keeps ad_r4's only slot pinned
+        if "cold" not in done:
+            eng.add_request(f"hot{k}", [11, 12, 13 + k % 50], params, "ad_r4")
+            eng.add_request(f"base{k}", [21, 22, 23 + k % 50], params)
+            k += 1
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+        if "cold" in done:
+            break
+    assert done["cold"].finish_reason == "length" and done["cold"].lora_name == "ad_r8"
+    assert any(r.startswith("base") for r in done)  # base requests kept flowing meanwhile
+    while eng.has_unfinished_requests():
+        eng.step()
+    _assert_clean(eng)

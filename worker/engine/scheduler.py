@@ -4,7 +4,9 @@ Why this order (vLLM v1 / Sarathi): running decodes cost one token each and keep
 goes to partially prefilled prompts, then to new requests, chunked to fit. When KV blocks run out, the newest
 running sequence is preempted by recompute: its blocks are freed and it goes back to the *front* of the waiting
 queue with its generated tokens kept, so no request is lost. A waiting request whose adapter cannot get a GPU slot
-(all slots pinned by running sequences of other adapters) is skipped this step, not dropped.
+(all slots pinned by running sequences of other adapters) is skipped this step, not dropped; once it has been
+skipped `max_slot_waits` times, requests for other adapters stop overtaking it, so the pinned slots drain and it
+gets one (no starvation of a cold adapter behind hot ones; base-model requests still flow).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.max_slot_waits = 16  # steps a request may be passed over for a GPU slot before others must wait
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -105,8 +108,12 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         i = 0
+        starving = False  # a request has waited too long for a slot: stop admitting other adapters behind it
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[i]
+            if seq.adapter is not None and starving:
+                i += 1  # let the pinned slots drain so the starving request gets one
+                continue
             if seq.adapter is not None:
                 try:
                     slot = self.store.ensure_slot(seq.adapter)
@@ -115,7 +122,9 @@ class Scheduler:
                     self.finish(seq, "abort")
                     continue
                 if slot is None:
-                    i += 1  # every slot is pinned by other adapters' running sequences: try the next request
+                    seq.slot_waits += 1  # every slot is pinned by other adapters' running sequences
+                    starving = seq.slot_waits > self.max_slot_waits
+                    i += 1
                     continue
             self.bm.match_prefix(seq, seq.cache_salt)
             n = min(seq.num_remaining, budget)

@@ -74,6 +74,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # prefix-cache hashes of the full, computed blocks
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.slot_waits = 0  # scheduler passes that found no free GPU slot for its adapter
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
 
