@@ -4,6 +4,7 @@ many concurrent mixed-adapter streams with aborts, and no leaked KV blocks or ad
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import torch
 from lorafleet.worker.engine.sequence import SamplingParams
@@ -17,6 +18,9 @@ def _assert_clean(eng):
     assert all(rc == 0 for rc in eng.block_manager.ref_counts)
     assert eng.store.stats()["slots_pinned"] == 0
     assert all(v.refs == 0 and v.running == 0 for v in eng.store.versions())
+    resident = [v for v in eng.store.versions() if v.slot is not None]
+    users = Counter(p for v in resident for p in v.targets)
+    assert +eng.store._proj_users == users  # slot bookkeeping matches what is resident
 
 
 def _prompts(n, seed=0):

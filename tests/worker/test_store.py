@@ -168,3 +168,19 @@ def test_adapter_gone_from_disk_aborts_its_request_only(make_engine, adapters, t
     assert final["a"].finish_reason == "abort" and final["a"].output_token_ids == []
     assert final["b"].finish_reason == "length" and len(final["b"].output_token_ids) == 10
     assert eng.block_manager.num_free == eng.block_manager.num_blocks
+
+
+def test_host_cap_never_evicts_the_adapter_being_loaded(make_engine, adapters, hf_greedy):
+    eng = make_engine(max_loras=2, max_cpu_loras=2)
+    long = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for n in ("ad_r4", "ad_r8"):
+        eng.load_adapter(n, str(adapters[n]))
+        eng.add_request(f"pin-{n}", PROMPT, long, n)
+    eng.step()  # both slots pinned by running requests; host memory is at its cap
+    c = eng.load_adapter("ad_r16rs", str(adapters["ad_r16rs"]))
+    assert c.tier == "host"  # over the cap by one rather than dropping what was just loaded
+    out = {}
+    eng.add_request("c", PROMPT, GREEDY, "ad_r16rs")
+    while eng.has_unfinished_requests():
+        out.update({o.request_id: o for o in eng.step() if o.finished})
+    assert out["c"].output_token_ids == hf_greedy(PROMPT, 10, "ad_r16rs")

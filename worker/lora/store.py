@@ -43,6 +43,7 @@ class AdapterVersion:
     slot: int | None = None
     ready: object | None = None  # torch.cuda.Event of the slot upload
     retired: bool = False  # no longer the current version of its name
+    targets: set[str] = field(default_factory=set)  # projections it adapts (slot bookkeeping)
     last_used: int = 0
     registered_at: float = field(default_factory=time.time)
 
@@ -129,12 +130,13 @@ class AdapterStore:
         if self._cuda:
             weights.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.weights.items()}
         av = AdapterVersion(name, ver, path, str(uri), weights.rank, weights.scale, weights.digest, weights)
+        av.targets = weights.targets
         self._current[name] = av
         self._host.append(av)
         self.counters["loads"] += 1
         if cur is not None:
             self._retire(cur)
-        self._trim_host()
+        self._trim_host(keep=av)
         log.info("adapter %s version %s registered (rank %d, %s)", name, ver, av.rank, path)
         return av
 
@@ -186,9 +188,9 @@ class AdapterStore:
         av.weights = None
 
     # ---- host tier -----------------------------------------------------------------------------------------------
-    def _trim_host(self) -> None:
+    def _trim_host(self, keep: AdapterVersion | None = None) -> None:
         while len(self._host) > self.max_cpu:
-            victims = [v for v in self._host if v.refs == 0 and v.slot is None]
+            victims = [v for v in self._host if v.refs == 0 and v.slot is None and v is not keep]
             if not victims:
                 return
             v = min(victims, key=lambda x: x.last_used)
@@ -205,7 +207,7 @@ class AdapterStore:
                 w.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in w.weights.items()}
             av.weights = w
             self._host.append(av)
-            self._trim_host()
+            self._trim_host(keep=av)
         return av.weights
 
     # ---- GPU slot tier -------------------------------------------------------------------------------------------
@@ -270,9 +272,8 @@ class AdapterStore:
         av.slot = None
         av.ready = None
         self.scales[slot] = 0.0
-        if av.weights is not None:
-            for proj in av.weights.targets:
-                self._proj_users[proj] -= 1
+        for proj in av.targets:
+            self._proj_users[proj] -= 1
 
     def _upload(self, av: AdapterVersion, slot: int) -> None:
         t0 = time.perf_counter()
@@ -302,7 +303,7 @@ class AdapterStore:
             av.ready = ev
         self._slots[slot] = av
         av.slot = slot
-        for proj in w.targets:
+        for proj in av.targets:
             self._proj_users[proj] += 1
         self.counters["slot_loads"] += 1
         self.last_slot_load_seconds = time.perf_counter() - t0
