@@ -178,3 +178,37 @@ def test_dynamic_rope_is_refused_clearly(tmp_path):
     d = build_tiny_llama(tmp_path, TinyLlamaSpec(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(ValueError, match="unsupported rope_type 'dynamic'"):
         load_model(d, torch.device("cpu"), torch.float32)
+
+
+def test_sharded_checkpoint_llama2_mha_with_biases(tmp_path, make_engine):
+    """Llama-2 shape (no GQA) with attention/MLP biases, saved as several safetensors shards + index."""
+    from lorafleet.worker.testing import TinyLlamaSpec, build_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    src = build_tiny_llama(
+        tmp_path / "src", TinyLlamaSpec(num_key_value_heads=4, extra={"attention_bias": True, "mlp_bias": True})
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.2)
+    out = tmp_path / "sharded"
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).exists():
+            (out / f).write_bytes((src / f).read_bytes())
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("*.safetensors"))) > 2
+    eng = _compare_with_hf(make_engine, out)
+    s = eng.model.shape
+    assert s.num_kv_heads == s.num_heads and s.qkv_bias and s.o_bias and s.mlp_bias
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    from lorafleet.worker.loader import iter_weights
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="only pickle weights"):
+        list(iter_weights(tmp_path))
