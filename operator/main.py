@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=1.0, help="seconds routers get to see a routing change")
     p.add_argument("--drain-timeout", type=float, default=60.0)
     p.add_argument("--rebalance-interval", type=float, default=30.0, help="0 disables the OR-Tools rebalancer")
+    p.add_argument(
+        "--per-replica-rate", type=float, default=4.0, help="requests/s one replica carries for replicas.auto"
+    )
     p.add_argument("--adapter-root", default="/var/lib/lorafleet/adapters", help="host path mounted into workers")
     p.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -59,6 +62,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         drain_timeout=args.drain_timeout,
         rebalance_interval=args.rebalance_interval,
         adapter_root=args.adapter_root,
+        per_replica_rate=args.per_replica_rate,
     )
 
 

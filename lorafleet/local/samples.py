@@ -25,11 +25,13 @@ def basemodel(name: str, model: Path | str, replicas: int = 2, **limits: int) ->
     }
 
 
-def adapter(name: str, base: str, path: Path | str, replicas: int = 1, **spec: Any) -> dict[str, Any]:
+def adapter(name: str, base: str, path: Path | str, replicas: int | dict[str, Any] = 1, **spec: Any) -> dict[str, Any]:
+    """A LoRAAdapter; `replicas` is a fixed count or the CRD's {min, max, auto} object."""
     uri = path if isinstance(path, str) and "://" in path else f"file://{path}"
+    reps = replicas if isinstance(replicas, dict) else {"min": replicas}
     return {
         "apiVersion": "lorafleet.io/v1alpha1",
         "kind": "LoRAAdapter",
         "metadata": {"name": name},
-        "spec": {"baseModel": base, "source": {"uri": uri}, "replicas": {"min": replicas}, **spec},
+        "spec": {"baseModel": base, "source": {"uri": uri}, "replicas": reps, **spec},
     }

@@ -310,6 +310,21 @@ def test_rebalancer_moves_load_off_a_hot_worker_without_dropping_requests(fleet:
     assert "last rebalance" in placed["message"]
 
 
+def test_auto_replicas_follow_the_measured_request_rate(fleet: LocalFleet, tiny_assets) -> None:
+    fleet.stop_operator()
+    fleet.operator_args = ["--interval", "0.5", "--drain-grace", "0.5", "--rebalance-interval", "0"]
+    fleet.operator_args += ["--per-replica-rate", "0.5"]  # any steady stream needs two replicas
+    fleet.start_operator()
+    fleet.create(c.ADAPTERS, adapter("auto-z", BM, tiny_assets["r4"], replicas={"min": 1, "max": 2, "auto": True}))
+    wait_for(lambda: len(fleet.routes("auto-z")) == 1, 30, 0.1, "one replica while idle")
+    with StreamingRouter(fleet, "auto-z") as stream:
+        wait_for(lambda: len(fleet.routes("auto-z")) == 2, 60, 0.2, "scaled to two on measured rate")
+        before = stream.ok
+        wait_for(lambda: stream.ok > before + 3, 30, 0.1, "stream continues")
+    assert stream.failed == [], stream.failed[:3]
+    assert (fleet.get(c.ADAPTERS, "auto-z")["status"]["requestRate"] or 0) > 0.5
+
+
 def test_deleting_the_basemodel_unroutes_its_adapters_and_collects_children(fleet: LocalFleet) -> None:
     fleet.delete(c.BASEMODELS, BM)
     wait_for(lambda: fleet.get(c.BASEMODELS, BM) is None, 30, 0.2, "finalizer released")
