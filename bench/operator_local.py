@@ -4,6 +4,7 @@ Writes bench/results/operator_local.json with, under `metrics`:
 - adapter_ready_seconds: LoRAAdapter created → first successful completion routed through its EndpointSlice (median
   over N adapters; the max is reported beside it)
 - failover_replace_seconds: a worker pod deleted → every adapter it held routed to another worker and answering
+- crash_replace_seconds: a worker process SIGKILLed (pod stays) → its adapters answering on other workers
 - migration_dropped_requests: requests that failed while a worker was drained (all its adapters handed off) under a
   steady request stream per adapter (target 0)
 
@@ -125,6 +126,22 @@ def main() -> int:
                 )  # fmt: skip
             metrics["failover_replace_seconds"] = round(time.monotonic() - t, 3)
             notes["failover_adapters"] = len(lost)
+
+            # 4) crash: SIGKILL the worker process behind the pod holding the most adapters (the pod stays)
+            wait_for(lambda: (fleet.get(c.BASEMODELS, "tiny").get("status") or {}).get("readyWorkers") == args.workers,
+                     300, 0.5, "replacement worker ready")  # fmt: skip
+            holder = {n: fleet.routes(n)[0][0] for n in names}
+            crashed = max(set(holder.values()), key=lambda w: sum(1 for v in holder.values() if v == w))
+            lost = [n for n, w in holder.items() if w == crashed]
+            t = time.monotonic()
+            fleet.shim.kill_worker(crashed)
+            for n in lost:
+                wait_for(
+                    lambda n=n: (r := fleet.routes(n)) and r[0][0] != crashed and fleet.complete(n, r[0][1]).status_code == 200,
+                    60, 0.02,
+                )  # fmt: skip
+            metrics["crash_replace_seconds"] = round(time.monotonic() - t, 3)
+            notes["crash_adapters"] = len(lost)
             notes["operator_reconcile_errors"] = fleet.operator_metric("lorafleet_operator_reconcile_errors_total")
         finally:
             fleet.close()
