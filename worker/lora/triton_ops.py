@@ -14,6 +14,8 @@ Why this design (REFERENCES.md §1, Punica SGMV / SGLang csgmv):
   accumulating in fp32 (tf32 dot) and rounding once.
 - Mixed ranks share one stacked tensor padded to max rank with zeros (the store's layout), so padding rows
   contribute exactly zero.
+Beyond the contract, for models with fused projections: `lora_shrink_accumulate` (adds into a buffer zeroed once
+per step, saving one memset launch per projection) and `lora_expand_slices` (q/k/v or gate/up in one launch).
 """
 
 from __future__ import annotations
