@@ -50,6 +50,7 @@ _shim()
 
 import torch  # noqa: E402
 
+_RUN = 0
 LLAMA_32_1B = dict(
     hidden_size=2048,
     intermediate_size=8192,
@@ -76,7 +77,8 @@ class Cfg:
         self.ft_prompt = 48 if tiny else 512
         self.ft_completion = 16 if tiny else 128
         self.duration = 4.0 if tiny else 20.0
-        self.reuse_samples = 8 if tiny else 32
+        self.reuse_samples = 16 if tiny else 96
+        self.reuse_group = 4 if tiny else 16
         self.stash_bytes = (64 << 20) if tiny else (4 << 30)
         self.dtype = "float32" if not gpu else "bfloat16"
 
@@ -190,6 +192,8 @@ def run_load(engine, cfg: Cfg, rate: float | None, seed: int, job=None, mode: st
     from lorafleet.worker.engine.sequence import SamplingParams
     from lorafleet.worker.training.coserve import coserve_iteration
 
+    global _RUN
+    _RUN += 1
     rng = random.Random(seed)
     vocab = min(engine.model.shape.vocab_size, 30000)
     if rate is None:
@@ -218,7 +222,7 @@ def run_load(engine, cfg: Cfg, rate: float | None, seed: int, job=None, mode: st
     while True:
         now = time.perf_counter() - t0
         while i < len(arrivals) and arrivals[i] <= now:
-            rid = f"r{seed}-{i}"
+            rid = f"run{_RUN}-{i}"
             engine.add_request(rid, prompts[i], params, "ad")
             seqs[rid] = {"arr": t0 + arrivals[i], "times": []}
             i += 1
@@ -253,6 +257,10 @@ def run_load(engine, cfg: Cfg, rate: float | None, seed: int, job=None, mode: st
         if rate is not None and now > cfg.duration + 60:
             break
     elapsed = time.perf_counter() - t0
+    for rid in list(seqs):  # anything left (only after the drain limit) must not leak into the next run
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
     ttft = [s["times"][0] - s["arr"] for s in seqs.values() if s["times"]]
     tpot = [(s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1) for s in seqs.values() if len(s["times"]) > 1]
     ft_tokens = (job.sequence_tokens - ft0) if job is not None else 0
@@ -309,10 +317,10 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
     engine.runner.capture_hook = None
     completions = [[rng.randrange(10, vocab) for _ in range(cfg.ft_completion)] for _ in range(n)]
     lora = TrainableLoRA.from_peft(engine.model.shape, engine.store.current("ad").path, device=engine.device)
+    group = cfg.reuse_group
     trainer = LoRATrainer(
-        engine.model, lora, OptimConfig(grad_accumulation=4, micro_batch_tokens=8192), compute_dtype=engine.dtype
+        engine.model, lora, OptimConfig(grad_accumulation=group, micro_batch_tokens=1 << 16), compute_dtype=engine.dtype
     )
-    group = 4
 
     def reuse_samples(idx):
         out = []
@@ -350,6 +358,8 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
         "speedup": t_full / t_reuse,
         "prompt_tokens": cfg.ft_prompt,
         "completion_tokens": cfg.ft_completion,
+        "samples_per_step": group,
+        "steps_timed": len(timed),
     }
 
 
@@ -450,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                 inf = run_load(engine, cfg, rate, seed=20 + int(load * 10))
                 target_s = 1.10 * pct(inf["tpot"], 0.99)
                 job.scheduler.cfg.tpot_target_s = target_s
-                job.scheduler.share = job.scheduler.cfg.initial_share
+                job.scheduler.credit = 0.0
                 co = run_load(engine, cfg, rate, seed=20 + int(load * 10), job=job, mode="coserve")
                 key = f"{int(load * 100)}"
                 att_inf = sum(t <= target_s for t in inf["tpot"]) / max(1, len(inf["tpot"]))
@@ -471,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                     att_ts = sum(t <= target_s for t in ts["tpot"]) / max(1, len(ts["tpot"]))
                     raw[key]["timeslice"] = _summ(ts)
                     raw[key]["attainment_timeslice"] = att_ts
-                    m["coserve_vs_timeslice_finetune_throughput"] = co["ft_tokens_per_s"] / max(
-                        1e-9, ts["ft_tokens_per_s"]
+                    m["coserve_vs_timeslice_finetune_throughput"] = (
+                        co["ft_tokens_per_s"] / ts["ft_tokens_per_s"] if ts["ft_tokens_per_s"] > 0 else None
                     )
                 else:
                     m["coserve_p99_tpot_ratio_50"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)

@@ -8,22 +8,28 @@ from lorafleet.worker.training.coserve import CoServeScheduler, ShareConfig
 
 BUDGET = 2048
 C0, C1 = 0.010, 20e-6  # iteration seconds = C0 + C1 * tokens (a decode-heavy small-model GPU shape)
+PIECE_OVERHEAD = 0.004  # fixed launch cost of an eager training piece
+DECODE_LEN = 64
 
 
 def _simulate(load_decodes: int, target: float, iters: int = 3000, seed: int = 0, min_share: float = 0.05):
     rng = random.Random(seed)
     sch = CoServeScheduler(ShareConfig(tpot_target_s=target, min_share=min_share))
-    tpots, ft_total, shares = [], 0, []
+    tpots, ft_total, shares, iter_times = [], 0, [], []
     for _ in range(iters):
         decodes = max(0, int(rng.gauss(load_decodes, load_decodes * 0.1)))
         prefill = rng.choice([0, 0, 0, 128, 256]) if load_decodes else 0
         inf = min(BUDGET, decodes + prefill)
         ft = sch.plan(BUDGET, inf, decoding=decodes > 0)
         assert 0 <= ft <= BUDGET - inf  # the hard invariant
-        secs = C0 + C1 * (inf + ft) + rng.uniform(0, 0.0005)
-        sch.observe(BUDGET, inf, ft, secs, decoding=decodes > 0)
+        inf_s = C0 + C1 * inf + rng.uniform(0, 0.0005)
+        ft_s = (PIECE_OVERHEAD + C1 * ft) if ft else 0.0
+        sch.observe(BUDGET, inf, ft, inf_s, ft_s, decoding=decodes > 0)
+        secs = inf_s + ft_s
         if decodes:
-            tpots.append(secs)
+            iter_times.append(secs)
+            if len(iter_times) >= DECODE_LEN:  # a request's TPOT = mean of its DECODE_LEN iterations
+                tpots.append(sum(iter_times[-DECODE_LEN:]) / DECODE_LEN)
         ft_total += ft
         shares.append(sch.share)
     return sorted(tpots), ft_total, shares, sch
@@ -55,3 +61,4 @@ def test_share_adapts_to_load_and_never_starves():
 def test_idle_inference_gives_everything_to_finetuning():
     sch = CoServeScheduler(ShareConfig(tpot_target_s=0.02))
     assert sch.plan(BUDGET, 0, decoding=False) == BUDGET
+    assert sch.plan(BUDGET, BUDGET, decoding=True) == 0

@@ -1,13 +1,18 @@
 """FlexLLM-style co-serving: fine-tuning takes the leftover token budget of each serving iteration.
 
 Why: a serving iteration has a token budget (max batched tokens); decode-heavy traffic leaves most of it unused.
-Fine-tuning fills that leftover, so it costs inference almost nothing. Two mechanisms decide how much of the leftover:
-- an AIMD share in [min_share, 1]: when the inference TPOT (the iteration time while decodes are running) gets close
-  to the job's target the share halves, when it is comfortably below the share grows additively. It never drops
-  below `min_share`, so fine-tuning never starves while there is leftover budget.
-- an online linear cost model `t = c0 + c1 * tokens` (least squares over recent iterations) caps the fine-tuning
-  tokens so the predicted iteration time stays under the target; the cap never goes under the `min_share` floor.
-The hard invariant is `inference_tokens + finetune_tokens <= budget` for every iteration.
+Fine-tuning fills that leftover. How much of it, per iteration, is decided against the job's TPOT target:
+- TPOT is a per-request *average* over its decode iterations, so the controller budgets *time*, not single
+  iterations: every decoding iteration adds `target * high_water - inference_seconds` to a time credit (negative
+  when inference alone is already slow), every training piece spends its measured seconds. A piece runs when the
+  credit covers its predicted cost, from an online linear fit `seconds = a + b * units` of past pieces (the
+  intercept matters: eager training pieces have a fixed launch cost, so a few larger pieces beat many tiny ones).
+  The credit is capped, so bursts stay short (a request's TPOT averages over ~`burst_iters` iterations).
+- the share (for metrics) is the fraction of the leftover tokens fine-tuning used over a sliding window; it never
+  falls under `min_share`: when it would, a floor piece runs regardless of the credit (fine-tuning never starves
+  while there is leftover budget).
+- with no decodes in flight (idle or prefill only) fine-tuning may take the whole leftover.
+The hard invariant is `inference_tokens + finetune_units <= budget` for every iteration.
 """
 
 from __future__ import annotations
@@ -21,22 +26,23 @@ from dataclasses import dataclass
 class ShareConfig:
     tpot_target_s: float = 0.05
     min_share: float = 0.05
-    initial_share: float = 0.5
+    initial_share: float = 0.5  # kept for API compatibility: the starting value of the reported share
     additive_step: float = 0.05
     decrease_factor: float = 0.5
-    high_water: float = 0.95  # fraction of the target above which the share is cut
-    low_water: float = 0.80  # fraction of the target under which the share grows
+    high_water: float = 0.95  # aim the average iteration time at this fraction of the target
+    low_water: float = 0.80
     window: int = 64
+    burst_iters: float = 8.0  # credit cap in units of the target (how long a burst may be paid for in advance)
 
 
 class LinearCostModel:
-    """Least-squares fit of iteration seconds against tokens over a sliding window."""
+    """Least-squares fit of seconds against units over a sliding window (intercept clamped at >= 0)."""
 
     def __init__(self, window: int = 64) -> None:
         self._pts: deque[tuple[float, float]] = deque(maxlen=window)
 
-    def add(self, tokens: float, seconds: float) -> None:
-        self._pts.append((float(tokens), float(seconds)))
+    def add(self, units: float, seconds: float) -> None:
+        self._pts.append((float(units), float(seconds)))
 
     def fit(self) -> tuple[float, float] | None:
         n = len(self._pts)
@@ -46,48 +52,67 @@ class LinearCostModel:
         my = sum(p[1] for p in self._pts) / n
         sxx = sum((p[0] - mx) ** 2 for p in self._pts)
         if sxx <= 1e-9:
-            return None
-        c1 = sum((p[0] - mx) * (p[1] - my) for p in self._pts) / sxx
-        c1 = max(c1, 1e-12)
-        return my - c1 * mx, c1
+            return max(0.0, my) * 0.5, max(my, 1e-9) / max(mx, 1.0) * 0.5
+        c1 = max(sum((p[0] - mx) * (p[1] - my) for p in self._pts) / sxx, 1e-12)
+        return max(0.0, my - c1 * mx), c1
 
 
 class CoServeScheduler:
-    """Plans the fine-tuning tokens of each iteration and adapts its share from observed iteration times."""
+    """Plans the fine-tuning units of each iteration from a time credit against the TPOT target."""
 
     def __init__(self, cfg: ShareConfig) -> None:
         self.cfg = cfg
         self.share = max(cfg.min_share, min(1.0, cfg.initial_share))
         self.cost = LinearCostModel(cfg.window)
-        self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)  # budget, inf, ft, seconds
+        self.credit = 0.0
+        self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)  # (leftover, used)
+        self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
+
+    def _used_share(self) -> float:
+        left = sum(x[0] for x in self._win)
+        return 1.0 if left == 0 else sum(x[1] for x in self._win) / left
 
     def plan(self, budget: int, inference_tokens: int, decoding: bool) -> int:
-        """Fine-tuning tokens for this iteration: never more than the leftover, at least the min-share floor."""
+        """Fine-tuning units for this iteration: never more than the leftover."""
         leftover = max(0, budget - inference_tokens)
         if leftover == 0:
             return 0
-        if not decoding:  # no latency-sensitive work in flight: fine-tuning may use the whole leftover
-            return leftover
-        want = int(leftover * self.share)
-        floor = max(1, int(leftover * self.cfg.min_share))
-        fit = self.cost.fit()
-        if fit is not None:
-            c0, c1 = fit
-            headroom = (self.cfg.tpot_target_s * self.cfg.high_water - c0) / c1 - inference_tokens
-            want = min(want, int(max(0.0, headroom)))
-        return max(floor, min(want, leftover))
-
-    def observe(self, budget: int, inference_tokens: int, finetune_tokens: int, seconds: float, decoding: bool) -> None:
-        """Feeds one finished iteration; adapts the share (AIMD) when decodes were running."""
-        self.cost.add(inference_tokens + finetune_tokens, seconds)
-        self.history.append((budget, inference_tokens, finetune_tokens, seconds))
         if not decoding:
-            self.share = min(1.0, self.share + self.cfg.additive_step)
-            return
-        if seconds > self.cfg.tpot_target_s * self.cfg.high_water:
-            self.share = max(self.cfg.min_share, self.share * self.cfg.decrease_factor)
-        elif seconds < self.cfg.tpot_target_s * self.cfg.low_water:
-            self.share = min(1.0, self.share + self.cfg.additive_step)
+            return leftover
+        floor = max(1, int(leftover * self.cfg.min_share))
+        if len(self._win) >= 8 and self._used_share() < self.cfg.min_share:
+            return floor  # anti-starvation
+        fit = self.cost.fit()
+        if fit is None:  # no cost estimate yet: probe with small pieces
+            return floor if self.credit > 0 else 0
+        a, b = fit
+        affordable = (self.credit - a) / b
+        if affordable < floor:
+            return 0
+        return int(min(leftover, affordable))
+
+    def observe(
+        self,
+        budget: int,
+        inference_tokens: int,
+        finetune_units: int,
+        inference_seconds: float,
+        finetune_seconds: float,
+        decoding: bool,
+    ) -> None:
+        """Feeds one finished iteration (its inference part and the training piece that followed)."""
+        c = self.cfg
+        if finetune_units > 0:
+            self.cost.add(finetune_units, finetune_seconds)
+        leftover = max(0, budget - inference_tokens)
+        self.history.append((budget, inference_tokens, finetune_units, inference_seconds + finetune_seconds))
+        if decoding:
+            self.credit += c.tpot_target_s * c.high_water - inference_seconds - finetune_seconds
+            self.credit = max(-c.burst_iters * c.tpot_target_s, min(c.burst_iters * c.tpot_target_s, self.credit))
+            self._win.append((leftover, finetune_units))
+        else:
+            self.credit = max(0.0, self.credit)
+        self.share = max(self.cfg.min_share, min(1.0, self._used_share())) if self._win else 1.0
 
 
 def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
@@ -110,7 +135,7 @@ def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
 
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        job.scheduler.observe(budget, inference, int(used), info.step_seconds + dt, decoding)
+        job.scheduler.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding)
         if metrics is not None:
             metrics.share.labels(job.spec.adapter).set(job.scheduler.share)
             metrics.finetune_tokens.observe(used)

@@ -33,6 +33,7 @@ class _Alloc:
     offset: int
     nbytes: int
     owner: str
+    dead: bool = False
 
 
 @dataclass
@@ -49,6 +50,7 @@ class StashEntry:
     complete: bool = False
     valid: bool = True
     event: object | None = None  # torch.cuda.Event recorded after the last copy
+    allocs: list = field(default_factory=list)  # its arena ranges (marked dead when released)
 
     def tokens(self) -> int:
         return sum(t.shape[0] for t in self.k[0]) if self.k and self.k[0] else 0
@@ -104,6 +106,8 @@ class ActivationStash:
             views = []
             for t in (k, v):
                 dst = self._alloc(t, request_id)
+                if dst is not None:
+                    e.allocs.append(self._allocs[-1])
                 if dst is None:
                     self._invalidate(e)
                     self._entries.pop(request_id, None)
@@ -195,7 +199,7 @@ class ActivationStash:
     @property
     def bytes_used(self) -> int:
         with self._lock:
-            return sum(a.nbytes for a in self._allocs)
+            return sum(a.nbytes for a in self._allocs if not a.dead)
 
     def __len__(self) -> int:
         with self._lock:
@@ -203,34 +207,48 @@ class ActivationStash:
 
     # ---- arena ----
     def _alloc(self, like: torch.Tensor, owner: str) -> torch.Tensor | None:
+        """Ring allocation in O(1) amortised: live allocations sit in the deque in address order from the tail, so
+        the ones a new range overwrites are always at its front (after a wrap, the rest of the previous lap is
+        dropped first)."""
         n = like.numel() * like.element_size()
         n_al = (n + _ALIGN - 1) // _ALIGN * _ALIGN
         if n_al > self.capacity:
             return None
         if self._head + n_al > self.capacity:
+            while self._allocs and self._allocs[0].offset >= self._head:  # the previous lap's tail end
+                if not self._evict_front(owner):
+                    return None
             self._head = 0
         lo, hi = self._head, self._head + n_al
-        for a in list(self._allocs):
-            if a.offset < hi and lo < a.offset + a.nbytes:
-                victim = self._entries.get(a.owner)
-                if victim is not None and a.owner != owner:
-                    self._entries.pop(a.owner, None)
-                    self._invalidate(victim)
-                    if victim.complete:
-                        self.counters.evicted += 1
-                    else:
-                        self.counters.skipped += 1
-                elif a.owner == owner:
-                    return None  # this request alone would wrap onto itself
-                else:
-                    self._allocs.remove(a)
+        while self._allocs and self._allocs[0].offset < hi and self._allocs[0].offset >= lo:
+            if not self._evict_front(owner):
+                return None
         self._allocs.append(_Alloc(lo, n_al, owner))
         self._head = hi
         return self._arena[lo : lo + n].view(like.dtype).view(like.shape)
+
+    def _evict_front(self, owner: str) -> bool:
+        a = self._allocs[0]
+        if a.owner == owner and not a.dead:
+            return False  # this request alone would wrap onto itself
+        self._allocs.popleft()
+        if a.dead:
+            return True
+        victim = self._entries.get(a.owner)
+        if victim is not None and victim.valid:
+            self._entries.pop(a.owner, None)
+            self._invalidate(victim)
+            if victim.complete:
+                self.counters.evicted += 1
+            else:
+                self.counters.skipped += 1
+        return True
 
     def _invalidate(self, e: StashEntry) -> None:
         e.valid = False
         self._release(e)
 
     def _release(self, e: StashEntry) -> None:
-        self._allocs = deque(a for a in self._allocs if a.owner != e.request_id)
+        for a in e.allocs:
+            a.dead = True
+        e.allocs = []
