@@ -23,6 +23,10 @@ COMPONENT_ROUTE = "adapter-route"
 
 # Local mode: the kubelet shim writes the loopback address of the real worker process behind a KWOK pod here.
 ANNOT_LOCAL_ENDPOINT = "lorafleet.io/local-endpoint"
+# Continual learning, on the LoRAAdapter: newest published version (source path + number) and the training pod.
+ANNOT_PUBLISHED_SOURCE = "lorafleet.io/published-source"
+ANNOT_PUBLISHED_VERSION = "lorafleet.io/published-version"
+ANNOT_TRAINER_POD = "lorafleet.io/trainer-pod"
 # Prefix for kopf's own progress/diff-base annotations so they live under our domain.
 KOPF_PREFIX = "lorafleet.io"
 

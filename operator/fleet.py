@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class BaseModelFleet:
         self._last_scrape = 0.0
         self._gone: dict[str, asyncio.Event] = {}
         self._last_seen: dict[str, tuple[float, dict[str, AdapterInfo]]] = {}
+        self._reload_tried: dict[tuple[str, str], float] = {}
         self.workers: list[Worker] = []
         self.cycles = 0
         self.moves_pending: list[tuple[str, str, str]] = []  # rebalancer moves (adapter, source, target)
@@ -298,8 +300,7 @@ class BaseModelFleet:
             w = by_pod[pod]
             assert w.client is not None
             view = views[a]
-            uri = str(((view.body.get("spec") or {}).get("source") or {}).get("uri", ""))
-            path = self.rt.source_override.get((self.ns, a)) or adapter_path(uri, self.rt.config.adapter_root)
+            path = self._source_path(view)
             try:
                 await w.client.load(a, path)
             except WorkerError as exc:
@@ -318,7 +319,7 @@ class BaseModelFleet:
             self._since[(a, pod)] = conditions.now_iso()
             self._event(view.body, "Normal", "Loaded", f"loaded on worker {pod} (node {by_pod[pod].node})")
 
-        await asyncio.gather(*(load(a, p) for a, p in adds))
+        await asyncio.gather(*(load(a, p) for a, p in adds), *self._reloads(views, usable))
 
         # (2)+(3) routing: exactly the ready pods that hold the adapter, minus replicas about to be drained.
         removing = set(removes)
@@ -363,6 +364,47 @@ class BaseModelFleet:
                 ev.set()
 
     # ---------------------------------------------------------------- actions
+    def _source_path(self, view: AdapterView) -> str:
+        """Where this adapter's weights come from now: the newest version a ContinualLearningJob published, else
+        the spec's source."""
+        published = (view.body["metadata"].get("annotations") or {}).get(c.ANNOT_PUBLISHED_SOURCE)
+        if published:
+            return published
+        uri = str(((view.body.get("spec") or {}).get("source") or {}).get("uri", ""))
+        return adapter_path(uri, self.rt.config.adapter_root)
+
+    def _reloads(self, views: dict[str, AdapterView], usable: list[Worker]) -> list[Any]:
+        """In-place reloads for replicas whose weights came from another source than the spec now names (a new
+        `spec.source.uri`, or a version a ContinualLearningJob published): new requests switch to the new weights,
+        in-flight ones finish on the old. The trainer's own replica is left to the trainer."""
+        jobs = []
+        now = time.monotonic()
+        for name, view in views.items():
+            if view.deleting or view.fatal:
+                continue
+            want = os.path.normpath(self._source_path(view))
+            trainer = (view.body["metadata"].get("annotations") or {}).get(c.ANNOT_TRAINER_POD)
+            for w in usable:
+                info = (w.adapters or {}).get(name)
+                if w.stale or w.pod == trainer or info is None or not info.path or os.path.normpath(info.path) == want:
+                    continue
+                if self._reload_tried.get((name, w.pod), 0.0) > now - 30.0:
+                    continue  # the worker keeps reporting another path: do not hammer it
+                self._reload_tried[(name, w.pod)] = now
+                jobs.append(self._reload(view, w, want))
+        return jobs
+
+    async def _reload(self, view: AdapterView, w: Worker, path: str) -> None:
+        assert w.client is not None
+        try:
+            await w.client.load(view.name, path, inplace=True)
+        except WorkerError as exc:
+            self.rt.metrics.worker_errors.labels(self.name, "reload").inc()
+            self._event(view.body, "Warning", "ReloadFailed", f"worker {w.pod}: {exc.message}")
+            return
+        self.rt.metrics.loads.labels(self.name).inc()
+        self._event(view.body, "Normal", "Reloaded", f"worker {w.pod} switched to {path}")
+
     async def _route(self, bm: Mapping[str, Any], view: AdapterView, targets: list[Worker]) -> None:
         name = view.name
         pods = [w.pod for w in targets]
@@ -439,7 +481,7 @@ class BaseModelFleet:
 
     def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         key = (body["metadata"]["name"], reason)
-        if reason in {"Loaded", "Unloaded", "Routed"}:
+        if reason in {"Loaded", "Unloaded", "Routed", "Reloaded"}:
             key = (body["metadata"]["name"], f"{reason}:{message}:{time.monotonic()}")
         if self._last_events.get(key) == message:
             return

@@ -168,6 +168,16 @@ class Kube:
         res = await self._call(self.custom.list_namespaced_custom_object, c.GROUP, c.VERSION, ns, plural)
         return res.get("items", [])
 
+    async def patch_cr(self, plural: str, ns: str, name: str, body: JSON) -> JSON | None:
+        try:
+            return await self._call(
+                self.custom.patch_namespaced_custom_object, c.GROUP, c.VERSION, ns, plural, name, body
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def patch_status(self, plural: str, ns: str, name: str, status: JSON) -> JSON | None:
         try:
             return await self._call(

@@ -49,8 +49,6 @@ class Runtime:
     kube: Kube
     metrics: OperatorMetrics
     fleets: dict[tuple[str, str], BaseModelFleet] = field(default_factory=dict)
-    # (namespace, adapter) -> path of the newest published version (continual learning); new replicas load it.
-    source_override: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def fleet(self, namespace: str, name: str) -> BaseModelFleet | None:
         return self.fleets.get((namespace, name))

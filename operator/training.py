@@ -96,10 +96,3 @@ def latest_published(worker_status: Mapping[str, Any]) -> tuple[str, str] | None
         return None
     pv = max(pvs, key=lambda p: int(p.get("version") or 0))
     return str(pv["version"]), str(pv["path"])
-
-
-def stale_replicas(
-    held_versions: Mapping[str, str | None], trainer: str, latest_path: str, loaded_paths: Mapping[str, str | None]
-) -> list[str]:
-    """Workers (other than the trainer, which switches itself) whose copy was not loaded from `latest_path`."""
-    return sorted(w for w in held_versions if w != trainer and loaded_paths.get(w) != latest_path)

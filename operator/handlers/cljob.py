@@ -1,6 +1,8 @@
-"""ContinualLearningJob: start/stop training on a worker that serves the adapter, mirror progress into status, and
-roll every newly published version out to the adapter's other replicas (in-place load: new requests switch to it,
-in-flight ones finish on the old weights, then the old version is freed by the worker).
+"""ContinualLearningJob: start/stop training on a worker that serves the adapter and mirror progress into status.
+
+Each newly published version is recorded on the LoRAAdapter (annotation `lorafleet.io/published-source`); the
+fleet then reloads every other replica in place (new requests switch, in-flight ones finish on the old weights) and
+loads that version on new replicas. The trainer pod is recorded too, so the fleet never reloads under the trainer.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import kopf
 from lorafleet.operator import conditions, training
 from lorafleet.operator import constants as c
 from lorafleet.operator.state import Runtime
-from lorafleet.operator.workerclient import WorkerClient, WorkerError
+from lorafleet.operator.workerclient import WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,9 @@ async def cljob_start(
             kopf.warn(body, reason="WorkerRefused", message=exc.message)
             raise kopf.TemporaryError(exc.message, delay=10) from exc
     patch.metadata.annotations["lorafleet.io/trainer"] = trainer.pod
+    await rt.kube.patch_cr(
+        c.ADAPTERS, namespace, spec["adapter"], {"metadata": {"annotations": {c.ANNOT_TRAINER_POD: trainer.pod}}}
+    )
     kopf.info(body, reason="Started", message=f"training {spec['adapter']} on worker {trainer.pod}")
     await _set_status(rt, namespace, name, body, {"phase": "Running"}, True, "Training", f"on worker {trainer.pod}")
 
@@ -109,18 +114,18 @@ async def cljob_sync(
     latest = training.latest_published(st)
     if latest is not None:
         version, path = latest
-        rt.source_override[(namespace, spec["adapter"])] = path  # new replicas load the newest version
-        loaded = {
-            p: ((w.adapters or {}).get(spec["adapter"]).path if w.adapters and spec["adapter"] in w.adapters else None)
-            for p, w in holders.items()
-        }
-        for wpod in training.stale_replicas({p: None for p in holders}, pod, path, loaded):
-            client: WorkerClient = holders[wpod].client
-            try:
-                await client.load(spec["adapter"], path, inplace=True)
-                kopf.info(body, reason="RolledOut", message=f"version {version} loaded on worker {wpod}")
-            except WorkerError as exc:
-                kopf.warn(body, reason="RolloutFailed", message=f"worker {wpod}: {exc.message}")
+        notes = adapter["metadata"].get("annotations") or {}
+        if notes.get(c.ANNOT_PUBLISHED_SOURCE) != path:
+            # Durable in the adapter's metadata: the fleet reloads every other replica in place and loads this
+            # version on new replicas, also after an operator restart or once the job is gone.
+            await rt.kube.patch_cr(
+                c.ADAPTERS,
+                namespace,
+                spec["adapter"],
+                {"metadata": {"annotations": {c.ANNOT_PUBLISHED_SOURCE: path, c.ANNOT_PUBLISHED_VERSION: version}}},
+            )
+            kopf.info(body, reason="Published", message=f"version {version} ({path}) rolls out to every replica")
+            rt.wake(namespace, str((adapter.get("spec") or {}).get("baseModel")))
     await _set_status(
         rt,
         namespace,
@@ -156,4 +161,7 @@ async def cljob_stop(
     except WorkerError as exc:
         if exc.status != 404:
             raise kopf.TemporaryError(exc.message, delay=2) from exc
+    await rt.kube.patch_cr(
+        c.ADAPTERS, namespace, spec["adapter"], {"metadata": {"annotations": {c.ANNOT_TRAINER_POD: None}}}
+    )
     kopf.info(body, reason="Stopped", message=f"training stopped on {pod}; published versions keep serving")

@@ -139,6 +139,21 @@ def test_deleted_worker_pod_adapters_move_within_seconds(fleet: LocalFleet) -> N
     wait_for(lambda: len(fleet.routes("bob")) == 2, 30, 0.2, "bob back to 2 replicas")
 
 
+def test_new_source_is_rolled_out_in_place_to_every_replica(fleet: LocalFleet, tiny_assets) -> None:
+    token = fleet.admin_token(BM)
+    routes = fleet.routes("bob")
+    assert len(routes) == 2
+    before = {p: fleet.worker_adapters(ep, token)["bob"]["version"] for p, ep in routes}
+    fleet.patch(c.ADAPTERS, "bob", {"spec": {"source": {"uri": f"file://{tiny_assets['r4']}"}}})
+    for _, ep in routes:
+        wait_for(lambda ep=ep: fleet.worker_adapters(ep, token)["bob"]["path"] == str(tiny_assets["r4"]), 30, 0.2)
+        assert fleet.complete("bob", ep).status_code == 200
+    after = {p: fleet.worker_adapters(ep, token)["bob"]["version"] for p, ep in routes}
+    assert all(after[p] != before[p] for p in before)  # new weights, new version
+    assert [p for p, _ in fleet.routes("bob")] == [p for p, _ in routes]  # same pods, nothing moved
+    wait_for(lambda: any(e.reason == "Reloaded" for e in fleet.events_for("bob")), 20, 0.2, "Reloaded event")
+
+
 def test_crashed_worker_process_is_routed_around_and_gets_adapters_back(fleet: LocalFleet) -> None:
     pod = fleet.routes("bob")[0][0]
     old_ep = fleet.pod_endpoints()[pod]
@@ -212,7 +227,10 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
     other = next(p for p, _ in fleet.routes("ada") if p != trainer)
     # the other replica switches to the published weights (in-place load of the new version)
     wait_for(lambda: fleet.worker_adapters(eps[other], token)["ada"]["path"] == newest["path"], 30, 0.3, "rollout")
-    assert any(e.reason == "RolledOut" for e in fleet.events_for("ada-cl"))
+    assert any(e.reason == "Published" for e in fleet.events_for("ada-cl"))
+    assert any(e.reason == "Reloaded" for e in fleet.events_for("ada"))
+    notes = fleet.get(c.ADAPTERS, "ada")["metadata"]["annotations"]
+    assert notes["lorafleet.io/published-source"] == newest["path"] and notes["lorafleet.io/trainer-pod"] == trainer
     assert fleet.complete("ada", eps[other]).status_code == 200
     fleet.delete(c.CLJOBS, "ada-cl")
     wait_for(lambda: fleet.get(c.CLJOBS, "ada-cl") is None, 30, 0.2, "job deleted")
@@ -220,6 +238,9 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
         f"http://{eps[trainer]}/v1/training/jobs/ada-cl", headers={"Authorization": f"Bearer {token}"}
     )
     assert stopped.status_code == 404 or stopped.json()["phase"] == "Stopped"
+    # the published version keeps serving after the job is gone; the trainer mark is cleared
+    notes = fleet.get(c.ADAPTERS, "ada")["metadata"]["annotations"]
+    assert notes["lorafleet.io/published-source"] == newest["path"] and "lorafleet.io/trainer-pod" not in notes
 
 
 def test_delete_adapter_drains_unloads_and_unroutes(fleet: LocalFleet) -> None:

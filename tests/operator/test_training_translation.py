@@ -46,6 +46,3 @@ def test_status_is_bounded_and_latest_version_found() -> None:
     assert training.latest_published({"publishedVersions": []}) is None
     assert training.job_status({"phase": "Stopped"})["phase"] == "Succeeded"
     assert training.job_status({"phase": "Succeeded"})["phase"] == "Succeeded"
-    assert training.stale_replicas({"w0": None, "w1": None, "w2": None}, "w0", "/p", {"w1": "/p", "w2": "/old"}) == [
-        "w2"
-    ]
