@@ -108,3 +108,47 @@ def test_prefix_kv_and_capture_reproduce_full_forward(model):
     packed = model(torch.cat([ids[:4], ids]), torch.cat([torch.arange(4), torch.arange(10)]),
                    DenseAttentionContext(model.attn_scale, seq_lens=[4, 10]))  # fmt: skip
     torch.testing.assert_close(packed[4:], full, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_projections_equal_separate_ones(tiny_model, adapters):
+    """The GPU serving layout (q|k|v and gate|up fused, grouped LoRA shrink/expand) computes the same function."""
+    from lorafleet.worker.loader import load_model
+    from lorafleet.worker.lora.adapter import read_adapter
+    from lorafleet.worker.lora.store import AdapterStore
+
+    sep = load_model(tiny_model, torch.device("cpu"), torch.float32)[0]
+    fused = load_model(tiny_model, torch.device("cpu"), torch.float32)[0]
+    fused.fuse_projections()
+    assert (
+        fused.model.layers[0].self_attn.q_proj.weight.data_ptr()
+        == fused.model.layers[0].self_attn.fused.weight.data_ptr()
+    )
+    store = AdapterStore(
+        sep.shape, torch.device("cpu"), torch.float32, max_slots=3, roots=[str(adapters["ad_r4"].parent)]
+    )
+    names = ["ad_r2qv", "ad_r16rs", "ad_r8"]
+    slots = [store.ensure_slot(store.register(n, str(adapters[n]))) for n in names]
+    ids = torch.tensor([5, 9, 33, 120, 7, 8, 77, 41, 300, 2])
+    pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 2])
+    ctx = DenseAttentionContext(sep.attn_scale, seq_lens=[4, 3, 3])
+    seg = (torch.tensor([0, 4, 7, 10]), torch.tensor(slots))
+    a = sep(ids, pos, ctx, SegmentLoRAContext(store, *seg))
+    b = fused(ids, pos, ctx, SegmentLoRAContext(store, *seg))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    from lorafleet.worker.layers import lora_context
+
+    old, lora_context.MAX_FUSED_SHRINK_RANK = lora_context.MAX_FUSED_SHRINK_RANK, 8  # force per-slice shrinks
+    try:
+        c = fused(ids, pos, ctx, SegmentLoRAContext(store, *seg))
+    finally:
+        lora_context.MAX_FUSED_SHRINK_RANK = old
+    torch.testing.assert_close(c, b, atol=1e-5, rtol=1e-5)
+    base = sep(ids, pos, ctx)
+    assert (a - base).abs().max() > 1e-2
+    w = read_adapter(adapters["ad_r8"], sep.shape, 64)
+    params = {k: (x.clone().requires_grad_(True), y.clone().requires_grad_(True)) for k, (x, y) in w.weights.items()}
+    out = fused(ids[:4], pos[:4], DenseAttentionContext(sep.attn_scale), DenseLoRAContext(params, w.scale))
+    ref = sep(ids[:4], pos[:4], DenseAttentionContext(sep.attn_scale), DenseLoRAContext(params, w.scale))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(x.grad is not None and y.grad is not None for x, y in params.values())

@@ -69,6 +69,8 @@ class LLMEngine:
         max_pos = getattr(self.hf_config, "max_position_embeddings", 4096)
         self.max_model_len = config.max_model_len or max_pos
         self.model, _ = load_model(config.model, self.device, self.dtype, max(max_pos, self.max_model_len))
+        if self.device.type == "cuda":
+            self.model.fuse_projections()  # q|k|v and gate|up as one GEMM (+ one LoRA shrink/expand) each
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = self._eos_ids()
         self.store = AdapterStore(

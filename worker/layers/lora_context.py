@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+MAX_FUSED_SHRINK_RANK = 128  # stacked rank (slices x max_rank) up to which a group uses one shrink launch
+
 
 class SlotWeights(Protocol):
     """What the adapter store exposes to the model: stacked, padded slot tensors per (layer, projection)."""
@@ -19,6 +21,10 @@ class SlotWeights(Protocol):
     scales: torch.Tensor  # [S] float32
 
     def stacked(self, layer_idx: int, proj: str, always: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def stacked_group(
+        self, layer_idx: int, group: str, always: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None: ...
 
 
 class SegmentLoRAContext:
@@ -42,6 +48,37 @@ class SegmentLoRAContext:
         lora_a, lora_b = w
         v = self._ops.lora_shrink(x, lora_a, self.seg_indptr, self.seg_slots)
         self._ops.lora_expand(v, lora_b, self.seg_indptr, self.seg_slots, self.slots.scales, y)
+        return y
+
+    def apply_group(self, layer_idx: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """For a fused base projection (qkv, gate_up): one shrink over the stacked A's, one multi-slice expand
+        into the column ranges of y (the Triton path does it in one launch; the torch path slice by slice)."""
+        w = self.slots.stacked_group(layer_idx, group, self.always)
+        if w is None:
+            return y
+        lora_a, lora_b, bounds = w
+        r = lora_b.shape[2]
+        if lora_a.shape[1] <= MAX_FUSED_SHRINK_RANK:
+            v = self._ops.lora_shrink(x, lora_a, self.seg_indptr, self.seg_slots)
+        else:  # a wide stacked rank would not fit the shrink kernel's tile: one shrink per slice, same buffer
+            v = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+            for i in range(len(bounds) - 1):
+                sl = slice(i * r, (i + 1) * r)
+                self._ops.lora_shrink(x, lora_a[:, sl], self.seg_indptr, self.seg_slots, out=v[:, sl])
+        expand_slices = getattr(self._ops, "lora_expand_slices", None)
+        if expand_slices is not None and len(bounds) <= 4:
+            expand_slices(v, lora_b, self.seg_indptr, self.seg_slots, self.slots.scales, y, bounds)
+            return y
+        for i in range(len(bounds) - 1):
+            lo, hi = bounds[i], bounds[i + 1]
+            self._ops.lora_expand(
+                v[:, i * r : (i + 1) * r],
+                lora_b[:, lo:hi],
+                self.seg_indptr,
+                self.seg_slots,
+                self.slots.scales,
+                y[:, lo:hi],
+            )
         return y
 
 

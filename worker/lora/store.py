@@ -21,10 +21,16 @@ from urllib.parse import urlparse
 
 import torch
 from lorafleet.worker.lora.adapter import AdapterError, LoRAWeights, UnknownAdapterError, read_adapter
-from lorafleet.worker.models.llama import PROJ_NAMES, ModelShape
+from lorafleet.worker.models.llama import ModelShape
 
 log = logging.getLogger(__name__)
 Resolver = Callable[[str], Path]
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 _tick = itertools.count(1)
 
 
@@ -75,13 +81,23 @@ class AdapterStore:
         self._current: dict[str, AdapterVersion] = {}
         self._host: list[AdapterVersion] = []  # versions holding host weights
         self._slots: list[AdapterVersion | None] = [None] * max_slots
+        # Per layer, projections that share an input are stacked in one tensor (GROUPS): A [S, n*R, in] and
+        # B [S, sum(out), R], so a fused base projection (qkv, gate|up) needs one shrink and one expand; each
+        # projection's [S, R, in] / [S, out, R] tensor is a view into its group's tensors.
         self._a: dict[tuple[int, str], torch.Tensor] = {}
         self._b: dict[tuple[int, str], torch.Tensor] = {}
+        self._groups: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
         for layer in range(shape.num_layers):
-            for proj in PROJ_NAMES:
-                fin, fout = shape.proj_dims(proj)
-                self._a[(layer, proj)] = torch.zeros(max_slots, max_rank, fin, dtype=dtype, device=device)
-                self._b[(layer, proj)] = torch.zeros(max_slots, fout, max_rank, dtype=dtype, device=device)
+            for group, projs in GROUPS.items():
+                fin = shape.proj_dims(projs[0])[0]
+                outs = [shape.proj_dims(p)[1] for p in projs]
+                a = torch.zeros(max_slots, len(projs) * max_rank, fin, dtype=dtype, device=device)
+                b = torch.zeros(max_slots, sum(outs), max_rank, dtype=dtype, device=device)
+                bounds = tuple(sum(outs[:i]) for i in range(len(outs) + 1))
+                self._groups[(layer, group)] = (a, b, bounds)
+                for i, proj in enumerate(projs):
+                    self._a[(layer, proj)] = a[:, i * max_rank : (i + 1) * max_rank]
+                    self._b[(layer, proj)] = b[:, bounds[i] : bounds[i + 1]]
         self.scales = torch.zeros(max_slots, dtype=torch.float32, device=device)
         self._proj_users: Counter[str] = Counter()
         self._cuda = device.type == "cuda"
@@ -216,6 +232,14 @@ class AdapterStore:
         if self._proj_users[proj] == 0 and not always:
             return None
         return self._a[(layer_idx, proj)], self._b[(layer_idx, proj)]
+
+    def stacked_group(
+        self, layer_idx: int, group: str, always: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None:
+        """(A [S, n*R, in], B [S, sum(out), R], output column bounds) of a projection group, or None if unused."""
+        if not always and not any(self._proj_users[p] for p in GROUPS[group]):
+            return None
+        return self._groups[(layer_idx, group)]
 
     def free_slots(self) -> int:
         return sum(1 for s in self._slots if s is None or s.running == 0)

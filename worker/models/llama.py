@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from lorafleet.worker.layers.activation import check_activation, silu_and_mul
 from lorafleet.worker.layers.attention import AttentionContext
 from lorafleet.worker.layers.linear import LoRAContext, LoRALinear
@@ -88,6 +89,41 @@ class ModelShape:
         }[proj]
 
 
+class FusedLinear:
+    """One GEMM for projections that share their input (q|k|v, gate|up); the member LoRALinear modules keep views
+    into the fused weight, so names, loading and training code see the usual per-projection parameters.
+
+    LoRA: a context with `apply_group` (serving segments) adds all deltas with one shrink + one expand; any other
+    context (e.g. dense training) gets one `apply` per projection slice.
+    """
+
+    def __init__(self, members: tuple[LoRALinear, ...]) -> None:
+        self.weight = torch.cat([m.weight.data for m in members], 0)
+        biases = [m.bias for m in members]
+        self.bias = torch.cat([b.data for b in biases], 0) if all(b is not None for b in biases) else None
+        if any(b is not None for b in biases) and self.bias is None:
+            raise ValueError("cannot fuse projections where only some have a bias")
+        lo = 0
+        self.sizes = []
+        for m in members:
+            n = m.out_features
+            m.weight = nn.Parameter(self.weight[lo : lo + n], requires_grad=False)
+            if self.bias is not None:
+                m.bias = nn.Parameter(self.bias[lo : lo + n], requires_grad=False)
+            self.sizes.append(n)
+            lo += n
+
+    def __call__(self, x, lora, group: str, members: tuple[LoRALinear, ...]) -> tuple[torch.Tensor, ...]:
+        y = F.linear(x, self.weight, self.bias)
+        if lora is not None and hasattr(lora, "apply_group"):
+            y = lora.apply_group(members[0].layer_idx, group, x, y)
+            return tuple(y.split(self.sizes, dim=-1))
+        parts = y.split(self.sizes, dim=-1)
+        if lora is None:
+            return tuple(parts)
+        return tuple(lora.apply(m.layer_idx, m.proj, x, p) for m, p in zip(members, parts, strict=True))
+
+
 class Attention(nn.Module):
     def __init__(self, s: ModelShape, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -99,13 +135,21 @@ class Attention(nn.Module):
             bias = s.o_bias if proj == "o_proj" else s.qkv_bias
             setattr(self, proj, LoRALinear(fin, fout, bias, layer_idx, proj))
 
+        self.fused: FusedLinear | None = None  # set by LlamaForCausalLM.fuse_projections (GPU serving)
+
+    def _qkv(self, x, lora: LoRAContext | None):
+        if self.fused is None:
+            return self.q_proj(x, lora), self.k_proj(x, lora), self.v_proj(x, lora)
+        return self.fused(x, lora, "qkv", (self.q_proj, self.k_proj, self.v_proj))
+
     def forward(self, x, positions, attn: AttentionContext, lora: LoRAContext | None, capture: Capture | None):
         s, li = self.s, self.layer_idx
         if capture is not None:
             capture(li, "attn_in", x)
-        q = self.q_proj(x, lora).view(-1, s.num_heads, s.head_dim)
-        k = self.k_proj(x, lora).view(-1, s.num_kv_heads, s.head_dim)
-        v = self.v_proj(x, lora).view(-1, s.num_kv_heads, s.head_dim)
+        q, k, v = self._qkv(x, lora)
+        q = q.reshape(-1, s.num_heads, s.head_dim)
+        k = k.reshape(-1, s.num_kv_heads, s.head_dim)
+        v = v.reshape(-1, s.num_kv_heads, s.head_dim)
         q, k = self.rotary(positions, q, k)
         if capture is not None:
             capture(li, "k", k)
@@ -124,10 +168,16 @@ class MLP(nn.Module):
             fin, fout = s.proj_dims(proj)
             setattr(self, proj, LoRALinear(fin, fout, s.mlp_bias, layer_idx, proj))
 
+        self.fused: FusedLinear | None = None
+
     def forward(self, x, lora: LoRAContext | None, capture: Capture | None):
         if capture is not None:
             capture(self.layer_idx, "mlp_in", x)
-        h = silu_and_mul(self.gate_proj(x, lora), self.up_proj(x, lora))
+        if self.fused is None:
+            gate, up = self.gate_proj(x, lora), self.up_proj(x, lora)
+        else:
+            gate, up = self.fused(x, lora, "gate_up", (self.gate_proj, self.up_proj))
+        h = silu_and_mul(gate, up)
         if capture is not None:
             capture(self.layer_idx, "down_in", h)
         return self.down_proj(h, lora)
@@ -184,6 +234,13 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def fuse_projections(self) -> None:
+        """Serve q|k|v and gate|up as one GEMM each (fewer, larger kernels on GPU); weights become views."""
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.fused = FusedLinear((a.q_proj, a.k_proj, a.v_proj))
+            m.fused = FusedLinear((m.gate_proj, m.up_proj))
 
     @property
     def attn_scale(self) -> float:
