@@ -153,3 +153,12 @@ def test_iteration_hooks_and_stats(make_engine, adapters):
     assert seen[1].num_decode_tokens == 2 and seen[0].num_prefill_tokens == 14
     eng.step()  # idle step still reports the whole budget as leftover (training can use it)
     assert seen[-1].leftover_tokens == 32 and seen[-1].num_seqs == 0
+
+
+def test_kv_budget_bounds_the_context(make_engine):
+    eng = make_engine(num_kv_blocks=None, kv_cache_bytes=64 * 1024, block_size=4)  # tiny model: 2 KiB per block
+    assert eng.block_manager.num_blocks == 32 and eng.max_model_len == 128  # lowered from the config's 1024
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request("x", list(range(10, 140)), SamplingParams())
+    with pytest.raises(ValueError, match="needs more KV cache"):
+        make_engine(num_kv_blocks=None, kv_cache_bytes=64 * 1024, block_size=4, max_model_len=512)

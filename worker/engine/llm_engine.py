@@ -133,8 +133,17 @@ class LLMEngine:
             budget = max(budget, int(free * self.config.kv_cache_fraction))
         else:
             budget = self.config.kv_cache_bytes
-        need_one = -(-self.max_model_len // self.config.block_size)
-        return max(budget // per_block, need_one)
+        num_blocks = max(1, budget // per_block)
+        fits = num_blocks * self.config.block_size
+        if fits < self.max_model_len:
+            if self.config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len {self.max_model_len} needs more KV cache than the budget holds ({fits} tokens); "
+                    "raise kv_cache_bytes/kv_cache_fraction or lower max_model_len"
+                )
+            log.warning("KV cache holds %d tokens: max_model_len lowered from %d", fits, self.max_model_len)
+            self.max_model_len = fits
+        return num_blocks
 
     # ---- requests ------------------------------------------------------------------------------------------------
     def add_request(
