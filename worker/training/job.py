@@ -394,14 +394,14 @@ class ContinualLearningJob:
             "publishedVersions": [r.to_api() for r in self.publisher.published],
             "refusedVersions": list(self.publisher.refused),
             "samples": dict(self.counts),
-            "stash": {
-                "bytes": st.bytes_used if st else 0,
-                "entries": len(st) if st else 0,
-                "reused": st.counters.reused if st else 0,
-                "recomputed": st.counters.recomputed if st else 0,
-                "dropped": st.counters.dropped if st else 0,
-                "evicted": st.counters.evicted if st else 0,
-                "recorded": st.counters.recorded if st else 0,
+            "stash": {  # `is not None`: an empty stash is falsy (it has a __len__)
+                "bytes": st.bytes_used if st is not None else 0,
+                "entries": len(st) if st is not None else 0,
+                "reused": st.counters.reused if st is not None else 0,
+                "recomputed": st.counters.recomputed if st is not None else 0,
+                "dropped": st.counters.dropped if st is not None else 0,
+                "evicted": st.counters.evicted if st is not None else 0,
+                "recorded": st.counters.recorded if st is not None else 0,
             },
             "message": self.message,
         }
