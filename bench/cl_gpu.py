@@ -391,11 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--phase", action="append", default=None, help="reuse | recording | coserve (default: all)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per load run")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
     if args.device == "cpu":
         torch.set_num_threads(2)
     cfg = Cfg(args.tiny, args.device)
+    if args.duration:
+        cfg.duration = args.duration
     work = Path(tempfile.mkdtemp(prefix="cl-gpu-"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
