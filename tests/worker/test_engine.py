@@ -162,3 +162,22 @@ def test_kv_budget_bounds_the_context(make_engine):
         eng.add_request("x", list(range(10, 140)), SamplingParams())
     with pytest.raises(ValueError, match="needs more KV cache"):
         make_engine(num_kv_blocks=None, kv_cache_bytes=64 * 1024, block_size=4, max_model_len=512)
+
+
+def test_penalties_match_their_definitions_and_change_generation(make_engine):
+    from lorafleet.worker.engine.sampler import apply_penalties
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    out = apply_penalties(logits, [p], [([4], [3, 3, 1])])[0]
+    # token 4 (prompt only): repetition only; 3 (output x2): 3/2 - 0.25*2 - 0.5; 1 (output x1, negative): -1*2 - 0.25 - 0.5
+    torch.testing.assert_close(out, torch.tensor([2.0, -2.75, 0.5, 0.5, 0.5]))
+    for bad in (dict(presence_penalty=3.0), dict(frequency_penalty=-2.5), dict(repetition_penalty=0.0)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad).validate()
+    eng = make_engine()
+    plain = eng.generate([PROMPT], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].output_token_ids
+    strong = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)
+    pen = eng.generate([PROMPT], strong)[0].output_token_ids
+    assert pen != plain
+    assert max(pen.count(t) for t in set(pen)) <= max(plain.count(t) for t in set(plain))

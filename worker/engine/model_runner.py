@@ -269,7 +269,11 @@ class ModelRunner:
         out: dict[Sequence, int] = {}
         if inp.sample_seqs:
             logits = self.model.compute_logits(hidden)
-            tokens = self.sampler(logits, [s.params for s in inp.sample_seqs], [s.generator for s in inp.sample_seqs])
+            seqs = inp.sample_seqs
+            histories = None
+            if any(s.params.has_penalties for s in seqs):
+                histories = [(s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s in seqs]
+            tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], histories)
             out = dict(zip(inp.sample_seqs, tokens, strict=True))
         self.last_forward_seconds = time.perf_counter() - t0
         return out

@@ -18,9 +18,15 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        histories: list[tuple[list[int], list[int]]] | None = None,  # (prompt ids, output ids) per row
     ) -> list[int]:
         """logits: [N, V] float32 → one token id per row."""
+        if histories is not None and any(p.has_penalties for p in params):
+            logits = apply_penalties(logits, params, histories)
         greedy = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if p.temperature > 0]
         if not rows:
@@ -52,3 +58,27 @@ class Sampler:
         out = greedy.clone()
         out[idx] = picked
         return out.tolist()
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
+) -> torch.Tensor:
+    """Presence/frequency penalties over the output (OpenAI) and the repetition penalty over prompt + output
+    (HF), applied before greedy or sampled selection, as vLLM does. Rows without penalties are untouched."""
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i, (p, (prompt, output)) in enumerate(zip(params, histories, strict=True)):
+        if not p.has_penalties:
+            continue
+        row = logits[i]
+        out = torch.tensor(output, dtype=torch.long, device=logits.device)
+        out = out[(out >= 0) & (out < vocab)]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(prompt + output, dtype=torch.long, device=logits.device)
+            seen = seen[(seen >= 0) & (seen < vocab)].unique()
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if out.numel() and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(out, minlength=vocab).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return logits

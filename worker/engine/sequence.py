@@ -24,6 +24,13 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI: logit -= p if the token already appears in the output
+    frequency_penalty: float = 0.0  # OpenAI: logit -= f * (times the token appears in the output)
+    repetition_penalty: float = 1.0  # HF/CTRL: logits of prompt+output tokens divided (>0) or multiplied (<0) by it
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     def validate(self) -> None:
         """Raises ValueError with an API-friendly message (the HTTP layer turns it into a 400)."""
@@ -41,6 +48,11 @@ class SamplingParams:
             raise ValueError("stop_token_ids must be non-negative integers")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError("seed must be an integer")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
 
 
 class SequenceStatus(Enum):
