@@ -261,13 +261,13 @@ class BaseModelFleet:
             else:
                 del self._blocked[(a, p)]
         # Rebalancer moves: add on the target now; the source becomes surplus and is drained below.
-        extra_removes: list[tuple[str, str]] = []
         moves, self.moves_pending = self.moves_pending, []
-        move_targets: list[tuple[str, str]] = []
-        for a, src, dst in moves:
-            if a in views and src in current.get(a, set()) and dst in {w.pod for w in usable} and dst not in current[a]:
-                move_targets.append((a, dst))
-                extra_removes.append((a, src))
+        valid_moves = [
+            (a, src, dst)
+            for a, src, dst in moves
+            if a in views and src in current.get(a, set()) and dst in {w.pod for w in usable} and dst not in current[a]
+        ]
+        move_targets = [(a, dst) for a, _, dst in valid_moves]
         slots = [
             assign.WorkerSlot(
                 name=w.pod,
@@ -293,7 +293,6 @@ class BaseModelFleet:
         )
         self.rt.metrics.solve_seconds.labels(self.name, "incremental").observe(time.perf_counter() - t0)
         adds = plan.adds + move_targets
-        removes = plan.removes + extra_removes
 
         # (1) load on targets, concurrently
         async def load(a: str, pod: str) -> None:
@@ -320,6 +319,8 @@ class BaseModelFleet:
             self._event(view.body, "Normal", "Loaded", f"loaded on worker {pod} (node {by_pod[pod].node})")
 
         await asyncio.gather(*(load(a, p) for a, p in adds), *self._reloads(views, usable))
+        # a move's source is released only once its target really holds the adapter
+        removes = plan.removes + [(a, src) for a, src, dst in valid_moves if dst in current[a]]
 
         # (2)+(3) routing: exactly the ready pods that hold the adapter, minus replicas about to be drained.
         removing = set(removes)
@@ -354,7 +355,16 @@ class BaseModelFleet:
             if (a, pod) in self._drains:
                 continue
             w = by_pod.get(pod)
-            reason = "deleted" if views[a].deleting else ("drain" if w and w.draining else "rebalance")
+            if views[a].deleting:
+                reason = "deleted"
+            elif views[a].fatal:
+                reason = "invalid"
+            elif w and w.draining:
+                reason = "drain"
+            elif (a, pod) in plan.removes:
+                reason = "scale-down"
+            else:
+                reason = "rebalance"
             self._drains[(a, pod)] = asyncio.create_task(self._drain(a, w, reason, views[a].body))
 
         await self._write_adapter_statuses(bm, views, by_pod, plan)
@@ -433,7 +443,7 @@ class BaseModelFleet:
             )
             if client is not None:
                 self.rt.metrics.unloads.labels(self.name).inc()
-            if reason != "deleted":
+            if reason in ("drain", "rebalance"):  # a handoff to another worker, not a removal
                 self.rt.metrics.migrations.labels(self.name, reason).inc()
             pod = worker.pod if worker else "?"
             self._since.pop((adapter, pod), None)

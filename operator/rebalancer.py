@@ -8,6 +8,7 @@ target, route, un-route the source, drain, unload), so rebalancing and failure r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -37,7 +38,9 @@ class Rebalancer:
 
     async def run(self, bm: Mapping[str, Any], adapters: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         self.last = time.monotonic()
-        moves = plan_moves(self.fleet, bm, adapters)
+        # CP-SAT may take up to its time limit: solve off the event loop so watches and handlers keep flowing.
+        moves = await asyncio.to_thread(plan_moves, self.fleet, bm, adapters)
+        self.last = time.monotonic()  # the interval runs from the end of a solve: a slow solve never repeats at once
         if moves is None:
             return []
         result, found = moves

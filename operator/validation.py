@@ -6,6 +6,7 @@ let it serve with what exists and mark it Degraded, so a user sees the shortfall
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,14 +43,23 @@ def adapter_rank(adapter: Mapping[str, Any], path_exists: Callable[[str], bool] 
     if is_local(uri):
         cfg = os.path.join(adapter_path(uri), "adapter_config.json")
         if path_exists(cfg):
-            import json
-
             try:
-                with open(cfg) as fh:
-                    return int(json.load(fh).get("r") or 0) or None
-            except (OSError, ValueError):
+                return _config_rank(cfg, os.stat(cfg).st_mtime_ns)
+            except OSError:
                 return None
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_rank(path: str, _mtime: int) -> int | None:
+    """Cached per (file, mtime): the fleet asks every cycle, the file rarely changes."""
+    import json
+
+    try:
+        with open(path) as fh:
+            return int(json.load(fh).get("r") or 0) or None
+    except (OSError, ValueError):
+        return None
 
 
 def validate_adapter(

@@ -50,11 +50,14 @@ async def basemodel_fleet(
     basemodels_idx: kopf.Index,
     adapters_idx: kopf.Index,
     workerpods_idx: kopf.Index,
+    logger: kopf.Logger,
     **_: Any,
 ) -> None:
     rt: Runtime = memo.runtime
     key = index_key(namespace, name)
     fleet = BaseModelFleet(rt, namespace, name)
+    previous = rt.fleets.get(key)
+    logger.info("fleet daemon starting (replaces a running fleet: %s)", previous is not None)
     rt.fleets[key] = fleet
 
     def view() -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
