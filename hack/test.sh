@@ -33,7 +33,8 @@ echo "==> [$(date -u +%H:%M:%S)] pytest"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
-"$V/bin/python" -m pytest -p no:cacheprovider --durations=25 "${@:-tests}"
+# -P: never put the checkout on sys.path, where operator/ would shadow the standard library's operator.
+"$V/bin/python" -P -m pytest -p no:cacheprovider --durations=25 "${@:-tests}"
 rc=$?
 set -e
 stage pytest

@@ -5,15 +5,26 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${LORAFLEET_CACHE:-$HOME/.cache/lorafleet}"
-hash="$(cat "$root/pyproject.toml" "$root/hack/venv.sh" | sha256sum | cut -c1-16)"
+# Keyed by what gets installed (the dependency lists, the Python version, this script's install recipe), not by the
+# whole pyproject, so editing tool settings does not rebuild a multi-GB environment.
+deps_key="$(python3 -I - "$root/pyproject.toml" <<'PY'
+import sys, tomllib
+p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(sys.version_info[:2], sorted(p["dependencies"]), sorted(p["optional-dependencies"]["dev"]))
+PY
+)"
+hash="$( { echo "$deps_key"; sed -n '/^if \[\[ ! -f/,/^fi$/p' "$0"; } | sha256sum | cut -c1-16)"
 venv="$cache/venv-$hash"
+mkdir -p "$cache"
+# Never run Python with the checkout as working directory: its operator/ folder would shadow the stdlib `operator`.
+cd "$cache"
 log() { echo "[venv $(date +%H:%M:%S)] $*" >&2; }
 if [[ ! -f "$venv/.complete" ]]; then
   log "creating $venv (torch is a large download: several minutes cold)"
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip uv >&2
-  deps="$("$venv/bin/python" - "$root/pyproject.toml" <<'PY'
+  deps="$("$venv/bin/python" -I - "$root/pyproject.toml" <<'PY'
 import sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))["project"]
 print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))
