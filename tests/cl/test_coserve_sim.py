@@ -45,16 +45,19 @@ def test_budget_and_latency_target_respected():
     steady = tpots[300:] if len(tpots) > 300 else tpots
     assert _p99(sorted(steady)) <= target * 1.02
     assert ft_total / 3000 > 500  # fine-tuning really used the leftover
-    assert min(shares) >= 0.05
+    assert min(shares[300:]) > 0.05
 
 
 def test_share_adapts_to_load_and_never_starves():
     _, light, _, _ = _simulate(32, 0.035)
     _, heavy, _, s_heavy = _simulate(1200, 0.035)
     assert light > 2 * heavy
-    # at a target inference alone cannot meet, fine-tuning shrinks to the floor but never to zero
-    tp, starved, shares, _ = _simulate(1900, 0.020, iters=500)
-    assert starved > 0 and min(shares) >= 0.05
+    # at a target inference alone cannot meet, fine-tuning shrinks to its minimum share of time, never to zero,
+    # and slows decodes by about that share only
+    tp, starved, shares, _ = _simulate(1900, 0.020, iters=2000)
+    alone = C0 + C1 * 1900
+    assert starved > 0
+    assert _p99(tp) <= alone * (1 + 0.05) + 0.0015
     assert s_heavy.share < 1.0
 
 

@@ -8,9 +8,9 @@ Fine-tuning fills that leftover. How much of it, per iteration, is decided again
   credit covers its predicted cost, from an online linear fit `seconds = a + b * units` of past pieces (the
   intercept matters: eager training pieces have a fixed launch cost, so a few larger pieces beat many tiny ones).
   The credit is capped, so bursts stay short (a request's TPOT averages over ~`burst_iters` iterations).
-- the share (for metrics) is the fraction of the leftover tokens fine-tuning used over a sliding window; it never
-  falls under `min_share`: when it would, a floor piece runs regardless of the credit (fine-tuning never starves
-  while there is leftover budget).
+- `min_share` is a share of time: every decoding iteration earns at least `min_share x inference seconds` of
+  credit even when inference alone misses the target, so fine-tuning never starves and slows decodes by about
+  that factor at most. The reported share is the fraction of the leftover tokens fine-tuning used recently.
 - with no decodes in flight (idle or prefill only) fine-tuning may take the whole leftover.
 The hard invariant is `inference_tokens + finetune_units <= budget` for every iteration.
 """
@@ -79,17 +79,12 @@ class CoServeScheduler:
             return 0
         if not decoding:
             return leftover
-        floor = max(1, int(leftover * self.cfg.min_share))
-        if len(self._win) >= 8 and self._used_share() < self.cfg.min_share:
-            return floor  # anti-starvation
         fit = self.cost.fit()
-        if fit is None:  # no cost estimate yet: probe with small pieces
-            return floor if self.credit > 0 else 0
+        if fit is None:  # no cost estimate yet: probe with small pieces while there is credit
+            return max(1, int(leftover * self.cfg.min_share)) if self.credit > 0 else 0
         a, b = fit
         affordable = (self.credit - a) / b
-        if affordable < floor:
-            return 0
-        return int(min(leftover, affordable))
+        return int(min(leftover, affordable)) if affordable >= 1 else 0
 
     def observe(
         self,
@@ -107,12 +102,15 @@ class CoServeScheduler:
         leftover = max(0, budget - inference_tokens)
         self.history.append((budget, inference_tokens, finetune_units, inference_seconds + finetune_seconds))
         if decoding:
-            self.credit += c.tpot_target_s * c.high_water - inference_seconds - finetune_seconds
+            # the min share is a share of *time*: even when inference alone misses the target, fine-tuning accrues
+            # min_share x the inference time, so it never starves and slows decodes by about that factor at most
+            headroom = max(c.tpot_target_s * c.high_water - inference_seconds, c.min_share * inference_seconds)
+            self.credit += headroom - finetune_seconds
             self.credit = max(-c.burst_iters * c.tpot_target_s, min(c.burst_iters * c.tpot_target_s, self.credit))
             self._win.append((leftover, finetune_units))
         else:
             self.credit = max(0.0, self.credit)
-        self.share = max(self.cfg.min_share, min(1.0, self._used_share())) if self._win else 1.0
+        self.share = min(1.0, self._used_share()) if self._win else 1.0
 
 
 def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
