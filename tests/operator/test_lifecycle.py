@@ -349,6 +349,67 @@ def test_auto_replicas_follow_the_measured_request_rate(fleet: LocalFleet, tiny_
     assert (fleet.get(c.ADAPTERS, "auto-z")["status"]["requestRate"] or 0) > 0.5
 
 
+def test_handoff_protocol_order_between_two_real_workers(fleet: LocalFleet, tiny_assets) -> None:
+    """migration.handoff on an adapter the operator does not manage (no CR: the fleet leaves it alone)."""
+    import asyncio
+    import threading
+
+    import httpx
+    from lorafleet.operator.migration import handoff
+    from lorafleet.operator.workerclient import WorkerClient
+
+    token = fleet.admin_token(BM)
+    (src_pod, src_ep), (dst_pod, dst_ep) = sorted(fleet.pod_endpoints().items())[:2]
+    name, path = "manual-m", str(tiny_assets["r8"])
+    steps: list[str] = []
+    table = {"eps": [src_ep]}  # the routing table a gateway would read
+    failures: list[str] = []
+    ok = [0]
+    stop = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                ep = table["eps"][ok[0] % len(table["eps"])]
+                r = http.post(f"http://{ep}/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 4})
+                if r.status_code == 200:
+                    ok[0] += 1
+                else:
+                    failures.append(f"{ep}: {r.status_code}")
+
+    async def run() -> None:
+        src, dst = WorkerClient(f"http://{src_ep}", token), WorkerClient(f"http://{dst_ep}", token)
+        await src.load(name, path)
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        while ok[0] < 5:
+            await asyncio.sleep(0.05)
+
+        async def add() -> None:
+            steps.append(f"route+:{'loaded' if name in [a.name for a in await dst.adapters()] else 'MISSING'}")
+            table["eps"] = [src_ep, dst_ep]
+
+        async def remove() -> None:
+            steps.append("route-")
+            table["eps"] = [dst_ep]
+
+        res = await handoff(name, path, src, dst, route_add_target=add, route_remove_source=remove, grace=0.2)
+        steps.append(f"unloaded:{name not in [a.name for a in await src.adapters()]}")
+        before = ok[0]
+        while ok[0] < before + 5:
+            await asyncio.sleep(0.05)
+        stop.set()
+        t.join(timeout=30)
+        assert res.loaded_s <= res.routed_s <= res.total_s and not res.drain_timed_out
+        await dst.unload(name)
+        await src.aclose()
+        await dst.aclose()
+
+    asyncio.run(run())
+    assert steps == ["route+:loaded", "route-", "unloaded:True"]
+    assert failures == [] and ok[0] >= 10
+
+
 def test_deleting_the_basemodel_unroutes_its_adapters_and_collects_children(fleet: LocalFleet) -> None:
     fleet.delete(c.BASEMODELS, BM)
     wait_for(lambda: fleet.get(c.BASEMODELS, BM) is None, 30, 0.2, "finalizer released")
