@@ -89,7 +89,8 @@ def plan(
             if not candidates:
                 out.unplaceable[adapter] = out.unplaceable.get(adapter, 0) + 1
                 continue
-            best = min(candidates, key=lambda w: (w.node in nodes, load[w.name], count[w.name], w.name))
+            # loads are rounded to 0.1 req/s so that trickle traffic does not outweigh the adapter count
+            best = min(candidates, key=lambda w: (w.node in nodes, round(load[w.name], 1), count[w.name], w.name))
             out.adds.append((adapter, best.name))
             held.add(best.name)
             nodes.add(best.node)

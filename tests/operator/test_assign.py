@@ -47,3 +47,9 @@ def test_desired_replicas_fixed_and_auto() -> None:
     assert desired_replicas(auto, 0.0, 4, per_replica_rate=4.0) == (1, 1)
     assert desired_replicas(auto, 9.0, 4, per_replica_rate=4.0) == (3, 3)
     assert desired_replicas(auto, 100.0, 4, per_replica_rate=4.0) == (3, 3)
+
+
+def test_trickle_load_does_not_outweigh_adapter_count() -> None:
+    workers = [WorkerSlot("w0", "n0", load=0.02), WorkerSlot("w1", "n1", load=0.0)]
+    p = plan({"a": {"w1"}, "b": {"w1"}, "c": {"w1"}}, {"a": 1, "b": 1, "c": 1, "d": 1}, workers)
+    assert p.adds == [("d", "w0")]
