@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     adapters = work / "adapters"
     adapters.mkdir()
     os.environ["LORAFLEET_TRAINING_DIR"] = str(work / "train")
-    w = start_worker(str(ckpt), adapter_roots=[str(adapters)], dtype="float32", max_num_batched_tokens=512)
+    w = start_worker(
+        str(ckpt), adapter_roots=[str(adapters)], dtype="float32", max_num_batched_tokens=512, kv_cache_bytes=64 << 20
+    )
     served_name = w.app.state.settings.served_model_name
     c = httpx.Client(base_url=w.url, timeout=600)
     job = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lorafleet.worker.training.lora_context import TrainableLoRA
-from lorafleet.worker.training.pipeline import LayerwiseSequence
+from lorafleet.worker.training.pipeline import LayerwiseGroup, LayerwiseSequence
 from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
 
 
@@ -55,4 +55,37 @@ def test_layerwise_with_prefix_equals_trainer(adapter_dir, tiny_model):
     assert seq.done
     got = trainer.grads()
     for key in ref:
+        torch.testing.assert_close(got[key][1], ref[key][1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.timeout(120)
+def test_group_packed_and_long_samples_equal_trainer(adapter_dir, tiny_model):
+    """A group mixing packed whole samples, a token-chunked long sample and stash prefixes: same gradients as the
+    packed monolithic trainer, and no piece over its budget."""
+    lora = TrainableLoRA.from_peft(tiny_model.shape, adapter_dir)
+    trainer = LoRATrainer(tiny_model, lora)
+    p1 = list(range(5, 17))
+    samples = [
+        TrainSample([3, 4, 5], [6, 7]),
+        TrainSample(list(range(20, 60)), list(range(60, 70)), weight=0.5),  # long: token-chunked at budget 16
+        TrainSample(p1, [80, 81, 82], prefix_kv=trainer.prompt_kv(p1)),
+        TrainSample([9, 9], [10]),
+    ]
+    denom = sum(s.loss_tokens for s in samples)
+    ref_loss = trainer.accumulate(samples, denom)
+    ref = trainer.grads()
+    trainer.opt.zero_grad(set_to_none=True)
+    group = LayerwiseGroup(trainer, samples, denom, min_chunk=4)
+    for _ in range(500):
+        if group.done:
+            break
+        b = max(16.0, group.max_piece_cost())
+        assert group.work(b) <= b + 1e-9
+    assert group.done
+    assert any(c.long_sample == 1 for c in group.chunks) and any(c.packed is not None for c in group.chunks)
+    assert abs(group.loss_sum - ref_loss) < 1e-4
+    assert abs(float(group.sample_loss.sum()) - ref_loss) < 1e-4
+    got = trainer.grads()
+    for key in ref:
+        torch.testing.assert_close(got[key][0], ref[key][0], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(got[key][1], ref[key][1], rtol=1e-4, atol=1e-7)

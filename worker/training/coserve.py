@@ -80,8 +80,8 @@ class CoServeScheduler:
         if not decoding:
             return leftover
         fit = self.cost.fit()
-        if fit is None:  # no cost estimate yet: probe with small pieces while there is credit
-            return max(1, int(leftover * self.cfg.min_share)) if self.credit > 0 else 0
+        if fit is None:  # no cost estimate yet: calibrate with the leftover whenever there is credit
+            return leftover if self.credit > 0 else 0
         a, b = fit
         affordable = (self.credit - a) / b
         return int(min(leftover, affordable)) if affordable >= 1 else 0

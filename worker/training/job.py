@@ -28,7 +28,7 @@ from lorafleet.worker.training.coserve import CoServeScheduler, ShareConfig
 from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
-from lorafleet.worker.training.pipeline import LayerwiseSequence
+from lorafleet.worker.training.pipeline import LayerwiseGroup
 from lorafleet.worker.training.replay import ReplayMixer
 from lorafleet.worker.training.stash import ActivationStash
 from lorafleet.worker.training.trainer import LoRATrainer, OptimConfig, TrainSample
@@ -128,8 +128,8 @@ class ContinualLearningJob:
         self._group_fb_loss = 0.0
         self._group_fb_tokens = 0
         self._group_started = 0.0
-        self._seq: LayerwiseSequence | None = None
-        self._seq_item: _Item | None = None
+        self._pipe: LayerwiseGroup | None = None
+        self._pipe_items: list[_Item] = []
         self.loss_ema: float | None = None
         self.last_loss: float | None = None
         self.heldout_loss: float | None = None
@@ -251,42 +251,45 @@ class ContinualLearningJob:
         """Runs training pieces worth at most `budget` token units; returns the units used."""
         used = 0.0
         while self.phase == "Running" and budget - used >= 1.0:
-            if self._seq is None:
+            if self._pipe is None:
                 if not self._group and not self._form_group():
                     break
-                item = self._group[0]
-                if item.prompt_to_recompute:
-                    cost = len(item.sample.prompt_ids) - 1
-                    if cost > budget - used:
-                        break
-                    item.sample.prefix_kv = self.trainer.prompt_kv(item.sample.prompt_ids)
-                    item.prompt_to_recompute = False
-                    used += cost
-                self._group.popleft()
-                self._seq = LayerwiseSequence(self.trainer, item.sample, self._group_denom)
-                self._seq_item = item
-            u = self._seq.work(budget - used)
+                waiting = False
+                for item in self._group:  # stale stashes with the recompute policy: prefix forward, no grad
+                    if item.prompt_to_recompute:
+                        cost = len(item.sample.prompt_ids) - 1
+                        if cost > budget - used:
+                            waiting = True
+                            break
+                        item.sample.prefix_kv = self.trainer.prompt_kv(item.sample.prompt_ids)
+                        item.prompt_to_recompute = False
+                        used += cost
+                if waiting:
+                    break
+                self._pipe_items = list(self._group)
+                self._group.clear()
+                self._pipe = LayerwiseGroup(self.trainer, [i.sample for i in self._pipe_items], self._group_denom)
+            u = self._pipe.work(budget - used)
             used += u
-            if self._seq.done:
-                self._sequence_done(self._seq, self._seq_item)
-                self._seq = None
-                if not self._group:
-                    self._finish_step()
+            if self._pipe.done:
+                for k, item in enumerate(self._pipe_items):
+                    self._sample_done(item.sample, float(self._pipe.sample_loss[k]), self._pipe.lens[k])
+                self._pipe = None
+                self._finish_step()
             elif u == 0:
                 break
         return used
 
-    def _sequence_done(self, seq: LayerwiseSequence, item: _Item | None) -> None:
-        self._group_loss += seq.loss_sum
-        self.sequence_tokens += seq.n
-        s = seq.sample
+    def _sample_done(self, s: TrainSample, loss_sum: float, n_tokens: int) -> None:
+        self._group_loss += loss_sum
+        self.sequence_tokens += n_tokens
         self._group_tokens += s.loss_tokens
         if s.domain is not None:
             self.counts["replay"] += 1
-            self.replay.observe(s.domain, seq.loss_sum / max(1, s.loss_tokens))
+            self.replay.observe(s.domain, loss_sum / max(1, s.loss_tokens))
         else:
             self.counts["trained"] += 1
-            self._group_fb_loss += seq.loss_sum / max(1e-9, s.weight)
+            self._group_fb_loss += loss_sum / max(1e-9, s.weight)
             self._group_fb_tokens += s.loss_tokens
             self.tokens_trained += s.loss_tokens
             self.metrics.tokens.labels(self.spec.adapter).inc(s.loss_tokens)
@@ -371,7 +374,7 @@ class ContinualLearningJob:
     def stop(self) -> None:
         if self.phase == "Running":
             self.phase = "Stopped"
-        self._seq = None
+        self._pipe = None
         self._group.clear()
         self.trainer.opt.zero_grad(set_to_none=True)
 
