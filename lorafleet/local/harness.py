@@ -324,6 +324,26 @@ class StreamingRouter:
             client.close()
 
 
+def wait_namespace_not_terminating(core: Any, namespace: str, timeout: float = 120.0) -> None:
+    """A namespace that an earlier user deleted refuses new objects until the namespace controller has emptied it;
+    wait for it to disappear instead of failing with 403 NamespaceTerminating."""
+    from kubernetes.client.rest import ApiException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ns = core.read_namespace(namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        if ns.status is None or ns.status.phase != "Terminating":
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"namespace {namespace} still terminating after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
 def service_account_kubeconfig(
     admin_kubeconfig: str | Path,
     out: str | Path,
@@ -357,6 +377,7 @@ def service_account_kubeconfig(
             if exc.status != 409:
                 raise
 
+    wait_namespace_not_terminating(core, namespace)
     ensure(core.create_namespace, {"metadata": {"name": namespace}})
     sa = load("serviceaccount.yaml")
     ensure(
