@@ -95,6 +95,14 @@ class ContinualLearningJob:
             current = engine.store.current(spec.adapter)
         except KeyError:
             current = None
+        if current is None:  # a restarted worker: continue from the newest version this job published
+            done = sorted(
+                (int(p.name[1:]), p)
+                for p in self.versions_root.glob("v*")
+                if p.name[1:].isdigit() and (p / "adapter_model.safetensors").exists()
+            )
+            if done:
+                current = engine.load_adapter(spec.adapter, str(done[-1][1]), f"v{done[-1][0]}")
         if current is not None:
             lora = TrainableLoRA.from_peft(shape, current.path, device=device)
         else:
