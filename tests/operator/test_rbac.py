@@ -1,7 +1,7 @@
 """The shipped ClusterRole against what the operator calls (operator/rbac.py).
 
 The lifecycle suite additionally runs the operator *as* the manifests' ServiceAccount, so a missing rule fails there
-with a 403; this test names the gap (or the surplus) precisely.
+with a 403; this test names the gap (or the surplus) precisely: the role must equal USED.
 """
 
 from __future__ import annotations
@@ -37,11 +37,8 @@ def test_no_wildcards_and_secrets_are_not_enumerable() -> None:
     assert not {("", "pods", v) for v in ("create", "update", "patch", "delete")} & g
 
 
-def test_surplus_grants_are_known_and_small() -> None:
-    """Grants the operator does not use today (kept by the manifests' authors for `update` fallbacks and list/watch
-    of children). Listed explicitly so that widening the role is a visible, reviewed change."""
+def test_the_role_grants_exactly_what_the_operator_uses() -> None:
+    """No surplus: every grant beyond USED would be privilege nobody exercises (and nobody reviews)."""
     surplus = granted() - USED
-    # nothing surplus may create objects, except Events through the newer events.k8s.io group
-    assert all(v != "create" or r == "events" for _, r, v in surplus), sorted(surplus)
-    assert len(surplus) <= 32, sorted(surplus)
-    print("surplus grants:", sorted(surplus))
+    assert not surplus, sorted(surplus)
+    assert granted() == USED
