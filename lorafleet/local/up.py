@@ -121,6 +121,7 @@ def _instructions(info: dict[str, Any]) -> str:
 def supervise(args: argparse.Namespace) -> int:
     """The foreground supervisor: owns the control plane, shim and operator until SIGTERM/SIGINT."""
     from lorafleet.controlplane.cluster import ControlPlane
+    from lorafleet.controlplane.discovery import install_crds
     from lorafleet.local.harness import LocalFleet, service_account_kubeconfig, wait_for
     from lorafleet.local.samples import adapter, basemodel
 
@@ -141,8 +142,8 @@ def supervise(args: argparse.Namespace) -> int:
         cp.start()
         # the control plane chained its own SIGTERM handler; take it back so the operator stops before the API server
         signal.signal(signal.SIGTERM, stop)
-        cp.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
-        cp.kubectl("wait", "--for=condition=Established", "crd/loraadapters.lorafleet.io", "--timeout=60s")
+        # every CRD Established *and* `kubectl get lorafleet` resolving the category (see controlplane/discovery.py)
+        install_crds(cp, ROOT / "crds")
         sa = service_account_kubeconfig(cp.kubeconfig, state / "operator.kubeconfig", ROOT / "manifests")
         fleet = LocalFleet(cp.kubeconfig, args.namespace, state / "fleet", adapter_root=str(state / "adapters"),
                            operator_kubeconfig=sa, worker_extra_args=["--max-num-seqs", "16"])  # fmt: skip

@@ -10,18 +10,15 @@ from pathlib import Path
 import pytest
 
 from lorafleet.controlplane import ControlPlane
+from lorafleet.controlplane.discovery import install_crds
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def crds_installed(cluster: ControlPlane) -> ControlPlane:
-    """Applies crds/ (server-side, idempotent) and waits until every CRD is Established."""
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO / "crds"))
-    names = [
-        f"crd/{p.stem.split('_', 1)[1]}.{p.stem.split('_', 1)[0]}" for p in sorted((REPO / "crds").glob("*_*.yaml"))
-    ]
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+    """Applies crds/ (server-side, idempotent) and waits until every CRD is Established and its category resolves."""
+    install_crds(cluster, REPO / "crds")
     return cluster
 
 

@@ -8,7 +8,6 @@ Uses the session fixture `cluster` from tests/conftest.py when it runs controlle
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,18 +35,9 @@ def op_cluster(request: pytest.FixtureRequest) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def crds(op_cluster: object) -> None:
-    env = {**os.environ, "KUBECONFIG": str(op_cluster.kubeconfig)}  # type: ignore[attr-defined]
-    kubectl = str(op_cluster.bins.kubectl)  # type: ignore[attr-defined]
-    subprocess.run(
-        [kubectl, "apply", "--server-side", "-k", str(ROOT / "crds")], check=True, env=env, capture_output=True
-    )
-    for crd in ("basemodels", "loraadapters", "continuallearningjobs"):
-        subprocess.run(
-            [kubectl, "wait", "--for=condition=Established", f"crd/{crd}.lorafleet.io", "--timeout=60s"],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
+    from lorafleet.controlplane.discovery import install_crds
+
+    install_crds(op_cluster, ROOT / "crds")
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,13 @@ def test_up_serves_every_sample_adapter_and_down_stops_everything(tmp_path: Path
                              capture_output=True, text=True, env=env, check=True)  # fmt: skip
         phases = {i["metadata"]["name"]: i["status"]["phase"] for i in json.loads(got.stdout)["items"]}
         assert phases == {name: "Ready" for name in info["adapters"]}
+        # the instructions' `kubectl get lorafleet` (the CRDs' category) works at once, with the user's own cache
+        listed = subprocess.run([info["kubectl"], "get", "lorafleet", "-A", "-o", "name"],
+                                capture_output=True, text=True, env=env)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(listed.stdout.split()) == sorted(
+            [f"basemodel.lorafleet.io/{info['model']}"] + [f"loraadapter.lorafleet.io/{a}" for a in info["adapters"]]
+        )
         again = _cli("up", "--state-dir", str(state), timeout=60)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
