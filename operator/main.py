@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-port", type=int, default=8080, help="0 disables the metrics endpoint")
     p.add_argument("--liveness-port", type=int, default=8081, help="0 disables /healthz")
-    p.add_argument("--liveness-host", default="0.0.0.0", help="address /healthz listens on (kubelet probes the pod IP)")
+    p.add_argument(
+        "--liveness-host",
+        default=os.environ.get("LORAFLEET_LIVENESS_HOST", "0.0.0.0"),
+        help="address /healthz listens on (default $LORAFLEET_LIVENESS_HOST or 0.0.0.0: kubelet probes the pod IP, "
+        "so a loopback-only listener fails every probe in a real cluster)",
+    )
     p.add_argument("--interval", type=float, default=1.0, help="reconcile period when nothing happens (s)")
     p.add_argument("--drain-grace", type=float, default=1.0, help="seconds routers get to see a routing change")
     p.add_argument("--drain-timeout", type=float, default=60.0)

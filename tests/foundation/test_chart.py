@@ -61,6 +61,7 @@ def test_template_defaults_and_rbac_matches_the_manifests() -> None:
         "--peering=lorafleet",
         "--metrics-port=8080",
         "--liveness-port=8081",
+        "--liveness-host=0.0.0.0",
     ]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert deploy["metadata"]["namespace"] == "lorafleet-helm"

@@ -65,6 +65,8 @@ def test_operator_deployment_is_hardened() -> None:
         f"--metrics-port={ports['metrics']}" in container["args"]
         and f"--liveness-port={ports['health']}" in container["args"]
     )
+    # kubelet probes the pod IP, so /healthz must listen on every address, not on loopback only
+    assert "--liveness-host=0.0.0.0" in container["args"]
     (svc,) = by_kind(rendered(), "Service")
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     assert svc["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]

@@ -7,6 +7,8 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 from lorafleet.operator import constants as c
 from lorafleet.operator import resources as res
@@ -29,7 +31,15 @@ def test_passive_replica_takes_over(op_cluster, crds, tmp_path: Path) -> None:
         operator_kubeconfig=sa,
         operator_args=["--liveness-port", str(live), "--liveness-host", "127.0.0.1"],
     )
-    b = LocalFleet(op_cluster.kubeconfig, ns, tmp_path / "b", operator_kubeconfig=sa)
+    live_b = free_port()
+    # B keeps the default --liveness-host (all addresses), what the Deployment's probes need
+    b = LocalFleet(
+        op_cluster.kubeconfig,
+        ns,
+        tmp_path / "b",
+        operator_kubeconfig=sa,
+        operator_args=["--liveness-port", str(live_b)],
+    )
     a.ensure_namespace()
     a.custom.create_namespaced_custom_object(
         "kopf.dev",
@@ -45,6 +55,16 @@ def test_passive_replica_takes_over(op_cluster, crds, tmp_path: Path) -> None:
         wait_for(lambda: a.http.get(f"http://127.0.0.1:{live}/healthz", timeout=2).status_code == 200, 30, 0.2)
         b.start_operator(["--peering", "lf", "--priority", "5"])
         wait_for(lambda: "Initial authentication has finished" in b.operator_log(), 30, 0.2, "B up")
+        # kubelet probes the pod IP: B's /healthz answers on a non-loopback address, A's (127.0.0.1) does not
+        listening = {
+            (conn.laddr.ip, conn.laddr.port) for conn in psutil.net_connections("tcp") if conn.status == "LISTEN"
+        }
+        assert ("0.0.0.0", live_b) in listening and ("127.0.0.1", live) in listening
+        pod_ip = _non_loopback_ipv4()
+        if pod_ip is not None:
+            wait_for(lambda: a.http.get(f"http://{pod_ip}:{live_b}/healthz", timeout=2).status_code == 200, 30, 0.2)
+            with pytest.raises(httpx.ConnectError):
+                a.http.get(f"http://{pod_ip}:{live}/healthz", timeout=2)
         a.create(c.BASEMODELS, basemodel("served-by-a", "/nonexistent/model", replicas=0))
         wait_for(lambda: a.apps.read_namespaced_deployment(res.worker_name("served-by-a"), ns), 30, 0.2, "A acts")
         time.sleep(5)
@@ -58,3 +78,12 @@ def test_passive_replica_takes_over(op_cluster, crds, tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def _non_loopback_ipv4() -> str | None:
+    """An address of this host other than loopback (the stand-in for a pod IP), if it has one."""
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family.name == "AF_INET" and not addr.address.startswith("127."):
+                return addr.address
+    return None
