@@ -96,6 +96,7 @@ class EngineLimits(_Model):
     max_adapters: Annotated[int, Field(ge=1, le=4096)] = 8  # GPU-resident adapter slots per worker
     max_cpu_adapters: Annotated[int, Field(ge=1, le=100000)] | None = None  # host-memory adapter cache
     max_rank: Annotated[int, Field(ge=1, le=1024)] = 64
+    adapter_memory_bytes: Annotated[int, Field(ge=1)] | None = None  # adapter-weight budget per worker (placement)
     kv_cache_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
     max_batched_tokens: Annotated[int, Field(ge=1, le=1048576)] = 8192
     finetune_token_budget: Annotated[int, Field(ge=0, le=1048576)] = 0  # co-serving fine-tuning tokens/iteration

@@ -20,6 +20,7 @@ import kopf
 from lorafleet.operator import assign, conditions, migration
 from lorafleet.operator import constants as c
 from lorafleet.operator import resources as res
+from lorafleet.operator.capacity import worker_slots
 from lorafleet.operator.scrape import WorkerLoad
 from lorafleet.operator.state import Runtime, sleep_or_wake
 from lorafleet.operator.validation import Problem, adapter_path, adapter_rank, validate_adapter
@@ -230,7 +231,7 @@ class BaseModelFleet:
         usable = [w for w in workers if w.reachable and not w.draining]
         by_pod = {w.pod: w for w in workers}
         limits = (bm.get("spec") or {}).get("limits") or {}
-        capacity = int(limits.get("maxAdapters") or 0) + int(limits.get("maxCpuAdapters") or 0) or 1_000_000
+        capacity = worker_slots(limits)
 
         views: dict[str, AdapterView] = {}
         for body in adapter_bodies:
@@ -606,7 +607,7 @@ class BaseModelFleet:
         want = int(spec.get("replicas", 1))
         limits = spec.get("limits") or {}
         per_worker = []
-        slots = int(limits.get("maxAdapters") or 0) + int(limits.get("maxCpuAdapters") or 0)
+        slots = worker_slots(limits)
         for w in sorted(workers, key=lambda w: w.pod):
             count = len([a for a in (w.adapters or {}) if (w.adapters or {})[a].servable])
             self.rt.metrics.placements.labels(self.name, w.pod).set(count)

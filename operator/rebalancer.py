@@ -15,15 +15,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.operator import assign
+from lorafleet.operator.capacity import adapter_bytes, worker_memory, worker_slots
 from lorafleet.operator.validation import adapter_rank
 
 if TYPE_CHECKING:
     from lorafleet.operator.fleet import BaseModelFleet
 
 log = logging.getLogger(__name__)
-
-DEFAULT_ADAPTER_BYTES = 64 * 1024 * 1024
-DEFAULT_WORKER_MEMORY = 1 << 40
 
 
 class Rebalancer:
@@ -74,7 +72,7 @@ def plan_moves(
     usable = [w for w in fleet.workers if w.reachable and not w.draining]
     if len(usable) < 2:
         return None
-    slots = int(limits.get("maxAdapters") or 0) + int(limits.get("maxCpuAdapters") or 0) or 1_000_000
+    slots, memory = worker_slots(limits), worker_memory(limits)
     rates: dict[str, float] = {}
     for w in usable:
         for name, rate in (w.load.adapter_rate if w.load else {}).items():
@@ -83,7 +81,7 @@ def plan_moves(
         Worker(
             name=w.pod,
             node=w.node or w.pod,
-            memory_bytes=DEFAULT_WORKER_MEMORY,
+            memory_bytes=memory,
             slots=slots,
             max_rank=int(limits.get("maxRank") or 1 << 20),
         )
@@ -104,7 +102,7 @@ def plan_moves(
         models.append(
             Adapter(
                 name=name,
-                size_bytes=DEFAULT_ADAPTER_BYTES,
+                size_bytes=adapter_bytes(body, [w.adapters[name] for w in usable if w.holds(name) and w.adapters]),
                 rank=adapter_rank(body) or 8,
                 rate=rates.get(name, 0.0),
                 min_replicas=want,
