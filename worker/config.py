@@ -27,6 +27,8 @@ class EngineConfig:
     adapter_roots: list[str] = field(default_factory=list)
     enforce_eager: bool = False
     enable_prefix_caching: bool = False  # reuse KV of identical prompt prefixes (salted by adapter version)
+    lora_admission: str = "slot_aware"  # slot_aware: GPU-resident adapters first, age-bounded; fifo: arrival order
+    max_admission_wait_steps: int = 32  # steps a request may be overtaken by warmer ones before it goes first
     seed: int = 0
 
     def validate(self) -> None:
@@ -40,6 +42,10 @@ class EngineConfig:
             raise ValueError("max_cpu_loras must be >= max_loras (every GPU slot is backed by a host copy)")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
+        if self.lora_admission not in ("slot_aware", "fifo"):
+            raise ValueError(f"lora_admission must be slot_aware|fifo, got {self.lora_admission!r}")
+        if self.max_admission_wait_steps < 0:
+            raise ValueError("max_admission_wait_steps must be >= 0")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
 

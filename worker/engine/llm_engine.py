@@ -254,13 +254,9 @@ class LLMEngine:
             lora_version=seq.lora_version,
         )
 
-    def _prefetch_waiting(self, depth: int = 4) -> None:
+    def _prefetch_waiting(self) -> None:
         """Starts uploading the adapters of the next waiting requests so they are warm when admitted."""
-        if self.device.type != "cuda":
-            return
-        for seq in list(self.scheduler.waiting)[:depth]:
-            if seq.adapter is not None and seq.adapter.slot is None:
-                self.store.prefetch(seq.adapter)
+        self.scheduler.prefetch()
 
     # ---- adapters ------------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str, version: str | None = None) -> AdapterVersion:

@@ -3,10 +3,16 @@
 Why this order (vLLM v1 / Sarathi): running decodes cost one token each and keep latency steady; leftover budget
 goes to partially prefilled prompts, then to new requests, chunked to fit. When KV blocks run out, the newest
 running sequence is preempted by recompute: its blocks are freed and it goes back to the *front* of the waiting
-queue with its generated tokens kept, so no request is lost. A waiting request whose adapter cannot get a GPU slot
-(all slots pinned by running sequences of other adapters) is skipped this step, not dropped; once it has been
-skipped `max_slot_waits` times, requests for other adapters stop overtaking it, so the pinned slots drain and it
-gets one (no starvation of a cold adapter behind hot ones; base-model requests still flow).
+queue with its generated tokens kept, so no request is lost.
+
+Why slot-aware admission (dLoRA-style credits): with many more adapters than GPU slots, arrival order makes most
+admissions wait for, or thrash, a slot (an H200 run with 512 adapters over 128 slots reached 0.40x of the
+all-resident rate). So waiting requests whose adapter is already resident (or being prefetched), and base-model
+requests, are admitted before cold ones. Age bounds the unfairness: a request that has waited more than
+`max_wait_steps` passes goes first, in arrival order; if it cannot get a slot (all pinned), the pinned adapter that
+drains soonest gets no new requests until its slot frees (one slot, not all: the rest of the batch keeps
+flowing). After admission the adapters of the next cold requests are prefetched into free slots or slots no
+waiting request wants.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.sequence import Sequence, SequenceStatus
 from lorafleet.worker.lora.adapter import AdapterError
-from lorafleet.worker.lora.store import AdapterStore
+from lorafleet.worker.lora.store import AdapterStore, AdapterVersion
 
 
 @dataclass
@@ -45,9 +51,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.max_slot_waits = 16  # steps a request may be passed over for a GPU slot before others must wait
+        self.slot_aware = config.lora_admission == "slot_aware"
+        self.max_wait_steps = config.max_admission_wait_steps
+        self.prefetch_depth = 4  # distinct cold adapters whose upload starts ahead of their admission
+        self.passes = 0  # schedule() calls: the clock request ages are measured in
 
     def add(self, seq: Sequence) -> None:
+        seq.enqueued_pass = self.passes
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -61,9 +71,9 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         self._release(seq)
-        if seq in self.running:
+        if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq in self.waiting:
+        elif seq.status == SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -77,9 +87,11 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        seq.enqueued_pass = self.passes - self.max_wait_steps - 1  # overdue at once: it goes first again
         self.waiting.appendleft(seq)
 
     def schedule(self) -> ScheduledBatch:
+        self.passes += 1
         batch = ScheduledBatch()
         budget = self.max_tokens
         order = [s for s in self.running if s.num_remaining == 1] + [s for s in self.running if s.num_remaining > 1]
@@ -102,29 +114,60 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
-        if not batch.preempted:
+        if not batch.preempted and self.waiting:
             self._admit(batch, budget)
         return batch
 
+    def _overdue(self, seq: Sequence) -> bool:
+        return self.passes - seq.enqueued_pass > self.max_wait_steps
+
+    def _admission_order(self) -> tuple[list[Sequence], set[AdapterVersion]]:
+        """Overdue requests (arrival order), then warm ones (base model or adapter resident), then cold ones;
+        plus the resident adapters that waiting requests want (evicted last)."""
+        if not self.slot_aware:
+            return list(self.waiting), set()
+        overdue: list[Sequence] = []
+        warm: list[Sequence] = []
+        cold: list[Sequence] = []
+        wanted: set[AdapterVersion] = set()
+        limit = self.passes - self.max_wait_steps
+        for seq in self.waiting:
+            av = seq.adapter
+            if seq.enqueued_pass < limit:
+                overdue.append(seq)
+            elif av is None:
+                warm.append(seq)
+            elif av.slot is not None:
+                warm.append(seq)
+                wanted.add(av)
+            else:
+                cold.append(seq)
+        return overdue + warm + cold, wanted
+
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        i = 0
-        starving = False  # a request has waited too long for a slot: stop admitting other adapters behind it
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[i]
-            if seq.adapter is not None and starving:
-                i += 1  # let the pinned slots drain so the starving request gets one
-                continue
-            if seq.adapter is not None:
+        order, wanted = self._admission_order()
+        admitted = False
+        reserved: set[AdapterVersion] = set()  # pinned adapters left to drain for overdue requests without a slot
+        blocked = False  # arrival-order policy: a starving request stops every other adapter behind it
+        for seq in order:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            av = seq.adapter
+            if av is not None:
+                if blocked or av in reserved:
+                    continue  # let that slot drain so the overdue request gets it
                 try:
-                    slot = self.store.ensure_slot(seq.adapter)
+                    slot = self.store.ensure_slot(av, wanted)
                 except AdapterError as exc:  # e.g. evicted from host memory and gone from disk since
                     batch.failed.append((seq, str(exc)))
                     self.finish(seq, "abort")
                     continue
                 if slot is None:
                     seq.slot_waits += 1  # every slot is pinned by other adapters' running sequences
-                    starving = seq.slot_waits > self.max_slot_waits
-                    i += 1
+                    if not self.slot_aware:
+                        blocked = seq.slot_waits > self.max_wait_steps
+                    elif self._overdue(seq) and not reserved:
+                        self._reserve_slot(reserved)  # one slot at a time: it goes to the oldest overdue request
                     continue
             self.bm.match_prefix(seq, seq.cache_salt)
             n = min(seq.num_remaining, budget)
@@ -132,11 +175,52 @@ class Scheduler:
                 self.bm.free(seq)  # give back prefix-cache hits too; they stay cached
                 seq.num_computed_tokens = 0
                 break  # out of KV blocks: admit nobody else this step
-            del self.waiting[i]
-            if seq.adapter is not None:
-                self.store.pin(seq.adapter)
+            if av is not None:
+                self.store.pin(av)
             seq.status = SequenceStatus.RUNNING
+            seq.admitted_pass = self.passes
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
+            admitted = True
+        if admitted:
+            self.waiting = deque(s for s in self.waiting if s.status == SequenceStatus.WAITING)
+
+    def _reserve_slot(self, reserved: set[AdapterVersion]) -> None:
+        """Stops admissions to the pinned adapter that drains soonest (fewest steps left among its running
+        sequences), so one slot frees within a bounded number of steps while the other adapters keep flowing."""
+        left: dict[AdapterVersion, int] = {}
+        for s in self.running:
+            av = s.adapter
+            if av is not None and av not in reserved:
+                steps = s.params.max_tokens - s.num_output_tokens + (s.num_remaining > 1)
+                left[av] = max(left.get(av, 0), steps)
+        if left:
+            reserved.add(min(left, key=lambda a: left[a]))
+
+    def prefetch(self) -> int:
+        """Starts loading the adapters of the next cold waiting requests (oldest first) into free slots or slots
+        no waiting request wants; returns how many uploads started. Arrival-order (fifo) admission prefetches the
+        head of the queue only on CUDA, as before."""
+        if not self.slot_aware:
+            if self.store.device.type != "cuda":
+                return 0
+            heads = [s.adapter for s in list(self.waiting)[: self.prefetch_depth] if s.adapter is not None]
+            return sum(1 for av in heads if av.slot is None and self.store.ensure_slot(av) is not None)
+        wanted = {s.adapter for s in self.waiting if s.adapter is not None and s.adapter.slot is not None}
+        started = 0
+        for seq in self.waiting:
+            av = seq.adapter
+            if av is None or av.slot is not None:
+                continue
+            try:
+                if not self.store.prefetch(av, wanted):
+                    break  # no slot is free or unwanted
+            except AdapterError:
+                continue  # admission reports it
+            wanted.add(av)
+            started += 1
+            if started >= self.prefetch_depth:
+                break
+        return started

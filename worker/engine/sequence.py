@@ -87,6 +87,8 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.slot_waits = 0  # scheduler passes that found no free GPU slot for its adapter
+        self.enqueued_pass = 0  # scheduler pass at which it (re)entered the waiting queue: its age is measured so
+        self.admitted_pass: int | None = None  # scheduler pass of its latest admission
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
 

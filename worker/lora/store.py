@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -244,17 +244,24 @@ class AdapterStore:
     def free_slots(self) -> int:
         return sum(1 for s in self._slots if s is None or s.running == 0)
 
-    def ensure_slot(self, av: AdapterVersion) -> int | None:
-        """Puts the version in a GPU slot (LRU-evicting an unused one); None if every slot is pinned."""
+    def ensure_slot(
+        self, av: AdapterVersion, keep: Collection[AdapterVersion] = (), strict: bool = False
+    ) -> int | None:
+        """Puts the version in a GPU slot (LRU-evicting an unused one); None if every slot is pinned.
+
+        `keep` are resident versions that waiting requests want: they are evicted only when no other unpinned slot
+        is left, and never with `strict` (prefetching must not evict what the next admissions will use)."""
         av.last_used = next(_tick)
         if av.slot is not None:
             return av.slot
         free = [i for i, s in enumerate(self._slots) if s is None]
         if not free:
             victims = [s for s in self._slots if s is not None and s.running == 0]
+            if strict:
+                victims = [s for s in victims if s not in keep]
             if not victims:
                 return None
-            victim = min(victims, key=lambda x: x.last_used)
+            victim = min(victims, key=lambda x: (x in keep, x.last_used))
             free = [victim.slot]
             self._free_slot(victim)
             self.counters["slot_evictions"] += 1
@@ -274,9 +281,10 @@ class AdapterStore:
         if av.running == 0 and av.retired and av.refs <= 0 and av.slot is not None:
             self._free_slot(av)
 
-    def prefetch(self, av: AdapterVersion) -> bool:
-        """Starts the upload of a soon-needed adapter if a slot is free or evictable (never blocks)."""
-        return self.ensure_slot(av) is not None
+    def prefetch(self, av: AdapterVersion, keep: Collection[AdapterVersion] = ()) -> bool:
+        """Starts the upload of a soon-needed adapter if a slot is free or evictable outside `keep` (never
+        blocks on CUDA: the upload runs on the copy stream)."""
+        return self.ensure_slot(av, keep, strict=True) is not None
 
     def wait_ready(self, slots: list[int]) -> None:
         """Makes the compute stream wait for the uploads of these slots (no-op on CPU)."""
