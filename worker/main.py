@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-adapter-labels", type=int, default=128, help="loaded adapters with their own metric labels (rest: other)"
     )
+    p.add_argument(
+        "--lora-admission",
+        default="slot_aware",
+        choices=["slot_aware", "fifo"],
+        help="admit requests whose adapter is GPU-resident first (age-bounded), or in arrival order",
+    )
+    p.add_argument(
+        "--max-admission-wait-steps", type=int, default=32, help="steps before a waiting request is served first"
+    )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
@@ -93,6 +102,8 @@ def engine_config(args: argparse.Namespace):
         max_lora_rank=args.max_lora_rank,
         adapter_roots=list(args.adapter_root),
         enforce_eager=args.enforce_eager,
+        lora_admission=args.lora_admission,
+        max_admission_wait_steps=args.max_admission_wait_steps,
         seed=args.seed,
     )
     try:

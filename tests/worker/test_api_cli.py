@@ -122,9 +122,11 @@ def test_worker_flags_map_to_engine_config(tmp_path):
     args = build_parser().parse_args(
         ["--model", str(tmp_path), "--max-loras", "3", "--max-cpu-loras", "9", "--max-lora-rank", "32"]
         + ["--adapter-root", "/a", "--adapter-root", "/b", "--max-num-seqs", "5", "--max-batched-tokens", "256"]
-        + ["--kv-cache-bytes", "1048576", "--block-size", "8"]
+        + ["--kv-cache-bytes", "1048576", "--block-size", "8", "--lora-admission", "fifo"]
+        + ["--max-admission-wait-steps", "7"]
     )
     cfg = engine_config(args)
+    assert (cfg.lora_admission, cfg.max_admission_wait_steps) == ("fifo", 7)
     assert (cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank) == (3, 9, 32)
     assert cfg.adapter_roots == ["/a", "/b"]
     assert (cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.kv_cache_bytes, cfg.block_size) == (5, 256, 1 << 20, 8)
