@@ -178,7 +178,11 @@ BAD = [
     ("/v1/completions", {"model": SERVED, "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": SERVED, "prompt": []}, 400, "prompt"),
     ("/v1/completions", {"model": SERVED, "prompt": [1, 2, 10**9]}, 400, "prompt"),
-    ("/v1/completions", {"model": SERVED, "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": SERVED, "prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": SERVED, "prompt": "x", "presence_penalty": -3}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": SERVED, "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"model": SERVED, "prompt": "x", "repetition_penalty": "lots"}, 400, "repetition_penalty"),
+    ("/v1/completions", {"model": SERVED, "prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
     ("/v1/completions", {"model": SERVED, "prompt": "x", "stream_options": {"include_usage": True}}, 400, None),
     ("/v1/completions", {"model": "no-such-adapter", "prompt": "x"}, 404, "model"),
     ("/v1/completions", {"model": SERVED, "prompt": "word " * 2000}, 400, "prompt"),
@@ -199,6 +203,27 @@ BAD = [
     ),
     ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
 ]
+
+
+def test_penalties_reach_the_engine(client, worker, make_engine):
+    """OpenAI presence/frequency and vLLM repetition penalties change the greedy tokens exactly as the engine's
+    SamplingParams do (same tokens as a separate engine given the same params), on both endpoints."""
+    from lorafleet.worker.engine.sequence import SamplingParams
+
+    base = {"model": SERVED, "prompt": "the fleet serves", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    pen = {"presence_penalty": 1.5, "frequency_penalty": 2.0, "repetition_penalty": 1.3}
+    plain = client.post("/v1/completions", json=base, headers={"X-Request-Id": "pen-off"})
+    penal = client.post("/v1/completions", json={**base, **pen}, headers={"X-Request-Id": "pen-on"})
+    assert plain.status_code == 200 and penal.status_code == 200, penal.text
+    off, on = worker.finished["pen-off"].output_token_ids, worker.finished["pen-on"].output_token_ids
+    assert off != on
+    prompt_ids = worker.runner.engine.tokenizer("the fleet serves")["input_ids"]
+    ref = make_engine().generate([prompt_ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **pen))[0]
+    assert on == ref.output_token_ids
+    assert max(on.count(t) for t in on) < max(off.count(t) for t in off)  # repeats are what it penalises
+    chat = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+    r = client.post("/v1/chat/completions", json={**chat, **pen})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), BAD)

@@ -2,7 +2,8 @@
 
 Why `extra="allow"`: OpenAI SDKs send fields we do not use (`user`, `metadata`, ...); rejecting them would break
 ordinary clients. Options that would change the *output* and that we do not implement (n > 1, logprobs, echo,
-penalties, tools) are refused explicitly instead of being silently ignored.
+logit_bias, tools) are refused explicitly instead of being silently ignored. Penalties use the OpenAI names and
+ranges (presence/frequency in [-2, 2]) plus vLLM's `repetition_penalty` in (0, 10]; the engine applies them.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class _SamplingFields(_Body):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    repetition_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -43,12 +44,6 @@ class _SamplingFields(_Body):
         """(param, message) for an option we would otherwise silently ignore."""
         if self.n != 1:
             return "n", "only n=1 is supported"
-        if self.presence_penalty not in (None, 0.0):
-            return "presence_penalty", "presence_penalty is not supported"
-        if self.frequency_penalty not in (None, 0.0):
-            return "frequency_penalty", "frequency_penalty is not supported"
-        if self.repetition_penalty not in (None, 1.0):
-            return "repetition_penalty", "repetition_penalty is not supported"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
