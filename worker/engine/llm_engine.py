@@ -195,15 +195,20 @@ class LLMEngine:
         if batch.seqs:
             sampled = self.runner.execute(batch)
             forward_s = self.runner.last_forward_seconds
+            caching = self.block_manager.enable_prefix_caching
+            decode_tokens = 0
             for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
                 seq.num_computed_tokens += n
-                self.block_manager.commit(seq, seq.cache_salt)
-            for seq, tok in sampled.items():
-                outputs.append(self._append_token(seq, tok))
-            self._prefetch_waiting()
-        decode_tokens = sum(
-            1 for n, s in zip(batch.num_tokens, batch.seqs, strict=True) if n == 1 and s.num_output_tokens > 1
-        )
+                if caching:
+                    self.block_manager.commit(seq, seq.cache_salt)
+                if n == 1 and len(seq.token_ids) - seq.num_prompt_tokens > 0:
+                    decode_tokens += 1  # counted before this step's token is appended
+            append = self._append_token
+            outputs += [append(seq, tok) for seq, tok in sampled.items()]
+            if self.scheduler.waiting:
+                self._prefetch_waiting()
+        else:
+            decode_tokens = 0
         self._last_tokens = batch.total_tokens
         self._step += 1
         info = IterationInfo(
@@ -226,32 +231,35 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         p = seq.params
+        detok = seq.detokenizer
         reason = None
         stop_string = False
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"  # the stop token itself is not part of the text
-        elif seq.detokenizer is not None and seq.detokenizer.append(token):
+        elif detok is not None and detok.append(token):
             reason, stop_string = "stop", True
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            if seq.detokenizer is not None and not stop_string:
-                seq.detokenizer.flush()
+            if detok is not None and not stop_string:
+                detok.flush()
             self.scheduler.finish(seq, reason)
             self._requests.pop(seq.request_id, None)
         return self._output(seq, [token])
 
     def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        av = seq.adapter
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new,
-            output_token_ids=seq.output_token_ids,
-            text=seq.text,
+            text=seq.detokenizer.text if seq.detokenizer is not None else "",
             finished=seq.status == SequenceStatus.FINISHED,
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
-            lora_name=seq.lora_name,
-            lora_version=seq.lora_version,
+            lora_name=av.name if av is not None else None,
+            lora_version=av.version if av is not None else None,
+            all_token_ids=seq.token_ids,
+            num_output_tokens=len(seq.token_ids) - seq.num_prompt_tokens,
         )
 
     def _prefetch_waiting(self) -> None:

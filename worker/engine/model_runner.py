@@ -42,7 +42,11 @@ def _pad_tables(tables: list[list[int]], width: int, dtype: torch.dtype) -> torc
 
 
 class StepInputs:
-    """Flat tensors for one forward: tokens sorted by adapter, their positions, KV slots and LoRA segments."""
+    """Flat tensors for one forward: tokens sorted by adapter, their positions, KV slots and LoRA segments.
+
+    Why two packed host buffers: every per-step tensor is built from Python lists, and on CUDA each separate
+    `torch.tensor(..., device=cuda)` is its own small copy; packing the int64 lists and the int32 lists into one
+    tensor each (then taking views) makes it two copies plus the block table."""
 
     def __init__(
         self,
@@ -55,53 +59,62 @@ class StepInputs:
     ) -> None:
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
         self.order = order
+        bs = block_size
         ids: list[int] = []
         pos: list[int] = []
         slot_map: list[int] = []
-        starts, qlens, tables = [], [], []
+        starts: list[int] = []
+        qlens: list[int] = []
+        tables: list[list[int]] = []
         sample_rows: list[int] = []  # flat row of the last token of each sequence that samples this step
         self.sample_seqs: list[Sequence] = []
         seg_slots: list[int] = []
         seg_indptr = [0]
         q_indptr = [0]
+        total = 0
         for i in order:
             seq, n = seqs[i], num_tokens[i]
             start = seq.num_computed_tokens
-            ids += seq.token_ids[start : start + n]
+            end = start + n
             bt = seq.block_table
-            for p in range(start, start + n):
-                pos.append(p)
-                slot_map.append(bt[p // block_size] * block_size + p % block_size)
+            if n == 1:  # decode: no per-token loop
+                ids.append(seq.token_ids[start])
+                pos.append(start)
+                slot_map.append(bt[start // bs] * bs + start % bs)
+            else:
+                ids += seq.token_ids[start:end]
+                pos += range(start, end)
+                slot_map += [bt[p // bs] * bs + p % bs for p in range(start, end)]
+            total += n
             starts.append(start)
             qlens.append(n)
-            q_indptr.append(len(ids))
+            q_indptr.append(total)
             tables.append(bt)
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
+            if end == len(seq.token_ids):
+                sample_rows.append(total - 1)
                 self.sample_seqs.append(seq)
-            if seg_slots and seg_slots[-1] == seq.slot:
-                seg_indptr[-1] = len(ids)
+            slot = seq.slot
+            if seg_slots and seg_slots[-1] == slot:
+                seg_indptr[-1] = total
             else:
-                seg_slots.append(seq.slot)
-                seg_indptr.append(len(ids))
+                seg_slots.append(slot)
+                seg_indptr.append(total)
         width = table_width or max(len(t) for t in tables)
-        self.num_seqs = len(seqs)
-        self.input_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        self.positions = torch.tensor(pos, dtype=torch.long, device=device)
-        self.slot_mapping = torch.tensor(slot_map, dtype=torch.long, device=device)
-        self.block_tables = _pad_tables(tables, width, torch.int32 if int32_tables else torch.long).to(device)
-        self.seq_lens = torch.tensor(
-            [s + n for s, n in zip(starts, qlens, strict=True)], dtype=torch.int32, device=device
+        nseq, nseg, nsample = len(seqs), len(seg_slots), len(sample_rows)
+        self.num_seqs = nseq
+        longs = torch.tensor(ids + pos + slot_map + sample_rows, dtype=torch.long).to(device)
+        self.input_ids, self.positions, self.slot_mapping, self.sample_rows = longs.split(
+            [total, total, total, nsample]
         )
-        self.q_indptr = torch.tensor(q_indptr, dtype=torch.int32, device=device)
+        seq_lens = [s + n for s, n in zip(starts, qlens, strict=True)]
+        ints = torch.tensor(seq_lens + q_indptr + seg_indptr + seg_slots, dtype=torch.int32).to(device)
+        self.seq_lens, self.q_indptr, self.seg_indptr, self.seg_slots = ints.split([nseq, nseq + 1, nseg + 1, nseg])
+        self.block_tables = _pad_tables(tables, width, torch.int32 if int32_tables else torch.long).to(device)
         self.max_q_len = max(qlens)
         self.starts = starts
         self.query_lens = qlens
-        self.sample_rows = torch.tensor(sample_rows, dtype=torch.long, device=device)
-        self.seg_indptr = torch.tensor(seg_indptr, dtype=torch.int32, device=device)
-        self.seg_slots = torch.tensor(seg_slots, dtype=torch.int32, device=device)
         self.seg_slot_list = seg_slots
-        self.is_decode = all(n == 1 for n in num_tokens)
+        self.is_decode = total == nseq
 
     @property
     def has_lora(self) -> bool:

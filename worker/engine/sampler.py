@@ -32,29 +32,41 @@ class Sampler:
         if not rows:
             return greedy.tolist()
         idx = torch.tensor(rows, device=logits.device)
-        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device, dtype=torch.float32)
+        vocab = logits.shape[-1]
+        knobs = torch.tensor(  # one host->device build for the three per-row knobs
+            [[params[i].temperature, params[i].top_k if params[i].top_k > 0 else vocab, params[i].top_p] for i in rows],
+            dtype=torch.float64,
+        ).to(logits.device)
+        temps, ks, top_ps = knobs[:, 0].float(), knobs[:, 1].long(), knobs[:, 2].float()
         scaled = logits[idx] / temps[:, None]
-        sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
-        vocab = scaled.shape[-1]
-        ks = torch.tensor([params[i].top_k if params[i].top_k > 0 else vocab for i in rows], device=logits.device)
-        rank = torch.arange(vocab, device=logits.device)[None, :]
-        sorted_logits = sorted_logits.masked_fill(rank >= ks[:, None], float("-inf"))
-        top_ps = torch.tensor([params[i].top_p for i in rows], device=logits.device, dtype=torch.float32)
-        if (top_ps < 1.0).any():
-            probs = sorted_logits.softmax(dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass strictly before each token; keep tokens while < top_p
-            sorted_logits = sorted_logits.masked_fill(before >= top_ps[:, None], float("-inf"))
+        if all(params[i].top_k <= 0 or params[i].top_k >= vocab for i in rows) and all(
+            params[i].top_p >= 1.0 for i in rows
+        ):
+            sorted_logits, sorted_ids = scaled, None  # plain temperature sampling: no need to sort the vocab
+        else:
+            sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
+            rank = torch.arange(vocab, device=logits.device)[None, :]
+            sorted_logits = sorted_logits.masked_fill(rank >= ks[:, None], float("-inf"))
+            if any(params[i].top_p < 1.0 for i in rows):
+                probs = sorted_logits.softmax(dim=-1)
+                before = probs.cumsum(dim=-1) - probs  # mass strictly before each token; keep tokens while < top_p
+                sorted_logits = sorted_logits.masked_fill(before >= top_ps[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
-        noise = torch.empty_like(probs)
         shared = [j for j, i in enumerate(rows) if generators[i] is None]
-        if shared:
-            noise[shared] = torch.empty(len(shared), vocab, device=logits.device).exponential_(generator=self.generator)
-        for j, i in enumerate(rows):
-            g = generators[i]
-            if g is not None:
-                noise[j].exponential_(generator=g)
+        if len(shared) == len(rows):  # no per-request generators: one draw, no scatter
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        else:
+            noise = torch.empty_like(probs)
+            if shared:
+                noise[shared] = torch.empty(len(shared), vocab, device=logits.device).exponential_(
+                    generator=self.generator
+                )
+            for j, i in enumerate(rows):
+                g = generators[i]
+                if g is not None:
+                    noise[j].exponential_(generator=g)
         choice = (probs / noise).argmax(dim=-1, keepdim=True)
-        picked = sorted_ids.gather(1, choice).squeeze(1)
+        picked = choice.squeeze(1) if sorted_ids is None else sorted_ids.gather(1, choice).squeeze(1)
         out = greedy.clone()
         out[idx] = picked
         return out.tolist()

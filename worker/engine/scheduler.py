@@ -94,11 +94,17 @@ class Scheduler:
         self.passes += 1
         batch = ScheduledBatch()
         budget = self.max_tokens
-        order = [s for s in self.running if s.num_remaining == 1] + [s for s in self.running if s.num_remaining > 1]
-        for seq in order:
-            if seq.status != SequenceStatus.RUNNING or budget == 0:
+        decodes: list[Sequence] = []
+        chunks: list[Sequence] = []
+        for s in self.running:
+            (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else chunks).append(s)
+        running = SequenceStatus.RUNNING
+        for seq in decodes + chunks if chunks else decodes:
+            if budget == 0:
+                break
+            if seq.status != running:
                 continue
-            n = min(seq.num_remaining, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             while not self.bm.allocate_to(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 if victim in batch.seqs:
@@ -109,12 +115,12 @@ class Scheduler:
                 batch.preempted.append(victim)
                 if victim is seq:
                     break
-            if seq.status != SequenceStatus.RUNNING:
+            if seq.status != running:
                 continue
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
-        if not batch.preempted and self.waiting:
+        if not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             self._admit(batch, budget)
         return batch
 
@@ -208,6 +214,8 @@ class Scheduler:
                 return 0
             heads = [s.adapter for s in list(self.waiting)[: self.prefetch_depth] if s.adapter is not None]
             return sum(1 for av in heads if av.slot is None and self.store.ensure_slot(av) is not None)
+        if not self.waiting or self.store.free_slots() == 0:
+            return 0  # every slot is pinned: nothing could be prefetched (cheap exit for a full batch)
         wanted = {s.adapter for s in self.waiting if s.adapter is not None and s.adapter.slot is not None}
         started = 0
         for seq in self.waiting:

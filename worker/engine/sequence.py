@@ -111,11 +111,11 @@ class Sequence:
 
     @property
     def lora_name(self) -> str | None:
-        return self.adapter.name if self.adapter else None
+        return self.adapter.name if self.adapter is not None else None
 
     @property
     def lora_version(self) -> str | None:
-        return self.adapter.version if self.adapter else None
+        return self.adapter.version if self.adapter is not None else None
 
     @property
     def cache_salt(self) -> tuple[str, str] | None:
@@ -133,12 +133,22 @@ class Sequence:
 
 @dataclass
 class RequestOutput:
+    """What one step reports for a request. `output_token_ids` is a view computed on access: the engine hands
+    over its growing token list plus a length, so a step costs O(1) per request instead of copying every output
+    so far (quadratic over a long generation)."""
+
     request_id: str
     new_token_ids: list[int]
-    output_token_ids: list[int]
     text: str
     finished: bool
     finish_reason: str | None
     num_prompt_tokens: int
     lora_name: str | None = None
     lora_version: str | None = None
+    all_token_ids: list[int] = field(default_factory=list, repr=False)  # prompt + output; may grow later
+    num_output_tokens: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        start = self.num_prompt_tokens
+        return self.all_token_ids[start : start + self.num_output_tokens]
