@@ -100,35 +100,59 @@ def _tokenize_chat(tokenizer: Any, body: ChatCompletionRequest, settings: ApiSet
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]), messages
 
 
-@router.post("/v1/completions")
-async def completions(request: Request, body: CompletionRequest) -> Response:
-    runner, settings = _state(request)
-    check_unsupported(body)
-    check_serving(runner)
-    prompt_ids, prompt_text = _tokenize_completion(runner.engine.tokenizer, body, settings)
-    prep = _prepare(request, body, prompt_ids, "cmpl")
-    stream = await admit(runner, prep, {"prompt": prompt_text, "endpoint": "completions"})
+async def _respond(
+    request: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompt_ids: list[int],
+    kind: str,
+    log_extra: dict[str, Any],
+) -> Response:
+    """Admission, then the SSE stream or the collected JSON; `kind` is "completion" or "chat" (the only
+    differences are the object names and how a choice carries its text)."""
+    runner, _ = _state(request)
+    prep = _prepare(request, body, prompt_ids, "cmpl" if kind == "completion" else "chatcmpl")
+    stream = await admit(runner, prep, log_extra)
     headers = {"X-Request-Id": prep.request_id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_completion_events(stream, prep, include_usage), stream.close, headers)
+        return EventStreamResponse(_stream_events(stream, prep, include_usage, kind), stream.close, headers)
     try:
         out = await collect(stream, request)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     except EngineDeadError as exc:
         raise APIError(503, f"engine is not running: {exc}") from exc
+    if kind == "completion":
+        choice = {"index": 0, "text": out.text, "logprobs": None}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None}
     payload = {
         "id": prep.request_id,
-        "object": "text_completion",
+        "object": "text_completion" if kind == "completion" else "chat.completion",
         "created": prep.created,
         "model": prep.model,
-        "choices": [
-            {"index": 0, "text": out.text, "logprobs": None, "finish_reason": finish_reason(out), "stop_reason": None}
-        ],
+        "choices": [{**choice, "finish_reason": finish_reason(out), "stop_reason": None}],
         "usage": usage(len(prompt_ids), len(out.output_token_ids)),
     }
     return JSONResponse(payload, headers=headers)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionRequest) -> Response:
+    runner, settings = _state(request)
+    check_unsupported(body)
+    check_serving(runner)
+    prompt_ids, prompt_text = _tokenize_completion(runner.engine.tokenizer, body, settings)
+    return await _respond(request, body, prompt_ids, "completion", {"prompt": prompt_text, "endpoint": "completions"})
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+    runner, settings = _state(request)
+    check_unsupported(body)
+    check_serving(runner)
+    prompt_ids, messages = _tokenize_chat(runner.engine.tokenizer, body, settings)
+    return await _respond(request, body, prompt_ids, "chat", {"messages": messages, "endpoint": "chat"})
 
 
 async def _events(stream: RequestStream, holdback: int) -> AsyncIterator[tuple[Any, str]]:
@@ -147,12 +171,14 @@ async def _events(stream: RequestStream, holdback: int) -> AsyncIterator[tuple[A
         yield out, delta
 
 
-def _error_event(exc: Exception) -> str:
-    return sse(error_body(503, f"engine is not running: {exc}"))
-
-
-async def _completion_events(stream: RequestStream, prep: Prepared, include_usage: bool) -> AsyncIterator[str]:
-    base = {"id": prep.request_id, "object": "text_completion", "created": prep.created, "model": prep.model}
+async def _stream_events(stream: RequestStream, prep: Prepared, include_usage: bool, kind: str) -> AsyncIterator[str]:
+    """SSE chunks: a completion chunk carries `text`; a chat chunk a `delta` (after a first role-only chunk)."""
+    chat = kind == "chat"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    base = {"id": prep.request_id, "object": obj, "created": prep.created, "model": prep.model}
+    if chat:
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield sse({**base, "choices": [first]})
     completion_tokens = 0
     try:
         async for out, delta in _events(stream, prep.holdback):
@@ -160,72 +186,14 @@ async def _completion_events(stream: RequestStream, prep: Prepared, include_usag
             reason = finish_reason(out) if out.finished else None
             if not delta and reason is None:
                 continue
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason, "stop_reason": None}
+            if chat:
+                choice = {"index": 0, "delta": {"content": delta} if delta else {}, "logprobs": None}
+                choice["finish_reason"] = reason
+            else:
+                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": reason, "stop_reason": None}
             yield sse({**base, "choices": [choice]})
     except EngineDeadError as exc:
-        yield _error_event(exc)
-    if include_usage:
-        yield sse({**base, "choices": [], "usage": usage(len(prep.prompt_token_ids), completion_tokens)})
-    yield SSE_DONE
-
-
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-    runner, settings = _state(request)
-    check_unsupported(body)
-    check_serving(runner)
-    prompt_ids, messages = _tokenize_chat(runner.engine.tokenizer, body, settings)
-    prep = _prepare(request, body, prompt_ids, "chatcmpl")
-    stream = await admit(runner, prep, {"messages": messages, "endpoint": "chat"})
-    headers = {"X-Request-Id": prep.request_id}
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStreamResponse(_chat_events(stream, prep, include_usage), stream.close, headers)
-    try:
-        out = await collect(stream, request)
-    except ClientGone:
-        return Response(status_code=CLIENT_CLOSED)
-    except EngineDeadError as exc:
-        raise APIError(503, f"engine is not running: {exc}") from exc
-    payload = {
-        "id": prep.request_id,
-        "object": "chat.completion",
-        "created": prep.created,
-        "model": prep.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": out.text},
-                "logprobs": None,
-                "finish_reason": finish_reason(out),
-                "stop_reason": None,
-            }
-        ],
-        "usage": usage(len(prompt_ids), len(out.output_token_ids)),
-    }
-    return JSONResponse(payload, headers=headers)
-
-
-async def _chat_events(stream: RequestStream, prep: Prepared, include_usage: bool) -> AsyncIterator[str]:
-    base = {"id": prep.request_id, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
-    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-    yield sse({**base, "choices": [first]})
-    completion_tokens = 0
-    try:
-        async for out, delta in _events(stream, prep.holdback):
-            completion_tokens = len(out.output_token_ids)
-            reason = finish_reason(out) if out.finished else None
-            if not delta and reason is None:
-                continue
-            choice = {
-                "index": 0,
-                "delta": {"content": delta} if delta else {},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-            yield sse({**base, "choices": [choice]})
-    except EngineDeadError as exc:
-        yield _error_event(exc)
+        yield sse(error_body(503, f"engine is not running: {exc}"))
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(len(prep.prompt_token_ids), completion_tokens)})
     yield SSE_DONE

@@ -99,13 +99,15 @@ class Scheduler:
         for s in self.running:
             (decodes if len(s.token_ids) - s.num_computed_tokens == 1 else chunks).append(s)
         running = SequenceStatus.RUNNING
+        block_size = self.bm.block_size
         for seq in decodes + chunks if chunks else decodes:
             if budget == 0:
                 break
             if seq.status != running:
                 continue
             n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            while not self.bm.allocate_to(seq, seq.num_computed_tokens + n):
+            fits = seq.num_computed_tokens + n <= len(seq.block_table) * block_size  # the common decode case
+            while not fits and not self.bm.allocate_to(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 if victim in batch.seqs:
                     i = batch.seqs.index(victim)
