@@ -20,6 +20,7 @@ import kopf
 from lorafleet.operator import assign, conditions, migration
 from lorafleet.operator import constants as c
 from lorafleet.operator import resources as res
+from lorafleet.operator.autoscale import AutoScaler
 from lorafleet.operator.capacity import worker_slots
 from lorafleet.operator.scrape import WorkerLoad
 from lorafleet.operator.state import Runtime, sleep_or_wake
@@ -88,6 +89,7 @@ class BaseModelFleet:
         self.ns = namespace
         self.name = name
         self._wake = asyncio.Event()
+        self.autoscaler = AutoScaler(runtime.config.per_replica_rate, runtime.config.scale_down_delay)
         self._clients: dict[tuple[str, str], WorkerClient] = {}
         self._token: str | None = None
         self._routes: dict[str, list[str]] = {}  # adapter -> pods last written to its EndpointSlice
@@ -245,9 +247,11 @@ class BaseModelFleet:
                 check_local_sources=self.rt.config.check_sources,
             )
             if not view.deleting and view.fatal is None:
-                view.desired, view.asked = assign.desired_replicas(
-                    body.get("spec") or {}, view.rate, len(usable), per_replica_rate=self.rt.config.per_replica_rate
+                view.desired, view.asked = self.autoscaler.decide(
+                    view.name, body.get("spec") or {}, view.rate, len(usable), time.monotonic()
                 )
+            else:
+                self.autoscaler.forget(view.name)
             views[view.name] = view
 
         draining_pairs = set(self._drains)

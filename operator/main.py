@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--per-replica-rate", type=float, default=4.0, help="requests/s one replica carries for replicas.auto"
     )
+    p.add_argument(
+        "--scale-down-delay",
+        type=float,
+        default=30.0,
+        help="seconds the rate of a replicas.auto adapter must stay below 80%% of the per-replica rate of one replica "
+        "fewer before that replica is removed (scale-up is immediate)",
+    )
     p.add_argument("--adapter-root", default="/var/lib/lorafleet/adapters", help="host path mounted into workers")
     p.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -68,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         rebalance_interval=args.rebalance_interval,
         adapter_root=args.adapter_root,
         per_replica_rate=args.per_replica_rate,
+        scale_down_delay=args.scale_down_delay,
     )
 
 

@@ -97,7 +97,18 @@ def plan_moves(
         held = {w.pod for w in usable if w.holds(name)}
         if not held:
             continue  # not placed yet: the fast path owns it
-        want, _ = assign.desired_replicas(body.get("spec") or {}, rates.get(name, 0.0), len(usable))
+        # the fleet's held decision (auto replicas with hysteresis), so the solver never argues with the fast path
+        auto = fleet.autoscaler.held(name)
+        want = (
+            min(auto, len(usable))
+            if auto is not None
+            else assign.desired_replicas(
+                body.get("spec") or {},
+                rates.get(name, 0.0),
+                len(usable),
+                per_replica_rate=fleet.rt.config.per_replica_rate,
+            )[0]
+        )
         current[name] = held
         models.append(
             Adapter(

@@ -33,6 +33,7 @@ class OperatorConfig:
     drain_timeout: float = 60.0
     rebalance_interval: float = 30.0
     per_replica_rate: float = 4.0  # requests/s one replica should carry for `replicas.auto`
+    scale_down_delay: float = 30.0  # seconds an auto adapter's rate must stay low before a replica is removed
     adapter_root: str = "/var/lib/lorafleet/adapters"
     check_local_sources: bool | None = None  # default: on in local mode
 

@@ -264,13 +264,17 @@ class LocalFleet:
 
 class StreamingRouter:
     """Sends a steady stream of requests for one adapter the way a gateway would: it re-reads the adapter's
-    EndpointSlice every `refresh` seconds and round-robins over the pods listed there. Counts every outcome."""
+    EndpointSlice every `refresh` seconds and round-robins over the pods listed there. Counts every outcome.
+    `pause` (s) waits after each request in each sender, for a stream of a known low rate."""
 
-    def __init__(self, fleet: LocalFleet, adapter: str, *, refresh: float = 0.05, concurrency: int = 2) -> None:
+    def __init__(
+        self, fleet: LocalFleet, adapter: str, *, refresh: float = 0.05, concurrency: int = 2, pause: float = 0.0
+    ) -> None:
         self.fleet = fleet
         self.adapter = adapter
         self.refresh = refresh
         self.concurrency = concurrency
+        self.pause = pause
         self.ok = 0
         self.failed: list[str] = []
         self.served_by: dict[str, int] = {}
@@ -320,6 +324,8 @@ class StreamingRouter:
                         self.failed.append(f"{pod}: HTTP {r.status_code} {r.text[:200]}")
                 except httpx.HTTPError as exc:
                     self.failed.append(f"{pod}: {type(exc).__name__} {exc}")
+                if self.pause:
+                    self._stop.wait(self.pause)
         finally:
             client.close()
 

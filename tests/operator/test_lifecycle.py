@@ -6,6 +6,7 @@ workers), because starting workers is the expensive part on 2 cores. Each test s
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -347,6 +348,49 @@ def test_auto_replicas_follow_the_measured_request_rate(fleet: LocalFleet, tiny_
         wait_for(lambda: stream.ok > before + 3, 30, 0.1, "stream continues")
     assert stream.failed == [], stream.failed[:3]
     assert (fleet.get(c.ADAPTERS, "auto-z")["status"]["requestRate"] or 0) > 0.5
+
+
+def test_auto_replicas_shrink_when_the_rate_falls_without_flapping(fleet: LocalFleet, tiny_assets) -> None:
+    """Up on a ~2 req/s stream, down (once, after --scale-down-delay) when it falls to ~0.1 req/s; the low stream
+    keeps running through the scale-down and no request of either stream fails."""
+    fleet.stop_operator()
+    fleet.operator_args = ["--interval", "0.5", "--drain-grace", "0.5", "--rebalance-interval", "0"]
+    fleet.operator_args += ["--per-replica-rate", "0.5", "--scale-down-delay", "3"]
+    fleet.start_operator()
+    fleet.create(c.ADAPTERS, adapter("auto-w", BM, tiny_assets["r4"], replicas={"min": 1, "max": 2, "auto": True}))
+    wait_for(lambda: len(fleet.routes("auto-w")) == 1, 30, 0.1, "one replica while idle")
+    history: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            n = len(fleet.routes("auto-w"))
+            if not history or history[-1] != n:
+                history.append(n)
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with StreamingRouter(fleet, "auto-w", concurrency=1, pause=0.4) as fast:
+            wait_for(lambda: len(fleet.routes("auto-w")) == 2, 60, 0.2, "scaled to two on the measured rate")
+        up_rate = fleet.get(c.ADAPTERS, "auto-w")["status"]["requestRate"]
+        with StreamingRouter(fleet, "auto-w", concurrency=1, pause=10.0) as slow:
+            wait_for(lambda: len(fleet.routes("auto-w")) == 1, 120, 0.2, "scaled back to one as the rate decays")
+            down_rate = fleet.get(c.ADAPTERS, "auto-w")["status"]["requestRate"]
+            time.sleep(6)  # hysteresis: the low rate must not bring the replica straight back
+            assert len(fleet.routes("auto-w")) == 1
+    finally:
+        stop.set()
+        sampler.join(timeout=5)
+    assert fast.failed == [] and slow.failed == [], (fast.failed[:3], slow.failed[:3])
+    assert fast.ok > 3 and slow.ok >= 1
+    assert history == [1, 2, 1], history  # one step up, one step down, no flapping
+    # status rounds the rate to 0.1 req/s: up above one replica's 0.5, down at or under the 80 % band (0.4)
+    assert up_rate > 0.5 and down_rate <= 0.8 * 0.5, (up_rate, down_rate)
+    # the surplus replica was drained and unloaded (a removal, not a migration)
+    wait_for(lambda: fleet.operator_metric("lorafleet_operator_adapter_unloads_total") >= 1, 30, 0.2, "unloaded")
+    assert fleet.operator_metric("lorafleet_operator_migrations_total") == 0
 
 
 def test_handoff_protocol_order_between_two_real_workers(fleet: LocalFleet, tiny_assets) -> None:
