@@ -21,6 +21,22 @@ VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 WORKER_IMAGE = "ghcr.io/lorafleet/worker:0.1.0"
 
 
+def owned_metadata(
+    owner: Body, name: str, labels: dict[str, str], *, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Metadata of a child object: in its owner's namespace and garbage-collected with it (one place for all six
+    kinds of children, so none of them can miss the ownerReference that deletion relies on)."""
+    out: dict[str, Any] = {
+        "name": name,
+        "namespace": owner["metadata"].get("namespace"),
+        "labels": labels,
+        "ownerReferences": [owner_reference(owner)],
+    }
+    if annotations:
+        out["annotations"] = annotations
+    return out
+
+
 def owner_reference(owner: Body, *, controller: bool = True) -> dict[str, Any]:
     """An ownerReference that makes the API server's garbage collector delete children with their owner."""
     meta = owner["metadata"]
@@ -214,12 +230,7 @@ def worker_deployment(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> d
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": worker_name(name),
-            "namespace": meta.get("namespace"),
-            "labels": labels,
-            "ownerReferences": [owner_reference(bm)],
-        },
+        "metadata": owned_metadata(bm, worker_name(name), labels),
         "spec": {
             "replicas": int(spec.get("replicas", 1)),
             "selector": {"matchLabels": worker_selector(name)},
@@ -236,12 +247,7 @@ def worker_service(bm: Body) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": worker_name(meta["name"]),
-            "namespace": meta.get("namespace"),
-            "labels": worker_labels(meta["name"]),
-            "ownerReferences": [owner_reference(bm)],
-        },
+        "metadata": owned_metadata(bm, worker_name(meta["name"]), worker_labels(meta["name"])),
         "spec": {
             "selector": worker_selector(meta["name"]),
             "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
@@ -254,12 +260,7 @@ def worker_pdb(bm: Body) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {
-            "name": worker_name(meta["name"]),
-            "namespace": meta.get("namespace"),
-            "labels": worker_labels(meta["name"]),
-            "ownerReferences": [owner_reference(bm)],
-        },
+        "metadata": owned_metadata(bm, worker_name(meta["name"]), worker_labels(meta["name"])),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": worker_selector(meta["name"])}},
     }
 
@@ -275,12 +276,7 @@ def admin_secret(bm: Body, token: str) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": {
-            "name": admin_secret_name(meta["name"]),
-            "namespace": meta.get("namespace"),
-            "labels": worker_labels(meta["name"]),
-            "ownerReferences": [owner_reference(bm)],
-        },
+        "metadata": owned_metadata(bm, admin_secret_name(meta["name"]), worker_labels(meta["name"])),
         "stringData": {c.ADMIN_TOKEN_KEY: token},
     }
 
@@ -302,13 +298,12 @@ def adapter_service(adapter: Body, port: int) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": adapter_route_name(meta["name"]),
-            "namespace": meta.get("namespace"),
-            "labels": adapter_route_labels(adapter),
-            "annotations": {"lorafleet.io/adapter-name": meta["name"]},
-            "ownerReferences": [owner_reference(adapter)],
-        },
+        "metadata": owned_metadata(
+            adapter,
+            adapter_route_name(meta["name"]),
+            adapter_route_labels(adapter),
+            annotations={"lorafleet.io/adapter-name": meta["name"]},
+        ),
         "spec": {
             "clusterIP": "None",
             "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],
@@ -347,12 +342,7 @@ def adapter_endpointslice(adapter: Body, port: int, targets: Iterable[RouteTarge
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {
-            "name": svc,
-            "namespace": meta.get("namespace"),
-            "labels": labels,
-            "ownerReferences": [owner_reference(adapter)],
-        },
+        "metadata": owned_metadata(adapter, svc, labels),
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
         "endpoints": endpoints,

@@ -27,6 +27,18 @@ def _holders(rt: Runtime, namespace: str, adapter: dict[str, Any]) -> list[Any]:
     return sorted((w for w in fleet.workers if w.holds(name) and w.client is not None), key=lambda w: w.pod)
 
 
+async def _recorded_trainer(
+    rt: Runtime, namespace: str, spec: kopf.Spec, annotations: kopf.Annotations
+) -> tuple[str, dict[str, Any], Any] | None:
+    """(trainer pod, adapter, its worker or None when that pod no longer serves the adapter) for a started job;
+    None when the job never started or its adapter is gone (sync and stop both have nothing to do then)."""
+    pod = annotations.get("lorafleet.io/trainer")
+    adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
+    if not pod or adapter is None:
+        return None
+    return pod, adapter, {w.pod: w for w in _holders(rt, namespace, adapter)}.get(pod)
+
+
 async def _set_status(
     rt: Runtime, ns: str, name: str, body: kopf.Body, status: dict[str, Any], ok: bool, reason: str, msg: str
 ) -> None:
@@ -94,12 +106,10 @@ async def cljob_sync(
     **_: Any,
 ) -> None:
     rt: Runtime = memo.runtime
-    pod = annotations.get("lorafleet.io/trainer")
-    adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
-    if not pod or adapter is None:
+    found = await _recorded_trainer(rt, namespace, spec, annotations)
+    if found is None:
         return
-    holders = {w.pod: w for w in _holders(rt, namespace, adapter)}
-    trainer = holders.get(pod)
+    pod, adapter, trainer = found
     if trainer is None:
         await _set_status(
             rt, namespace, name, body, {}, False, "TrainerLost", f"worker {pod} no longer serves the adapter"
@@ -149,13 +159,10 @@ async def cljob_stop(
     **_: Any,
 ) -> None:
     rt: Runtime = memo.runtime
-    pod = annotations.get("lorafleet.io/trainer")
-    adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
-    if not pod or adapter is None:
+    found = await _recorded_trainer(rt, namespace, spec, annotations)
+    if found is None or found[2] is None:
         return
-    trainer = {w.pod: w for w in _holders(rt, namespace, adapter)}.get(pod)
-    if trainer is None:
-        return
+    pod, _, trainer = found
     try:
         await trainer.client.request("DELETE", f"/v1/training/jobs/{name}")
     except WorkerError as exc:
