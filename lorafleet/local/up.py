@@ -111,11 +111,23 @@ def _instructions(info: dict[str, Any]) -> str:
             f"  # a completion through adapter {first!r} (local mode: pod IP -> 127.0.0.1:PORT, see docs/local-mode.md)",
             f"  curl -s http://{ep}/v1/completions -H 'content-type: application/json' \\",
             f'       -d \'{{"model": "{first}", "prompt": "Hello, fleet", "max_tokens": 16}}\'',
+            f"  # feedback that the ContinualLearningJob on {first!r} trains on, inside the serving workers",
+            f"  curl -s http://{ep}/v1/feedback -H 'content-type: application/json' \\",
+            f'       -d \'{{"adapter": "{first}", "kind": "pair", "prompt": "Hello, fleet", "completion": " Hi!"}}\'',
             "",
             "  lorafleet down                                   # stops everything `up` started",
             f"  logs: {info['state_dir']}",
         ]
     )
+
+
+def continual_learning_job(sample: Path) -> dict[str, Any]:
+    """The ContinualLearningJob sample from manifests/samples, so `up` applies the same job a user would."""
+    import yaml
+
+    job = yaml.safe_load(sample.read_text())
+    job["metadata"] = {"name": job["metadata"]["name"]}
+    return job
 
 
 def supervise(args: argparse.Namespace) -> int:
@@ -153,6 +165,7 @@ def supervise(args: argparse.Namespace) -> int:
         fleet.create(c.BASEMODELS, basemodel(model_name, model, replicas=args.workers, maxRank=64))
         for name, _, replicas in ADAPTERS:
             fleet.create(c.ADAPTERS, adapter(name, model_name, paths[name], replicas=min(replicas, args.workers)))
+        fleet.create(c.CLJOBS, continual_learning_job(ROOT / "manifests" / "samples" / "continuallearningjob.yaml"))
         for name, _, _ in ADAPTERS:
             wait_for(lambda name=name: fleet.routes(name) and fleet.complete(name).status_code == 200,
                      args.timeout, 0.5, f"adapter {name} serving")  # fmt: skip

@@ -46,8 +46,17 @@ def test_up_serves_every_sample_adapter_and_down_stops_everything(tmp_path: Path
                                 capture_output=True, text=True, env=env)  # fmt: skip
         assert listed.returncode == 0, listed.stderr
         assert sorted(listed.stdout.split()) == sorted(
-            [f"basemodel.lorafleet.io/{info['model']}"] + [f"loraadapter.lorafleet.io/{a}" for a in info["adapters"]]
+            [f"basemodel.lorafleet.io/{info['model']}"]
+            + [f"loraadapter.lorafleet.io/{a}" for a in info["adapters"]]
+            + ["continuallearningjob.lorafleet.io/support-en-online"]
         )
+        # the printed feedback command is accepted durably by the worker that serves the job's adapter
+        fb = httpx.post(
+            f"http://{info['endpoints']['support-en']}/v1/feedback",
+            json={"adapter": "support-en", "kind": "pair", "prompt": "Hello, fleet", "completion": " Hi!"},
+            timeout=60,
+        )
+        assert fb.status_code == 202 and fb.json()["adapter"] == "support-en", fb.text
         again = _cli("up", "--state-dir", str(state), timeout=60)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
