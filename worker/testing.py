@@ -73,7 +73,9 @@ class TinyLlamaSpec:
     extra: dict = field(default_factory=dict)
 
 
-def build_tiny_llama(out_dir: str | Path, spec: TinyLlamaSpec | None = None, seed: int = 0, dtype: str = "float32") -> Path:
+def build_tiny_llama(
+    out_dir: str | Path, spec: TinyLlamaSpec | None = None, seed: int = 0, dtype: str = "float32"
+) -> Path:
     """Writes an HF-format Llama checkpoint with random weights (and a tokenizer) to `out_dir`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
