@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from lorafleet.worker.testing import TinyLlamaSpec, build_peft_adapter, build_tiny_llama
@@ -25,3 +31,57 @@ def tiny_model(tiny_dir):
 
     model, _ = load_model(tiny_dir, torch.device("cpu"), torch.float32)
     return model
+
+
+WORKER = """
+import sys, time, torch
+torch.set_num_threads(1)
+from lorafleet.worker.api.testing import start_worker
+w = start_worker(sys.argv[1], adapter_roots=[sys.argv[2]], max_num_batched_tokens=64)
+print(w.url, flush=True)
+time.sleep(3600)
+"""
+
+
+def spawn_worker(model: Path, root: Path, train_dir: Path) -> tuple[subprocess.Popen, str]:
+    """A real worker in its own process (so a test can SIGKILL it), training data under `train_dir`."""
+    env = dict(os.environ, LORAFLEET_TRAINING_DIR=str(train_dir), OMP_NUM_THREADS="1")
+    p = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(model), str(root)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    url = p.stdout.readline().strip()
+    assert url.startswith("http://"), url
+    return p, url
+
+
+def wait_for(fn, timeout=60.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(interval)
+    return fn()
+
+
+@pytest.fixture()
+def worker_process():
+    """`spawn(model, root, train_dir)` -> (process, url); every process still alive at the end is killed."""
+    procs: list[subprocess.Popen] = []
+
+    def spawn(model: Path, root: Path, train_dir: Path) -> tuple[subprocess.Popen, str]:
+        p, url = spawn_worker(model, root, train_dir)
+        procs.append(p)
+        return p, url
+
+    yield spawn
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+
+
+@pytest.fixture()
+def wait_until():
+    """`wait_until(fn, timeout, interval)`: polls until fn() is truthy; returns its last value."""
+    return wait_for

@@ -24,6 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lorafleet.worker.training.checkpoint import (
+    Checkpoint,
+    CheckpointStore,
+    optimizer_tensors,
+    restore_optimizer,
+)
 from lorafleet.worker.training.coserve import CoServeScheduler, ShareConfig
 from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.lora_context import TrainableLoRA
@@ -32,7 +38,7 @@ from lorafleet.worker.training.pipeline import LayerwiseGroup
 from lorafleet.worker.training.replay import ReplayMixer
 from lorafleet.worker.training.stash import ActivationStash
 from lorafleet.worker.training.trainer import LoRATrainer, OptimConfig, TrainSample
-from lorafleet.worker.training.versions import PublishPolicy, VersionPublisher, save_peft_adapter
+from lorafleet.worker.training.versions import PublishPolicy, VersionPublisher, VersionRecord, save_peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,8 @@ class JobSpec:
     stash_bytes: int = 256 << 20
     max_seq_tokens: int = 1024
     seed: int = 0
+    checkpoint_every: int = 10  # optimizer steps between checkpoints (also one with every published version)
+    checkpoint_keep: int = 3
 
 
 @dataclass
@@ -82,6 +90,7 @@ class ContinualLearningJob:
         versions_root: Path,
         replay_domains: dict[str, list[list[int]]],
         metrics: TrainingMetrics,
+        state_dir: Path | None = None,
     ) -> None:
         self.spec = spec
         self.engine = engine
@@ -103,9 +112,28 @@ class ContinualLearningJob:
             )
             if done:
                 current = engine.load_adapter(spec.adapter, str(done[-1][1]), f"v{done[-1][0]}")
-        if current is not None:
+        # a checkpoint (weights + optimizer + data position) beats the newest version (weights only)
+        self.checkpoints = CheckpointStore(Path(state_dir) / spec.adapter, spec.checkpoint_keep) if state_dir else None
+        self.checkpoint_info: dict = {"everySteps": spec.checkpoint_every, "lastStep": None, "restoredStep": None}
+        self.checkpoint_info["corrupt"] = []
+        ckpt: Checkpoint | None = None
+        lora: TrainableLoRA | None = None
+        if self.checkpoints is not None:
+            built: dict[str, TrainableLoRA] = {}
+
+            def accept(c: Checkpoint) -> None:
+                built["lora"] = self._lora_from_checkpoint(c, shape, device)
+
+            res = self.checkpoints.load_latest(accept)
+            ckpt, lora = res.checkpoint, built.get("lora")
+            for bad in res.corrupt:
+                metrics.checkpoints.labels(spec.adapter, "corrupt").inc()
+                self.checkpoints.discard(Path(bad["path"]))
+                log.warning("job %s: corrupt checkpoint %s: %s", spec.name, bad["path"], bad["reason"])
+            self.checkpoint_info["corrupt"] = res.corrupt
+        if lora is None and current is not None:
             lora = TrainableLoRA.from_peft(shape, current.path, device=device)
-        else:
+        elif lora is None:
             lora = TrainableLoRA(
                 shape, spec.rank, spec.alpha, list(spec.targets), spec.use_rslora, device=device, seed=spec.seed
             )
@@ -144,13 +172,23 @@ class ContinualLearningJob:
         self.tokens_trained = 0
         self.sequence_tokens = 0  # every token of finished training sequences (feedback + replay), for throughput
         self.counts = {"available": 0, "trained": 0, "rejected": 0, "replay": 0, "heldout": 0}
-        self._good = self._snapshot()
         self._rng = torch.Generator().manual_seed(spec.seed)
+        self._fresh_taken = 0  # feedback samples taken from the fresh queue (the data position a checkpoint keeps)
+        self._skip_fresh = 0  # restored: that many fresh samples were already taken before the restart
+        self._ckpt_step = 0
         self._domain_losses: dict[str, list[float]] = {}
         if current is not None:
             self.current_version = current.version
             self.version_steps[current.version] = 0
-        else:
+        if ckpt is not None:
+            self._apply_checkpoint(ckpt)
+        elif self.checkpoint_info["corrupt"]:
+            bad = ", ".join(f"step {b['step']} ({b['reason']})" for b in self.checkpoint_info["corrupt"])
+            self.message = (
+                f"no usable checkpoint, resumed from the newest version; skipped corrupt checkpoint(s): {bad}"
+            )
+        self._good = self._snapshot()
+        if current is None:
             self._publish(reason_ok=True, initial=True)
 
     # ---- feedback intake (any thread) ----
@@ -179,12 +217,16 @@ class ContinualLearningJob:
                 if self.stash is not None and s.request_id:
                     self.stash.abort(s.request_id)
                 continue
-            self._fresh.append(s)
+            if self._skip_fresh > 0:  # taken (and trained on) before the checkpoint this job resumed from
+                self._skip_fresh -= 1
+            else:
+                self._fresh.append(s)
             self._pool.append(s)
 
     # ---- planning ----
     def _next_feedback(self) -> FeedbackSample | None:
         if self._fresh:
+            self._fresh_taken += 1
             return self._fresh.popleft()
         candidates = [s for s in self._pool if self._uses.get(s.feedback_id, 0) < self.spec.epochs]
         if not candidates:
@@ -323,8 +365,143 @@ class ContinualLearningJob:
         last = self.spec.max_steps is not None and step >= self.spec.max_steps
         if self.publisher.due(step) or (last and self.version_steps.get(self.current_version or "", -1) != step):
             self._publish(reason_ok=False)  # also on completion, so the final weights are always a version
+        published_now = self.version_steps.get(self.current_version or "", -1) == step
+        if published_now or last or step - self._ckpt_step >= self.spec.checkpoint_every:
+            self._checkpoint()
         if last:
             self.phase = "Succeeded"
+
+    # ---- checkpoints ----
+    def _lora_from_checkpoint(self, c: Checkpoint, shape, device) -> TrainableLoRA:
+        """Builds the LoRA a checkpoint describes; ValueError when its tensors do not fit (treated as corrupt)."""
+        meta = c.state.get("lora") or {}
+        try:
+            lora = TrainableLoRA(
+                shape, int(meta["rank"]), float(meta["alpha"]), list(meta["targets"]), bool(meta["useRslora"]), device
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"checkpoint has no usable LoRA description: {exc!r}") from exc
+        want = dict(lora.named_parameters())
+        have = {k[len("lora.") :]: v for k, v in c.tensors.items() if k.startswith("lora.")}
+        if set(have) != set(want):
+            raise ValueError("checkpoint LoRA parameters do not match its description")
+        with torch.no_grad():
+            for name, p in want.items():
+                if have[name].shape != p.shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(have[name].shape)}")
+                p.copy_(have[name])
+        names = [n for n, _ in lora.named_parameters()]
+        for k, v in c.tensors.items():
+            if k.startswith("opt.") and k.endswith((".exp_avg", ".exp_avg_sq")):
+                name = k[len("opt.") :].rsplit(".", 1)[0]
+                if name not in want or v.shape != want[name].shape:
+                    raise ValueError(f"checkpoint optimizer tensor {k} does not fit the LoRA")
+        if not names:
+            raise ValueError("checkpoint LoRA has no parameters")
+        return lora
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        names = [n for n, _ in self.lora.named_parameters()]
+        out = {f"lora.{n}": p.detach().float().cpu().clone() for n, p in self.lora.named_parameters()}
+        out.update({k: v.cpu() for k, v in optimizer_tensors(self.trainer.opt, names).items()})
+        out["rng.job"] = self._rng.get_state()
+        return out
+
+    def _state_scalars(self) -> dict:
+        rp = self.replay
+        version, internal, gauss = rp._rng.getstate()
+        pub = self.publisher
+        return {
+            "job": self.spec.name,
+            "adapter": self.spec.adapter,
+            "step": self.trainer.step,
+            "version": self.current_version,
+            "lora": {
+                "rank": self.lora.rank,
+                "alpha": self.lora.alpha,
+                "targets": list(self.lora.targets),
+                "useRslora": self.lora.use_rslora,
+            },
+            "tokensTrained": self.tokens_trained,
+            "sequenceTokens": self.sequence_tokens,
+            "counts": {"trained": self.counts["trained"], "replay": self.counts["replay"]},
+            "lossEma": self.loss_ema,
+            "lastLoss": self.last_loss,
+            "heldoutLoss": self.heldout_loss,
+            "versionSteps": dict(self.version_steps),
+            "data": {"freshTaken": self._fresh_taken, "uses": dict(self._uses)},
+            "replay": {
+                "credit": rp._credit,
+                "baseline": dict(rp._baseline),
+                "ema": dict(rp._ema),
+                "drawn": dict(rp.drawn),
+                "rng": [version, list(internal), gauss],
+            },
+            "publisher": {
+                "lastStep": pub._last_step,
+                "lossRef": pub._loss_ref,
+                "bestHeldout": pub._best_heldout if math.isfinite(pub._best_heldout) else None,
+                "published": [r.__dict__ for r in pub.published],
+                "refused": list(pub.refused),
+            },
+        }
+
+    def _checkpoint(self) -> None:
+        """Writes the job's full training state at this step boundary (no group in flight)."""
+        if self.checkpoints is None:
+            return
+        step = self.trainer.step
+        try:
+            self.checkpoints.save(step, self._state_tensors(), self._state_scalars())
+        except OSError as exc:  # a full disk must not stop training; the previous checkpoint stays good
+            self.metrics.checkpoints.labels(self.spec.adapter, "failed").inc()
+            log.warning("job %s: checkpoint at step %d not written: %s", self.spec.name, step, exc)
+            return
+        self._ckpt_step = step
+        self.checkpoint_info["lastStep"] = step
+        self.metrics.checkpoints.labels(self.spec.adapter, "written").inc()
+
+    def _apply_checkpoint(self, c: Checkpoint) -> None:
+        st = c.state
+        names = [n for n, _ in self.lora.named_parameters()]
+        restore_optimizer(self.trainer.opt, names, c.tensors)
+        self.trainer.step = int(st["step"])
+        self._ckpt_step = self.trainer.step
+        if "rng.job" in c.tensors:
+            self._rng.set_state(c.tensors["rng.job"].to(torch.uint8))
+        self.tokens_trained = int(st.get("tokensTrained", 0))
+        self.sequence_tokens = int(st.get("sequenceTokens", 0))
+        for k, v in (st.get("counts") or {}).items():
+            self.counts[k] = int(v)
+        self.loss_ema, self.last_loss, self.heldout_loss = st.get("lossEma"), st.get("lastLoss"), st.get("heldoutLoss")
+        self.version_steps.update({str(k): int(v) for k, v in (st.get("versionSteps") or {}).items()})
+        data = st.get("data") or {}
+        self._skip_fresh = self._fresh_taken = int(data.get("freshTaken", 0))
+        self._uses = {str(k): int(v) for k, v in (data.get("uses") or {}).items()}
+        rp, r = self.replay, st.get("replay") or {}
+        if r:
+            rp._credit = float(r["credit"])
+            rp._baseline = dict(r["baseline"])
+            rp._ema = dict(r["ema"])
+            rp.drawn.update(r["drawn"])
+            version, internal, gauss = r["rng"]
+            rp._rng.setstate((version, tuple(internal), gauss))
+        pub, p = self.publisher, st.get("publisher") or {}
+        if p:
+            pub._last_step = int(p["lastStep"])
+            pub._loss_ref = p["lossRef"]
+            pub._best_heldout = math.inf if p["bestHeldout"] is None else float(p["bestHeldout"])
+            pub.published = [VersionRecord(**r) for r in p["published"]]
+            pub.refused = list(p["refused"])
+        self.checkpoint_info["restoredStep"] = self.trainer.step
+        self.checkpoint_info["lastStep"] = self.trainer.step
+        self.metrics.checkpoints.labels(self.spec.adapter, "restored").inc()
+        msg = f"resumed from checkpoint step {self.trainer.step}"
+        if self.checkpoint_info["corrupt"]:
+            bad = ", ".join(f"step {b['step']} ({b['reason']})" for b in self.checkpoint_info["corrupt"])
+            msg += f"; skipped corrupt checkpoint(s): {bad}"
+        self.message = msg
+        log.info("job %s: %s", self.spec.name, msg)
 
     # ---- versions ----
     def _snapshot(self) -> dict:
@@ -414,5 +591,6 @@ class ContinualLearningJob:
                 "evicted": st.counters.evicted if st is not None else 0,
                 "recorded": st.counters.recorded if st is not None else 0,
             },
+            "checkpoint": dict(self.checkpoint_info),
             "message": self.message,
         }

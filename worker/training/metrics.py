@@ -26,6 +26,12 @@ class TrainingMetrics:
         self.refused_versions = Counter(
             "lorafleet_training_refused_versions", "Candidate versions refused (NaN / loss spike).", a, registry=r
         )
+        self.checkpoints = Counter(
+            "lorafleet_training_checkpoints",
+            "Training checkpoints; result = written / restored / corrupt (skipped, fell back) / failed (not written).",
+            ["adapter", "result"],
+            registry=r,
+        )
         self.share = Gauge("lorafleet_finetune_share", "Fine-tuning share of the leftover budget.", a, registry=r)
         self.finetune_tokens = Histogram(
             "lorafleet_finetune_tokens_per_iteration",

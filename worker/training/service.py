@@ -163,7 +163,10 @@ class TrainingService:
             if any(j.spec.adapter == spec.adapter for j in self.jobs.values()):
                 raise JobConflict(f"adapter {spec.adapter!r} already has a job")
         assert self.versions_root is not None and self.feedback is not None and self._replay_domains is not None
-        job = ContinualLearningJob(spec, self._engine, self.versions_root, self._replay_domains, self.metrics)
+        assert self.data_dir is not None
+        job = ContinualLearningJob(
+            spec, self._engine, self.versions_root, self._replay_domains, self.metrics, self.data_dir / "checkpoints"
+        )
         for s in self.feedback.samples(spec.adapter, spec.since_seq):
             job.offer(s)
         with self._lock:

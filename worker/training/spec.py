@@ -64,6 +64,11 @@ class PublishSpec(_Strict):
     maxLossSpike: float = Field(2.0, gt=1.0)
 
 
+class CheckpointSpec(_Strict):
+    everySteps: int = Field(10, ge=1)  # plus one with every published version and one at maxSteps
+    keep: int = Field(3, ge=1, le=100)
+
+
 class LatencyTarget(_Strict):
     tpotMs: float = Field(50.0, gt=0)
 
@@ -76,6 +81,7 @@ class JobRequest(_Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     replayRatio: float = Field(0.25, ge=0.0, le=0.9)
     maxActivationStaleness: int = Field(4, ge=0)
     stalePolicy: Literal["recompute", "drop"] = "recompute"
@@ -134,6 +140,8 @@ class JobRequest(_Strict):
             min_share=self.minFinetuneShare,
             record_activations=self.recordActivations,
             stash_bytes=self.stashBytes,
+            checkpoint_every=self.checkpoint.everySteps,
+            checkpoint_keep=self.checkpoint.keep,
         )
 
 
