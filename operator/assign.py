@@ -4,12 +4,17 @@ New adapters, replica changes and lost workers must be served within seconds, so
 model: it keeps every healthy placement, adds missing replicas on the least-loaded workers with room (spreading an
 adapter's replicas over distinct nodes first), and drops surplus replicas from the most-loaded workers. Global
 rebalancing (OR-Tools) is the rebalancer's job and runs on a slower clock.
+
+"Room" is the rebalancer's capacity model (capacity.Capacity.fits): adapter slots *and* adapter-weight bytes, so a
+new rank-256 adapter never lands on a worker whose `limits.adapterMemoryBytes` its neighbours already fill.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from lorafleet.operator.capacity import UNLIMITED_BYTES, Capacity
 
 
 @dataclass(frozen=True)
@@ -18,9 +23,14 @@ class WorkerSlot:
 
     name: str
     node: str | None = None
-    capacity: int = 1_000_000
+    capacity: int = 1_000_000  # adapter slots
     max_rank: int | None = None
     load: float = 0.0
+    memory_bytes: int = UNLIMITED_BYTES  # adapter-weight budget
+
+    @property
+    def room(self) -> Capacity:
+        return Capacity(slots=self.capacity, memory_bytes=self.memory_bytes)
 
 
 @dataclass
@@ -43,24 +53,28 @@ def plan(
     ranks: Mapping[str, int] | None = None,
     priority: Mapping[str, int] | None = None,
     blocked: Mapping[str, set[str]] | None = None,
+    sizes: Mapping[str, int] | None = None,
 ) -> Plan:
     """Adds/removes that bring each adapter in `desired` to its replica count.
 
     `current` maps adapter -> workers serving it (only usable workers; others were already filtered out).
     `blocked` maps adapter -> workers it must not be added to (e.g. a worker refused it recently).
+    `sizes` maps adapter -> bytes (capacity.adapter_sizes); an adapter without one costs 1 KiB, the solver's minimum.
     Adapters absent from `desired` are left alone.
     """
     rates = rates or {}
     ranks = ranks or {}
     priority = priority or {}
     blocked = blocked or {}
+    sizes = sizes or {}
     by_name = {w.name: w for w in workers}
-    count = {w.name: 0 for w in workers}
+    room = {w.name: w.room for w in workers}
+    holds: dict[str, dict[str, int]] = {w.name: {} for w in workers}  # worker -> adapter -> bytes
     load = {w.name: w.load for w in workers}
-    for held in current.values():
+    for adapter, held in current.items():
         for w in held:
-            if w in count:
-                count[w] += 1
+            if w in holds:
+                holds[w][adapter] = sizes.get(adapter, 0)
     out = Plan()
     # Adapters that need replicas: highest priority, then busiest first, so scarce slots go where they matter.
     order = sorted(desired, key=lambda a: (-priority.get(a, 0), -rates.get(a, 0.0), a))
@@ -69,32 +83,33 @@ def plan(
         held = {w for w in current.get(adapter, set()) if w in by_name}
         per_replica = rates.get(adapter, 0.0) / max(1, want)
         if len(held) > want:
-            surplus = sorted(held, key=lambda w: (-load[w], -count[w], w))[: len(held) - want]
+            surplus = sorted(held, key=lambda w: (-load[w], -len(holds[w]), w))[: len(held) - want]
             for w in surplus:
                 out.removes.append((adapter, w))
-                count[w] -= 1
+                del holds[w][adapter]
                 load[w] -= per_replica
             continue
         missing = want - len(held)
         nodes = {by_name[w].node for w in held}
+        size = sizes.get(adapter, 0)
         for _ in range(missing):
             candidates = [
                 w
                 for w in workers
                 if w.name not in held
                 and w.name not in blocked.get(adapter, set())
-                and count[w.name] < w.capacity
+                and room[w.name].fits(holds[w.name].values(), size)
                 and (w.max_rank is None or ranks.get(adapter, 0) <= w.max_rank)
             ]
             if not candidates:
                 out.unplaceable[adapter] = out.unplaceable.get(adapter, 0) + 1
                 continue
             # loads are rounded to 0.1 req/s so that trickle traffic does not outweigh the adapter count
-            best = min(candidates, key=lambda w: (w.node in nodes, round(load[w.name], 1), count[w.name], w.name))
+            best = min(candidates, key=lambda w: (w.node in nodes, round(load[w.name], 1), len(holds[w.name]), w.name))
             out.adds.append((adapter, best.name))
             held.add(best.name)
             nodes.add(best.node)
-            count[best.name] += 1
+            holds[best.name][adapter] = size
             load[best.name] += per_replica
     return out
 

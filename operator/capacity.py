@@ -4,6 +4,10 @@ Why not constants: the rebalancer once assumed 64 MiB per adapter and unlimited 
 rank-256 adapters onto a worker whose budget held two. Sizes now come from what a worker reports for the adapter
 (`size_bytes` in /v1/adapters, when the engine says it) or from the adapter's weight files (local sources; the
 operator already reads adapter_config.json next to them), and the budget from the BaseModel's `spec.limits`.
+
+One model for both placement paths: the rebalancer hands `worker_capacity` and `adapter_bytes` to the CP-SAT model,
+and the fast path (assign.plan) asks `Capacity.fits` with the same numbers, in the same whole-KiB units the solver
+uses (sizes rounded up, budgets down), so the fast path never places what the solver would call overfull.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.operator.validation import adapter_path, is_local
@@ -22,6 +27,30 @@ UNLIMITED_BYTES = 1 << 62
 UNLIMITED_SLOTS = 1_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 REPORTED_SIZE_KEYS = ("size_bytes", "bytes", "nbytes")
+KIB = 1024  # the placement model's memory unit (operator/placement/problem.py)
+
+
+def size_kib(nbytes: int) -> int:
+    """An adapter's size in the solver's unit: whole KiB rounded up, at least 1 (nothing is free)."""
+    return max(1, -(-int(nbytes) // KIB))
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one worker may hold: adapters (slots) and adapter-weight bytes (memory_bytes)."""
+
+    slots: int = UNLIMITED_SLOTS
+    memory_bytes: int = UNLIMITED_BYTES
+
+    def fits(self, held_sizes: Iterable[int], size: int) -> bool:
+        """Whether one more adapter of `size` bytes fits next to adapters of `held_sizes` bytes.
+
+        Same rule as the CP-SAT model's capacity rows: count < slots and the KiB-rounded sizes sum within the
+        KiB-rounded-down budget."""
+        held = list(held_sizes)
+        if len(held) + 1 > self.slots:
+            return False
+        return sum(size_kib(b) for b in held) + size_kib(size) <= self.memory_bytes // KIB
 
 
 def worker_slots(limits: Mapping[str, Any]) -> int:
@@ -39,6 +68,11 @@ def worker_memory(limits: Mapping[str, Any]) -> int:
     return int(limits.get("adapterMemoryBytes") or 0) or UNLIMITED_BYTES
 
 
+def worker_capacity(limits: Mapping[str, Any]) -> Capacity:
+    """One worker's capacity from the BaseModel's spec.limits (every worker of a BaseModel is alike)."""
+    return Capacity(slots=worker_slots(limits), memory_bytes=worker_memory(limits))
+
+
 def adapter_bytes(body: Mapping[str, Any], reported: Iterable[AdapterInfo] = ()) -> int:
     """Bytes of one adapter: the largest size a worker reports for it, else its weight files, else the default."""
     sizes = [int(info.extra[k]) for info in reported for k in REPORTED_SIZE_KEYS if info.extra.get(k)]
@@ -50,6 +84,22 @@ def adapter_bytes(body: Mapping[str, Any], reported: Iterable[AdapterInfo] = ())
         if on_disk:
             return on_disk
     return DEFAULT_ADAPTER_BYTES
+
+
+def adapter_sizes(
+    bodies: Iterable[Mapping[str, Any]], reports: Iterable[Mapping[str, AdapterInfo] | None]
+) -> dict[str, int]:
+    """Bytes of every adapter in `bodies` by name, from what the workers report (`reports`: each worker's
+    /v1/adapters by name) and else the files: the one size table both placement paths use."""
+    by_name: dict[str, list[AdapterInfo]] = {}
+    for report in reports:
+        for name, info in (report or {}).items():
+            by_name.setdefault(name, []).append(info)
+    out = {}
+    for body in bodies:
+        name = str(body["metadata"]["name"])
+        out[name] = adapter_bytes(body, by_name.get(name, ()))
+    return out
 
 
 def weight_file_bytes(path: str) -> int:

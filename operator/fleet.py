@@ -21,7 +21,7 @@ from lorafleet.operator import assign, conditions, migration
 from lorafleet.operator import constants as c
 from lorafleet.operator import resources as res
 from lorafleet.operator.autoscale import AutoScaler
-from lorafleet.operator.capacity import worker_slots
+from lorafleet.operator.capacity import adapter_sizes, worker_capacity
 from lorafleet.operator.scrape import WorkerLoad
 from lorafleet.operator.state import Runtime, sleep_or_wake
 from lorafleet.operator.validation import Problem, adapter_path, adapter_rank, validate_adapter
@@ -233,7 +233,7 @@ class BaseModelFleet:
         usable = [w for w in workers if w.reachable and not w.draining]
         by_pod = {w.pod: w for w in workers}
         limits = (bm.get("spec") or {}).get("limits") or {}
-        capacity = worker_slots(limits)
+        room = worker_capacity(limits)  # the rebalancer's capacity model: slots and adapter-weight bytes
 
         views: dict[str, AdapterView] = {}
         for body in adapter_bodies:
@@ -277,7 +277,8 @@ class BaseModelFleet:
             assign.WorkerSlot(
                 name=w.pod,
                 node=w.node,
-                capacity=0 if w.stale else capacity,  # a timing-out worker keeps what it has, takes nothing new
+                capacity=0 if w.stale else room.slots,  # a timing-out worker keeps what it has, takes nothing new
+                memory_bytes=room.memory_bytes,
                 max_rank=int(limits["maxRank"]) if limits.get("maxRank") else None,
                 load=(w.load.total_rate if w.load else 0.0),
             )
@@ -295,6 +296,7 @@ class BaseModelFleet:
             ranks=ranks,
             priority=prio,
             blocked=blocked,
+            sizes=adapter_sizes(adapter_bodies, [w.adapters for w in usable]),
         )
         self.rt.metrics.solve_seconds.labels(self.name, "incremental").observe(time.perf_counter() - t0)
         adds = plan.adds + move_targets
@@ -611,7 +613,7 @@ class BaseModelFleet:
         want = int(spec.get("replicas", 1))
         limits = spec.get("limits") or {}
         per_worker = []
-        slots = worker_slots(limits)
+        slots = worker_capacity(limits).slots
         for w in sorted(workers, key=lambda w: w.pod):
             count = len([a for a in (w.adapters or {}) if (w.adapters or {})[a].servable])
             self.rt.metrics.placements.labels(self.name, w.pod).set(count)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lorafleet.operator import assign
-from lorafleet.operator.capacity import adapter_bytes, worker_memory, worker_slots
+from lorafleet.operator.capacity import adapter_sizes, worker_capacity
 from lorafleet.operator.validation import adapter_rank
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def plan_moves(
     usable = [w for w in fleet.workers if w.reachable and not w.draining]
     if len(usable) < 2:
         return None
-    slots, memory = worker_slots(limits), worker_memory(limits)
+    cap = worker_capacity(limits)
     rates: dict[str, float] = {}
     for w in usable:
         for name, rate in (w.load.adapter_rate if w.load else {}).items():
@@ -81,13 +81,14 @@ def plan_moves(
         Worker(
             name=w.pod,
             node=w.node or w.pod,
-            memory_bytes=memory,
-            slots=slots,
+            memory_bytes=cap.memory_bytes,
+            slots=cap.slots,
             max_rank=int(limits.get("maxRank") or 1 << 20),
         )
         for w in usable
     ]
     current: dict[str, set[str]] = {}
+    sizes = adapter_sizes(adapters, [w.adapters for w in usable])
     models = []
     for body in adapters:
         meta = body["metadata"]
@@ -113,7 +114,7 @@ def plan_moves(
         models.append(
             Adapter(
                 name=name,
-                size_bytes=adapter_bytes(body, [w.adapters[name] for w in usable if w.holds(name) and w.adapters]),
+                size_bytes=sizes[name],
                 rank=adapter_rank(body) or 8,
                 rate=rates.get(name, 0.0),
                 min_replicas=want,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import queue
 import threading
 import time
@@ -78,6 +79,25 @@ class AdapterInfo:
     running: int = 0
     waiting: int = 0
     request_rate: float = 0.0
+    # Bytes the adapter costs this worker: its host-tier weights when resident, else its weight file on disk. The
+    # operator packs adapters by these bytes against a worker's memory budget, so it needs the engine's own count.
+    size_bytes: int | None = None
+
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_size_bytes(av: Any) -> int | None:
+    """Resident host weights' nbytes, else the on-disk weight file's size; None when neither can be read."""
+    weights = getattr(av, "weights", None)
+    if weights is not None:
+        return int(weights.nbytes)
+    for fname in WEIGHT_FILES:
+        try:
+            return os.stat(os.path.join(str(av.path), fname)).st_size
+        except (OSError, TypeError):
+            continue
+    return None
 
 
 @dataclass
@@ -538,6 +558,7 @@ def read_snapshot(engine: Any, metrics: WorkerMetrics | None) -> EngineSnapshot:
                 running=snap.running_by_adapter.get(name, 0),
                 waiting=snap.waiting_by_adapter.get(name, 0),
                 request_rate=metrics.rates.rate(name) if metrics is not None else 0.0,
+                size_bytes=adapter_size_bytes(av),
             )
         )
     return snap

@@ -119,5 +119,9 @@ async def list_adapters(request: Request) -> JSONResponse:
             "max_loras": getattr(config, "max_loras", None),
             "max_cpu_loras": getattr(config, "max_cpu_loras", None),
             "max_lora_rank": getattr(config, "max_lora_rank", None),
+            # the adapter-weight budget when the engine has one (None: bounded by max_cpu_loras only), and what the
+            # listed adapters take of it, so the operator can check its capacity model against the worker's view
+            "adapter_memory_bytes": getattr(config, "adapter_memory_bytes", None),
+            "adapter_bytes_used": sum(int(item.get("size_bytes") or 0) for item in data),
         }
     )
