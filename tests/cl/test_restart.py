@@ -127,3 +127,10 @@ def test_sigkill_restart_equals_uninterrupted_run(tmp_path, tiny_dir, worker_pro
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6, (a, b)
     proc.kill()
     proc.wait(30)
+
+    # a finished job restarted once more stays finished: no step beyond maxSteps, no new version
+    proc, url = worker_process(tiny_dir, root, train)
+    c = httpx.Client(base_url=url, timeout=60)
+    st = wait_until(lambda: (r := c.get("/v1/training/jobs/rs")).status_code == 200 and r.json())
+    assert st["phase"] == "Succeeded" and st["steps"] == MAX_STEPS and st["checkpoint"]["restoredStep"] == MAX_STEPS
+    assert st["publishedVersions"] == got["publishedVersions"]

@@ -10,6 +10,10 @@ Data: new feedback first (FIFO), then earlier feedback again up to `epochs` pass
 of feedback (by id hash) is never trained on and measures held-out loss; `replayRatio` of the samples are general
 replay text (replay.py). Feedback about a served request whose prompt state was stashed reuses it if it is at most
 `maxActivationStaleness` optimizer steps old, else it is recomputed (prefix forward under no-grad) or dropped.
+
+Restarts: at step boundaries the whole training state (weights, AdamW, RNGs, counters, data position, replay mixer,
+publisher) is checkpointed (checkpoint.py); a job created over an adapter with checkpoints resumes from the newest
+good one, so the resumed run is the uninterrupted run (docs/training-api.md, Restarts).
 """
 
 from __future__ import annotations
@@ -182,6 +186,8 @@ class ContinualLearningJob:
             self.version_steps[current.version] = 0
         if ckpt is not None:
             self._apply_checkpoint(ckpt)
+            if spec.max_steps is not None and self.trainer.step >= spec.max_steps:
+                self.phase = "Succeeded"  # it finished before the restart (its last step always checkpoints)
         elif self.checkpoint_info["corrupt"]:
             bad = ", ".join(f"step {b['step']} ({b['reason']})" for b in self.checkpoint_info["corrupt"])
             self.message = (
