@@ -380,6 +380,8 @@ class ContinualLearningJob:
     # ---- checkpoints ----
     def _lora_from_checkpoint(self, c: Checkpoint, shape, device) -> TrainableLoRA:
         """Builds the LoRA a checkpoint describes; ValueError when its tensors do not fit (treated as corrupt)."""
+        if c.state.get("step") != c.step or not isinstance(c.state.get("replay"), dict):
+            raise ValueError("checkpoint state is incomplete")
         meta = c.state.get("lora") or {}
         try:
             lora = TrainableLoRA(
