@@ -229,6 +229,11 @@ class PublishPolicy(_Model):
     min_improvement: Annotated[float, Field(ge=0)] = 0.0
 
 
+class CheckpointPolicy(_Model):
+    every_steps: Annotated[int, Field(ge=1)] = 10
+    keep: Annotated[int, Field(ge=1, le=100)] = 3
+
+
 class LatencyTarget(_Model):
     tpot_millis: Annotated[float, Field(gt=0)]
 
@@ -240,6 +245,7 @@ class ContinualLearningJobSpec(_Model):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     lora: LoRAHyperparameters = Field(default_factory=LoRAHyperparameters)
     publish: PublishPolicy = Field(default_factory=PublishPolicy)
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     replay_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     max_activation_staleness: Annotated[int, Field(ge=0)] = 4  # in optimizer steps
     stale_policy: Literal["recompute", "drop"] = "recompute"

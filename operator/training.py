@@ -54,6 +54,9 @@ def job_request(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     p = {k: pub[k] for k in ("everySteps", "onHeldoutImprovement") if pub.get(k) is not None}
     if p:
         req["publish"] = p
+    ckpt = {k: v for k, v in (spec.get("checkpoint") or {}).items() if k in ("everySteps", "keep") and v is not None}
+    if ckpt:
+        req["checkpoint"] = ckpt
     for key in ("replayRatio", "maxActivationStaleness", "stalePolicy", "minFinetuneShare"):
         if spec.get(key) is not None:
             req[key] = spec[key]

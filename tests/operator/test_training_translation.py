@@ -21,12 +21,18 @@ def test_sample_job_translates_to_the_worker_api() -> None:
         "optimizer": {"lr": 0.0002, "weightDecay": 0.01, "betas": [0.9, 0.999], "gradAccumulation": 4},
         "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "publish": {"everySteps": 50, "onHeldoutImprovement": True},
+        "checkpoint": {"everySteps": 25, "keep": 3},
         "replayRatio": 0.2,
         "maxActivationStaleness": 4,
         "stalePolicy": "recompute",
         "minFinetuneShare": 0.05,
         "latencyTarget": {"tpotMs": 50.0},
     }
+    # the worker's own request model (strict: unknown keys are refused) accepts exactly what the operator sends
+    from lorafleet.worker.training.spec import JobRequest
+
+    accepted = JobRequest.model_validate(req)
+    assert (accepted.checkpoint.everySteps, accepted.checkpoint.keep) == (25, 3)
     assert training.job_request("j", {"adapter": "a", "mode": "dedicated", "feedback": {"accept": False}})[
         "feedback"
     ] == {"kinds": ["correction", "pair", "reward"]}
