@@ -246,7 +246,7 @@ class ContinualLearningJobSpec(_Model):
     lora: LoRAHyperparameters = Field(default_factory=LoRAHyperparameters)
     publish: PublishPolicy = Field(default_factory=PublishPolicy)
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
-    replay_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    replay_ratio: Annotated[float, Field(ge=0, le=0.9)] = 0.1  # the worker refuses more: feedback must be trained on
     max_activation_staleness: Annotated[int, Field(ge=0)] = 4  # in optimizer steps
     stale_policy: Literal["recompute", "drop"] = "recompute"
     latency_target: LatencyTarget | None = None

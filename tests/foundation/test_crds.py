@@ -74,6 +74,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("ContinualLearningJob", patched(JOB, "adapter", ...), "spec.adapter"),
     ("ContinualLearningJob", patched(JOB, "mode", "sidecar"), "spec.mode"),
     ("ContinualLearningJob", patched(JOB, "replayRatio", 1.5), "spec.replayRatio"),
+    ("ContinualLearningJob", patched(JOB, "replayRatio", 0.95), "spec.replayRatio"),
     ("ContinualLearningJob", patched(JOB, "minFinetuneShare", -0.1), "spec.minFinetuneShare"),
     ("ContinualLearningJob", patched(JOB, "maxActivationStaleness", -1), "spec.maxActivationStaleness"),
     ("ContinualLearningJob", patched(JOB, "stalePolicy", "keep"), "spec.stalePolicy"),

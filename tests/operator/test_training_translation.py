@@ -52,3 +52,16 @@ def test_status_is_bounded_and_latest_version_found() -> None:
     assert training.latest_published({"publishedVersions": []}) is None
     assert training.job_status({"phase": "Stopped"})["phase"] == "Succeeded"
     assert training.job_status({"phase": "Succeeded"})["phase"] == "Succeeded"
+
+
+def test_crd_bounds_are_what_the_worker_accepts() -> None:
+    """A job the API server admits must never be refused by the worker (422) for a bound the CRD did not enforce."""
+    from lorafleet.worker.training.spec import JobRequest
+
+    crd = yaml.safe_load((ROOT / "crds/lorafleet.io_continuallearningjobs.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    worker = JobRequest.model_json_schema()
+    assert spec["replayRatio"]["maximum"] == worker["properties"]["replayRatio"]["maximum"] == 0.9
+    ckpt = worker["$defs"]["CheckpointSpec"]["properties"]
+    assert spec["checkpoint"]["properties"]["keep"]["maximum"] == ckpt["keep"]["maximum"]
+    assert spec["checkpoint"]["properties"]["everySteps"]["minimum"] == ckpt["everySteps"]["minimum"]
