@@ -208,8 +208,16 @@ def run_load(engine, cfg: Cfg, rate: float | None, seed: int, job=None, mode: st
     prompts = [[rng.randrange(10, vocab) for _ in range(cfg.inf_prompt)] for _ in arrivals]
     params = SamplingParams(temperature=0.0, max_tokens=cfg.inf_out, ignore_eos=True)
     engine.iteration_hooks.clear()
+    pieces: list[tuple[float, float]] = []  # (units, seconds) of every co-serving training piece
+
+    def hook(info) -> None:
+        h0 = time.perf_counter()
+        used = coserve_iteration(engine, [job], info)
+        if used:
+            pieces.append((used, time.perf_counter() - h0))
+
     if mode == "coserve" and job is not None:
-        engine.iteration_hooks.append(lambda info: coserve_iteration(engine, [job], info))
+        engine.iteration_hooks.append(hook)
     seqs: dict[str, dict] = {}
     ft0 = job.sequence_tokens if job is not None else 0
     sync(cfg)
@@ -274,6 +282,11 @@ def run_load(engine, cfg: Cfg, rate: float | None, seed: int, job=None, mode: st
         "ft_tokens": ft_tokens,
         "ft_tokens_per_s": ft_tokens / elapsed,
         "iterations": iters,
+        "pieces": len(pieces),
+        "piece_units_mean": sum(u for u, _ in pieces) / len(pieces) if pieces else 0.0,
+        "piece_seconds_mean": sum(t for _, t in pieces) / len(pieces) if pieces else 0.0,
+        "piece_seconds_total": sum(t for _, t in pieces),
+        "cost_fit": job.scheduler.cost.fit() if job is not None else None,
     }
 
 
@@ -392,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--phase", action="append", default=None, help="reuse | recording | coserve (default: all)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per load run")
+    ap.add_argument(
+        "--amortise", type=float, default=None, help="ShareConfig.amortise for the co-serving job (0 = greedy, A/B)"
+    )
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
     if args.device == "cpu":
@@ -455,9 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     if "coserve" in phases:
         try:
             job = make_job(engine, root, "ft", record=False)
+            if args.amortise is not None:
+                job.scheduler.cfg.amortise = args.amortise
+            raw_cfg = {
+                "amortise": getattr(job.scheduler.cfg, "amortise", None),
+                "min_share": job.scheduler.cfg.min_share,
+            }
             feed(job, cfg, 256, seed=5)
             alone = finetune_alone(engine, job, cfg)
-            raw = {"finetune_alone_tokens_per_s": alone}
+            raw = {"finetune_alone_tokens_per_s": alone, "share_config": raw_cfg}
             for load in (0.5, 0.9):
                 rate = load * r_max
                 inf = run_load(engine, cfg, rate, seed=20 + int(load * 10))
@@ -512,6 +534,7 @@ def _summ(r: dict) -> dict:
         "tpot_p99": pct(r["tpot"], 0.99),
         "ft_tokens_per_s": r["ft_tokens_per_s"],
         "iterations": r["iterations"],
+        **{k: r[k] for k in ("pieces", "piece_units_mean", "piece_seconds_mean", "piece_seconds_total", "cost_fit")},
     }
 
 

@@ -7,7 +7,17 @@ Fine-tuning fills that leftover. How much of it, per iteration, is decided again
   when inference alone is already slow), every training piece spends its measured seconds. A piece runs when the
   credit covers its predicted cost, from an online linear fit `seconds = a + b * units` of past pieces (the
   intercept matters: eager training pieces have a fixed launch cost, so a few larger pieces beat many tiny ones).
-  The credit is capped, so bursts stay short (a request's TPOT averages over ~`burst_iters` iterations).
+  The credit is capped, so bursts stay short (a request's TPOT averages over ~`burst_iters` iterations). Pieces
+  are indivisible and the scheduler cannot see their sizes: a packed head piece of a 1B model is ~1000 units,
+  which at the fit's price (mixed piece types; ~7000 units/s from the H200 fine-tuning-alone rate) exceeds an
+  8 x 16 ms cap, so a plan limited by the capped credit ran nothing, for good, while decodes were in flight
+  (`min_share` or not). So when a plan at the cap runs nothing, the next one offers the whole leftover; debt is
+  not forgiven, so such a piece is paid back in full over the following iterations.
+- fixed costs are amortised: spending the credit as soon as it covers *any* piece makes every iteration pay the
+  intercept `a` for a sliver of work (with a headroom h per iteration, only (h - a)/h of the credit trains, and on
+  a fast GPU h is a few ms, the same order as an eager piece's fixed cost).
+  A piece therefore waits until the credit buys at least `amortise x a` seconds of marginal work (or the whole
+  leftover, or the credit is at its cap and cannot grow): the same time is spent, in fewer, larger pieces.
 - `min_share` is a share of time: every decoding iteration earns at least `min_share x inference seconds` of
   credit even when inference alone misses the target, so fine-tuning never starves and slows decodes by about
   that factor at most. The reported share is the fraction of the leftover tokens fine-tuning used recently.
@@ -33,6 +43,7 @@ class ShareConfig:
     low_water: float = 0.80
     window: int = 64
     burst_iters: float = 8.0  # credit cap in units of the target (how long a burst may be paid for in advance)
+    amortise: float = 3.0  # a piece's marginal seconds >= amortise x the fixed cost (0 = spend credit greedily)
 
 
 class LinearCostModel:
@@ -67,6 +78,8 @@ class CoServeScheduler:
         self.credit = 0.0
         self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)  # (leftover, used)
         self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
+        self._last_plan = 0
+        self._stalled = False  # a plan > 0 ran nothing: the next piece is larger than the plan
 
     def _used_share(self) -> float:
         left = sum(x[0] for x in self._win)
@@ -82,9 +95,21 @@ class CoServeScheduler:
         fit = self.cost.fit()
         if fit is None:  # no cost estimate yet: calibrate with the leftover whenever there is credit
             return leftover if self.credit > 0 else 0
+        capped = self.credit >= 0.99 * self.cfg.burst_iters * self.cfg.tpot_target_s
+        if capped and self._stalled:
+            # the credit cannot grow and the capped plan ran nothing (the next piece costs more than the cap;
+            # the scheduler cannot see piece sizes): offer the whole leftover instead of stalling forever
+            self._last_plan = leftover
+            return leftover
         a, b = fit
         affordable = (self.credit - a) / b
-        return int(min(leftover, affordable)) if affordable >= 1 else 0
+        units = int(min(leftover, affordable)) if affordable >= 1 else 0
+        # amortise the fixed cost: save the credit up for a larger piece (until the credit reaches its cap)
+        worth = max(1.0, self.cfg.amortise * a / b)
+        if units < min(worth, leftover) and not capped:
+            units = 0
+        self._last_plan = units
+        return units
 
     def observe(
         self,
@@ -99,6 +124,9 @@ class CoServeScheduler:
         c = self.cfg
         if finetune_units > 0:
             self.cost.add(finetune_units, finetune_seconds)
+        if self._last_plan > 0:
+            self._stalled = finetune_units == 0
+        self._last_plan = 0
         leftover = max(0, budget - inference_tokens)
         self.history.append((budget, inference_tokens, finetune_units, inference_seconds + finetune_seconds))
         if decoding:
@@ -106,7 +134,9 @@ class CoServeScheduler:
             # min_share x the inference time, so it never starves and slows decodes by about that factor at most
             headroom = max(c.tpot_target_s * c.high_water - inference_seconds, c.min_share * inference_seconds)
             self.credit += headroom - finetune_seconds
-            self.credit = max(-c.burst_iters * c.tpot_target_s, min(c.burst_iters * c.tpot_target_s, self.credit))
+            # capped above only: debt is repaid in full (forgiving it would let pieces larger than the cap take
+            # more than the share of time the target leaves; pieces only start from a positive credit)
+            self.credit = min(c.burst_iters * c.tpot_target_s, self.credit)
             self._win.append((leftover, finetune_units))
         else:
             self.credit = max(0.0, self.credit)
