@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,6 +74,18 @@ def run(model: Path, root: Path, paths: list[Path], policy: str, workload: str, 
     }
 
 
+def _provenance() -> dict:
+    """command, device and commit, as every result under bench/results carries."""
+    import platform
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "commit": commit.stdout.strip() or None,
+    }
+
+
 def main() -> None:
     import torch
 
@@ -86,6 +101,7 @@ def main() -> None:
     model = build_tiny_llama(root / "model", seed=0)
     paths = [build_peft_adapter(root / f"a{i}", model, rank=4 * (i + 1), seed=i, std=0.1) for i in range(4)]
     report: dict = {
+        **_provenance(),
         "what": f"{args.adapters} adapters over {args.slots} slots, tiny Llama on CPU, greedy 6 tokens; "
         "max_admission_wait_steps 32 (default)",
         "workloads": {
@@ -99,6 +115,10 @@ def main() -> None:
             policy: run(model, root, paths, policy, workload, args.slots, args.adapters)
             for policy in ("fifo", "slot_aware")
         }
+    report["metrics"] = {
+        f"admission_slot_loads_ratio_{w}": round(r["slot_aware"]["slot_loads"] / r["fifo"]["slot_loads"], 3)
+        for w, r in report["results"].items()
+    }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -119,6 +119,18 @@ def _best(runs: list[dict]) -> dict:
     return {k: min((r[k] for r in runs), key=lambda x: x["host_ms_median"]) for k in runs[0]}
 
 
+def _provenance() -> dict:
+    """command, device and commit, as every result under bench/results carries."""
+    import platform
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "commit": commit.stdout.strip() or None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-sizes", default="64,128,256")
@@ -136,6 +148,7 @@ def main() -> None:
         print(json.dumps(measure(sizes, args.steps, args.threads, args.adapters, args.sampling)))
         return
     report: dict = {
+        **_provenance(),
         "what": "LLMEngine.step() wall time minus model forward+logits (host overhead), decode steps of a batch "
         f"of N sequences, tiny Llama on CPU, {args.adapters} adapters, {args.threads} torch thread(s); best of "
         f"{args.rounds} alternating before/after runs (shared machine)",
@@ -156,6 +169,10 @@ def main() -> None:
             "host_speedup": {k: round(before[k]["host_ms_median"] / after[k]["host_ms_median"], 2) for k in after},
         }
         print(mode, json.dumps(report["modes"][mode]["host_speedup"]), file=sys.stderr, flush=True)
+    report["metrics"] = {
+        f"host_overhead_speedup_{mode}_bs{max(sizes)}": m["host_speedup"][str(max(sizes))]
+        for mode, m in report["modes"].items()
+    }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
