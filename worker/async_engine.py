@@ -336,6 +336,11 @@ class AsyncEngineRunner:
             self._die(f"engine failed to start: {exc!r}")
             return
         self._engine = engine
+        from lorafleet.worker.gpu import prioritise_serving_stream
+
+        prioritise_serving_stream(
+            getattr(engine, "device", None)
+        )  # serving goes first; co-serving training fills the gaps
         self._ready.set()
         log.info("engine ready")
         try:

@@ -127,3 +127,22 @@ class GpuCollector(Collector):
             if s.power_watts is not None:
                 power.add_metric(key, s.power_watts)
         yield from (util, used, total, power)
+
+
+def prioritise_serving_stream(device) -> object | None:
+    """Makes the calling thread's current CUDA stream one of the highest priority and returns it (None on CPU).
+
+    Why: co-serving fine-tuning launches its graphs on a stream of the lowest priority (training/graphed.py). The
+    GPU's block scheduler prefers pending blocks of higher-priority streams, so serving kernels go first whenever
+    both are queued and training only fills the gaps; with both on equal priorities serving kernels would queue
+    behind whole training kernels. The current stream is per thread, so this is called once by the engine thread.
+    """
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize(device)  # work queued on the default stream (loading, captures) is done before switching
+    _least, greatest = torch.cuda.Stream.priority_range()
+    stream = torch.cuda.Stream(device=device, priority=greatest)
+    torch.cuda.set_stream(stream)
+    return stream

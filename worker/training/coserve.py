@@ -143,27 +143,105 @@ class CoServeScheduler:
         self.share = min(1.0, self._used_share()) if self._win else 1.0
 
 
+class OverlapController:
+    """Share control for pieces that run *asynchronously* (CUDA graphs on a low-priority stream, graphed.py).
+
+    Why a different controller: an asynchronous piece costs the serving loop almost no host time and its GPU time
+    mostly fills idle gaps, so charging its full duration against a time credit (as `CoServeScheduler` does for
+    eager pieces) would throttle it for nothing. What it does cost is contention: serving kernels that wait for
+    SMs or memory bandwidth. That shows up in the only number that matters, the serving iteration time (token to
+    token). So: AIMD on how many pieces may be in flight, from the iteration time against the TPOT target - more
+    while the recent iterations stay under `low_water x target`, half as many once they pass `high_water x
+    target`. Below one piece in flight, `min_share` still launches one piece every `1/min_share` decoding
+    iterations, so fine-tuning never starves. With nothing decoding, the whole leftover and `max_depth` pieces.
+    The budget invariant is the same as everywhere: inference tokens + fine-tuning units <= budget.
+    """
+
+    max_depth = 4.0
+
+    def __init__(self, cfg: ShareConfig) -> None:
+        self.cfg = cfg
+        self.depth = 1.0
+        self.allowed = 1
+        self.share = max(cfg.min_share, min(1.0, cfg.initial_share))
+        self.cost = LinearCostModel(cfg.window)  # launch (host) seconds per unit, for the benchmark's report
+        self.credit = 0.0  # unused; kept so callers that reset it keep working
+        self.ema: float | None = None
+        self._since_launch = 0
+        self._last_end: float | None = None
+        self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)
+        self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
+
+    def plan(self, budget: int, inference_tokens: int, decoding: bool) -> int:
+        leftover = max(0, budget - inference_tokens)
+        if not decoding:
+            self.allowed = int(self.max_depth)
+            return leftover
+        self.allowed = int(self.depth)
+        if self.allowed == 0 and self._since_launch * max(self.cfg.min_share, 1e-6) >= 1.0:
+            self.allowed = 1
+        return leftover if self.allowed > 0 else 0
+
+    def observe(
+        self,
+        budget: int,
+        inference_tokens: int,
+        finetune_units: int,
+        inference_seconds: float,
+        finetune_seconds: float,
+        decoding: bool,
+        iteration_seconds: float | None = None,
+    ) -> None:
+        c = self.cfg
+        if finetune_units > 0:
+            self.cost.add(finetune_units, finetune_seconds)
+            self._since_launch = 0
+        else:
+            self._since_launch += 1
+        it = iteration_seconds if iteration_seconds is not None else inference_seconds + finetune_seconds
+        self.history.append((budget, inference_tokens, finetune_units, it))
+        if not decoding:
+            return
+        self._win.append((max(0, budget - inference_tokens), finetune_units))
+        self.ema = it if self.ema is None else 0.8 * self.ema + 0.2 * it
+        if self.ema > c.tpot_target_s * c.high_water:
+            self.depth *= c.decrease_factor
+        elif self.ema < c.tpot_target_s * c.low_water:
+            self.depth = min(self.max_depth, self.depth + c.additive_step * 4)
+        left = sum(x[0] for x in self._win)
+        self.share = 1.0 if left == 0 else min(1.0, sum(x[1] for x in self._win) / left)
+
+
 def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
-    """FlexLLM step, run at the end of a serving iteration: each job plans its tokens from the leftover budget
-    (AIMD share + cost model), runs that much training, and feeds the iteration's total time back to its
-    controller. Shared by the service's iteration hook and the GPU benchmarks. Returns the units used."""
+    """FlexLLM step, run at the end of a serving iteration: each job plans its tokens from the leftover budget,
+    runs (eager pieces) or launches (asynchronous graphs) that much training, and feeds the iteration's time back
+    to its controller. Shared by the service's iteration hook and the GPU benchmarks. Returns the units used."""
     budget = engine.config.max_num_batched_tokens
     inference = info.num_scheduled_tokens
     decoding = info.num_seqs > 0
     total = 0.0
+    now = time.perf_counter()
     for job in jobs:
         if job.spec.mode == "standalone":
             plan = max(0, budget - inference)
+            job.scheduler.plan(budget, inference, False)
         else:
             plan = job.scheduler.plan(budget, inference, decoding)
         t0 = time.perf_counter()
         used = (work(job, plan) if work is not None else job.work(plan)) if plan > 0 else 0.0
-        if used and engine.device.type == "cuda":
+        overlapped = isinstance(job.scheduler, OverlapController)
+        if used and engine.device.type == "cuda" and not overlapped:
             import torch
 
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        job.scheduler.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding)
+        if overlapped:
+            sched = job.scheduler
+            last, sched._last_end = sched._last_end, now
+            it = (now - last) if last is not None and now - last < 1.0 else info.step_seconds
+            sched.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding, it)
+        else:
+            job.scheduler.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding)
         if metrics is not None:
             metrics.share.labels(job.spec.adapter).set(job.scheduler.share)
             metrics.finetune_tokens.observe(used)

@@ -34,8 +34,9 @@ from lorafleet.worker.training.checkpoint import (
     optimizer_tensors,
     restore_optimizer,
 )
-from lorafleet.worker.training.coserve import CoServeScheduler, ShareConfig
+from lorafleet.worker.training.coserve import CoServeScheduler, OverlapController, ShareConfig
 from lorafleet.worker.training.feedback import FeedbackSample
+from lorafleet.worker.training.graphed import GraphedTrainer, MicroBatch
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
 from lorafleet.worker.training.pipeline import LayerwiseGroup
@@ -75,6 +76,27 @@ class JobSpec:
     seed: int = 0
     checkpoint_every: int = 10  # optimizer steps between checkpoints (also one with every published version)
     checkpoint_keep: int = 3
+    graphs: str = "auto"  # auto (CUDA) | on | off: asynchronous CUDA-graph micro-batches instead of eager pieces
+    graph_tokens: int = 1024  # tokens per graphed micro-batch (a longer sample takes the eager layer-wise path)
+    graph_prefix: int = 4096  # stashed prefix keys per graphed micro-batch
+
+
+@dataclass
+class _GroupStats:
+    """Loss accounting of one accumulation group (groups overlap in flight on the asynchronous path)."""
+
+    denom: int
+    started: float
+    loss: float = 0.0
+    tokens: int = 0
+    fb_loss: float = 0.0
+    fb_tokens: int = 0
+
+
+@dataclass
+class _GraphedRun:
+    items: list
+    stats: _GroupStats
 
 
 @dataclass
@@ -162,14 +184,22 @@ class ContinualLearningJob:
         self._uses: dict[str, int] = {}
         self.heldout: list[FeedbackSample] = []
         self._group: deque[_Item] = deque()
-        self._group_denom = 0
-        self._group_loss = 0.0
-        self._group_tokens = 0
-        self._group_fb_loss = 0.0
-        self._group_fb_tokens = 0
-        self._group_started = 0.0
+        self._gs = _GroupStats(0, 0.0)  # the group being formed / run (eager path)
         self._pipe: LayerwiseGroup | None = None
         self._pipe_items: list[_Item] = []
+        self._pipe_gs = self._gs
+        # asynchronous co-serving (CUDA graphs on a low-priority stream; see graphed.py)
+        self.graphed: GraphedTrainer | None = None
+        if spec.graphs == "on" or (spec.graphs == "auto" and device.type == "cuda" and self.trainer.fused):
+            # a micro-batch costs 2 x its tokens: it must fit an iteration's whole budget to ever run
+            budget = int(getattr(getattr(engine, "config", None), "max_num_batched_tokens", 2 * spec.graph_tokens))
+            cap = max(1, min(spec.graph_tokens, budget // 2))
+            self.graphed = GraphedTrainer(self.trainer, max_tokens=cap, max_prefix=spec.graph_prefix)
+            self.scheduler = OverlapController(self.scheduler.cfg)
+        self._mbs: deque[MicroBatch] = deque()  # launched-in-order micro-batches of the current graphed group
+        self._run: _GraphedRun | None = None
+        self._steps_undrained = 0
+        self._barrier = False  # a launched step must be drained before the next group forms (checkpoint/publish)
         self.loss_ema: float | None = None
         self.last_loss: float | None = None
         self.heldout_loss: float | None = None
@@ -265,12 +295,7 @@ class ContinualLearningJob:
         if not any(i.feedback is not None for i in items):
             return False
         self._group = deque(items)
-        self._group_denom = sum(i.sample.loss_tokens for i in items)
-        self._group_loss = 0.0
-        self._group_tokens = 0
-        self._group_fb_loss = 0.0
-        self._group_fb_tokens = 0
-        self._group_started = time.perf_counter()
+        self._gs = _GroupStats(sum(i.sample.loss_tokens for i in items), time.perf_counter())
         return True
 
     def _plan_feedback(self, fb: FeedbackSample) -> _Item | None:
@@ -303,66 +328,157 @@ class ContinualLearningJob:
         self.metrics.stash_events.labels(ev).inc()
 
     # ---- execution (engine thread) ----
+    def _prepare_group(self, budget: float) -> float | None:
+        """Forms the next group and recomputes stale prefixes (no grad); the units used, None = nothing to run."""
+        if not self._group and not self._form_group():
+            return None
+        used = 0.0
+        for item in self._group:  # stale stashes with the recompute policy: prefix forward, no grad
+            if item.prompt_to_recompute:
+                cost = len(item.sample.prompt_ids) - 1
+                if cost > budget - used:
+                    return None if used == 0 else used
+                item.sample.prefix_kv = self.trainer.prompt_kv(item.sample.prompt_ids)
+                item.prompt_to_recompute = False
+                used += cost
+        return used
+
     def work(self, budget: float) -> float:
         """Runs training pieces worth at most `budget` token units; returns the units used."""
+        if self.graphed is not None:
+            return self._work_graphed(budget)
         used = 0.0
         while self.phase == "Running" and budget - used >= 1.0:
             if self._pipe is None:
-                if not self._group and not self._form_group():
+                u = self._prepare_group(budget - used)
+                if u is None or any(i.prompt_to_recompute for i in self._group):
+                    used += u or 0.0
                     break
-                waiting = False
-                for item in self._group:  # stale stashes with the recompute policy: prefix forward, no grad
-                    if item.prompt_to_recompute:
-                        cost = len(item.sample.prompt_ids) - 1
-                        if cost > budget - used:
-                            waiting = True
-                            break
-                        item.sample.prefix_kv = self.trainer.prompt_kv(item.sample.prompt_ids)
-                        item.prompt_to_recompute = False
-                        used += cost
-                if waiting:
-                    break
-                self._pipe_items = list(self._group)
-                self._group.clear()
-                self._pipe = LayerwiseGroup(self.trainer, [i.sample for i in self._pipe_items], self._group_denom)
+                used += u
+                self._start_eager_group()
             u = self._pipe.work(budget - used)
             used += u
             if self._pipe.done:
-                for k, item in enumerate(self._pipe_items):
-                    self._sample_done(item.sample, float(self._pipe.sample_loss[k]), self._pipe.lens[k])
-                self._pipe = None
-                self._finish_step()
+                self._end_eager_group()
             elif u == 0:
                 break
         return used
 
-    def _sample_done(self, s: TrainSample, loss_sum: float, n_tokens: int) -> None:
-        self._group_loss += loss_sum
+    def _start_eager_group(self) -> None:
+        self._pipe_items = list(self._group)
+        self._group.clear()
+        self._pipe_gs = self._gs
+        self._pipe = LayerwiseGroup(self.trainer, [i.sample for i in self._pipe_items], self._pipe_gs.denom)
+
+    def _end_eager_group(self) -> None:
+        for k, item in enumerate(self._pipe_items):
+            self._sample_done(item.sample, float(self._pipe.sample_loss[k]), self._pipe.lens[k], self._pipe_gs)
+        self._pipe = None
+        self.trainer.optimizer_step()
+        self._after_step(self._pipe_gs)
+
+    # ---- execution, asynchronous (CUDA graphs on the training stream) ----
+    @property
+    def busy(self) -> bool:
+        """Launched work is still running on the GPU (the idle driver polls instead of sleeping)."""
+        return self.graphed is not None and bool(self.graphed.pending)
+
+    def _work_graphed(self, budget: float) -> float:
+        """Launches micro-batches (each costs 2 x its tokens of the budget) while the controller allows more in
+        flight; an optimizer step launches once the previous step's results are back, so at most one step is
+        ever undrained and host-side bookkeeping (loss, publish, checkpoint) always sees the weights of its step."""
+        g = self.graphed
+        self.drain()
+        used = 0.0
+        allowed = self.scheduler.allowed if isinstance(self.scheduler, OverlapController) else 1
+        while self.phase == "Running":
+            if self._run is None:
+                if self._barrier or self._pipe is not None:
+                    if self._pipe is not None and not g.pending:  # an eager (oversized) group runs synchronously
+                        used += self._pipe.work(budget - used)
+                        if self._pipe.done:
+                            self._end_eager_group()
+                    break
+                u = self._prepare_group(budget - used)
+                if u is None:
+                    break
+                used += u
+                if any(i.prompt_to_recompute for i in self._group):
+                    break
+                samples = [i.sample for i in self._group]
+                if not g.fits(samples):  # longer than a graph bucket: the eager layer-wise pieces, after a drain
+                    self._start_eager_group()
+                    continue
+                self._run = _GraphedRun(list(self._group), self._gs)
+                self._group.clear()
+                self._mbs = deque(g.pack(samples, self._run.stats.denom))
+            if self._mbs:
+                mb = self._mbs[0]
+                if g.inflight >= allowed or mb.cost > budget - used:
+                    break
+                g.launch(mb, tag=self._run)
+                self._mbs.popleft()
+                used += mb.cost
+                continue
+            if self._steps_undrained:
+                break
+            run, self._run = self._run, None
+            step = self.trainer.step + 1
+            last = self.spec.max_steps is not None and step >= self.spec.max_steps
+            self._barrier = last or self.publisher.due(step) or step - self._ckpt_step >= self.spec.checkpoint_every
+            g.launch_step(tag=run)
+            self._steps_undrained += 1
+        return used
+
+    def drain(self) -> None:
+        """Books the results of finished pieces (in launch order): sample losses, then the step's bookkeeping."""
+        if self.graphed is None:
+            return
+        for p in self.graphed.completed():
+            run: _GraphedRun = p.tag
+            if p.kind == "micro":
+                mb = p.batch
+                loss = p.host[: len(mb.owners)].double()
+                sums: dict[int, float] = {}
+                for owner, v in zip(mb.owners, loss.tolist(), strict=True):
+                    sums[owner] = sums.get(owner, 0.0) + v
+                for i in mb.samples:
+                    item = run.items[i]
+                    s = item.sample
+                    n = len(s.completion_ids) + (len(s.prompt_ids) - 1 if s.prefix_kv is None else 0)
+                    self._sample_done(s, sums.get(i, 0.0) * s.weight, n, run.stats)
+            else:
+                self._steps_undrained -= 1
+                self._barrier = False
+                self._after_step(run.stats)
+
+    def _sample_done(self, s: TrainSample, loss_sum: float, n_tokens: int, gs: _GroupStats) -> None:
+        gs.loss += loss_sum
         self.sequence_tokens += n_tokens
-        self._group_tokens += s.loss_tokens
+        gs.tokens += s.loss_tokens
         if s.domain is not None:
             self.counts["replay"] += 1
             self.replay.observe(s.domain, loss_sum / max(1, s.loss_tokens))
         else:
             self.counts["trained"] += 1
-            self._group_fb_loss += loss_sum / max(1e-9, s.weight)
-            self._group_fb_tokens += s.loss_tokens
+            gs.fb_loss += loss_sum / max(1e-9, s.weight)
+            gs.fb_tokens += s.loss_tokens
             self.tokens_trained += s.loss_tokens
             self.metrics.tokens.labels(self.spec.adapter).inc(s.loss_tokens)
 
-    def _finish_step(self) -> None:
-        self.trainer.optimizer_step()
+    def _after_step(self, gs: _GroupStats) -> None:
+        """The bookkeeping of an optimizer step that has run (the weights are those of `self.trainer.step`)."""
         # loss = the feedback samples' token-mean loss (replay text is tracked per domain by the mixer); it drives
         # the EMA, the spike check and the metric, so a replay-heavy step cannot look like a spike
-        loss = self._group_fb_loss / max(1, self._group_fb_tokens)
+        loss = gs.fb_loss / max(1, gs.fb_tokens)
         self.last_loss = loss
         if math.isfinite(loss):
             self.loss_ema = loss if self.loss_ema is None else 0.8 * self.loss_ema + 0.2 * loss
         self.publisher.observe_loss(loss)
-        dt = max(1e-9, time.perf_counter() - self._group_started)
+        dt = max(1e-9, time.perf_counter() - gs.started)
         a = self.spec.adapter
         self.metrics.steps.labels(a).inc()
-        self.metrics.tokens_per_second.labels(a).set(self._group_denom / dt)
+        self.metrics.tokens_per_second.labels(a).set(gs.denom / dt)
         if self.loss_ema is not None:
             self.metrics.loss.labels(a).set(self.loss_ema)
         if self.stash is not None:
@@ -519,6 +635,12 @@ class ContinualLearningJob:
         }
 
     def _rollback(self) -> None:
+        if self.graphed is not None:  # queued work read the refused weights: drop it with its gradients
+            self.graphed.reset()
+            self._mbs.clear()
+            self._run = None
+            self._steps_undrained = 0
+            self._barrier = False
         self.lora.load_state_dict(self._good["lora"])
         self.trainer.opt.load_state_dict(copy.deepcopy(self._good["opt"]))
 
@@ -569,6 +691,11 @@ class ContinualLearningJob:
             self.phase = "Stopped"
         self._pipe = None
         self._group.clear()
+        if self.graphed is not None:
+            self.graphed.reset()
+            self._mbs.clear()
+            self._run = None
+            self._steps_undrained = 0
         self.trainer.opt.zero_grad(set_to_none=True)
 
     # ---- status ----

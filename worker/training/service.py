@@ -242,7 +242,9 @@ class TrainingService:
                     return
                 log.exception("training slice failed")
                 used = 0.0
-            if used == 0.0:
+            if used == 0.0 and any(j.busy for j in list(self.jobs.values())):
+                time.sleep(0.001)  # launched graphs still running: collect their results soon, keep the GPU fed
+            elif used == 0.0:
                 self._work.wait(0.05)
                 self._work.clear()
             elif used < 0:

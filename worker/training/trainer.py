@@ -78,12 +78,16 @@ class LoRATrainer:
         self.device = p0.device
         self.dtype = compute_dtype or p0.dtype
         self.ctx = TrainLoRAContext(lora, self.dtype)
+        # fused: one kernel for all LoRA tensors, and it can skip a non-finite step on the device (`found_inf`),
+        # which the asynchronous co-serving path (graphed.py) needs to never wait on the GPU
+        self.fused = self.device.type in ("cuda", "cpu")
         self.opt = torch.optim.AdamW(
             lora.parameters(),
             lr=self.cfg.lr,
             betas=self.cfg.betas,
             eps=self.cfg.eps,
             weight_decay=self.cfg.weight_decay,
+            fused=self.fused or None,
         )
         self.step = 0
 
