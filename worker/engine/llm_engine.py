@@ -4,6 +4,15 @@ Why single-threaded: every mutation of scheduler, block manager and adapter stor
 calls around it on one thread, so none of them needs locks; the HTTP layer feeds the engine through queues.
 `iteration_hooks` run at the end of each step with the leftover token budget, which is where co-serving
 fine-tuning (FlexLLM-style) takes its share of the GPU.
+
+Why async scheduling (`EngineConfig.async_scheduling`, vLLM-style): synchronously, each step launches the forward,
+waits for the sampled tokens, then appends them, checks stops, detokenizes and schedules the next step while the GPU
+idles. With the flag, step N is launched *before* step N-1's tokens reach the host: every sequence that sampled at
+N-1 gets a PLACEHOLDER token, the scheduler plans N as usual, and the runner reads those inputs from N-1's tokens on
+the device; then N-1's bookkeeping runs while N computes, and its outputs are returned one `step()` later. A
+sequence that turns out to have stopped at N-1 (stop token or string) computes one wasted token at N, which is
+dropped; one known to end by length is finished before N is scheduled. Penalties read the previous tokens on the
+host, so a step whose batch sampled with penalties is settled before the next one is scheduled.
 """
 
 from __future__ import annotations
@@ -19,8 +28,8 @@ import torch
 from lorafleet.worker.config import EngineConfig, resolve_device, resolve_dtype
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.detokenizer import IncrementalDetokenizer
-from lorafleet.worker.engine.model_runner import ModelRunner, kv_block_bytes
-from lorafleet.worker.engine.scheduler import Scheduler
+from lorafleet.worker.engine.model_runner import PLACEHOLDER, ModelRunner, SampledTokens, kv_block_bytes
+from lorafleet.worker.engine.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
 from lorafleet.worker.loader import checkpoint_dtype, load_hf_config, load_model, load_tokenizer
 from lorafleet.worker.lora.adapter import AdapterError, UnknownAdapterError
@@ -98,6 +107,7 @@ class LLMEngine:
         self.iteration_hooks: list[Callable[[IterationInfo], None]] = []
         self._requests: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # abort notices delivered by the next step()
+        self._inflight: SampledTokens | None = None  # async scheduling: launched step whose tokens are unsettled
         self._step = 0
         self._last_tokens = 0
         log.info(
@@ -180,11 +190,16 @@ class LLMEngine:
         self._pending.append(self._output(seq, []))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.config.async_scheduling:
+            return self._step_async()
         t0 = time.perf_counter()
+        if self._inflight is not None:  # async scheduling was just switched off: settle the step in flight first
+            prev, self._inflight = self._inflight, None
+            self._pending += self._settle(prev, set())
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         for seq, err in batch.failed:
@@ -209,6 +224,73 @@ class LLMEngine:
                 self._prefetch_waiting()
         else:
             decode_tokens = 0
+        self._finish_step(t0, batch, decode_tokens, forward_s)
+        return outputs
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedules and launches this step, then settles the previous one while this one computes."""
+        t0 = time.perf_counter()
+        outputs, self._pending = self._pending, []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and prev.needs_host:
+            outputs += self._settle(prev, set())  # the next inputs need host tokens: no overlap this step
+            prev = None
+        closing = self._add_placeholders(prev) if prev is not None else set()
+        batch = self.scheduler.schedule()
+        for seq, err in batch.failed:
+            log.warning("request %s aborted: %s", seq.request_id, err)
+            self._requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq, []))
+        forward_s = 0.0
+        decode_tokens = 0
+        if batch.seqs:
+            self._inflight = self.runner.launch(batch, prev)
+            forward_s = self.runner.last_forward_seconds
+            for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+                if n == 1 and len(seq.token_ids) - seq.num_prompt_tokens > 0:
+                    decode_tokens += 1
+                seq.num_computed_tokens += n
+        if prev is not None:
+            outputs += self._settle(prev, closing)
+        if batch.seqs:
+            if self.block_manager.enable_prefix_caching:
+                for seq in batch.seqs:  # after settling: every token up to num_computed_tokens is real now
+                    if seq.status == SequenceStatus.RUNNING:
+                        self.block_manager.commit(seq, seq.cache_salt)
+            if self.scheduler.waiting:
+                self._prefetch_waiting()
+        self._finish_step(t0, batch, decode_tokens, forward_s)
+        return outputs
+
+    def _add_placeholders(self, prev: SampledTokens) -> set[Sequence]:
+        """Gives every live sequence that sampled in `prev` its next token as a PLACEHOLDER, so the scheduler sees
+        it decoding; those that end by length whatever the token are finished now (no wasted step). Returns them."""
+        closing: set[Sequence] = set()
+        running = SequenceStatus.RUNNING
+        for seq in prev.seqs:
+            if seq.status != running:
+                continue  # aborted, or finished while `prev` was in flight: its token is dropped
+            seq.token_ids.append(PLACEHOLDER)
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                self.scheduler.finish(seq, "length")
+                closing.add(seq)
+        return closing
+
+    def _settle(self, prev: SampledTokens, closing: set[Sequence]) -> list[RequestOutput]:
+        """Waits for `prev`'s tokens on the host and does what the synchronous step does after its forward."""
+        outputs = []
+        finished = SequenceStatus.FINISHED
+        for seq, tok in zip(prev.seqs, prev.tolist(), strict=True):
+            if seq.status == finished and seq not in closing:
+                continue  # aborted, or stopped before this (wasted) token: never emitted
+            if seq.token_ids[-1] == PLACEHOLDER:
+                seq.token_ids[-1] = tok
+            else:
+                seq.token_ids.append(tok)  # settled before the next step was scheduled
+            outputs.append(self._check_stop(seq, tok))
+        return outputs
+
+    def _finish_step(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
         self._last_tokens = batch.total_tokens
         self._step += 1
         info = IterationInfo(
@@ -224,10 +306,13 @@ class LLMEngine:
         )
         for hook in list(self.iteration_hooks):
             hook(info)
-        return outputs
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
+        return self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> RequestOutput:
+        """Stop/length checks and detokenization for the token just placed at the end of `seq.token_ids`."""
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         p = seq.params
@@ -243,7 +328,10 @@ class LLMEngine:
         if reason is not None:
             if detok is not None and not stop_string:
                 detok.flush()
-            self.scheduler.finish(seq, reason)
+            if seq.status == SequenceStatus.FINISHED:
+                seq.finish_reason = reason  # finished early by length (async); a stop token or string still wins
+            else:
+                self.scheduler.finish(seq, reason)
             self._requests.pop(seq.request_id, None)
         return self._output(seq, [token])
 

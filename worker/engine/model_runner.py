@@ -4,6 +4,8 @@ Why sort by adapter slot: the batched-LoRA ops want each adapter's tokens contig
 batch is stably reordered by slot, `seg_indptr`/`seg_slots` are built from the runs, and results are mapped back.
 On CUDA the attention is the Triton paged kernel (device tensors only) and decode-only batches replay CUDA graphs
 (`cuda_graph.py`, one set with LoRA and one without); elsewhere the SDPA context serves every batch.
+`launch` is the async-scheduling variant of `execute`: the sampled tokens stay on the device, the next step's
+inputs take them from there (a placeholder id on the host), and their copy to the host runs on a side stream.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import time
 
 import torch
-from lorafleet.worker.engine.sampler import Sampler
+from lorafleet.worker.engine.sampler import Sampler, to_device
 from lorafleet.worker.engine.scheduler import ScheduledBatch
 from lorafleet.worker.engine.sequence import Sequence
 from lorafleet.worker.layers.attention import (
@@ -25,6 +27,7 @@ from lorafleet.worker.lora.store import AdapterStore
 from lorafleet.worker.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
+PLACEHOLDER = -1  # host stand-in for a token sampled by a step whose result is still on the device
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -39,6 +42,36 @@ def _pad_tables(tables: list[list[int]], width: int, dtype: torch.dtype) -> torc
     flat = torch.tensor([b for t in tables for b in t], dtype=dtype)
     out[torch.arange(width)[None, :] < lens[:, None]] = flat
     return out
+
+
+class SampledTokens:
+    """The tokens one launched step sampled, one per `seqs` entry: on the device for the next step's inputs, and
+    copied to pinned host memory on a side stream, so `tolist()` waits for that copy only, not for whatever was
+    queued after it (the next step's forward)."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None, copy_stream=None) -> None:
+        self.seqs = seqs
+        self.tokens = tokens  # [len(seqs)] long on the device; None when no sequence sampled
+        self.index = {s: i for i, s in enumerate(seqs)}
+        self.needs_host = any(s.params.has_penalties for s in seqs)  # penalties read the previous tokens on host
+        self._host: torch.Tensor | None = None
+        self._event = None
+        if tokens is not None and copy_stream is not None:
+            copy_stream.wait_stream(torch.cuda.current_stream(tokens.device))
+            with torch.cuda.stream(copy_stream):
+                self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                self._host.copy_(tokens, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record(copy_stream)
+            tokens.record_stream(copy_stream)
+
+    def tolist(self) -> list[int]:
+        if self.tokens is None:
+            return []
+        if self._event is not None and self._host is not None:
+            self._event.synchronize()
+            return self._host.tolist()
+        return self.tokens.tolist()
 
 
 class StepInputs:
@@ -56,7 +89,11 @@ class StepInputs:
         device: torch.device,
         table_width: int | None = None,
         int32_tables: bool = False,
+        pending: SampledTokens | None = None,
+        non_blocking: bool = False,
     ) -> None:
+        """`pending`: the step still in flight; a decode whose input is a PLACEHOLDER takes its token from there.
+        `non_blocking`: upload through pinned memory without waiting for the queue (async scheduling)."""
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
         self.order = order
         bs = block_size
@@ -71,6 +108,8 @@ class StepInputs:
         seg_slots: list[int] = []
         seg_indptr = [0]
         q_indptr = [0]
+        patch_rows: list[int] = []  # flat rows whose input id is read from `pending.tokens` on the device
+        patch_src: list[int] = []
         total = 0
         for i in order:
             seq, n = seqs[i], num_tokens[i]
@@ -78,7 +117,11 @@ class StepInputs:
             end = start + n
             bt = seq.block_table
             if n == 1:  # decode: no per-token loop
-                ids.append(seq.token_ids[start])
+                tok = seq.token_ids[start]
+                if tok < 0:  # PLACEHOLDER (async scheduling); `pending` is None here only on a bookkeeping bug
+                    patch_rows.append(total)
+                    patch_src.append(pending.index[seq])  # type: ignore[union-attr]
+                ids.append(tok)
                 pos.append(start)
                 slot_map.append(bt[start // bs] * bs + start % bs)
             else:
@@ -102,14 +145,23 @@ class StepInputs:
         width = table_width or max(len(t) for t in tables)
         nseq, nseg, nsample = len(seqs), len(seg_slots), len(sample_rows)
         self.num_seqs = nseq
-        longs = torch.tensor(ids + pos + slot_map + sample_rows, dtype=torch.long).to(device)
-        self.input_ids, self.positions, self.slot_mapping, self.sample_rows = longs.split(
-            [total, total, total, nsample]
+        npatch = len(patch_rows)
+        longs = to_device(
+            torch.tensor(ids + pos + slot_map + sample_rows + patch_rows + patch_src, dtype=torch.long),
+            device,
+            non_blocking,
         )
+        self.input_ids, self.positions, self.slot_mapping, self.sample_rows, rows, src = longs.split(
+            [total, total, total, nsample, npatch, npatch]
+        )
+        if npatch:
+            self.input_ids.index_copy_(0, rows, pending.tokens.index_select(0, src))  # type: ignore[union-attr]
         seq_lens = [s + n for s, n in zip(starts, qlens, strict=True)]
-        ints = torch.tensor(seq_lens + q_indptr + seg_indptr + seg_slots, dtype=torch.int32).to(device)
+        ints = torch.tensor(seq_lens + q_indptr + seg_indptr + seg_slots, dtype=torch.int32)
+        ints = to_device(ints, device, non_blocking)
         self.seq_lens, self.q_indptr, self.seg_indptr, self.seg_slots = ints.split([nseq, nseq + 1, nseg + 1, nseg])
-        self.block_tables = _pad_tables(tables, width, torch.int32 if int32_tables else torch.long).to(device)
+        tables_t = _pad_tables(tables, width, torch.int32 if int32_tables else torch.long)
+        self.block_tables = to_device(tables_t, device, non_blocking)
         self.max_q_len = max(qlens)
         self.starts = starts
         self.query_lens = qlens
@@ -174,13 +226,18 @@ class ModelRunner:
         self.capture_hook = None
         self._capture = None
         self.last_forward_seconds = 0.0
+        self._copy_stream = None  # side stream for sampled-token copies to the host (async scheduling, CUDA only)
         if self.use_triton and not enforce_eager:
             self._capture_graphs(max_num_seqs)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(
+        self, batch: ScheduledBatch, pending: SampledTokens | None = None, non_blocking: bool = False
+    ) -> StepInputs:
         graph_decode = self.graph_runner is not None and all(n == 1 for n in batch.num_tokens)
         width = self.table_width if graph_decode else None  # graphs need the static width, eager steps do not
-        return StepInputs(batch.seqs, batch.num_tokens, self.block_size, self.device, width, self.use_triton)
+        return StepInputs(
+            batch.seqs, batch.num_tokens, self.block_size, self.device, width, self.use_triton, pending, non_blocking
+        )
 
     def _graph_forward(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
         attn = TritonPagedAttentionContext(
@@ -288,6 +345,31 @@ class ModelRunner:
                 histories = [(s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s in seqs]
             tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], histories)
             out = dict(zip(inp.sample_seqs, tokens, strict=True))
+        self.last_forward_seconds = time.perf_counter() - t0
+        return out
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, pending: SampledTokens | None = None) -> SampledTokens:
+        """Queues one step without waiting for it: PLACEHOLDER inputs are read from `pending` (the previous step,
+        possibly still running) on the device, and the sampled tokens come back as `SampledTokens`."""
+        t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        inp = self.prepare(batch, pending, non_blocking=cuda)
+        self._capture = self.capture_hook(batch, inp) if self.capture_hook is not None and not inp.is_decode else None
+        hidden = self._forward(inp)
+        self._capture = None
+        tokens = None
+        seqs = inp.sample_seqs
+        if seqs:
+            logits = self.model.compute_logits(hidden)
+            histories = None
+            if any(s.params.has_penalties for s in seqs):
+                histories = [(s.token_ids[: s.num_prompt_tokens], s.output_token_ids) for s in seqs]
+            params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+            tokens = self.sampler.sample(logits, params, gens, histories, non_blocking=cuda)
+        if cuda and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        out = SampledTokens(seqs, tokens, self._copy_stream)
         self.last_forward_seconds = time.perf_counter() - t0
         return out
 

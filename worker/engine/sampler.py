@@ -25,18 +25,33 @@ class Sampler:
         histories: list[tuple[list[int], list[int]]] | None = None,  # (prompt ids, output ids) per row
     ) -> list[int]:
         """logits: [N, V] float32 → one token id per row."""
+        return self.sample(logits, params, generators, histories).tolist()
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        histories: list[tuple[list[int], list[int]]] | None = None,
+        non_blocking: bool = False,
+    ) -> torch.Tensor:
+        """Like `__call__` but the tokens stay on the device ([N] long), so the next step can read them before the
+        host does (async scheduling). `non_blocking` uploads the per-row knobs from pinned memory: a plain
+        host->device copy waits for the whole queue, which would stall the host on the step in flight."""
         if histories is not None and any(p.has_penalties for p in params):
             logits = apply_penalties(logits, params, histories)
         greedy = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if p.temperature > 0]
         if not rows:
-            return greedy.tolist()
-        idx = torch.tensor(rows, device=logits.device)
+            return greedy
+        dev = logits.device
+        idx = to_device(torch.tensor(rows), dev, non_blocking)
         vocab = logits.shape[-1]
         knobs = torch.tensor(  # one host->device build for the three per-row knobs
             [[params[i].temperature, params[i].top_k if params[i].top_k > 0 else vocab, params[i].top_p] for i in rows],
             dtype=torch.float64,
-        ).to(logits.device)
+        )
+        knobs = to_device(knobs, dev, non_blocking)
         temps, ks, top_ps = knobs[:, 0].float(), knobs[:, 1].long(), knobs[:, 2].float()
         scaled = logits[idx] / temps[:, None]
         if all(params[i].top_k <= 0 or params[i].top_k >= vocab for i in rows) and all(
@@ -58,9 +73,9 @@ class Sampler:
         else:
             noise = torch.empty_like(probs)
             if shared:
-                noise[shared] = torch.empty(len(shared), vocab, device=logits.device).exponential_(
-                    generator=self.generator
-                )
+                noise[to_device(torch.tensor(shared), dev, non_blocking)] = torch.empty(
+                    len(shared), vocab, device=logits.device
+                ).exponential_(generator=self.generator)
             for j, i in enumerate(rows):
                 g = generators[i]
                 if g is not None:
@@ -69,7 +84,15 @@ class Sampler:
         picked = choice.squeeze(1) if sorted_ids is None else sorted_ids.gather(1, choice).squeeze(1)
         out = greedy.clone()
         out[idx] = picked
-        return out.tolist()
+        return out
+
+
+def to_device(t: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+    """Host tensor -> device. With `non_blocking` on CUDA it goes through pinned memory with an async copy (the
+    caching host allocator keeps the pinned block until the copy is done); a pageable copy syncs the stream."""
+    if non_blocking and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def apply_penalties(
