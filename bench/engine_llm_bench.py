@@ -17,6 +17,8 @@ GPU (repo not installed; a sys.path/__path__ shim makes `lorafleet.worker` impor
     python bench/engine_llm_bench.py --shapes 1b --adapters 0,32 --out DIR
 CPU smoke (tiny model, seconds): python bench/engine_llm_bench.py --device cpu --tiny --out DIR
 Writes DIR/engine_llm_engine.json with `command`, `device`, `commit`, `metrics` and the raw runs, after every run.
+Each run also splits its time into steps with prefill tokens (eager forward) and pure decode steps (CUDA graphs),
+and `--profile 0` (the default) adds cProfile + torch.profiler tables of 12 mid-run steps of the 1B, no adapters.
 """
 
 from __future__ import annotations
@@ -203,6 +205,9 @@ def measure(engine, reqs: list[tuple[int, int, int]], tag: str, async_scheduling
     cuda = engine.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
+    infos: list = []
+    engine.iteration_hooks.append(infos.append)
+    preempted = engine.scheduler.num_preemptions
     t = time.perf_counter()
     for i, (_, olen, _) in enumerate(reqs):
         params = SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True)
@@ -216,7 +221,10 @@ def measure(engine, reqs: list[tuple[int, int, int]], tag: str, async_scheduling
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
+    engine.iteration_hooks.remove(infos.append)
     planned = sum(o for _, o, _ in reqs)
+    prefill = [i for i in infos if i.num_prefill_tokens]
+    decode = [i for i in infos if not i.num_prefill_tokens and i.num_seqs]
     return {
         "requests": len(reqs),
         "output_tokens": planned,
@@ -225,8 +233,67 @@ def measure(engine, reqs: list[tuple[int, int, int]], tag: str, async_scheduling
         "tokens_per_s": planned / wall,
         "steps": steps,
         "async_scheduling": async_scheduling,
-        "preemptions": engine.scheduler.num_preemptions,
+        "preemptions": engine.scheduler.num_preemptions - preempted,
+        # where the time goes: steps with prefill tokens run eagerly (no CUDA graph); `launch_s` is host time spent
+        # in the runner (building inputs + launching, + waiting on the GPU in the synchronous mode)
+        "prefill_steps": len(prefill),
+        "prefill_steps_s": sum(i.step_seconds for i in prefill),
+        "decode_steps": len(decode),
+        "decode_steps_s": sum(i.step_seconds for i in decode),
+        "launch_s": sum(i.forward_seconds for i in infos),
+        "mean_decode_batch": sum(i.num_seqs for i in decode) / max(1, len(decode)),
     }
+
+
+def profile_steps(
+    engine, reqs: list[tuple[int, int, int]], async_scheduling: bool, warm: int = 24, n: int = 12
+) -> dict:
+    """Where a step's time goes, mid-run at full batch: Python functions (cProfile, host only) over `n` steps, then
+    torch.profiler (host ops and device kernels) over `n` more. The requests left are aborted afterwards."""
+    import cProfile
+    import io
+    import pstats
+
+    from lorafleet.worker.engine.sequence import SamplingParams
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.config.async_scheduling = async_scheduling
+    gen = torch.Generator().manual_seed(0)
+    ids = [f"prof{int(async_scheduling)}-{i}" for i in range(len(reqs))]
+    for rid, (plen, olen, a) in zip(ids, reqs, strict=True):
+        params = SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True)
+        engine.add_request(
+            rid, torch.randint(10, 380, (plen,), generator=gen).tolist(), params, f"ad{a}" if a >= 0 else None
+        )
+    for _ in range(warm):
+        engine.step()
+    cuda = engine.device.type == "cuda"
+    out: dict = {"async_scheduling": async_scheduling, "steps": n, "batch": len(engine.scheduler.running)}
+    prof_py = cProfile.Profile()
+    t = time.perf_counter()
+    prof_py.enable()
+    for _ in range(n):
+        engine.step()
+    prof_py.disable()
+    out["cprofile_ms_per_step"] = (time.perf_counter() - t) / n * 1e3
+    buf = io.StringIO()
+    pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(25)
+    out["cprofile_by_tottime"] = buf.getvalue()[-6000:]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    out["torch_by_self_cpu"] = ka.table(sort_by="self_cpu_time_total", row_limit=20)
+    if cuda:
+        out["torch_by_self_device"] = ka.table(sort_by="self_cuda_time_total", row_limit=20)
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return out
 
 
 def run(
@@ -241,6 +308,7 @@ def run(
     distinct: int = 32,
     tiny: bool = False,
     on_run=None,
+    profile_counts: tuple[int, ...] = (),
 ) -> dict:
     """One engine for the shape (max_loras = min(slots, most adapters)); for each adapter count and mode, a
     closed-loop batch of `n_req` greedy requests. Keys: `adapters_{n}` (sync; what engine_bench.py reads),
@@ -289,6 +357,18 @@ def run(
                 f"({r['wall_s']:.2f} s, {r['steps']} steps)",
                 flush=True,
             )
+            if on_run is not None:
+                on_run(out)
+        if n in profile_counts:
+            for mode in modes:
+                try:
+                    prof = profile_steps(engine, reqs[:256], mode, *((2, 4) if tiny else (24, 12)))
+                    out.setdefault("profile", {})[f"adapters_{n}" + ("_async" if mode else "")] = prof
+                    print(
+                        f"  profiled adapters={n} async={mode}: {prof['cprofile_ms_per_step']:.1f} ms/step", flush=True
+                    )
+                except Exception:  # noqa: BLE001 - diagnostics only: never lose the measured runs
+                    out.setdefault("profile_errors", []).append(traceback.format_exc())
             if on_run is not None:
                 on_run(out)
     del engine
@@ -361,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=128, help="GPU adapter slots (max_loras)")
     ap.add_argument("--requests", type=int, default=None, help="requests per run (default 512 for 1B, 256 for 8B)")
     ap.add_argument("--work", default="/tmp/lf_llm_bench")
+    ap.add_argument(
+        "--profile", default="0", help="adapter counts whose steps are also profiled (1B only; '' for none)"
+    )
     a = ap.parse_args(argv)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -404,7 +487,20 @@ def main(argv: list[str] | None = None) -> int:
 
             slots = min(a.slots, 4) if a.tiny else a.slots
             max_seqs = 16 if a.tiny else 256
-            r = run(work, shape, n_req, counts, max_seqs, a.device, modes, slots, tiny=a.tiny, on_run=on_run)
+            prof = tuple(int(x) for x in a.profile.split(",") if x) if name in ("1b", "tiny") else ()
+            r = run(
+                work,
+                shape,
+                n_req,
+                counts,
+                max_seqs,
+                a.device,
+                modes,
+                slots,
+                tiny=a.tiny,
+                on_run=on_run,
+                profile_counts=prof,
+            )
             result["runs"][name] = r
         except Exception:  # noqa: BLE001 - keep the other shape
             result["errors"][name] = traceback.format_exc()

@@ -9,6 +9,7 @@ import random
 from collections import Counter
 
 import pytest
+import torch
 from lorafleet.worker.engine import model_runner
 from lorafleet.worker.engine.sequence import SamplingParams
 
@@ -210,3 +211,20 @@ def test_config_validates_the_flag():
     assert EngineConfig(model="m").async_scheduling is False
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(model="m", async_scheduling="yes").validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_async_matches_sync_on_cuda_with_graphs(make_engine, adapters):
+    """The device-only paths: decode inputs patched on the GPU, CUDA-graph replay, side-stream copies."""
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=16, max_loras=2, max_cpu_loras=8)
+    kw.update(max_num_batched_tokens=16, num_kv_blocks=16, block_size=4)
+    reqs = _mixed_workload(_engine(make_engine, adapters, False, max_loras=4, device="cuda", dtype="float32"))
+    abort_after = {"r4": 3, "r6": 1, "r11": 5}
+    sync = _engine(make_engine, adapters, False, **kw)
+    asyn = _engine(make_engine, adapters, True, **kw)
+    assert asyn.runner.graph_runner is not None
+    want, _ = _drive(sync, reqs, abort_after)
+    got, _ = _drive(asyn, reqs, abort_after)
+    assert got == want
+    for eng in (sync, asyn):
+        _assert_clean(eng)
