@@ -161,6 +161,7 @@ def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0,
         stash_bytes=engine_stash_bytes(engine),
         max_seq_tokens=4096,
         graphs=getattr(engine, "_bench_graphs", "auto"),
+        graph_layers=getattr(engine, "_bench_graph_layers", 4),
     )
     return ContinualLearningJob(spec, engine, root / "versions", {}, TrainingMetrics())
 
@@ -425,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "--amortise", type=float, default=None, help="ShareConfig.amortise for the co-serving job (0 = greedy, A/B)"
     )
     ap.add_argument("--graphs", default="auto", help="co-serving pieces: auto (graphs on CUDA) | on | off (eager)")
+    ap.add_argument("--graph-layers", type=int, default=4, help="layers per graphed piece (0: whole micro-batch)")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
     if args.device == "cpu":
@@ -456,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = make_engine(cfg, ckpt, root)
     engine._bench_stash_bytes = cfg.stash_bytes
     engine._bench_graphs = args.graphs
+    engine._bench_graph_layers = args.graph_layers or None
     from lorafleet.worker.gpu import prioritise_serving_stream
 
     prioritise_serving_stream(engine.device)  # as the worker's engine thread does
@@ -499,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 "min_share": job.scheduler.cfg.min_share,
                 "controller": type(job.scheduler).__name__,
                 "graphed": job.graphed is not None,
+                "graph_layers": job.graphed.layers_per_piece if job.graphed is not None else None,
             }
             feed(job, cfg, 256, seed=5)
             alone = finetune_alone(engine, job, cfg)

@@ -52,10 +52,17 @@ def test_packing_buckets_padding_and_limits():
 
 
 @pytest.mark.timeout(180)
-def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model):
+@pytest.mark.parametrize("split", [None, 1])
+def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model, split):
+    """split=1: every layer is its own forward piece and backward piece (top first), the head one more."""
     optim = OptimConfig(lr=5e-3, grad_accumulation=4, max_grad_norm=0.05)  # small clip: clipping really acts
     ref, t = _pair(adapter_dir, tiny_model, optim)
-    g = GraphedTrainer(t, max_tokens=40, max_prefix=64)
+    g = GraphedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=split)
+    if split:
+        g.begin(g.pack(_samples(ref)[:1], 1)[0])
+        n = tiny_model.shape.num_layers
+        assert len(g._active.costs) == 2 * n + 1 and g._active.costs[:n] == g._active.costs[n + 1 :][::-1]
+        g.reset()
     norms = []
     for _ in range(3):
         samples = _samples(ref)
@@ -77,7 +84,9 @@ def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model):
     # the per-row losses that come back equal the trainer's per-sample losses
     samples = _samples(ref)
     want = ref.packed_loss_sums(samples).detach()
-    g2 = GraphedTrainer(LoRATrainer(tiny_model, ref.lora, optim), max_tokens=4096, max_prefix=4096)
+    g2 = GraphedTrainer(
+        LoRATrainer(tiny_model, ref.lora, optim), max_tokens=4096, max_prefix=4096, layers_per_piece=split
+    )
     (mb,) = g2.pack(samples, 1)
     p = g2.launch(mb)
     got = torch.zeros(len(samples), dtype=torch.float64)
@@ -108,14 +117,15 @@ def test_non_finite_step_is_skipped_on_the_device(adapter_dir, tiny_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.timeout(300)
-def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir):
+@pytest.mark.parametrize("split", [None, 1])
+def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, split):
     from lorafleet.worker.loader import load_model
 
     model, _ = load_model(tiny_dir, torch.device("cuda"), torch.float32)
     optim = OptimConfig(lr=5e-3)
     ref = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, adapter_dir, device="cuda"), optim)
     t = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, adapter_dir, device="cuda"), optim)
-    g = GraphedTrainer(t, max_tokens=64, max_prefix=64)
+    g = GraphedTrainer(t, max_tokens=64, max_prefix=64, layers_per_piece=split)
     for _ in range(4):
         samples = _samples(ref)
         tokens = sum(s.loss_tokens for s in samples)
@@ -128,7 +138,7 @@ def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir):
     _assert_same_weights(ref.lora, t.lora, tol=1e-4)
 
 
-def _job(tmp_path, tiny_dir, graphs: str, tag: str):
+def _job(tmp_path, tiny_dir, graphs: str, tag: str, layers: int | None = None):
     from lorafleet.worker.config import EngineConfig
     from lorafleet.worker.engine.llm_engine import LLMEngine
     from lorafleet.worker.testing import build_peft_adapter
@@ -158,6 +168,7 @@ def _job(tmp_path, tiny_dir, graphs: str, tag: str):
         record_activations=False,
         graphs=graphs,
         graph_tokens=40,
+        graph_layers=layers,
         checkpoint_every=1,
     )
     job = ContinualLearningJob(spec, eng, tmp_path / f"v-{tag}", {}, TrainingMetrics(), state_dir=tmp_path / f"s-{tag}")
@@ -173,10 +184,10 @@ def test_job_on_graphed_path_trains_publishes_and_checkpoints_like_eager(tmp_pat
     from lorafleet.worker.training.coserve import OverlapController, coserve_iteration
 
     results = {}
-    for graphs in ("off", "on"):
-        eng, job = _job(tmp_path, tiny_dir, graphs, graphs)
-        assert (job.graphed is not None) == (graphs == "on")
-        assert isinstance(job.scheduler, OverlapController) == (graphs == "on")
+    for graphs, layers in (("off", None), ("on", None), ("split", 1)):
+        eng, job = _job(tmp_path, tiny_dir, "off" if graphs == "off" else "on", graphs, layers)
+        assert (job.graphed is not None) == (graphs != "off")
+        assert isinstance(job.scheduler, OverlapController) == (graphs != "off")
         per_iter = []
 
         def hook(info, eng=eng, job=job, per_iter=per_iter):
@@ -193,10 +204,11 @@ def test_job_on_graphed_path_trains_publishes_and_checkpoints_like_eager(tmp_pat
         assert job.phase == "Succeeded", job.message
         assert all(inf + used <= 96 for inf, used in per_iter)
         results[graphs] = job
-    off, on = results["off"], results["on"]
-    assert on.trainer.step == off.trainer.step == 3
-    assert on.tokens_trained == off.tokens_trained and on.sequence_tokens == off.sequence_tokens
-    assert on.last_loss == pytest.approx(off.last_loss, rel=1e-4)
-    _assert_same_weights(off.lora, on.lora)
-    assert [r.step for r in on.publisher.published] == [r.step for r in off.publisher.published]
-    assert on.checkpoint_info["lastStep"] == 3 and on.current_version == off.current_version
+    off = results["off"]
+    for on in (results["on"], results["split"]):
+        assert on.trainer.step == off.trainer.step == 3
+        assert on.tokens_trained == off.tokens_trained and on.sequence_tokens == off.sequence_tokens
+        assert on.last_loss == pytest.approx(off.last_loss, rel=1e-4)
+        _assert_same_weights(off.lora, on.lora)
+        assert [r.step for r in on.publisher.published] == [r.step for r in off.publisher.published]
+        assert on.checkpoint_info["lastStep"] == 3 and on.current_version == off.current_version

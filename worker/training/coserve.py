@@ -157,7 +157,7 @@ class OverlapController:
     The budget invariant is the same as everywhere: inference tokens + fine-tuning units <= budget.
     """
 
-    max_depth = 4.0
+    max_depth = 16.0
 
     def __init__(self, cfg: ShareConfig) -> None:
         self.cfg = cfg

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
+from torch import nn
 
 TOKEN_ALIGN = 128
 PREFIX_ALIGN = 512
@@ -200,6 +201,41 @@ class _Static:
     ppos: torch.Tensor
     graph: object | None = None
     runs: int = 0
+    parts: tuple | None = None  # layer-split mode: (segments..., head) as (graphed) callables
+
+
+class _Segment(nn.Module):
+    """Layers [lo, hi) of the model over a bucket's static batch: one graphed callable (forward + backward graphs).
+    Only the LoRA tensors of these layers are registered (the trainable inputs of the backward graph)."""
+
+    def __init__(self, gt: GraphedTrainer, st: _Static, lo: int, hi: int) -> None:
+        super().__init__()
+        self.gt, self.st, self.lo, self.hi = gt, st, lo, hi
+        lora = gt.t.lora
+        self.lora = nn.ParameterList(
+            [p for li in range(lo, hi) for proj in lora.targets for p in (lora.pair(li, proj) or ())]
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.gt.t.model
+        attn = MaskedPackedAttention(self.st, m.attn_scale, m.shape.sliding_window, repeat_kv=self.gt.cuda)
+        for layer in m.model.layers[self.lo : self.hi]:
+            h = layer(h, self.st.pos, attn, self.gt.t.ctx, None)
+        return h
+
+
+class _Head(nn.Module):
+    """Final norm, logits of the loss rows, weighted CE; the per-row losses go to a static buffer."""
+
+    def __init__(self, gt: GraphedTrainer, st: _Static) -> None:
+        super().__init__()
+        self.gt, self.st = gt, st
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        m, st = self.gt.t.model, self.st
+        tok = F.cross_entropy(m.compute_logits(m.model.norm(h).index_select(0, st.rows)), st.targets, reduction="none")
+        st.row_loss.copy_(tok.detach())
+        return (tok * st.row_w).sum()
 
 
 @dataclass
@@ -227,6 +263,7 @@ class GraphedTrainer:
         max_prefix: int = 4096,
         use_graphs: bool | None = None,
         max_graphs: int = 12,
+        layers_per_piece: int | None = None,
     ) -> None:
         self.t = trainer
         self.dev = trainer.device
@@ -247,6 +284,14 @@ class GraphedTrainer:
         self.pending: deque[Pending] = deque()
         self.graph_replays = 0
         self.eager_runs = 0
+        L = trainer.model.shape.num_layers
+        self.layers_per_piece = None if not layers_per_piece or layers_per_piece >= L else layers_per_piece
+        self._active: _Active | None = None
+        self._piece_events: deque = deque()
+        p_layer = sum(p.numel() for p in trainer.model.model.layers[0].parameters())
+        p_head = trainer.model.lm_head.weight.numel()
+        self._layer_unit = p_layer / (L * p_layer + p_head)
+        self._head_unit = 2.0 * p_head / (L * p_layer + p_head)
         if not trainer.fused:
             raise ValueError("the graphed trainer needs the fused AdamW (device-side skip of non-finite steps)")
 
@@ -316,7 +361,22 @@ class GraphedTrainer:
         st.graph = g
 
     def launch(self, mb: MicroBatch, tag: object = None) -> Pending:
-        """Copies the micro-batch into its bucket's buffers and runs it on the training stream (no host wait)."""
+        """The whole micro-batch at once (all its pieces)."""
+        self.begin(mb, tag)
+        while True:
+            p = self.launch_piece()
+            if p is not None:
+                return p
+
+    @property
+    def active(self) -> bool:
+        return self._active is not None
+
+    def begin(self, mb: MicroBatch, tag: object = None) -> None:
+        """Copies the micro-batch into its bucket's buffers on the training stream and plans its pieces: one
+        (forward + backward) graph, or - layer-split - forward segments, the head, backward segments top first."""
+        if self._active is not None:
+            raise RuntimeError("a micro-batch is still being launched")
         st = self._buffers(mb.bucket)
         nb = self.cuda
         keep: list = []
@@ -346,25 +406,96 @@ class GraphedTrainer:
                         st.pv[li, at : at + n].copy_(v, non_blocking=nb)
                     at += n
                     keep.append(kv)
-            if (
-                self.use_graphs
-                and st.graph is None
-                and len([s for s in self._static.values() if s.graph]) < self.max_graphs
-            ):
-                self._capture(st)
-            if st.graph is not None:
-                st.graph.replay()
-                self.graph_replays += 1
+        T = mb.tokens
+        if self.layers_per_piece is None:
+            costs = [mb.cost]
+        else:
+            L, k = self.t.model.shape.num_layers, self.layers_per_piece
+            seg = [T * self._layer_unit * min(k, L - lo) for lo in range(0, L, k)]
+            costs = [*seg, self._head_unit * len(mb.owners), *reversed(seg)]
+        self._active = _Active(mb, st, tag, keep, costs)
+
+    def next_piece_cost(self) -> float:
+        return self._active.costs[self._active.next] if self._active is not None else 0.0
+
+    def launch_piece(self) -> Pending | None:
+        """Launches the next piece of the active micro-batch; returns its Pending once the last one is launched."""
+        a = self._active
+        with self._ctx():
+            if self.layers_per_piece is None:
+                self._whole(a.st)
             else:
-                self._forward_backward(st)
-                self.eager_runs += 1
-            st.runs += 1
-            host = torch.empty(mb.bucket.rows, dtype=torch.float32, pin_memory=nb)
-            host.copy_(st.row_loss, non_blocking=nb)
+                self._split_piece(a)
+            a.next += 1
+            if self.cuda:
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+                self._piece_events.append(ev)
+            if a.next < len(a.costs):
+                return None
+            a.st.runs += 1
+            host = torch.empty(a.mb.bucket.rows, dtype=torch.float32, pin_memory=self.cuda)
+            host.copy_(a.st.row_loss, non_blocking=self.cuda)
             ev = self._record()
-        p = Pending("micro", ev, host, batch=mb, keep=keep, tag=tag)
+        self._active = None
+        p = Pending("micro", ev, host, batch=a.mb, keep=a.keep, tag=a.tag)
         self.pending.append(p)
         return p
+
+    def _whole(self, st: _Static) -> None:
+        if self.use_graphs and st.graph is None and sum(1 for x in self._static.values() if x.graph) < self.max_graphs:
+            self._capture(st)
+        if st.graph is not None:
+            st.graph.replay()
+            self.graph_replays += 1
+        else:
+            self._forward_backward(st)
+            self.eager_runs += 1
+
+    def _parts(self, st: _Static) -> tuple:
+        if st.parts is None:
+            L, k = self.t.model.shape.num_layers, self.layers_per_piece
+            mods = (*[_Segment(self, st, lo, min(L, lo + k)) for lo in range(0, L, k)], _Head(self, st))
+            if self.use_graphs and sum(1 for x in self._static.values() if x.graph) < self.max_graphs:
+                h = self.t.model.shape.hidden_size
+                args = [(torch.zeros(st.ids.shape[0], h, dtype=self.t.dtype, device=self.dev),)]
+                args += [
+                    (torch.zeros(st.ids.shape[0], h, dtype=self.t.dtype, device=self.dev, requires_grad=True),)
+                    for _ in mods[1:]
+                ]
+                saved = st.row_w.clone()
+                st.row_w.zero_()  # warm-up runs inside make_graphed_callables: zero-weight rows
+                mods = torch.cuda.make_graphed_callables(mods, tuple(args), num_warmup_iters=2, pool=self.pool)
+                st.row_w.copy_(saved)
+                st.graph = "parts"
+            st.parts = mods
+        return st.parts
+
+    def _split_piece(self, a: _Active) -> None:
+        parts = self._parts(a.st)
+        nseg = len(parts) - 1
+        i = a.next
+        for p, acc in zip(self.params, self.acc, strict=True):
+            if p.grad is not acc:  # backward accumulates in place into the accumulators
+                p.grad = acc
+        if i == 0:
+            a.inputs = [self.t.model.model.embed_tokens(a.st.ids)]
+            a.outputs = []
+        if i < nseg:  # forward segment i
+            out = parts[i](a.inputs[i])
+            a.outputs.append(out)
+            a.inputs.append(out.detach().requires_grad_(True))
+        elif i == nseg:  # head: forward and backward
+            parts[nseg](a.inputs[nseg]).backward()
+        else:  # backward segment j, top first
+            j = 2 * nseg - i
+            grad = a.inputs[j + 1].grad
+            torch.autograd.backward(a.outputs[j], grad)
+            a.outputs[j] = a.inputs[j + 1] = None
+        if a.st.graph is not None:
+            self.graph_replays += 1
+        else:
+            self.eager_runs += 1
 
     def launch_step(self, tag: object = None) -> Pending:
         """Clip, skip-if-non-finite and AdamW on the device, then zero the accumulators; the norm comes back later."""
@@ -409,7 +540,12 @@ class GraphedTrainer:
 
     @property
     def inflight(self) -> int:
-        return sum(1 for p in self.pending if p.kind == "micro" and not p.done())
+        """Pieces launched and not finished (one micro-batch = one piece unless layer-split)."""
+        if not self.cuda:
+            return 0
+        while self._piece_events and self._piece_events[0].query():
+            self._piece_events.popleft()
+        return len(self._piece_events)
 
     def synchronize(self) -> None:
         if self.stream is not None:
@@ -419,8 +555,24 @@ class GraphedTrainer:
         """Drops queued results and zeroes the accumulators (a stopped job / a rollback)."""
         self.synchronize()
         self.pending.clear()
+        self._active = None
+        self._piece_events.clear()
         with torch.no_grad():
             torch._foreach_zero_(self.acc)
+
+
+@dataclass
+class _Active:
+    """The micro-batch whose pieces are being launched."""
+
+    mb: MicroBatch
+    st: _Static
+    tag: object
+    keep: list
+    costs: list[float]
+    next: int = 0
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
 
 
 class _Null:

@@ -79,6 +79,7 @@ class JobSpec:
     graphs: str = "auto"  # auto (CUDA) | on | off: asynchronous CUDA-graph micro-batches instead of eager pieces
     graph_tokens: int = 1024  # tokens per graphed micro-batch (a longer sample takes the eager layer-wise path)
     graph_prefix: int = 4096  # stashed prefix keys per graphed micro-batch
+    graph_layers: int | None = 4  # layers per graphed piece (None: one forward+backward graph per micro-batch)
 
 
 @dataclass
@@ -194,7 +195,9 @@ class ContinualLearningJob:
             # a micro-batch costs 2 x its tokens: it must fit an iteration's whole budget to ever run
             budget = int(getattr(getattr(engine, "config", None), "max_num_batched_tokens", 2 * spec.graph_tokens))
             cap = max(1, min(spec.graph_tokens, budget // 2))
-            self.graphed = GraphedTrainer(self.trainer, max_tokens=cap, max_prefix=spec.graph_prefix)
+            self.graphed = GraphedTrainer(
+                self.trainer, max_tokens=cap, max_prefix=spec.graph_prefix, layers_per_piece=spec.graph_layers
+            )
             self.scheduler = OverlapController(self.scheduler.cfg)
         self._mbs: deque[MicroBatch] = deque()  # launched-in-order micro-batches of the current graphed group
         self._run: _GraphedRun | None = None
@@ -412,13 +415,14 @@ class ContinualLearningJob:
                 self._run = _GraphedRun(list(self._group), self._gs)
                 self._group.clear()
                 self._mbs = deque(g.pack(samples, self._run.stats.denom))
-            if self._mbs:
-                mb = self._mbs[0]
-                if g.inflight >= allowed or mb.cost > budget - used:
+            if self._mbs or g.active:
+                if not g.active:
+                    g.begin(self._mbs.popleft(), tag=self._run)
+                cost = g.next_piece_cost()
+                if g.inflight >= allowed or cost > budget - used:
                     break
-                g.launch(mb, tag=self._run)
-                self._mbs.popleft()
-                used += mb.cost
+                g.launch_piece()
+                used += cost
                 continue
             if self._steps_undrained:
                 break
