@@ -111,14 +111,15 @@ def test_async_matches_sync_on_a_mixed_workload(make_engine, adapters, kw):
     if kw.get("enable_prefix_caching"):
         shared = reqs[0][1]
         reqs += [(f"s{i}", shared + [20 + i], SamplingParams(temperature=0, max_tokens=9), None) for i in range(3)]
-    abort_after = {"r4": 3, "r6": 1, "r11": 5}
+    abort_after = {"r4": 3, "r6": 1, "r13": 5}
     want, sync_infos = _drive(sync, reqs, abort_after)
     asyn = _engine(make_engine, adapters, True, **kw)
     got, async_infos = _drive(asyn, reqs, abort_after)
     assert got == want
     reasons = Counter(r for _, r in want.values())
     assert reasons["stop"] >= 2 and reasons["length"] >= 4 and reasons["abort"] == 3
-    assert [len(want[r][0]) for r in ("r4", "r6", "r11")] == [3, 1, 5]
+    assert [len(want[r][0]) for r in ("r4", "r6", "r13")] == [3, 1, 5]
+    assert want["r11"][1] == "length" and len(want["r11"][0]) == 14  # seeded sampling, run to the end
     for eng in (sync, asyn):
         _assert_clean(eng)
     if kw["num_kv_blocks"] <= 16:
@@ -219,7 +220,7 @@ def test_async_matches_sync_on_cuda_with_graphs(make_engine, adapters):
     kw = dict(device="cuda", dtype="float32", max_num_seqs=16, max_loras=2, max_cpu_loras=8)
     kw.update(max_num_batched_tokens=16, num_kv_blocks=16, block_size=4)
     reqs = _mixed_workload(_engine(make_engine, adapters, False, max_loras=4, device="cuda", dtype="float32"))
-    abort_after = {"r4": 3, "r6": 1, "r11": 5}
+    abort_after = {"r4": 3, "r6": 1, "r13": 5}
     sync = _engine(make_engine, adapters, False, **kw)
     asyn = _engine(make_engine, adapters, True, **kw)
     assert asyn.runner.graph_runner is not None
