@@ -248,8 +248,9 @@ def measure(engine, reqs: list[tuple[int, int, int]], tag: str, async_scheduling
 def profile_steps(
     engine, reqs: list[tuple[int, int, int]], async_scheduling: bool, warm: int = 24, n: int = 12
 ) -> dict:
-    """Where a step's time goes, mid-run at full batch: Python functions (cProfile, host only) over `n` steps, then
-    torch.profiler (host ops and device kernels) over `n` more. The requests left are aborted afterwards."""
+    """Where a step's time goes, mid-run at full batch: `n` plain steps, `n` under cProfile (Python functions,
+    host only), `n` under torch.profiler (host ops and device kernels). The requests left are aborted afterwards,
+    whatever happens, so later runs start from an empty engine."""
     import cProfile
     import io
     import pstats
@@ -260,39 +261,48 @@ def profile_steps(
     engine.config.async_scheduling = async_scheduling
     gen = torch.Generator().manual_seed(0)
     ids = [f"prof{int(async_scheduling)}-{i}" for i in range(len(reqs))]
-    for rid, (plen, olen, a) in zip(ids, reqs, strict=True):
-        params = SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True)
-        engine.add_request(
-            rid, torch.randint(10, 380, (plen,), generator=gen).tolist(), params, f"ad{a}" if a >= 0 else None
-        )
-    for _ in range(warm):
-        engine.step()
     cuda = engine.device.type == "cuda"
-    out: dict = {"async_scheduling": async_scheduling, "steps": n, "batch": len(engine.scheduler.running)}
-    prof_py = cProfile.Profile()
-    t = time.perf_counter()
-    prof_py.enable()
-    for _ in range(n):
-        engine.step()
-    prof_py.disable()
-    out["cprofile_ms_per_step"] = (time.perf_counter() - t) / n * 1e3
-    buf = io.StringIO()
-    pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(25)
-    out["cprofile_by_tottime"] = buf.getvalue()[-6000:]
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    out: dict = {"async_scheduling": async_scheduling, "steps": n}
+
+    def steps() -> float:
+        t = time.perf_counter()
         for _ in range(n):
             engine.step()
         if cuda:
             torch.cuda.synchronize()
-    ka = prof.key_averages()
-    out["torch_by_self_cpu"] = ka.table(sort_by="self_cpu_time_total", row_limit=20)
-    if cuda:
-        out["torch_by_self_device"] = ka.table(sort_by="self_cuda_time_total", row_limit=20)
-    for rid in ids:
-        engine.abort_request(rid)
-    while engine.has_unfinished_requests():
-        engine.step()
+        return (time.perf_counter() - t) / n * 1e3
+
+    try:
+        for rid, (plen, olen, a) in zip(ids, reqs, strict=True):
+            prompt = torch.randint(10, 380, (plen,), generator=gen).tolist()
+            params = SamplingParams(temperature=0.0, max_tokens=olen, ignore_eos=True)
+            engine.add_request(rid, prompt, params, f"ad{a}" if a >= 0 else None)
+        for _ in range(warm):
+            engine.step()
+        out["batch"] = len(engine.scheduler.running)
+        out["ms_per_step"] = steps()
+        prof_py = cProfile.Profile()
+        prof_py.enable()
+        out["cprofile_ms_per_step"] = steps()
+        prof_py.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(25)
+        out["cprofile_by_tottime"] = buf.getvalue()[-6000:]
+        try:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                out["torch_profiler_ms_per_step"] = steps()
+            ka = prof.key_averages()
+            out["torch_by_self_cpu"] = ka.table(sort_by="self_cpu_time_total", row_limit=20)
+            if cuda:
+                out["torch_by_self_device"] = ka.table(sort_by="self_cuda_time_total", row_limit=20)
+        except Exception:  # noqa: BLE001 - e.g. no CUPTI: keep the rest
+            out["torch_profiler_error"] = traceback.format_exc()
+    finally:
+        for rid in ids:
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():
+            engine.step()
     return out
 
 
@@ -364,9 +374,7 @@ def run(
                 try:
                     prof = profile_steps(engine, reqs[:256], mode, *((2, 4) if tiny else (24, 12)))
                     out.setdefault("profile", {})[f"adapters_{n}" + ("_async" if mode else "")] = prof
-                    print(
-                        f"  profiled adapters={n} async={mode}: {prof['cprofile_ms_per_step']:.1f} ms/step", flush=True
-                    )
+                    print(f"  profiled adapters={n} async={mode}: {prof.get('ms_per_step', 0):.2f} ms/step", flush=True)
                 except Exception:  # noqa: BLE001 - diagnostics only: never lose the measured runs
                     out.setdefault("profile_errors", []).append(traceback.format_exc())
             if on_run is not None:

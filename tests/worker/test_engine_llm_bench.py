@@ -32,3 +32,8 @@ def test_tiny_cpu_run_writes_the_result_json(tmp_path):
     assert (
         abs(m["llm_engine_tiny_adapters_8_over_4_slots_vs_0_sync"] * base - runs["adapters_8"]["tokens_per_s"]) < 1e-6
     )
+    for r in runs.values():  # the step-time split adds up to the steps that did work
+        assert r["prefill_steps"] >= 1 and r["prefill_steps"] + r["decode_steps"] <= r["steps"]
+    prof = res["runs"]["tiny"]["profile"]
+    assert set(prof) == {"adapters_0", "adapters_0_async"}
+    assert all(p["ms_per_step"] > 0 and "engine" in p["cprofile_by_tottime"] for p in prof.values())
