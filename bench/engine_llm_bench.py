@@ -354,6 +354,11 @@ def run(
     for i, p in enumerate(paths):
         engine.load_adapter(f"ad{i}", str(p))
     out["adapter_register_s"] = time.perf_counter() - t2
+    print(
+        f"  built in {out['build_s']:.1f} s, engine up in {out['engine_start_s']:.1f} s, {len(paths)} adapters "
+        f"registered in {out['adapter_register_s']:.1f} s",
+        flush=True,
+    )
     out["max_loras"] = n_slots
     for n in adapter_counts:
         reqs = _requests(n_req, n, tiny)
