@@ -156,6 +156,33 @@ def test_stopped_sequences_waste_one_token_and_length_ends_waste_none(make_engin
     assert runs[True][1] == runs[False][1] + stopped
 
 
+def test_preempting_a_sequence_whose_token_is_in_flight(make_engine, adapters, monkeypatch):
+    """KV runs out while every sequence decodes: the victim's newest token is still a placeholder; it is settled
+    while the sequence waits, and the recomputed sequence continues exactly as the synchronous one does."""
+    from lorafleet.worker.engine.model_runner import PLACEHOLDER
+    from lorafleet.worker.engine.scheduler import Scheduler
+
+    victims: list[bool] = []
+    preempt = Scheduler.preempt
+
+    def spy(self, seq):
+        victims.append(seq.token_ids[-1] == PLACEHOLDER)
+        return preempt(self, seq)
+
+    monkeypatch.setattr(Scheduler, "preempt", spy)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    reqs = [(f"v{i}", list(range(10 + i, 17 + i)), params, NAMES[i]) for i in range(4)]  # 7 tokens: 2 blocks each
+    kw = dict(num_kv_blocks=8, block_size=4, max_num_batched_tokens=64)
+    want, _ = _drive(_engine(make_engine, adapters, False, **kw), reqs)
+    assert victims and not any(victims)
+    victims.clear()
+    asyn = _engine(make_engine, adapters, True, **kw)
+    got, _ = _drive(asyn, reqs)
+    assert got == want and all(r == "length" and len(t) == 12 for t, r in got.values())
+    assert any(victims)
+    _assert_clean(asyn)
+
+
 def test_next_step_is_launched_before_the_previous_tokens_reach_the_host(make_engine, adapters, monkeypatch):
     """The overlap itself: in each step the runner launches step N (its decode inputs read from N-1's device
     tokens) before N-1's tokens are copied out, and outputs arrive one step later than synchronously."""
