@@ -12,7 +12,9 @@ N-1 gets a PLACEHOLDER token, the scheduler plans N as usual, and the runner rea
 the device; then N-1's bookkeeping runs while N computes, and its outputs are returned one `step()` later. A
 sequence that turns out to have stopped at N-1 (stop token or string) computes one wasted token at N, which is
 dropped; one known to end by length is finished before N is scheduled. Penalties read the previous tokens on the
-host, so a step whose batch sampled with penalties is settled before the next one is scheduled.
+host, so a step whose batch sampled with penalties is settled before the next one is scheduled. Observable
+differences: outputs come one `step()` later (plus one last step that only settles), and an abort drops the token
+in flight. Between `step()` calls no placeholder is left in any sequence.
 """
 
 from __future__ import annotations
