@@ -283,6 +283,13 @@ def run_load(
         job.drain()
     ft_tokens = (job.sequence_tokens - ft0) if job is not None else 0
     engine.iteration_hooks.clear()
+    print(
+        f"[run_load] mode={mode} rate={rate} every={slice_every} elapsed={elapsed:.1f}s iters={iters} "
+        f"tpot_p50={pct(tpot, 0.5)} tpot_p99={pct(tpot, 0.99)} ft_tok/s={ft_tokens / elapsed:.0f} "
+        f"depth={getattr(job.scheduler, 'depth', None) if job is not None else None}",
+        file=sys.stderr,
+        flush=True,
+    )
     return {
         "requests": len(seqs),
         "elapsed_s": elapsed,
@@ -323,7 +330,9 @@ def finetune_alone(engine, job, cfg: Cfg) -> float:
         sync(cfg)
     if getattr(job, "graphed", None) is not None:
         job.drain()
-    return (job.sequence_tokens - n0) / (time.perf_counter() - t0)
+    rate = (job.sequence_tokens - n0) / (time.perf_counter() - t0)
+    print(f"[finetune_alone] {rate:.0f} tok/s", file=sys.stderr, flush=True)
+    return rate
 
 
 # ---------------------------------------------------------------------------------------------------------------
