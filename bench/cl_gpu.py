@@ -161,7 +161,7 @@ def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0,
         stash_bytes=engine_stash_bytes(engine),
         max_seq_tokens=4096,
         graphs=getattr(engine, "_bench_graphs", "auto"),
-        graph_layers=getattr(engine, "_bench_graph_layers", 4),
+        graph_layers=getattr(engine, "_bench_graph_layers", None),
     )
     return ContinualLearningJob(spec, engine, root / "versions", {}, TrainingMetrics())
 
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "--amortise", type=float, default=None, help="ShareConfig.amortise for the co-serving job (0 = greedy, A/B)"
     )
     ap.add_argument("--graphs", default="auto", help="co-serving pieces: auto (graphs on CUDA) | on | off (eager)")
-    ap.add_argument("--graph-layers", type=int, default=4, help="layers per graphed piece (0: whole micro-batch)")
+    ap.add_argument("--graph-layers", type=int, default=0, help="layers per graphed piece (0: whole micro-batch)")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
     if args.device == "cpu":
