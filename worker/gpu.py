@@ -137,10 +137,14 @@ def prioritise_serving_stream(device) -> object | None:
     both are queued and training only fills the gaps; with both on equal priorities serving kernels would queue
     behind whole training kernels. The current stream is per thread, so this is called once by the engine thread.
     """
+    import os
+
     import torch
 
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
         return None
+    if os.environ.get("LORAFLEET_SERVING_STREAM", "priority") == "default":
+        return None  # operators (and A/B benchmarks) can keep serving on the default stream
     torch.cuda.synchronize(device)  # work queued on the default stream (loading, captures) is done before switching
     _least, greatest = torch.cuda.Stream.priority_range()
     stream = torch.cuda.Stream(device=device, priority=greatest)
