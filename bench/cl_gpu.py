@@ -135,6 +135,7 @@ def make_engine(cfg: Cfg, ckpt: Path, root: Path):
         kv_cache_fraction=0.35,
         kv_cache_bytes=256 << 20,
         max_model_len=2048,
+        async_scheduling=getattr(cfg, "async_scheduling", False),
     )
     eng = LLMEngine(ec)
     return eng
@@ -436,11 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--graphs", default="auto", help="co-serving pieces: auto (graphs on CUDA) | on | off (eager)")
     ap.add_argument("--graph-layers", type=int, default=0, help="layers per graphed piece (0: whole micro-batch)")
+    ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
     if args.device == "cpu":
         torch.set_num_threads(2)
     cfg = Cfg(args.tiny, args.device)
+    cfg.async_scheduling = args.async_scheduling
     if args.duration:
         cfg.duration = args.duration
     work = Path(tempfile.mkdtemp(prefix="cl-gpu-"))
