@@ -123,9 +123,11 @@ def test_worker_flags_map_to_engine_config(tmp_path):
         ["--model", str(tmp_path), "--max-loras", "3", "--max-cpu-loras", "9", "--max-lora-rank", "32"]
         + ["--adapter-root", "/a", "--adapter-root", "/b", "--max-num-seqs", "5", "--max-batched-tokens", "256"]
         + ["--kv-cache-bytes", "1048576", "--block-size", "8", "--lora-admission", "fifo"]
-        + ["--max-admission-wait-steps", "7"]
+        + ["--max-admission-wait-steps", "7", "--async-scheduling"]
     )
     cfg = engine_config(args)
+    assert cfg.async_scheduling is True
+    assert engine_config(build_parser().parse_args(["--model", str(tmp_path)])).async_scheduling is False
     assert (cfg.lora_admission, cfg.max_admission_wait_steps) == ("fifo", 7)
     assert (cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank) == (3, 9, 32)
     assert cfg.adapter_roots == ["/a", "/b"]
@@ -135,3 +137,42 @@ def test_worker_flags_map_to_engine_config(tmp_path):
         parse_lora_modules(["no-equals-sign"])
     with pytest.raises(SystemExit):
         engine_config(build_parser().parse_args(["--model", "m", "--max-loras", "8", "--max-cpu-loras", "2"]))
+
+
+def test_api_with_async_scheduling_serves_the_same_tokens(tiny_model, adapter_root, adapters):
+    """The HTTP layer over an engine with async scheduling (outputs one step later, a final settle-only step):
+    completions, streams and usage equal the synchronous engine's, through base and adapter."""
+    from lorafleet.worker.api.testing import start_worker
+
+    got = {}
+    for mode in (False, True):
+        w = start_worker(
+            str(tiny_model), served_model_name="tiny", adapter_roots=[str(adapter_root)], async_scheduling=mode
+        )
+        try:
+            with httpx.Client(base_url=w.url, timeout=60) as c:
+                name = next(iter(adapters))
+                r = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapters[name])})
+                assert r.status_code == 200, r.text
+                out = []
+                for model in ("tiny", name):
+                    body = {
+                        "model": model,
+                        "prompt": [5, 6, 7, 8],
+                        "max_tokens": 9,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                    }
+                    j = c.post("/v1/completions", json=body).json()
+                    out.append((j["choices"][0]["text"], j["choices"][0]["finish_reason"], j["usage"]))
+                    chunks = []
+                    with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+                        for line in s.iter_lines():
+                            if line.startswith("data: ") and line != "data: [DONE]":
+                                chunks.append(json.loads(line[6:])["choices"][0]["text"])
+                    out.append("".join(chunks))
+                got[mode] = out
+        finally:
+            w.close()
+    assert got[True] == got[False]
+    assert got[False][0][2]["completion_tokens"] == 9
