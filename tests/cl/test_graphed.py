@@ -199,6 +199,8 @@ def test_job_on_graphed_path_trains_publishes_and_checkpoints_like_eager(tmp_pat
         for _ in range(200):  # idle: the rest of the job
             if job.phase != "Running":
                 break
+            if job.graphed is not None:
+                job.graphed.synchronize()  # on a GPU the pieces run asynchronously: let them land before polling
             job.work(96)
         job.drain()
         assert job.phase == "Succeeded", job.message
