@@ -151,7 +151,11 @@ def _job(tmp_path, tiny_dir, graphs: str, tag: str, layers: int | None = None):
     build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
     eng = LLMEngine(
         EngineConfig(
-            model=str(tiny_dir), max_num_batched_tokens=96, kv_cache_bytes=8 << 20, adapter_roots=[str(tmp_path)]
+            model=str(tiny_dir),
+            device="cpu",
+            max_num_batched_tokens=96,
+            kv_cache_bytes=8 << 20,
+            adapter_roots=[str(tmp_path)],
         )
     )
     eng.load_adapter("ad", str(root / "ad"), "v1")
