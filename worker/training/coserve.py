@@ -146,41 +146,60 @@ class CoServeScheduler:
 class OverlapController:
     """Share control for pieces that run *asynchronously* (CUDA graphs on a low-priority stream, graphed.py).
 
-    Why a different controller: an asynchronous piece costs the serving loop almost no host time and its GPU time
-    mostly fills idle gaps, so charging its full duration against a time credit (as `CoServeScheduler` does for
-    eager pieces) would throttle it for nothing. What it does cost is contention: serving kernels that wait for
-    SMs or memory bandwidth. That shows up in the only number that matters, the serving iteration time (token to
-    token). So: AIMD on how many pieces may be in flight, from the iteration time against the TPOT target - more
-    while the recent iterations stay under `low_water x target`, half as many once they pass `high_water x
-    target`. Below one piece in flight, `min_share` still launches one piece every `1/min_share` decoding
-    iterations, so fine-tuning never starves. With nothing decoding, the whole leftover and `max_depth` pieces.
+    Why a different controller: an asynchronous piece costs the serving loop almost no host time; what it can cost
+    is contention - serving kernels that wait for SMs or bandwidth while training kernels run - and it costs nothing
+    when it runs in the gap between two serving steps (the serving loop is host-bound: most of an iteration is
+    Python while the GPU idles). So the controller budgets *GPU time of training per decoding iteration*: every
+    decoding iteration adds `gpu_budget` seconds to a credit (capped at a few iterations' worth, and never below
+    the largest piece so a piece longer than one iteration's budget still runs); a piece launches when the credit
+    covers its predicted GPU time (measured with CUDA events, `GraphedTrainer.predict_seconds`). `gpu_budget` is
+    AIMD on the token-to-token iteration time against the TPOT target: it grows while the recent iterations stay
+    under `(high_water - 0.05) x target` and halves once they pass `high_water x target`, so it settles where training fills
+    the gaps and stops where it starts to slow serving. `min_share` still launches one piece every `1/min_share`
+    decoding iterations, so fine-tuning never starves. With nothing decoding: the whole leftover, no credit needed.
     The budget invariant is the same as everywhere: inference tokens + fine-tuning units <= budget.
     """
 
-    max_depth = 16.0
+    max_inflight = 32  # pieces queued on the training stream at most (bounds the queue serving may wait behind)
 
     def __init__(self, cfg: ShareConfig) -> None:
         self.cfg = cfg
-        self.depth = 1.0
-        self.allowed = 1
+        self.gpu_budget = 0.1 * cfg.tpot_target_s
+        self.credit = 0.0
+        self.allowed = self.max_inflight
         self.share = max(cfg.min_share, min(1.0, cfg.initial_share))
         self.cost = LinearCostModel(cfg.window)  # launch (host) seconds per unit, for the benchmark's report
-        self.credit = 0.0  # unused; kept so callers that reset it keep working
         self.ema: float | None = None
         self._since_launch = 0
+        self._idle = False
+        self._force = False
+        self._largest = 0.0
         self._last_end: float | None = None
         self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)
         self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
 
+    @property
+    def depth(self) -> float:
+        """The per-iteration training GPU budget in units of the TPOT target (reported by the benchmark)."""
+        return self.gpu_budget / max(self.cfg.tpot_target_s, 1e-9)
+
     def plan(self, budget: int, inference_tokens: int, decoding: bool) -> int:
         leftover = max(0, budget - inference_tokens)
-        if not decoding:
-            self.allowed = int(self.max_depth)
-            return leftover
-        self.allowed = int(self.depth)
-        if self.allowed == 0 and self._since_launch * max(self.cfg.min_share, 1e-6) >= 1.0:
-            self.allowed = 1
-        return leftover if self.allowed > 0 else 0
+        self._idle = not decoding
+        if decoding:
+            cap = max(self.cfg.burst_iters * self.gpu_budget, self._largest)
+            self.credit = min(cap, self.credit + self.gpu_budget)
+            self._force = self._since_launch * max(self.cfg.min_share, 1e-6) >= 1.0
+        return leftover
+
+    def may_launch(self, predicted_s: float) -> bool:
+        return self._idle or self._force or self.credit >= predicted_s
+
+    def spend(self, predicted_s: float) -> None:
+        self._largest = max(0.9 * self._largest, predicted_s)
+        if not self._idle:
+            self.credit -= predicted_s
+        self._force = False
 
     def observe(
         self,
@@ -205,9 +224,11 @@ class OverlapController:
         self._win.append((max(0, budget - inference_tokens), finetune_units))
         self.ema = it if self.ema is None else 0.8 * self.ema + 0.2 * it
         if self.ema > c.tpot_target_s * c.high_water:
-            self.depth *= c.decrease_factor
-        elif self.ema < c.tpot_target_s * c.low_water:
-            self.depth = min(self.max_depth, self.depth + c.additive_step * 4)
+            self.gpu_budget *= c.decrease_factor
+            self.credit = min(self.credit, self.gpu_budget)
+        elif self.ema < c.tpot_target_s * (c.high_water - 0.05):
+            # a narrow band under the high-water mark: the target is often only ~10% above inference alone
+            self.gpu_budget = min(c.tpot_target_s, self.gpu_budget + 0.02 * c.tpot_target_s)
         left = sum(x[0] for x in self._win)
         self.share = 1.0 if left == 0 else min(1.0, sum(x[1] for x in self._win) / left)
 

@@ -288,6 +288,8 @@ class GraphedTrainer:
         self.layers_per_piece = None if not layers_per_piece or layers_per_piece >= L else layers_per_piece
         self._active: _Active | None = None
         self._piece_events: deque = deque()
+        self._timings: deque = deque()  # (start event, end event, units) of launched pieces, for predict_seconds
+        self.seconds_per_unit: float | None = None  # measured GPU seconds per token unit (EMA)
         p_layer = sum(p.numel() for p in trainer.model.model.layers[0].parameters())
         p_head = trainer.model.lm_head.weight.numel()
         self._layer_unit = p_layer / (L * p_layer + p_head)
@@ -421,16 +423,22 @@ class GraphedTrainer:
     def launch_piece(self) -> Pending | None:
         """Launches the next piece of the active micro-batch; returns its Pending once the last one is launched."""
         a = self._active
+        units = a.costs[a.next]
         with self._ctx():
+            start = None
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.stream)
             if self.layers_per_piece is None:
                 self._whole(a.st)
             else:
                 self._split_piece(a)
             a.next += 1
             if self.cuda:
-                ev = torch.cuda.Event()
+                ev = torch.cuda.Event(enable_timing=True)
                 ev.record(self.stream)
                 self._piece_events.append(ev)
+                self._timings.append((start, ev, units))
             if a.next < len(a.costs):
                 return None
             a.st.runs += 1
@@ -538,6 +546,14 @@ class GraphedTrainer:
             out.append(self.pending.popleft())
         return out
 
+    def predict_seconds(self, units: float) -> float:
+        """GPU seconds a piece of `units` should take, from the pieces measured so far (0 before any: calibrate)."""
+        while self._timings and self._timings[0][1].query():
+            start, end, n = self._timings.popleft()
+            spu = start.elapsed_time(end) / 1000.0 / max(n, 1e-9)
+            self.seconds_per_unit = spu if self.seconds_per_unit is None else 0.8 * self.seconds_per_unit + 0.2 * spu
+        return 0.0 if self.seconds_per_unit is None else units * self.seconds_per_unit
+
     @property
     def inflight(self) -> int:
         """Pieces launched and not finished (one micro-batch = one piece unless layer-split)."""
@@ -557,6 +573,7 @@ class GraphedTrainer:
         self.pending.clear()
         self._active = None
         self._piece_events.clear()
+        self._timings.clear()
         with torch.no_grad():
             torch._foreach_zero_(self.acc)
 

@@ -421,6 +421,11 @@ class ContinualLearningJob:
                 cost = g.next_piece_cost()
                 if g.inflight >= allowed or cost > budget - used:
                     break
+                if isinstance(self.scheduler, OverlapController):
+                    predicted = g.predict_seconds(cost)
+                    if not self.scheduler.may_launch(predicted):
+                        break
+                    self.scheduler.spend(predicted)
                 g.launch_piece()
                 used += cost
                 continue
