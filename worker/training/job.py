@@ -79,7 +79,9 @@ class JobSpec:
     graphs: str = "auto"  # auto (CUDA) | on | off: asynchronous CUDA-graph micro-batches instead of eager pieces
     graph_tokens: int = 1024  # tokens per graphed micro-batch (a longer sample takes the eager layer-wise path)
     graph_prefix: int = 4096  # stashed prefix keys per graphed micro-batch
-    graph_layers: int | None = None  # layers per graphed piece (None: one forward+backward graph per micro-batch)
+    # layers per graphed piece; None: one forward+backward graph per micro-batch. Experimental: layer-split pieces
+    # stalled under serving load on an H200 (bench/results/cl_gpu_coserve_time_budget.json)
+    graph_layers: int | None = None
 
 
 @dataclass
