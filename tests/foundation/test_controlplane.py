@@ -187,9 +187,20 @@ def test_teardown_leaves_nothing_listening() -> None:
     assert not state_dir.exists()  # a temporary state dir is removed
 
 
+def _interruptible() -> None:
+    """Child side: SIGINT back to its default. A shell without job control starts background jobs with SIGINT
+    ignored and children inherit that, so under `cmd &` (or nohup) a Ctrl-C test could never interrupt anything."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn_owner(code: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        preexec_fn=_interruptible,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -233,6 +244,7 @@ def test_lorafleet_cluster_command(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=REPO,
+        preexec_fn=_interruptible,
     )
     assert proc.stdout is not None
     lines = [proc.stdout.readline() for _ in range(3)]
