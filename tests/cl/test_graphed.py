@@ -218,3 +218,39 @@ def test_job_on_graphed_path_trains_publishes_and_checkpoints_like_eager(tmp_pat
         _assert_same_weights(off.lora, on.lora)
         assert [r.step for r in on.publisher.published] == [r.step for r in off.publisher.published]
         assert on.checkpoint_info["lastStep"] == 3 and on.current_version == off.current_version
+
+
+@pytest.mark.timeout(120)
+def test_share_controller_state_survives_a_restart(tmp_path, tiny_dir):
+    """A checkpoint keeps what the co-serving controller learned (GPU budget, piece price), so a restarted worker
+    does not start co-serving from a cold guess; a job restored on the other path (eager) starts its own fresh."""
+    from lorafleet.worker.training.job import ContinualLearningJob
+    from lorafleet.worker.training.metrics import TrainingMetrics
+
+    eng, job = _job(tmp_path, tiny_dir, "on", "ck")
+    job.scheduler.gpu_budget, job.scheduler.share, job.scheduler._largest = 0.0123, 0.42, 0.02
+    job.graphed.seconds_per_unit = 3.5e-6
+    job._checkpoint()
+    again = ContinualLearningJob(job.spec, eng, tmp_path / "v-ck", {}, TrainingMetrics(), state_dir=tmp_path / "s-ck")
+    assert again.checkpoint_info["restoredStep"] == 0
+    assert (again.scheduler.gpu_budget, again.scheduler.share, again.scheduler._largest) == (0.0123, 0.42, 0.02)
+    assert again.graphed.seconds_per_unit == 3.5e-6
+    import dataclasses
+
+    eager = ContinualLearningJob(
+        dataclasses.replace(job.spec, graphs="off"),
+        eng,
+        tmp_path / "v-ck",
+        {},
+        TrainingMetrics(),
+        state_dir=tmp_path / "s-ck",
+    )
+    assert eager.checkpoint_info["restoredStep"] == 0 and eager.scheduler.credit == 0.0
+    eager.scheduler.share, eager.scheduler.credit = 0.33, 0.01
+    eager.scheduler.cost.add(100, 0.002)
+    eager._checkpoint()
+    eager2 = ContinualLearningJob(
+        eager.spec, eng, tmp_path / "v-ck", {}, TrainingMetrics(), state_dir=tmp_path / "s-ck"
+    )
+    assert (eager2.scheduler.share, eager2.scheduler.credit) == (0.33, 0.01)
+    assert list(eager2.scheduler.cost._pts) == [(100.0, 0.002)]

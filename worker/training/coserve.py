@@ -81,6 +81,18 @@ class CoServeScheduler:
         self._last_plan = 0
         self._stalled = False  # a plan > 0 ran nothing: the next piece is larger than the plan
 
+    def state(self) -> dict:
+        """What a checkpoint keeps, so a restarted job starts from the share it had learned, not from scratch."""
+        return {"kind": "credit", "share": self.share, "credit": self.credit, "cost": list(self.cost._pts)}
+
+    def restore(self, st: dict) -> None:
+        if st.get("kind") != "credit":
+            return
+        self.share = float(st["share"])
+        self.credit = min(float(st["credit"]), self.cfg.burst_iters * self.cfg.tpot_target_s)
+        for units, seconds in st.get("cost") or []:
+            self.cost.add(units, seconds)
+
     def _used_share(self) -> float:
         left = sum(x[0] for x in self._win)
         return 1.0 if left == 0 else sum(x[1] for x in self._win) / left
@@ -191,6 +203,17 @@ class OverlapController:
             self.credit = min(cap, self.credit + self.gpu_budget)
             self._force = self._since_launch * max(self.cfg.min_share, 1e-6) >= 1.0
         return leftover
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (the learned GPU budget; the credit starts empty after a restart)."""
+        return {"kind": "overlap", "share": self.share, "gpuBudget": self.gpu_budget, "largest": self._largest}
+
+    def restore(self, st: dict) -> None:
+        if st.get("kind") != "overlap":
+            return
+        self.share = float(st["share"])
+        self.gpu_budget = min(self.cfg.tpot_target_s, max(0.0, float(st["gpuBudget"])))
+        self._largest = float(st.get("largest") or 0.0)
 
     def may_launch(self, predicted_s: float) -> bool:
         return self._idle or self._force or self.credit >= predicted_s

@@ -572,6 +572,10 @@ class ContinualLearningJob:
                 "drawn": dict(rp.drawn),
                 "rng": [version, list(internal), gauss],
             },
+            "controller": {
+                **self.scheduler.state(),
+                "secondsPerUnit": self.graphed.seconds_per_unit if self.graphed is not None else None,
+            },
             "publisher": {
                 "lastStep": pub._last_step,
                 "lossRef": pub._loss_ref,
@@ -628,6 +632,10 @@ class ContinualLearningJob:
             pub._best_heldout = math.inf if p["bestHeldout"] is None else float(p["bestHeldout"])
             pub.published = [VersionRecord(**r) for r in p["published"]]
             pub.refused = list(p["refused"])
+        ctl = st.get("controller") or {}
+        self.scheduler.restore(ctl)  # a different kind (eager <-> graphed after a move) starts fresh
+        if self.graphed is not None and ctl.get("secondsPerUnit"):
+            self.graphed.seconds_per_unit = float(ctl["secondsPerUnit"])
         self.checkpoint_info["restoredStep"] = self.trainer.step
         self.checkpoint_info["lastStep"] = self.trainer.step
         self.metrics.checkpoints.labels(self.spec.adapter, "restored").inc()
