@@ -254,3 +254,17 @@ def test_share_controller_state_survives_a_restart(tmp_path, tiny_dir):
     )
     assert (eager2.scheduler.share, eager2.scheduler.credit) == (0.33, 0.01)
     assert list(eager2.scheduler.cost._pts) == [(100.0, 0.002)]
+
+
+@pytest.mark.timeout(60)
+def test_prefix_buffers_are_shared_between_buckets_of_one_prefix_size(adapter_dir, tiny_model):
+    """Buckets multiply (tokens x rows x prefix); the prefix K/V buffers, the large ones, exist once per size."""
+    _, t = _pair(adapter_dir, tiny_model, OptimConfig())
+    g = GraphedTrainer(t, max_tokens=4096, max_prefix=4096)
+    pre = t.prompt_kv(list(range(70, 85)))
+    short = TrainSample(list(range(70, 85)), [5, 6], prefix_kv=pre)
+    long = TrainSample(list(range(70, 85)), [10 + i % 100 for i in range(200)], prefix_kv=pre)
+    for s in (short, long):
+        g.launch(g.pack([s], s.loss_tokens)[0])
+    a, b = list(g._static.values())
+    assert a.pk is b.pk and a.pv is b.pv and len(g._prefix_bufs) == 1 and a.ids is not b.ids

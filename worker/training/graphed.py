@@ -281,6 +281,7 @@ class GraphedTrainer:
             self.stream = torch.cuda.Stream(device=self.dev, priority=lo)  # lo = the least urgent
             self.pool = torch.cuda.graph_pool_handle()
         self._static: dict[Bucket, _Static] = {}
+        self._prefix_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pending: deque[Pending] = deque()
         self.graph_replays = 0
         self.eager_runs = 0
@@ -319,10 +320,14 @@ class GraphedTrainer:
         long = dict(dtype=torch.long, device=d)
         pk = pv = None
         if b.prefix:
-            pk = torch.zeros(
-                shape.num_layers, b.prefix, shape.num_kv_heads, shape.head_dim, dtype=self.t.dtype, device=d
-            )
-            pv = torch.zeros_like(pk)
+            # one K/V buffer pair per prefix size, shared by every bucket of that size (they run one after another
+            # on one stream, each copying its prefixes in first): buckets multiply, these are the large buffers
+            if b.prefix not in self._prefix_bufs:
+                k = torch.zeros(
+                    shape.num_layers, b.prefix, shape.num_kv_heads, shape.head_dim, dtype=self.t.dtype, device=d
+                )
+                self._prefix_bufs[b.prefix] = (k, torch.zeros_like(k))
+            pk, pv = self._prefix_bufs[b.prefix]
         st = _Static(
             ids=torch.zeros(b.tokens, **long),
             pos=torch.zeros(b.tokens, **long),
