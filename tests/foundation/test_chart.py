@@ -125,3 +125,81 @@ def test_install_creates_objects_and_uninstall_removes_them(crds_installed: Cont
     # Helm never deletes CRDs it installed from crds/ (so no custom resource is lost with a release).
     cp.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/basemodels.lorafleet.io")
     cp.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def _triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_watch_namespaces_grants_namespaced_rules_only_there() -> None:
+    """watchNamespaces: the ClusterRole keeps only cluster-scoped reads (CRDs, namespaces); every namespaced grant
+    moves to a Role per watched namespace, and peering becomes a KopfPeering in each. Nothing is lost or added."""
+    docs = template("watchNamespaces={team-a,team-b}")
+    full = _triples(yaml.safe_load((REPO / "manifests" / "clusterrole.yaml").read_text())["rules"])
+    (cluster,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    roles = [d for d in docs if d["kind"] == "Role"]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert {r for _, r, _ in _triples(cluster["rules"])} == {"customresourcedefinitions", "namespaces"}
+    assert not {v for _, _, v in _triples(cluster["rules"])} - {"get", "list", "watch"}  # reads only
+    for role in roles:
+        assert _triples(role["rules"]) == {
+            t for t in full if t[1] not in ("customresourcedefinitions", "namespaces", "clusterkopfpeerings")
+        }
+        assert not {r for _, r, _ in _triples(role["rules"])} & {"namespaces", "customresourcedefinitions"}
+    assert _triples(cluster["rules"]) | _triples(roles[0]["rules"]) == full - {
+        t for t in full if t[1] == "clusterkopfpeerings"
+    }
+    for b in bindings:
+        assert b["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "lf-lorafleet-operator",
+        }
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "lf-lorafleet", "namespace": "lorafleet-helm"}]
+    peerings = [d for d in docs if d["kind"] in ("KopfPeering", "ClusterKopfPeering")]
+    assert sorted((d["kind"], d["metadata"].get("namespace")) for d in peerings) == [
+        ("KopfPeering", "team-a"),
+        ("KopfPeering", "team-b"),
+    ]
+
+
+@pytest.mark.cluster
+def test_watch_namespaces_install_is_enforced_by_the_api_server(crds_installed: ControlPlane) -> None:
+    """Installed into the real API server, the operator's ServiceAccount may patch adapters and create Deployments
+    in a watched namespace and nowhere else, and still reads CRDs cluster-wide."""
+    cp = crds_installed
+    release, ns = "lfns", "lorafleet-scoped"
+    for n in ("team-x", "team-y"):
+        cp.kubectl("create", "namespace", n, check=False)
+    cp.helm(
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        ns,
+        "--create-namespace",
+        "--set",
+        "watchNamespaces={team-x}",
+        "--set",
+        "peering.name=scoped",
+    )
+    sa = f"system:serviceaccount:{ns}:{release}-lorafleet"
+
+    def can(*args: str) -> str:
+        return cp.kubectl("auth", "can-i", *args, f"--as={sa}", check=False).stdout.strip()
+
+    try:
+        assert can("patch", "loraadapters.lorafleet.io", "-n", "team-x") == "yes"
+        assert can("create", "deployments.apps", "-n", "team-x") == "yes"
+        assert can("get", "secrets", "-n", "team-x") == "yes"
+        assert can("patch", "loraadapters.lorafleet.io", "-n", "team-y") == "no"
+        assert can("create", "deployments.apps", "-n", "team-y") == "no"
+        assert can("get", "secrets", "-n", "team-y") == "no"
+        assert can("list", "customresourcedefinitions.apiextensions.k8s.io") == "yes"
+        assert can("patch", "clusterkopfpeerings.kopf.dev") == "no"
+        cp.request("GET", "/apis/kopf.dev/v1/namespaces/team-x/kopfpeerings/scoped")
+    finally:
+        cp.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "60s")
+        cp.kubectl("delete", "namespace", ns, "team-x", "team-y", "--wait=false")

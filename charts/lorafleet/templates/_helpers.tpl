@@ -32,3 +32,78 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
+
+{{/* The operator's rules, exactly manifests/clusterrole.yaml's (a test checks it). With watchNamespaces the chart
+splits them: cluster-scoped resources stay in the ClusterRole, the rest go into a Role per watched namespace. */}}
+{{- define "lorafleet.rules" -}}
+  # Its own resources: kopf lists + watches them and patches finalizers/progress annotations; get_cr reads adapters.
+  - apiGroups: [lorafleet.io]
+    resources: [basemodels, loraadapters, continuallearningjobs]
+    verbs: [get, list, watch, patch]
+  # Status is always written with a merge patch.
+  - apiGroups: [lorafleet.io]
+    resources: [basemodels/status, loraadapters/status, continuallearningjobs/status]
+    verbs: [patch]
+  # Children carry ownerReferences with blockOwnerDeletion: that needs update on the owner's finalizers.
+  - apiGroups: [lorafleet.io]
+    resources: [basemodels/finalizers, loraadapters/finalizers]
+    verbs: [update]
+  # kopf: peering (one active replica; cluster-wide or per namespace) and discovery of the resources it serves.
+  - apiGroups: [kopf.dev]
+    resources: [clusterkopfpeerings, kopfpeerings]
+    verbs: [get, list, watch, patch]
+  - apiGroups: [apiextensions.k8s.io]
+    resources: [customresourcedefinitions]
+    verbs: [get, list, watch]
+  - apiGroups: [""]
+    resources: [namespaces]
+    verbs: [get, list, watch]
+  # Worker pods are read, never written: the Deployment owns them.
+  - apiGroups: [""]
+    resources: [pods]
+    verbs: [get, list, watch]
+  # Children of a BaseModel: created, then merge-patched when they exist (kube.Kube.apply).
+  - apiGroups: [apps]
+    resources: [deployments]
+    verbs: [create, patch]
+  - apiGroups: [policy]
+    resources: [poddisruptionbudgets]
+    verbs: [create, patch]
+  # Per-adapter routing Services: created (read back when they exist), deleted with the adapter.
+  - apiGroups: [""]
+    resources: [services]
+    verbs: [get, create, patch, delete]
+  # Routing EndpointSlices: the whole endpoint list is replaced (read + update), deleted with the adapter.
+  - apiGroups: [discovery.k8s.io]
+    resources: [endpointslices]
+    verbs: [get, create, update, delete]
+  # The per-BaseModel worker admin token: created once and read back by name, never listed, watched or changed.
+  - apiGroups: [""]
+    resources: [secrets]
+    verbs: [get, create]
+  # kopf.info/warn post core/v1 Events.
+  - apiGroups: [""]
+    resources: [events]
+    verbs: [create]
+{{- end -}}
+
+{{- define "lorafleet.clusterScopedResources" -}}
+[customresourcedefinitions, namespaces, clusterkopfpeerings]
+{{- end -}}
+
+{{/* The rules restricted to cluster-scoped ("true") or namespaced ("false") resources, empty rules dropped. A
+namespaced operator peers through KopfPeerings, so its ClusterRole leaves clusterkopfpeerings out. */}}
+{{- define "lorafleet.scopedRules" -}}
+{{- $cluster := include "lorafleet.clusterScopedResources" .root | fromYamlArray -}}
+{{- range $rule := include "lorafleet.rules" .root | fromYamlArray }}
+{{- $keep := list }}
+{{- range $rule.resources }}
+{{- if and (eq (has . $cluster) (eq $.clusterScoped "true")) (ne . "clusterkopfpeerings") }}{{ $keep = append $keep . }}{{ end }}
+{{- end }}
+{{- if $keep }}
+- apiGroups: {{ toJson $rule.apiGroups }}
+  resources: {{ toJson $keep }}
+  verbs: {{ toJson $rule.verbs }}
+{{- end }}
+{{- end }}
+{{- end -}}
