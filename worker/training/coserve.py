@@ -68,6 +68,12 @@ class LinearCostModel:
         return max(0.0, my - c1 * mx), c1
 
 
+def used_share(win: deque[tuple[int, int]]) -> float:
+    """The reported fine-tuning share: units used / leftover tokens over recent decoding iterations (1 when none)."""
+    left = sum(x[0] for x in win)
+    return 1.0 if left == 0 else min(1.0, sum(x[1] for x in win) / left)
+
+
 class CoServeScheduler:
     """Plans the fine-tuning units of each iteration from a time credit against the TPOT target."""
 
@@ -92,10 +98,6 @@ class CoServeScheduler:
         self.credit = min(float(st["credit"]), self.cfg.burst_iters * self.cfg.tpot_target_s)
         for units, seconds in st.get("cost") or []:
             self.cost.add(units, seconds)
-
-    def _used_share(self) -> float:
-        left = sum(x[0] for x in self._win)
-        return 1.0 if left == 0 else sum(x[1] for x in self._win) / left
 
     def plan(self, budget: int, inference_tokens: int, decoding: bool) -> int:
         """Fine-tuning units for this iteration: never more than the leftover."""
@@ -152,7 +154,7 @@ class CoServeScheduler:
             self._win.append((leftover, finetune_units))
         else:
             self.credit = max(0.0, self.credit)
-        self.share = min(1.0, self._used_share()) if self._win else 1.0
+        self.share = used_share(self._win)
 
 
 class OverlapController:
@@ -252,8 +254,7 @@ class OverlapController:
         elif self.ema < c.tpot_target_s * (c.high_water - 0.05):
             # a narrow band under the high-water mark: the target is often only ~10% above inference alone
             self.gpu_budget = min(c.tpot_target_s, self.gpu_budget + 0.02 * c.tpot_target_s)
-        left = sum(x[0] for x in self._win)
-        self.share = 1.0 if left == 0 else min(1.0, sum(x[1] for x in self._win) / left)
+        self.share = used_share(self._win)
 
 
 def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:

@@ -302,13 +302,6 @@ class GraphedTrainer:
     def pack(self, samples: list[TrainSample], denom: int) -> list[MicroBatch]:
         return pack(samples, denom, self.max_tokens, self.max_prefix)
 
-    def fits(self, samples: list[TrainSample]) -> bool:
-        try:
-            self.pack(samples, 1)
-        except ValueError:
-            return False
-        return True
-
     def _ctx(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else _Null()
 

@@ -36,7 +36,7 @@ from lorafleet.worker.training.checkpoint import (
 )
 from lorafleet.worker.training.coserve import CoServeScheduler, OverlapController, ShareConfig
 from lorafleet.worker.training.feedback import FeedbackSample
-from lorafleet.worker.training.graphed import GraphedTrainer, MicroBatch
+from lorafleet.worker.training.graphed import GraphedTrainer, MicroBatch, sample_tokens
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
 from lorafleet.worker.training.pipeline import LayerwiseGroup
@@ -410,13 +410,14 @@ class ContinualLearningJob:
                 used += u
                 if any(i.prompt_to_recompute for i in self._group):
                     break
-                samples = [i.sample for i in self._group]
-                if not g.fits(samples):  # longer than a graph bucket: the eager layer-wise pieces, after a drain
+                try:
+                    mbs = g.pack([i.sample for i in self._group], self._gs.denom)
+                except ValueError:  # longer than a graph bucket: the eager layer-wise pieces, after a drain
                     self._start_eager_group()
                     continue
                 self._run = _GraphedRun(list(self._group), self._gs)
                 self._group.clear()
-                self._mbs = deque(g.pack(samples, self._run.stats.denom))
+                self._mbs = deque(mbs)
             if self._mbs or g.active:
                 if not g.active:
                     g.begin(self._mbs.popleft(), tag=self._run)
@@ -456,8 +457,7 @@ class ContinualLearningJob:
                 for i in mb.samples:
                     item = run.items[i]
                     s = item.sample
-                    n = len(s.completion_ids) + (len(s.prompt_ids) - 1 if s.prefix_kv is None else 0)
-                    self._sample_done(s, sums.get(i, 0.0) * s.weight, n, run.stats)
+                    self._sample_done(s, sums.get(i, 0.0) * s.weight, sample_tokens(s), run.stats)
             else:
                 self._steps_undrained -= 1
                 self._barrier = False
