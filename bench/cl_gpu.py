@@ -163,6 +163,8 @@ def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0,
         max_seq_tokens=4096,
         graphs=getattr(engine, "_bench_graphs", "auto"),
         graph_layers=getattr(engine, "_bench_graph_layers", None),
+        train_stream=getattr(engine, "_bench_train_stream", "serving"),
+        serving_sms=getattr(engine, "_bench_serving_sms", 16),
     )
     return ContinualLearningJob(spec, engine, root / "versions", {}, TrainingMetrics())
 
@@ -213,6 +215,7 @@ def run_load(
     prompts = [[rng.randrange(10, vocab) for _ in range(cfg.inf_prompt)] for _ in arrivals]
     params = SamplingParams(temperature=0.0, max_tokens=cfg.inf_out, ignore_eos=True)
     engine.iteration_hooks.clear()
+    engine.launch_hooks.clear()
     pieces: list[tuple[float, float]] = []  # (units, seconds) of every co-serving training piece
 
     def hook(info) -> None:
@@ -221,8 +224,8 @@ def run_load(
         if used:
             pieces.append((used, time.perf_counter() - h0))
 
-    if mode == "coserve" and job is not None:
-        engine.iteration_hooks.append(hook)
+    if mode == "coserve" and job is not None:  # as the training service registers it
+        (engine.launch_hooks if job.graphed is not None else engine.iteration_hooks).append(hook)
     seqs: dict[str, dict] = {}
     ft0 = job.sequence_tokens if job is not None else 0
     sync(cfg)
@@ -284,6 +287,7 @@ def run_load(
         job.drain()
     ft_tokens = (job.sequence_tokens - ft0) if job is not None else 0
     engine.iteration_hooks.clear()
+    engine.launch_hooks.clear()
     print(
         f"[run_load] mode={mode} rate={rate} every={slice_every} elapsed={elapsed:.1f}s iters={iters} "
         f"tpot_p50={pct(tpot, 0.5)} tpot_p99={pct(tpot, 0.99)} ft_tok/s={ft_tokens / elapsed:.0f} "
@@ -437,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--graphs", default="auto", help="co-serving pieces: auto (graphs on CUDA) | on | off (eager)")
     ap.add_argument("--graph-layers", type=int, default=0, help="layers per graphed piece (0: whole micro-batch)")
+    ap.add_argument("--train-stream", default="serving", help="graphed pieces: serving | beside | partition")
+    ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --train-stream partition")
+    ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
@@ -458,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw": {},
         "errors": {},
     }
-    out_file = out_dir / ("cl_gpu_tiny.json" if args.tiny else "cl_gpu.json")
+    out_file = out_dir / (args.out_name or ("cl_gpu_tiny.json" if args.tiny else "cl_gpu.json"))
 
     def save() -> None:
         out_file.write_text(json.dumps(result, indent=1, default=str))
@@ -471,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     engine._bench_stash_bytes = cfg.stash_bytes
     engine._bench_graphs = args.graphs
     engine._bench_graph_layers = args.graph_layers or None
+    engine._bench_train_stream = args.train_stream
+    engine._bench_serving_sms = args.serving_sms
     from lorafleet.worker.gpu import prioritise_serving_stream
 
     prioritise_serving_stream(engine.device)  # as the worker's engine thread does
@@ -515,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 "controller": type(job.scheduler).__name__,
                 "graphed": job.graphed is not None,
                 "graph_layers": job.graphed.layers_per_piece if job.graphed is not None else None,
+                "train_stream": job.graphed.stream_mode if job.graphed is not None else None,
             }
             feed(job, cfg, 256, seed=5)
             alone = finetune_alone(engine, job, cfg)

@@ -181,3 +181,43 @@ def test_penalties_match_their_definitions_and_change_generation(make_engine):
     pen = eng.generate([PROMPT], strong)[0].output_token_ids
     assert pen != plain
     assert max(pen.count(t) for t in set(pen)) <= max(plain.count(t) for t in set(plain))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_launch_hooks_run_before_the_steps_tokens_reach_the_host(make_engine, adapters, async_scheduling):
+    """Launch hooks see each step (same info as the iteration hook) after its forward is queued and before its tokens
+    are appended to any sequence; registering one changes no output."""
+
+    def run(with_hook: bool):
+        eng = make_engine(max_num_batched_tokens=32, max_loras=2, async_scheduling=async_scheduling)
+        eng.load_adapter("ad_r4", str(adapters["ad_r4"]))
+        launched, ended = [], []
+        if with_hook:
+
+            def on_launch(info):
+                # this step's tokens are not on the host yet: no sequence has grown since it was scheduled
+                launched.append((info, {r: len(s.token_ids) for r, s in eng._requests.items()}))
+
+            eng.launch_hooks.append(on_launch)
+        eng.iteration_hooks.append(ended.append)
+        eng.add_request("a", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True), "ad_r4")
+        eng.add_request("b", PROMPT[:5], SamplingParams(max_tokens=3, ignore_eos=True))
+        outs = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return outs, launched, ended
+
+    plain, none, _ = run(False)
+    hooked, launched, ended = run(True)
+    assert hooked == plain and not none
+    forwards = [i for i in ended if i.num_seqs > 0]
+    assert [i.step for i, _ in launched] == [i.step for i in forwards]
+    for (li, _), ei in zip(launched, forwards, strict=True):
+        assert (li.num_scheduled_tokens, li.num_decode_tokens, li.num_seqs) == (
+            ei.num_scheduled_tokens,
+            ei.num_decode_tokens,
+            ei.num_seqs,
+        )
+    first, lens = launched[0]
+    assert first.num_prefill_tokens == len(PROMPT) + 5 and lens == {"a": len(PROMPT), "b": 5}

@@ -3,7 +3,9 @@
 Why single-threaded: every mutation of scheduler, block manager and adapter store happens inside `step()` or the
 calls around it on one thread, so none of them needs locks; the HTTP layer feeds the engine through queues.
 `iteration_hooks` run at the end of each step with the leftover token budget, which is where co-serving
-fine-tuning (FlexLLM-style) takes its share of the GPU.
+fine-tuning (FlexLLM-style) takes its share of the GPU. `launch_hooks` run earlier, right after a step's kernels
+are queued and before the host waits for its tokens: asynchronous co-serving launches its CUDA-graph pieces there,
+so on a host-bound loop they run while the host finishes the step and prepares the next, not after.
 
 Why async scheduling (`EngineConfig.async_scheduling`, vLLM-style): synchronously, each step launches the forward,
 waits for the sampled tokens, then appends them, checks stops, detokenizes and schedules the next step while the GPU
@@ -107,6 +109,7 @@ class LLMEngine:
             enforce_eager=config.enforce_eager,
         )
         self.iteration_hooks: list[Callable[[IterationInfo], None]] = []
+        self.launch_hooks: list[Callable[[IterationInfo], None]] = []
         self._requests: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # abort notices delivered by the next step()
         self._inflight: SampledTokens | None = None  # async scheduling: launched step whose tokens are unsettled
@@ -210,16 +213,22 @@ class LLMEngine:
             outputs.append(self._output(seq, []))
         forward_s = 0.0
         if batch.seqs:
-            sampled = self.runner.execute(batch)
-            forward_s = self.runner.last_forward_seconds
+            decode_tokens = sum(
+                1 for seq, n in zip(batch.seqs, batch.num_tokens, strict=True) if n == 1 and seq.num_output_tokens > 0
+            )
+            if self.launch_hooks:  # queue the step, let the hooks queue theirs, then wait for this step's tokens
+                launched = self.runner.launch(batch)
+                forward_s = self.runner.last_forward_seconds
+                self._run_launch_hooks(t0, batch, decode_tokens, forward_s)
+                sampled = dict(zip(launched.seqs, launched.tolist(), strict=True))
+            else:
+                sampled = self.runner.execute(batch)
+                forward_s = self.runner.last_forward_seconds
             caching = self.block_manager.enable_prefix_caching
-            decode_tokens = 0
             for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
                 seq.num_computed_tokens += n
                 if caching:
                     self.block_manager.commit(seq, seq.cache_salt)
-                if n == 1 and len(seq.token_ids) - seq.num_prompt_tokens > 0:
-                    decode_tokens += 1  # counted before this step's token is appended
             append = self._append_token
             outputs += [append(seq, tok) for seq, tok in sampled.items()]
             if self.scheduler.waiting:
@@ -252,6 +261,7 @@ class LLMEngine:
                 if n == 1 and len(seq.token_ids) - seq.num_prompt_tokens > 0:
                     decode_tokens += 1
                 seq.num_computed_tokens += n
+            self._run_launch_hooks(t0, batch, decode_tokens, forward_s)
         if prev is not None:
             outputs += self._settle(prev, closing)
         if batch.seqs:
@@ -292,11 +302,9 @@ class LLMEngine:
             outputs.append(self._check_stop(seq, tok))
         return outputs
 
-    def _finish_step(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
-        self._last_tokens = batch.total_tokens
-        self._step += 1
-        info = IterationInfo(
-            step=self._step,
+    def _info(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float, step: int):
+        return IterationInfo(
+            step=step,
             num_scheduled_tokens=batch.total_tokens,
             leftover_tokens=self.config.max_num_batched_tokens - batch.total_tokens,
             num_prefill_tokens=batch.total_tokens - decode_tokens,
@@ -306,6 +314,17 @@ class LLMEngine:
             forward_seconds=forward_s,
             kv_usage=self.block_manager.num_used / self.block_manager.num_blocks,
         )
+
+    def _run_launch_hooks(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
+        if self.launch_hooks:
+            info = self._info(t0, batch, decode_tokens, forward_s, self._step + 1)
+            for hook in list(self.launch_hooks):
+                hook(info)
+
+    def _finish_step(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
+        self._last_tokens = batch.total_tokens
+        self._step += 1
+        info = self._info(t0, batch, decode_tokens, forward_s, self._step)
         for hook in list(self.iteration_hooks):
             hook(info)
 

@@ -20,14 +20,24 @@ On CPU (tests) the same code runs eagerly, without streams or graphs, so the num
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from lorafleet.worker.sm_partition import PartitionUnavailable, sm_partition
 from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
 from torch import nn
 
+log = logging.getLogger(__name__)
+
+# Where pieces run on a GPU:
+# - serving: queued on the serving stream between serving steps, so a piece never overlaps a serving kernel; a
+#   piece that outlasts the host's gap delays the next step by the overrun (the controller sizes pieces to the gap)
+# - beside: a stream of the lowest priority; pieces overlap serving kernels and slow them (blocks hold SMs)
+# - partition: a lowest-priority stream on an SM partition (green context) that leaves `serving_sms` SMs to serving
+STREAM_MODES = ("serving", "beside", "partition")
 TOKEN_ALIGN = 128
 PREFIX_ALIGN = 512
 
@@ -264,6 +274,8 @@ class GraphedTrainer:
         use_graphs: bool | None = None,
         max_graphs: int = 12,
         layers_per_piece: int | None = None,
+        stream: str = "serving",
+        serving_sms: int = 16,
     ) -> None:
         self.t = trainer
         self.dev = trainer.device
@@ -276,9 +288,11 @@ class GraphedTrainer:
         self.acc = [torch.zeros_like(p) for p in self.params]
         self.stream = None
         self.pool = None
+        self.stream_mode = stream if self.cuda else "cpu"
+        if stream not in STREAM_MODES:
+            raise ValueError(f"stream must be one of {STREAM_MODES}, got {stream!r}")
         if self.cuda:
-            lo, _hi = torch.cuda.Stream.priority_range()
-            self.stream = torch.cuda.Stream(device=self.dev, priority=lo)  # lo = the least urgent
+            self.stream = self._make_stream(stream, serving_sms)
             self.pool = torch.cuda.graph_pool_handle()
         self._static: dict[Bucket, _Static] = {}
         self._prefix_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -297,6 +311,22 @@ class GraphedTrainer:
         self._head_unit = 2.0 * p_head / (L * p_layer + p_head)
         if not trainer.fused:
             raise ValueError("the graphed trainer needs the fused AdamW (device-side skip of non-finite steps)")
+
+    def _make_stream(self, mode: str, serving_sms: int):
+        """Where pieces run (see STREAM_MODES). Built in the engine thread, whose current stream serves."""
+        if mode == "serving":
+            return torch.cuda.current_stream(self.dev)
+        if mode == "partition":
+            total = torch.cuda.get_device_properties(self.dev).multi_processor_count
+            try:
+                part = sm_partition(self.dev, total - serving_sms)
+                log.info("co-serving pieces on %d of %d SMs", part.sms, part.total_sms)
+                return part.stream
+            except (PartitionUnavailable, ValueError) as exc:
+                log.warning("no SM partition for training (%s): its pieces run beside serving", exc)
+                self.stream_mode = "beside"
+        lo, _hi = torch.cuda.Stream.priority_range()
+        return torch.cuda.Stream(device=self.dev, priority=lo)  # lo = the least urgent
 
     # ---- the work ----
     def pack(self, samples: list[TrainSample], denom: int) -> list[MicroBatch]:

@@ -82,6 +82,8 @@ class JobSpec:
     # layers per graphed piece; None: one forward+backward graph per micro-batch. Experimental: layer-split pieces
     # stalled under serving load on an H200 (bench/results/cl_gpu_coserve_time_budget.json)
     graph_layers: int | None = None
+    train_stream: str = "serving"  # serving | beside | partition: where graphed pieces run (graphed.STREAM_MODES)
+    serving_sms: int = 16  # SMs left to serving alone when train_stream is partition
 
 
 @dataclass
@@ -198,7 +200,12 @@ class ContinualLearningJob:
             budget = int(getattr(getattr(engine, "config", None), "max_num_batched_tokens", 2 * spec.graph_tokens))
             cap = max(1, min(spec.graph_tokens, budget // 2))
             self.graphed = GraphedTrainer(
-                self.trainer, max_tokens=cap, max_prefix=spec.graph_prefix, layers_per_piece=spec.graph_layers
+                self.trainer,
+                max_tokens=cap,
+                max_prefix=spec.graph_prefix,
+                layers_per_piece=spec.graph_layers,
+                stream=spec.train_stream,
+                serving_sms=spec.serving_sms,
             )
             self.scheduler = OverlapController(self.scheduler.cfg)
         self._mbs: deque[MicroBatch] = deque()  # launched-in-order micro-batches of the current graphed group

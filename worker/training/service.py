@@ -100,6 +100,7 @@ class TrainingService:
         }
         self._engine = engine
         engine.iteration_hooks.append(self._on_iteration)
+        engine.launch_hooks.append(self._on_launch)
         engine.runner.capture_hook = PrefillRecorder(self._record_lookup, engine.model.shape.num_layers)
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
@@ -203,7 +204,15 @@ class TrainingService:
 
     # ---- co-serving (engine thread) ----
     def _on_iteration(self, info) -> None:
-        jobs = [j for j in list(self.jobs.values()) if j.phase == "Running"]
+        """Eager pieces run after the step: they block the host, so before the tokens they would delay them."""
+        jobs = [j for j in list(self.jobs.values()) if j.phase == "Running" and j.graphed is None]
+        if jobs:
+            coserve_iteration(self._engine, jobs, info, self.metrics, self._safe_work)
+
+    def _on_launch(self, info) -> None:
+        """Graphed pieces are queued right behind the step's kernels, so the GPU runs them while the host settles
+        the step and prepares the next one (the gap of a host-bound serving loop)."""
+        jobs = [j for j in list(self.jobs.values()) if j.phase == "Running" and j.graphed is not None]
         if jobs:
             coserve_iteration(self._engine, jobs, info, self.metrics, self._safe_work)
 
