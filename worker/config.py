@@ -26,6 +26,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     adapter_roots: list[str] = field(default_factory=list)
     enforce_eager: bool = False
+    prefill_graphs: bool = True  # with graphs on, steps with prefill tokens replay graphs too (cuda_graph.py)
     enable_prefix_caching: bool = False  # reuse KV of identical prompt prefixes (salted by adapter version)
     lora_admission: str = "slot_aware"  # slot_aware: GPU-resident adapters first, age-bounded; fifo: arrival order
     max_admission_wait_steps: int = 32  # steps a request may be overtaken by warmer ones before it goes first

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument(
+        "--no-prefill-graphs", action="store_true", help="CUDA graphs for decode-only steps; prefill steps eager"
+    )
+    p.add_argument(
         "--async-scheduling",
         action="store_true",
         help="launch each step before the previous step's tokens reach the host (1.3-1.5x tokens/s on an H200; "
@@ -108,6 +111,7 @@ def engine_config(args: argparse.Namespace):
         max_lora_rank=args.max_lora_rank,
         adapter_roots=list(args.adapter_root),
         enforce_eager=args.enforce_eager,
+        prefill_graphs=not args.no_prefill_graphs,
         async_scheduling=args.async_scheduling,
         lora_admission=args.lora_admission,
         max_admission_wait_steps=args.max_admission_wait_steps,

@@ -80,3 +80,34 @@ def test_gpu_bf16_serving_with_slot_churn(make_engine, adapters):
     assert all(len(o.output_token_ids) == 16 for o in outs)
     assert eng.store.counters["slot_evictions"] > 0
     assert eng.block_manager.num_free == eng.block_manager.num_blocks
+
+
+def test_gpu_prefill_graphs_equal_eager(make_engine, adapters):
+    """Steps with prefill tokens (chunked, mixed with decodes, over several adapters) replay the mixed graphs and
+    give the eager steps' logits and tokens."""
+    prompts = [p * 6 for p in _prompts(10, seed=4)]  # 18..174 tokens: chunked under a 96-token budget
+    names = [MIX[i % len(MIX)] for i in range(len(prompts))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_seqs=16, max_num_batched_tokens=96)
+    eager = _engine(make_engine, adapters, enforce_eager=True, **kw)
+    graph = _engine(make_engine, adapters, enforce_eager=False, **kw)
+    assert graph.runner.mixed_runner is not None and eager.runner.mixed_runner is None
+    for eng in (eager, graph):  # one mixed step: the first prompts' prefill chunks
+        for i, (p, n) in enumerate(zip(prompts[:4], names[:4], strict=True)):
+            eng.add_request(f"m{i}", p, SamplingParams(temperature=0, max_tokens=2), n)
+    logits = []
+    for eng in (eager, graph):
+        seqs, lg = eng.runner.logits_for(eng.scheduler.schedule())
+        logits.append({s.request_id: lg[i] for i, s in enumerate(seqs)})
+        for i in range(4):
+            eng.abort_request(f"m{i}")
+        eng.step()
+    assert logits[0].keys() == logits[1].keys()
+    worst = max((logits[0][k] - logits[1][k]).abs().max().item() for k in logits[0])
+    assert worst < 1e-3, worst
+    before = graph.runner.mixed_runner.replays + graph.runner.mixed_runner_lora.replays
+    a = [o.output_token_ids for o in eager.generate(prompts, params, names)]
+    b = [o.output_token_ids for o in graph.generate(prompts, params, names)]
+    assert a == b
+    assert graph.runner.mixed_runner.replays + graph.runner.mixed_runner_lora.replays > before + 3
+    assert graph.block_manager.num_free == graph.block_manager.num_blocks

@@ -80,19 +80,94 @@ class CudaGraphRunner:
         bs = self.size_for(batch)
         if bs is None:
             return self.fn(inputs)[:batch]
-        static = self.static_in[bs]
-        for name, buf in static.items():
-            spec = self.specs.get(name, InputSpec(name))
-            src = inputs[name]
-            n = src.shape[0]
-            buf[:n].copy_(src, non_blocking=True)
-            if n < buf.shape[0]:
-                if spec.pad == EDGE:
-                    buf[n:].copy_(src[n - 1 : n].expand_as(buf[n:]), non_blocking=True)
-                else:
-                    buf[n:].fill_(spec.pad)
+        _fill(self.static_in[bs], inputs, self.specs)
         self.graphs[bs].replay()
         return self.static_out[bs][:batch]
+
+
+def _fill(static: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], specs: dict[str, InputSpec]) -> None:
+    """Copies live inputs into the head of their static buffers and pads the tail as each spec says."""
+    for name, buf in static.items():
+        spec = specs.get(name, InputSpec(name))
+        src = inputs[name]
+        n = src.shape[0]
+        buf[:n].copy_(src, non_blocking=True)
+        if n < buf.shape[0]:
+            if spec.pad == EDGE:
+                buf[n:].copy_(src[n - 1 : n].expand_as(buf[n:]), non_blocking=True)
+            else:
+                buf[n:].fill_(spec.pad)
+
+
+class MixedGraphRunner:
+    """CUDA graphs for steps with prefill tokens (chunked prefill mixed with decodes).
+
+    Why: such a step is launched eagerly otherwise, and on a fast GPU its ~500 kernel launches take longer than its
+    math (a 1B step with one 256-token prefill: ~14 ms of launches on an H100), so the GPU mostly waits and co-served
+    training cannot use the gaps without delaying the trickle of serving kernels. Keys are (token bucket T, query
+    bucket Q): token-axis inputs are padded to T (padded tokens belong to no sequence and no LoRA segment and write
+    their K/V to the scratch slot), sequence-axis inputs to `max_seqs` (padded sequences have no query tokens), and
+    `fn(inputs, Q)` is captured with Q as the longest query (the attention grid depends on it; rows beyond a
+    sequence's own query length are masked, so a larger Q gives the same numbers). Returns the hidden states of the
+    first `num_tokens` rows."""
+
+    def __init__(
+        self,
+        fn: Callable[[dict[str, torch.Tensor], int], torch.Tensor],
+        specs: Sequence[InputSpec],
+        buckets: dict[int, list[int]],
+        max_seqs: int,
+        example: Callable[[int, int], dict[str, torch.Tensor]],
+        pool=None,
+    ) -> None:
+        """`buckets`: token bucket -> its query buckets; `example(T, S)`: valid inputs with T tokens, S sequences."""
+        self.specs = {s.name: s for s in specs}
+        self.max_seqs = max_seqs
+        self.buckets = {t: sorted(qs) for t, qs in sorted(buckets.items())}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.static_in: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.static_out: dict[tuple[int, int], torch.Tensor] = {}
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.replays = 0
+        for t in sorted(self.buckets, reverse=True):
+            for q in sorted(self.buckets[t], reverse=True):
+                inputs = {k: v.clone() for k, v in example(t, max_seqs).items()}
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    fn(inputs, q)  # warm-up: Triton compiles outside the capture
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = fn(inputs, q)
+                self.graphs[(t, q)] = graph
+                self.static_in[(t, q)] = inputs
+                self.static_out[(t, q)] = out
+        torch.cuda.synchronize()
+
+    def key_for(self, num_tokens: int, num_seqs: int, max_q_len: int) -> tuple[int, int] | None:
+        """The smallest captured (T, Q) that holds the step, or None (the caller runs eagerly)."""
+        if num_seqs > self.max_seqs:
+            return None
+        for t, qs in self.buckets.items():
+            if t >= num_tokens:
+                for q in qs:
+                    if q >= max_q_len:
+                        return t, q
+        return None
+
+    def __call__(self, inputs: dict[str, torch.Tensor], key: tuple[int, int], num_tokens: int) -> torch.Tensor:
+        _fill(self.static_in[key], inputs, self.specs)
+        self.graphs[key].replay()
+        self.replays += 1
+        return self.static_out[key][:num_tokens]
+
+
+def mixed_buckets(max_tokens: int, query_buckets: Sequence[int] = (32, 128, 512, 2048)) -> dict[int, list[int]]:
+    """Token buckets 256, 512, ... up to max_tokens (and max_tokens itself); each with the query buckets below it
+    plus T: at most 2x padding in tokens, and a long query never shares a graph sized for short ones."""
+    tokens = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t < max_tokens] + [max_tokens]
+    return {t: sorted({min(q, t) for q in query_buckets} | {t}) for t in tokens}
 
 
 def default_sizes(max_batch: int) -> list[int]:

@@ -107,6 +107,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
+            max_num_batched_tokens=config.max_num_batched_tokens if config.prefill_graphs else None,
         )
         self.iteration_hooks: list[Callable[[IterationInfo], None]] = []
         self.launch_hooks: list[Callable[[IterationInfo], None]] = []

@@ -196,7 +196,10 @@ class ModelRunner:
         max_model_len: int = 4096,
         max_num_seqs: int = 64,
         enforce_eager: bool = True,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
+        """`max_num_batched_tokens`: with graphs on, also capture graphs for steps with prefill tokens up to this
+        many tokens (None: decode graphs only)."""
         self.model = model
         self.store = store
         self.block_size = block_size
@@ -221,6 +224,8 @@ class ModelRunner:
         self.table_width = -(-max_model_len // block_size) if self.use_triton else None
         self.graph_runner = None  # decode CUDA graphs without LoRA (cuda_graph.CudaGraphRunner)
         self.graph_runner_lora = None  # ... and with the batched-LoRA ops over every slot
+        self.mixed_runner = None  # graphs for steps with prefill tokens (cuda_graph.MixedGraphRunner), no LoRA
+        self.mixed_runner_lora = None
         # Activation recording (worker/training/stash.py): `capture_hook(batch, inputs)` returns a model `capture`
         # callable for this step, or None. Only consulted for batches with prefill tokens.
         self.capture_hook = None
@@ -228,25 +233,26 @@ class ModelRunner:
         self.last_forward_seconds = 0.0
         self._copy_stream = None  # side stream for sampled-token copies to the host (async scheduling, CUDA only)
         if self.use_triton and not enforce_eager:
-            self._capture_graphs(max_num_seqs)
+            self._capture_graphs(max_num_seqs, max_num_batched_tokens)
 
     def prepare(
         self, batch: ScheduledBatch, pending: SampledTokens | None = None, non_blocking: bool = False
     ) -> StepInputs:
         graph_decode = self.graph_runner is not None and all(n == 1 for n in batch.num_tokens)
-        width = self.table_width if graph_decode else None  # graphs need the static width, eager steps do not
+        # graphs need the static width (eager steps do not): decode graphs, and mixed ones when captured
+        width = self.table_width if graph_decode or self.mixed_runner is not None else None
         return StepInputs(
             batch.seqs, batch.num_tokens, self.block_size, self.device, width, self.use_triton, pending, non_blocking
         )
 
-    def _graph_forward(self, inputs: dict[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
+    def _graph_forward(self, inputs: dict[str, torch.Tensor], with_lora: bool, max_q_len: int = 1) -> torch.Tensor:
         attn = TritonPagedAttentionContext(
             self.kv_caches,
             inputs["slot_mapping"],
             inputs["block_tables"],
             inputs["seq_lens"],
             inputs["q_indptr"],
-            1,
+            max_q_len,
             self.model.attn_scale,
         )
         lora = (
@@ -256,9 +262,17 @@ class ModelRunner:
         )
         return self.model(inputs["input_ids"], inputs["positions"], attn, lora)
 
-    def _capture_graphs(self, max_num_seqs: int) -> None:
-        """Captures decode graphs for batch sizes up to max_num_seqs (pads to the next captured size)."""
-        from lorafleet.worker.engine.cuda_graph import EDGE, CudaGraphRunner, InputSpec, default_sizes
+    def _capture_graphs(self, max_num_seqs: int, max_tokens: int | None = None) -> None:
+        """Captures decode graphs for batch sizes up to max_num_seqs (pads to the next captured size), and graphs
+        for steps with prefill tokens up to `max_tokens` tokens (cuda_graph.MixedGraphRunner)."""
+        from lorafleet.worker.engine.cuda_graph import (
+            EDGE,
+            CudaGraphRunner,
+            InputSpec,
+            MixedGraphRunner,
+            default_sizes,
+            mixed_buckets,
+        )
         from lorafleet.worker.lora import dispatch, ops
 
         if dispatch.ops_for(self.device) is ops:
@@ -296,6 +310,30 @@ class ModelRunner:
             self.graph_runner = CudaGraphRunner(lambda x: self._graph_forward(x, False), specs, sizes, example)
             self.graph_runner_lora = CudaGraphRunner(lambda x: self._graph_forward(x, True), specs, sizes, example)
         log.info("captured decode CUDA graphs for %d batch sizes in %.1f s", len(sizes), time.perf_counter() - t0)
+        if not max_tokens:
+            return
+
+        def mixed_example(t: int, s: int) -> dict[str, torch.Tensor]:
+            ex = example(s)  # sequence-axis inputs for s sequences ...
+            ex["input_ids"] = torch.zeros(t, dtype=torch.long, device=dev)  # ... and token-axis ones for t tokens
+            ex["positions"] = torch.zeros(t, dtype=torch.long, device=dev)
+            ex["slot_mapping"] = torch.full((t,), scratch, dtype=torch.long, device=dev)
+            ex["q_indptr"] = torch.zeros(s + 1, dtype=torch.int32, device=dev)  # no sequence has query tokens
+            ex["seg_indptr"] = torch.zeros(s + 1, dtype=torch.int32, device=dev)
+            return ex
+
+        t0 = time.perf_counter()
+        buckets = mixed_buckets(max_tokens)
+        pool = self.graph_runner.pool
+        with torch.inference_mode():
+            self.mixed_runner = MixedGraphRunner(
+                lambda x, q: self._graph_forward(x, False, q), specs, buckets, max_num_seqs, mixed_example, pool
+            )
+            self.mixed_runner_lora = MixedGraphRunner(
+                lambda x, q: self._graph_forward(x, True, q), specs, buckets, max_num_seqs, mixed_example, pool
+            )
+        n = sum(len(q) for q in buckets.values())
+        log.info("captured %d prefill/mixed CUDA graphs in %.1f s", 2 * n, time.perf_counter() - t0)
 
     def _forward(self, inp: StepInputs) -> torch.Tensor:
         """Hidden states of the sampled rows [N, H]."""
@@ -304,6 +342,12 @@ class ModelRunner:
         graph = self.graph_runner_lora if inp.has_lora else self.graph_runner
         if graph is not None and inp.is_decode and self._capture is None and graph.size_for(inp.num_seqs) is not None:
             return graph(inp.graph_inputs(), inp.num_seqs)  # decode: every row samples, in order
+        mixed = self.mixed_runner_lora if inp.has_lora else self.mixed_runner
+        if mixed is not None and not inp.is_decode and self._capture is None:
+            total = inp.input_ids.shape[0]
+            key = mixed.key_for(total, inp.num_seqs, inp.max_q_len)
+            if key is not None:
+                return mixed(inp.graph_inputs(), key, total)[inp.sample_rows]
         if self.use_triton:
             attn = TritonPagedAttentionContext(
                 self.kv_caches,
