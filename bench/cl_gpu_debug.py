@@ -34,5 +34,17 @@ for i in range(40):
     u = job.work(cfg.budget)
     torch.cuda.synchronize()
     g = job.graphed
-    print(i, f"{time.perf_counter() - t0:.3f}s", u, job.trainer.step, job.sequence_tokens, len(g.pending), g.active,
-          g.graph_replays, g.eager_runs, job.phase, job.message, flush=True)
+    print(
+        i,
+        f"{time.perf_counter() - t0:.3f}s",
+        u,
+        job.trainer.step,
+        job.sequence_tokens,
+        len(g.pending),
+        g.active,
+        g.graph_replays,
+        g.eager_runs,
+        job.phase,
+        job.message,
+        flush=True,
+    )

@@ -164,19 +164,12 @@ class MixedGraphRunner:
 
 
 def mixed_buckets(max_tokens: int, query_buckets: Sequence[int] = (32, 128, 512, 2048)) -> dict[int, list[int]]:
-    """Token buckets 256, 512, ... up to max_tokens (and max_tokens itself); each with the query buckets below it
-    plus T: at most 2x padding in tokens, and a long query never shares a graph sized for short ones."""
-    tokens = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t < max_tokens] + [max_tokens]
+    """Token buckets 128, 256, 384, 512, then steps of a half power of two (768, 1024, 1536, ...) up to max_tokens
+    (and max_tokens itself): padding costs at most ~1/3 of a step's tokens beyond the smallest bucket. Each token
+    bucket gets the query buckets below it plus T, so a long query never shares a graph sized for short ones."""
+    tokens, t = [128, 256, 384, 512], 512
+    while t < max_tokens:
+        tokens += [t * 3 // 2, t * 2]
+        t *= 2
+    tokens = sorted({x for x in tokens if x < max_tokens} | {max_tokens})
     return {t: sorted({min(q, t) for q in query_buckets} | {t}) for t in tokens}
-
-
-def default_sizes(max_batch: int) -> list[int]:
-    """1, 2, 4, then steps of 8 to 128, 16 to 256, 32 beyond: padding wastes at most 1/8 of a large batch."""
-    sizes = [1, 2, 4]
-    sizes += list(range(8, min(128, max_batch) + 1, 8))
-    sizes += list(range(144, min(256, max_batch) + 1, 16))
-    sizes += list(range(288, max_batch + 1, 32))
-    sizes = sorted(s for s in set(sizes) if s <= max_batch)
-    if not sizes or sizes[-1] != max_batch:
-        sizes.append(max_batch)
-    return sizes

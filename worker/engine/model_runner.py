@@ -226,10 +226,10 @@ class ModelRunner:
         self.graph_runner_lora = None  # ... and with the batched-LoRA ops over every slot
         self.mixed_runner = None  # graphs for steps with prefill tokens (cuda_graph.MixedGraphRunner), no LoRA
         self.mixed_runner_lora = None
-        # Activation recording (worker/training/stash.py): `capture_hook(batch, inputs)` returns a model `capture`
-        # callable for this step, or None. Only consulted for batches with prefill tokens.
+        # Activation recording (worker/training/recorder.py): `capture_hook(batch, inputs)` returns a callable
+        # for this step, or None, called with the KV caches and slot mapping once the forward is queued. Only
+        # consulted for batches with prefill tokens; it never changes how the forward runs (graphs included).
         self.capture_hook = None
-        self._capture = None
         self.last_forward_seconds = 0.0
         self._copy_stream = None  # side stream for sampled-token copies to the host (async scheduling, CUDA only)
         if self.use_triton and not enforce_eager:
@@ -340,10 +340,10 @@ class ModelRunner:
         if inp.has_lora:
             self.store.wait_ready([s for s in inp.seg_slot_list if s >= 0])
         graph = self.graph_runner_lora if inp.has_lora else self.graph_runner
-        if graph is not None and inp.is_decode and self._capture is None and graph.size_for(inp.num_seqs) is not None:
+        if graph is not None and inp.is_decode and graph.size_for(inp.num_seqs) is not None:
             return graph(inp.graph_inputs(), inp.num_seqs)  # decode: every row samples, in order
         mixed = self.mixed_runner_lora if inp.has_lora else self.mixed_runner
-        if mixed is not None and not inp.is_decode and self._capture is None:
+        if mixed is not None and not inp.is_decode:
             total = inp.input_ids.shape[0]
             key = mixed.key_for(total, inp.num_seqs, inp.max_q_len)
             if key is not None:
@@ -369,17 +369,22 @@ class ModelRunner:
                 self.model.shape.sliding_window,
             )
         lora = SegmentLoRAContext(self.store, inp.seg_indptr, inp.seg_slots) if inp.has_lora else None
-        hidden = self.model(inp.input_ids, inp.positions, attn, lora, self._capture)
+        hidden = self.model(inp.input_ids, inp.positions, attn, lora, None)
         return hidden[inp.sample_rows]
+
+    def _record(self, batch: ScheduledBatch, inp: StepInputs) -> None:
+        if self.capture_hook is not None and not inp.is_decode:
+            record = self.capture_hook(batch, inp)
+            if record is not None:
+                record(self.kv_caches, inp.slot_mapping)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
         """Runs one step; returns the sampled token of every sequence whose chunk reached its last token."""
         t0 = time.perf_counter()
         inp = self.prepare(batch)
-        self._capture = self.capture_hook(batch, inp) if self.capture_hook is not None and not inp.is_decode else None
         hidden = self._forward(inp)
-        self._capture = None
+        self._record(batch, inp)
         out: dict[Sequence, int] = {}
         if inp.sample_seqs:
             logits = self.model.compute_logits(hidden)
@@ -399,9 +404,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         cuda = self.device.type == "cuda"
         inp = self.prepare(batch, pending, non_blocking=cuda)
-        self._capture = self.capture_hook(batch, inp) if self.capture_hook is not None and not inp.is_decode else None
         hidden = self._forward(inp)
-        self._capture = None
+        self._record(batch, inp)
         tokens = None
         seqs = inp.sample_seqs
         if seqs:

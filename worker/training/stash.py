@@ -9,8 +9,9 @@ own paths (including their attention over the prompt) are exact. With an unchang
 equal a recomputation up to float rounding (the serving path computes them with the paged attention and the
 segment LoRA ops), so the gradients equal the "recompute the prompt under no-grad" gradients; a test checks it. What the backward needs from the prompt is therefore exactly its K/V.
 
-Memory discipline: captured tensors are copied (non-blocking, on a side stream ordered after the layer that made
-them) into one preallocated host arena (pinned on CUDA) in forward order, as the layers run. The arena is a ring: a new allocation overwrites the
+Memory discipline: recorded tensors (gathered from the paged KV cache right after the prefill step, recorder.py)
+are copied (non-blocking, on a side stream ordered after that step) into one preallocated host arena (pinned on
+CUDA) in forward order. The arena is a ring: a new allocation overwrites the
 oldest entries (counted as evicted), so recording never allocates, never waits and never grows beyond the cap; a
 request whose recording was overwritten before it finished is simply not stashed. Entries carry the adapter version
 and the job's optimizer step of that version; a stash older than the staleness bound is recomputed or dropped by
