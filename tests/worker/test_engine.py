@@ -221,3 +221,20 @@ def test_launch_hooks_run_before_the_steps_tokens_reach_the_host(make_engine, ad
         )
     first, lens = launched[0]
     assert first.num_prefill_tokens == len(PROMPT) + 5 and lens == {"a": len(PROMPT), "b": 5}
+
+
+def test_graph_buckets_cover_every_step_size():
+    """Decode batch sizes and prefill/mixed (tokens, longest query) buckets cover every step the scheduler can make
+    (the graph runners pick the smallest bucket that holds a step; eager only beyond the largest)."""
+    from lorafleet.worker.engine.cuda_graph import default_sizes, mixed_buckets
+
+    sizes = default_sizes(100)
+    assert sizes[:3] == [1, 2, 4] and sizes[-1] == 100 and sizes == sorted(set(sizes))
+    b = mixed_buckets(2048)
+    assert list(b) == [128, 256, 384, 512, 768, 1024, 1536, 2048]
+    for t, qs in b.items():
+        assert qs[-1] == t and all(q <= t for q in qs)  # a query never exceeds the step's tokens
+    for n in range(1, 2049, 7):
+        t = min(t for t in b if t >= n)
+        assert t <= max(128, 1.5 * n)  # padding bounded
+    assert mixed_buckets(96) == {96: [32, 96]}

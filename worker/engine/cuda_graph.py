@@ -173,3 +173,15 @@ def mixed_buckets(max_tokens: int, query_buckets: Sequence[int] = (32, 128, 512,
         t *= 2
     tokens = sorted({x for x in tokens if x < max_tokens} | {max_tokens})
     return {t: sorted({min(q, t) for q in query_buckets} | {t}) for t in tokens}
+
+
+def default_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, then steps of 8 to 128, 16 to 256, 32 beyond: padding wastes at most 1/8 of a large batch."""
+    sizes = [1, 2, 4]
+    sizes += list(range(8, min(128, max_batch) + 1, 8))
+    sizes += list(range(144, min(256, max_batch) + 1, 16))
+    sizes += list(range(288, max_batch + 1, 32))
+    sizes = sorted(s for s in set(sizes) if s <= max_batch)
+    if not sizes or sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
