@@ -28,7 +28,11 @@ def engine(tmp_path, tiny_dir):
     build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
     build_peft_adapter(root / "other", tiny_dir, rank=4, alpha=8, seed=6, std=0.1)
     cfg = EngineConfig(
-        model=str(tiny_dir), max_num_batched_tokens=16, kv_cache_bytes=8 << 20, adapter_roots=[str(root)]
+        model=str(tiny_dir),
+        device="cpu",  # fp32 numerics against the CPU trainer (the GPU machine would pick cuda)
+        max_num_batched_tokens=16,
+        kv_cache_bytes=8 << 20,
+        adapter_roots=[str(root)],
     )
     eng = LLMEngine(cfg)
     eng.load_adapter("ad", str(root / "ad"), "v1")

@@ -385,7 +385,11 @@ class GraphedTrainer:
         for _ in range(2):
             self._forward_backward(st)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, stream=self.stream):
+        # CUDA cannot capture on the legacy default stream (serving there: LORAFLEET_SERVING_STREAM=default): such
+        # a graph is captured on a side stream and still replays on the training stream. A partition stream must
+        # capture itself: replays keep the SM restriction of the stream they were captured on.
+        cap = None if self.stream == torch.cuda.default_stream(self.dev) else self.stream
+        with torch.cuda.graph(g, pool=self.pool, stream=cap):
             self._forward_backward(st)
         st.row_w.copy_(saved)
         st.graph = g
