@@ -16,6 +16,6 @@ spec.loader.exec_module(m)
 d = pathlib.Path(tempfile.mkdtemp())
 tiny = build_tiny_llama(d / "m", TinyLlamaSpec(), seed=0)
 ad = build_peft_adapter(d / "ad", tiny, rank=4, alpha=8, seed=3, std=0.1)
-for split in (None, 1):
-    m.test_cuda_graph_replays_equal_eager(ad, tiny, split)
+for split, stream in ((None, "serving"), (1, "serving"), (None, "beside"), (None, "partition")):
+    m.test_cuda_graph_replays_equal_eager(ad, tiny, split, stream)
 print("GPU graph test OK")

@@ -238,6 +238,11 @@ class LatencyTarget(_Model):
     tpot_millis: Annotated[float, Field(gt=0)]
 
 
+class CoServing(_Model):
+    placement: Literal["serving", "beside", "partition"] = "serving"
+    serving_sms: Annotated[int, Field(ge=1, le=1024, alias="servingSMs")] = 16
+
+
 class ContinualLearningJobSpec(_Model):
     adapter: Name
     mode: Literal["colocated", "dedicated"] = "colocated"
@@ -251,6 +256,7 @@ class ContinualLearningJobSpec(_Model):
     stale_policy: Literal["recompute", "drop"] = "recompute"
     latency_target: LatencyTarget | None = None
     min_finetune_share: Annotated[float, Field(ge=0, le=1)] = 0.05
+    co_serving: CoServing | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ContinualLearningJobSpec:

@@ -60,6 +60,9 @@ def job_request(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("replayRatio", "maxActivationStaleness", "stalePolicy", "minFinetuneShare"):
         if spec.get(key) is not None:
             req[key] = spec[key]
+    co = {k: v for k, v in (spec.get("coServing") or {}).items() if k in ("placement", "servingSMs") and v is not None}
+    if co:
+        req["coServing"] = co
     tpot = (spec.get("latencyTarget") or {}).get("tpotMillis")
     if tpot is not None:
         req["latencyTarget"] = {"tpotMs": float(tpot)}

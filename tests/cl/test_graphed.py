@@ -117,15 +117,18 @@ def test_non_finite_step_is_skipped_on_the_device(adapter_dir, tiny_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("split", [None, 1])
-def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, split):
+@pytest.mark.parametrize(
+    ("split", "stream"), [(None, "serving"), (1, "serving"), (None, "beside"), (None, "partition")]
+)
+def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, split, stream):
     from lorafleet.worker.loader import load_model
 
     model, _ = load_model(tiny_dir, torch.device("cuda"), torch.float32)
     optim = OptimConfig(lr=5e-3)
     ref = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, adapter_dir, device="cuda"), optim)
     t = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, adapter_dir, device="cuda"), optim)
-    g = GraphedTrainer(t, max_tokens=64, max_prefix=64, layers_per_piece=split)
+    # partition: 8 SMs left to serving (falls back to "beside" where green contexts are unavailable)
+    g = GraphedTrainer(t, max_tokens=64, max_prefix=64, layers_per_piece=split, stream=stream, serving_sms=8)
     for _ in range(4):
         samples = _samples(ref)
         tokens = sum(s.loss_tokens for s in samples)

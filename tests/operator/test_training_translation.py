@@ -33,6 +33,11 @@ def test_sample_job_translates_to_the_worker_api() -> None:
 
     accepted = JobRequest.model_validate(req)
     assert (accepted.checkpoint.everySteps, accepted.checkpoint.keep) == (25, 3)
+    co = training.job_request("j", {"adapter": "a", "coServing": {"placement": "partition", "servingSMs": 24}})
+    assert co["coServing"] == {"placement": "partition", "servingSMs": 24}
+    spec = JobRequest.model_validate(co).to_spec()
+    assert (spec.train_stream, spec.serving_sms) == ("partition", 24)
+    assert JobRequest.model_validate(req).to_spec().train_stream == "serving"  # the default: never overlap serving
     assert training.job_request("j", {"adapter": "a", "mode": "dedicated", "feedback": {"accept": False}})[
         "feedback"
     ] == {"kinds": ["correction", "pair", "reward"]}
@@ -65,3 +70,7 @@ def test_crd_bounds_are_what_the_worker_accepts() -> None:
     ckpt = worker["$defs"]["CheckpointSpec"]["properties"]
     assert spec["checkpoint"]["properties"]["keep"]["maximum"] == ckpt["keep"]["maximum"]
     assert spec["checkpoint"]["properties"]["everySteps"]["minimum"] == ckpt["everySteps"]["minimum"]
+    co, wco = spec["coServing"]["properties"], worker["$defs"]["CoServingSpec"]["properties"]
+    assert co["placement"]["enum"] == wco["placement"]["enum"] == ["serving", "beside", "partition"]
+    assert (co["servingSMs"]["minimum"], co["servingSMs"]["maximum"]) == (wco["servingSMs"]["minimum"], 1024)
+    assert wco["servingSMs"]["maximum"] == 1024

@@ -73,6 +73,13 @@ class LatencyTarget(_Strict):
     tpotMs: float = Field(50.0, gt=0)
 
 
+class CoServingSpec(_Strict):
+    """Where co-served fine-tuning runs on a GPU (graphed.STREAM_MODES); ignored on CPU."""
+
+    placement: Literal["serving", "beside", "partition"] = "serving"
+    servingSMs: int = Field(16, ge=1, le=1024)
+
+
 class JobRequest(_Strict):
     name: str
     adapter: str = Field(min_length=1, max_length=253)
@@ -89,6 +96,7 @@ class JobRequest(_Strict):
     minFinetuneShare: float = Field(0.05, ge=0.0, le=1.0)
     recordActivations: bool = True
     stashBytes: int = Field(256 << 20, ge=0)
+    coServing: CoServingSpec = Field(default_factory=CoServingSpec)
 
     @field_validator("name")
     @classmethod
@@ -142,6 +150,8 @@ class JobRequest(_Strict):
             stash_bytes=self.stashBytes,
             checkpoint_every=self.checkpoint.everySteps,
             checkpoint_keep=self.checkpoint.keep,
+            train_stream=self.coServing.placement,
+            serving_sms=self.coServing.servingSMs,
         )
 
 
