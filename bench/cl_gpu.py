@@ -3,8 +3,10 @@
 
 Keys (under `metrics`):
 - activation_reuse_training_speedup: training tokens/s (completion tokens) when the prompt state comes from the
-  activation stash recorded while serving (forward only the completion against it) / a separate trainer that
-  recomputes the forward over prompt + completion (full backprop), same GPU, same feedback.
+  activation stash recorded while serving (forward only the completion against it, stash brought back from host
+  memory inside the timing) / a separate trainer that recomputes the forward over prompt + completion (full
+  backprop), same GPU, same feedback, both on the co-serving job's training path (`GraphedTrainer`); the eager
+  `LoRATrainer` ratio is in raw.reuse.
 - recording_ttft_ratio: serving TTFT p50 with prefill recording on / off, same Poisson arrivals.
 - coserve_finetune_retention_50 / _90: fine-tuning tokens/s while co-serving at 50% / 90% of the max inference load,
   divided by fine-tuning alone.
@@ -342,8 +344,11 @@ def finetune_alone(engine, job, cfg: Cfg) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
-    """Stash reuse vs a separate trainer that recomputes the forward (same samples, same steps)."""
+    """Stash reuse vs a trainer that recomputes the forward (same samples, same steps), on the path a co-serving
+    job trains with on this device: `GraphedTrainer` micro-batches (packed samples, stashed prompt K/V as constant
+    prefix keys; CUDA graphs on a GPU). The eager `LoRATrainer` (one sample's prefix at a time) is reported too."""
     from lorafleet.worker.engine.sequence import SamplingParams
+    from lorafleet.worker.training.graphed import GraphedTrainer
     from lorafleet.worker.training.lora_context import TrainableLoRA
     from lorafleet.worker.training.recorder import PrefillRecorder
     from lorafleet.worker.training.stash import ActivationStash
@@ -360,17 +365,15 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), ["ad"] * n)
     engine.runner.capture_hook = None
     completions = [[rng.randrange(10, vocab) for _ in range(cfg.ft_completion)] for _ in range(n)]
-    lora = TrainableLoRA.from_peft(engine.model.shape, engine.store.current("ad").path, device=engine.device)
     group = cfg.reuse_group
-    trainer = LoRATrainer(
-        engine.model, lora, OptimConfig(grad_accumulation=group, micro_batch_tokens=1 << 16), compute_dtype=engine.dtype
-    )
+    # taken once; loaded from the host arena inside every timed reuse step (nothing records meanwhile, so the
+    # arena ranges stay valid for the second path)
+    entries = {j: stash.take(outs[j].request_id) for j in range(n)}
 
     def reuse_samples(idx):
         out = []
         for j in idx:
-            e = stash.take(outs[j].request_id)
-            kv = stash.load(e, engine.device, engine.dtype)
+            kv = stash.load(entries[j], engine.device, engine.dtype)  # host -> device: part of the reuse cost
             m = len(prompts[j]) - 1
             out.append(TrainSample(prompts[j], completions[j], prefix_kv=[(k[:m], v[:m]) for k, v in kv]))
         return out
@@ -378,33 +381,56 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
     def full_samples(idx):
         return [TrainSample(prompts[j], completions[j]) for j in idx]
 
-    # warm-up both paths (kernels, allocator) on the first group, then time the rest
-    trainer.train_step(full_samples(range(group)))
-    trainer.train_step(reuse_samples(range(group)))
-    sync(cfg)
+    def trainer():
+        lora = TrainableLoRA.from_peft(engine.model.shape, engine.store.current("ad").path, device=engine.device)
+        optim = OptimConfig(grad_accumulation=group, micro_batch_tokens=1 << 16)
+        return LoRATrainer(engine.model, lora, optim, compute_dtype=engine.dtype)
+
+    graphed = GraphedTrainer(trainer(), max_tokens=1024, max_prefix=4096)
+
+    def graphed_step(samples):
+        tokens = sum(s.loss_tokens for s in samples)
+        for mb in graphed.pack(samples, tokens):
+            graphed.launch(mb)
+        graphed.launch_step()
+
+    eager = trainer()
     timed = [list(range(s, s + group)) for s in range(group, n - group + 1, group)]
-    t0 = time.perf_counter()
-    for idx in timed:
-        trainer.train_step(full_samples(idx))
-    sync(cfg)
-    t_full = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for idx in timed:
-        trainer.train_step(reuse_samples(idx))  # includes bringing the stash back from host memory
-    sync(cfg)
-    t_reuse = time.perf_counter() - t0
     tokens = sum(cfg.ft_completion for idx in timed for _ in idx)
-    return {
+    res = {
         "stash_recorded": stash.counters.recorded,
         "tokens": tokens,
-        "full_recompute_tokens_per_s": tokens / t_full,
-        "reuse_tokens_per_s": tokens / t_reuse,
-        "speedup": t_full / t_reuse,
         "prompt_tokens": cfg.ft_prompt,
         "completion_tokens": cfg.ft_completion,
         "samples_per_step": group,
         "steps_timed": len(timed),
     }
+    for name, step in (("graphed", graphed_step), ("eager", eager.train_step)):
+        step(full_samples(range(group)))  # warm-up both paths (graph captures, kernels, allocator)
+        step(reuse_samples(range(group)))
+        if name == "graphed":
+            graphed.synchronize()
+        sync(cfg)
+        t0 = time.perf_counter()
+        for idx in timed:
+            step(full_samples(idx))
+        if name == "graphed":
+            graphed.synchronize()
+        sync(cfg)
+        t_full = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for idx in timed:
+            step(reuse_samples(idx))
+        if name == "graphed":
+            graphed.synchronize()
+        sync(cfg)
+        t_reuse = time.perf_counter() - t0
+        res[f"{name}_full_recompute_tokens_per_s"] = tokens / t_full
+        res[f"{name}_reuse_tokens_per_s"] = tokens / t_reuse
+        res[f"{name}_speedup"] = t_full / t_reuse
+        print(f"[reuse] {name}: full {tokens / t_full:.0f} tok/s, reuse {tokens / t_reuse:.0f} tok/s", file=sys.stderr)
+    res["speedup"] = res["graphed_speedup"]
+    return res
 
 
 def bench_recording(engine, cfg: Cfg, root: Path, rate: float) -> dict:

@@ -1,12 +1,13 @@
-"""Whole training micro-batches as CUDA graphs, launched asynchronously on a low-priority stream (co-serving).
+"""Whole training micro-batches as CUDA graphs, launched asynchronously between serving steps (co-serving).
 
-Why: the serving loop is host-bound on a fast GPU (a 1B decode iteration is ~10 ms of Python around ~2 ms of
-kernels), so the GPU idles most of every iteration. The eager layer-wise pieces (`pipeline.py`) pay tens of ms of
-*host* time each, which lands directly on TPOT. Here one micro-batch (forward, masked CE, LoRA-only backward,
-gradient accumulation) is one CUDA graph: launching it costs microseconds of host time, and its kernels run on a
-stream of the lowest priority, so they fill the GPU's idle gaps while the serving stream (given a higher priority
-by the engine thread) goes first at thread-block granularity. Nothing here waits on the GPU: losses and gradient
-norms come back through pinned host buffers and events, and the job reads them once they are done.
+Why: the serving loop leaves the GPU idle between and inside steps, and the eager layer-wise pieces
+(`pipeline.py`) pay tens of ms of *host* time each, which lands directly on TPOT. Here one micro-batch (forward,
+masked CE, LoRA-only backward, gradient accumulation) is one CUDA graph: launching it costs microseconds of host
+time. The engine's launch hooks queue it right behind a serving step's kernels, before the host waits for that
+step's tokens. Where it runs is the job's placement (STREAM_MODES): on the serving stream itself by default, so it
+never overlaps a serving kernel, or on a lowest-priority stream beside serving (optionally on an SM partition).
+Nothing here waits on the GPU: losses and gradient norms come back through pinned host buffers and events, and the
+job reads them once they are done.
 
 Shapes: a micro-batch packs whole samples (tokens T, loss rows R, stashed prefix keys P) and is padded to a bucket
 (multiples of 128 / 128 / 512), one graph per bucket, captured lazily into one shared memory pool (graphs run one
