@@ -406,25 +406,21 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
         "steps_timed": len(timed),
     }
     for name, step in (("graphed", graphed_step), ("eager", eager.train_step)):
+
+        def seconds(make, step=step) -> float:
+            """Wall time of every timed step on `make(idx)` samples, the GPU included (graphs launch async)."""
+            t0 = time.perf_counter()
+            for idx in timed:
+                step(make(idx))
+            graphed.synchronize()
+            sync(cfg)
+            return time.perf_counter() - t0
+
         step(full_samples(range(group)))  # warm-up both paths (graph captures, kernels, allocator)
         step(reuse_samples(range(group)))
-        if name == "graphed":
-            graphed.synchronize()
+        graphed.synchronize()
         sync(cfg)
-        t0 = time.perf_counter()
-        for idx in timed:
-            step(full_samples(idx))
-        if name == "graphed":
-            graphed.synchronize()
-        sync(cfg)
-        t_full = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for idx in timed:
-            step(reuse_samples(idx))
-        if name == "graphed":
-            graphed.synchronize()
-        sync(cfg)
-        t_reuse = time.perf_counter() - t0
+        t_full, t_reuse = seconds(full_samples), seconds(reuse_samples)
         res[f"{name}_full_recompute_tokens_per_s"] = tokens / t_full
         res[f"{name}_reuse_tokens_per_s"] = tokens / t_reuse
         res[f"{name}_speedup"] = t_full / t_reuse
