@@ -125,24 +125,29 @@ class MixedGraphRunner:
         self.max_seqs = max_seqs
         self.buckets = {t: sorted(qs) for t, qs in sorted(buckets.items())}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.static_in: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self.static_out: dict[tuple[int, int], torch.Tensor] = {}
+        # inputs and output are shared by the graphs of one token bucket (one step runs at a time). The output is
+        # a buffer outside the pool that each graph copies its result into: the forward's own output is then a
+        # temporary the pool reuses, instead of one live [T, hidden] tensor per captured (T, Q) pair.
+        self.static_in: dict[int, dict[str, torch.Tensor]] = {}
+        self.static_out: dict[int, torch.Tensor] = {}
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.replays = 0
         for t in sorted(self.buckets, reverse=True):
+            inputs = {k: v.clone() for k, v in example(t, max_seqs).items()}
+            self.static_in[t] = inputs
             for q in sorted(self.buckets[t], reverse=True):
-                inputs = {k: v.clone() for k, v in example(t, max_seqs).items()}
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    fn(inputs, q)  # warm-up: Triton compiles outside the capture
+                    warm = fn(inputs, q)  # warm-up: Triton compiles outside the capture
                 torch.cuda.current_stream().wait_stream(stream)
+                if t not in self.static_out:
+                    self.static_out[t] = torch.empty_like(warm)
+                del warm
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    out = fn(inputs, q)
+                    self.static_out[t].copy_(fn(inputs, q))
                 self.graphs[(t, q)] = graph
-                self.static_in[(t, q)] = inputs
-                self.static_out[(t, q)] = out
         torch.cuda.synchronize()
 
     def key_for(self, num_tokens: int, num_seqs: int, max_q_len: int) -> tuple[int, int] | None:
@@ -157,10 +162,10 @@ class MixedGraphRunner:
         return None
 
     def __call__(self, inputs: dict[str, torch.Tensor], key: tuple[int, int], num_tokens: int) -> torch.Tensor:
-        _fill(self.static_in[key], inputs, self.specs)
+        _fill(self.static_in[key[0]], inputs, self.specs)
         self.graphs[key].replay()
         self.replays += 1
-        return self.static_out[key][:num_tokens]
+        return self.static_out[key[0]][:num_tokens]
 
 
 def mixed_buckets(max_tokens: int, query_buckets: Sequence[int] = (32, 128, 512, 2048)) -> dict[int, list[int]]:
