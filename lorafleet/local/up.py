@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,9 @@ def supervise(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     _write_state(state, status="starting", pid=os.getpid())
     fleet = None
+    # every `up` is a fresh cluster: an earlier one's etcd would still hold its resources (create -> 409) and its pods,
+    # whose worker processes died with that supervisor. Models and adapters under the state dir are kept (a cache).
+    shutil.rmtree(state / "cluster", ignore_errors=True)
     cp = ControlPlane(state / "cluster", controllers=True, kwok=True, kwok_nodes=max(args.workers, 1))
     try:
         model, model_name = prepare_model(args.model, state)

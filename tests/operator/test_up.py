@@ -67,3 +67,16 @@ def test_up_serves_every_sample_adapter_and_down_stops_everything(tmp_path: Path
         os.kill(pid, 0)
     left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
     assert left == [], left  # no worker, operator or control-plane process of this fleet is left
+
+    # up again over the same state dir (models and adapters cached there): a fresh fleet that serves again
+    up = _cli("up", "--state-dir", str(state), "--model", "tiny", "--workers", "1", "--timeout", "300", timeout=500)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        info = json.loads((state / "up.json").read_text())
+        name = info["adapters"][0]
+        r = httpx.post(f"http://{info['endpoints'][name]}/v1/completions",
+                       json={"model": name, "prompt": "hello", "max_tokens": 4}, timeout=60)  # fmt: skip
+        assert r.status_code == 200 and r.json()["model"] == name
+    finally:
+        down = _cli("down", "--state-dir", str(state), timeout=120)
+    assert down.returncode == 0 and "stopped" in down.stdout
