@@ -216,6 +216,8 @@ def test_job_on_graphed_path_trains_publishes_and_checkpoints_like_eager(tmp_pat
         assert any(used > 0 for _, used in per_iter)  # it co-served: trained during the steps, not only when idle
         results[graphs] = job
     off = results["off"]
+    assert off.status()["coServing"] == {"placement": "serving", "effective": "eager"}
+    assert results["on"].status()["coServing"] == {"placement": "serving", "effective": "cpu"}
     for on in (results["on"], results["split"]):
         assert on.trainer.step == off.trainer.step == 3
         assert on.tokens_trained == off.tokens_trained and on.sequence_tokens == off.sequence_tokens

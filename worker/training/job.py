@@ -737,6 +737,12 @@ class ContinualLearningJob:
             "loss": self.loss_ema,
             "heldoutLoss": self.heldout_loss,
             "share": self.scheduler.share,
+            # where pieces run: `eager` without graphs (CPU; long samples), else the placement in effect (a partition
+            # the driver cannot make falls back to `beside`)
+            "coServing": {
+                "placement": self.spec.train_stream,
+                "effective": self.graphed.stream_mode if self.graphed is not None else "eager",
+            },
             "currentVersion": int(self.current_version[1:])
             if self.current_version and self.current_version[1:].isdigit()
             else self.current_version,
