@@ -238,3 +238,9 @@ def test_graph_buckets_cover_every_step_size():
         t = min(t for t in b if t >= n)
         assert t <= max(128, 2 * n) and (n <= 512 or t <= 1.5 * n)  # padding bounded
     assert mixed_buckets(96) == {96: [32, 96]}
+    from lorafleet.worker.engine.cuda_graph import mixed_key
+
+    assert mixed_key(b, 64, 300, 10, 200) == (384, 384)  # one 200-token chunk + decodes
+    assert mixed_key(b, 64, 300, 60, 20) == (384, 32)  # many short chunks share the short-query graph
+    assert mixed_key(b, 64, 2048, 1, 2048) == (2048, 2048)
+    assert mixed_key(b, 64, 2049, 1, 1) is None and mixed_key(b, 64, 100, 65, 1) is None  # eager beyond

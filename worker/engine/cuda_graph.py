@@ -152,20 +152,27 @@ class MixedGraphRunner:
 
     def key_for(self, num_tokens: int, num_seqs: int, max_q_len: int) -> tuple[int, int] | None:
         """The smallest captured (T, Q) that holds the step, or None (the caller runs eagerly)."""
-        if num_seqs > self.max_seqs:
-            return None
-        for t, qs in self.buckets.items():
-            if t >= num_tokens:
-                for q in qs:
-                    if q >= max_q_len:
-                        return t, q
-        return None
+        return mixed_key(self.buckets, self.max_seqs, num_tokens, num_seqs, max_q_len)
 
     def __call__(self, inputs: dict[str, torch.Tensor], key: tuple[int, int], num_tokens: int) -> torch.Tensor:
         _fill(self.static_in[key[0]], inputs, self.specs)
         self.graphs[key].replay()
         self.replays += 1
         return self.static_out[key[0]][:num_tokens]
+
+
+def mixed_key(
+    buckets: dict[int, list[int]], max_seqs: int, num_tokens: int, num_seqs: int, max_q_len: int
+) -> tuple[int, int] | None:
+    """The smallest (T, Q) of `buckets` (sorted by T) with T >= the step's tokens and Q >= its longest query."""
+    if num_seqs > max_seqs:
+        return None
+    for t, qs in buckets.items():
+        if t >= num_tokens:
+            for q in qs:
+                if q >= max_q_len:
+                    return t, q
+    return None
 
 
 def mixed_buckets(max_tokens: int, query_buckets: Sequence[int] = (32, 128, 512, 2048)) -> dict[int, list[int]]:
