@@ -110,10 +110,16 @@ class EngineLimits(_Model):
         return self
 
 
+class Execution(_Model):
+    cuda_graphs: Literal["all", "decode", "none"] = "all"
+    async_scheduling: bool = False
+
+
 class BaseModelSpec(_Model):
     source: ModelSource
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     engine: Literal["lorafleet", "vllm"] = "lorafleet"
+    execution: Execution | None = None
     replicas: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 1
     worker: WorkerTemplate = Field(default_factory=WorkerTemplate)
     limits: EngineLimits = Field(default_factory=EngineLimits)
@@ -122,6 +128,11 @@ class BaseModelSpec(_Model):
     def _consistent(self) -> BaseModelSpec:
         if self.engine == "vllm" and self.source.format == "gguf":
             raise ValueError("spec.source.format gguf is only supported with spec.engine lorafleet")
+        ex = self.execution
+        if self.engine == "vllm" and ex is not None and (ex.cuda_graphs == "decode" or ex.async_scheduling):
+            raise ValueError(
+                "spec.execution cudaGraphs decode and asyncScheduling are only supported with spec.engine lorafleet"
+            )
         return self
 
 

@@ -149,6 +149,15 @@ VLLM_LIMIT_FLAGS: dict[str, str] = {
 }
 
 
+def _execution_args(ex: Mapping[str, Any]) -> list[str]:
+    """`spec.execution` -> `lorafleet worker` flags (the defaults, all graphs and synchronous steps, add none)."""
+    graphs = ex.get("cudaGraphs", "all")
+    out = {"none": ["--enforce-eager"], "decode": ["--no-prefill-graphs"]}.get(graphs, [])
+    if ex.get("asyncScheduling"):
+        out.append("--async-scheduling")
+    return out
+
+
 def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tuple[dict[str, Any], list[dict]]:
     """The worker container and the pod volumes it needs, for either engine."""
     spec = bm.get("spec") or {}
@@ -168,6 +177,8 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
         if spec.get("dtype"):
             args += ["--dtype", str(spec["dtype"])]
         args += _limit_args(limits, VLLM_LIMIT_FLAGS)
+        if (spec.get("execution") or {}).get("cudaGraphs") == "none":
+            args.append("--enforce-eager")
         env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
         env.append(
             {
@@ -185,6 +196,7 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
         if spec.get("dtype"):
             args += ["--dtype", str(spec["dtype"])]
         args += _limit_args(limits, LORAFLEET_LIMIT_FLAGS)
+        args += _execution_args(spec.get("execution") or {})
         volumes.append({"name": "admin-token", "secret": {"secretName": admin_secret_name(name), "defaultMode": 0o440}})
         mounts.append({"name": "admin-token", "mountPath": c.ADMIN_TOKEN_DIR, "readOnly": True})
         probe_path = "/ready"

@@ -61,6 +61,9 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         patched(BASE, "limits", {"maxBatchedTokens": 512, "finetuneTokenBudget": 1024}),
         "spec.limits.finetuneTokenBudget",
     ),
+    ("BaseModel", patched(BASE, "execution", {"cudaGraphs": "prefill"}), "spec.execution.cudaGraphs"),
+    ("BaseModel", {**BASE, "engine": "vllm", "execution": {"asyncScheduling": True}}, "spec.execution"),
+    ("BaseModel", {**BASE, "engine": "vllm", "execution": {"cudaGraphs": "decode"}}, "spec.execution"),
     ("LoRAAdapter", patched(ADAPTER, "baseModel", ...), "spec.baseModel"),
     ("LoRAAdapter", patched(ADAPTER, "baseModel", ""), "spec.baseModel"),
     ("LoRAAdapter", patched(ADAPTER, "baseModel", "Not_A_Name"), "spec.baseModel"),
@@ -150,6 +153,17 @@ def test_invalid_spec_is_rejected_naming_the_field(
     assert field in message, message
     with pytest.raises(pydantic.ValidationError):  # the Python models refuse the same spec
         crds.SPEC_MODELS[kind].model_validate(spec)
+
+
+def test_execution_options_each_engine_supports_are_admitted(crds_installed: ControlPlane) -> None:
+    for spec in (
+        {**BASE, "execution": {"cudaGraphs": "decode", "asyncScheduling": True}},
+        {**BASE, "engine": "vllm", "execution": {"cudaGraphs": "none"}},
+        {**BASE, "engine": "vllm", "execution": {}},
+    ):
+        out = crds_installed.request("POST", path("default", "BaseModel") + "?dryRun=All", obj("BaseModel", "ok", spec))
+        stored = crds.BaseModelSpec.model_validate(out["spec"])
+        assert stored.execution is not None and out["spec"]["execution"]["cudaGraphs"] in ("decode", "none", "all")
 
 
 def test_at_least_twelve_distinct_rejections() -> None:

@@ -74,6 +74,26 @@ def test_deployment_runs_worker_with_token_model_and_limits() -> None:
     assert all(labels[k] == v for k, v in dep["spec"]["selector"]["matchLabels"].items())
 
 
+def test_execution_options_become_worker_flags() -> None:
+    def args(execution, engine="lorafleet"):
+        bm = {**BM, "spec": {**BM["spec"], "engine": engine, "execution": execution}}
+        return res.worker_deployment(bm)["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    flags = {"--enforce-eager", "--no-prefill-graphs", "--async-scheduling"}
+    assert flags.isdisjoint(args({})) and flags.isdisjoint(args({"cudaGraphs": "all", "asyncScheduling": False}))
+    assert flags & set(args({"cudaGraphs": "decode", "asyncScheduling": True})) == {
+        "--no-prefill-graphs",
+        "--async-scheduling",
+    }
+    assert flags & set(args({"cudaGraphs": "none"})) == {"--enforce-eager"}
+    assert flags & set(args({"cudaGraphs": "none"}, engine="vllm")) == {"--enforce-eager"}
+    # every flag is one `lorafleet worker` accepts
+    from lorafleet.worker.main import build_parser
+
+    ns = build_parser().parse_args(["--model", "/m", "--enforce-eager", "--no-prefill-graphs", "--async-scheduling"])
+    assert ns.enforce_eager and ns.no_prefill_graphs and ns.async_scheduling
+
+
 def test_vllm_engine_uses_stock_flags_and_api_key() -> None:
     bm = {**BM, "spec": {**BM["spec"], "engine": "vllm", "worker": {"port": 8000}}}
     ctr = res.worker_deployment(bm)["spec"]["template"]["spec"]["containers"][0]
