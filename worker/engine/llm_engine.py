@@ -218,10 +218,11 @@ class LLMEngine:
                 1 for seq, n in zip(batch.seqs, batch.num_tokens, strict=True) if n == 1 and seq.num_output_tokens > 0
             )
             if self.launch_hooks:  # queue the step, let the hooks queue theirs, then wait for this step's tokens
+                t_fwd = time.perf_counter()
                 launched = self.runner.launch(batch)
-                forward_s = self.runner.last_forward_seconds
-                self._run_launch_hooks(t0, batch, decode_tokens, forward_s)
+                self._run_launch_hooks(t0, batch, decode_tokens, self.runner.last_forward_seconds)
                 sampled = dict(zip(launched.seqs, launched.tolist(), strict=True))
+                forward_s = time.perf_counter() - t_fwd  # as execute(): until the tokens are on the host
             else:
                 sampled = self.runner.execute(batch)
                 forward_s = self.runner.last_forward_seconds
