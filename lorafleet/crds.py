@@ -288,6 +288,8 @@ class ContinualLearningJobStatus(_Model):
     steps: Annotated[int, Field(ge=0)] | None = None
     tokens_trained: Annotated[int, Field(ge=0)] | None = None
     loss: float | None = None
+    finetune_share: Annotated[float, Field(ge=0, le=1)] | None = None
+    co_serving: Annotated[str, Field(max_length=32)] | None = None
     published_versions: Annotated[list[PublishedVersion], Field(max_length=MAX_PUBLISHED_VERSIONS)] | None = None
     conditions: Conditions | None = None
     observed_generation: Annotated[int, Field(ge=0)] | None = None

@@ -92,6 +92,11 @@ def job_status(worker_status: Mapping[str, Any]) -> dict[str, Any]:
     }
     if worker_status.get("loss") is not None:
         out["loss"] = float(worker_status["loss"])
+    if worker_status.get("share") is not None:
+        out["finetuneShare"] = min(1.0, max(0.0, float(worker_status["share"])))
+    effective = (worker_status.get("coServing") or {}).get("effective")
+    if effective:
+        out["coServing"] = str(effective)[:32]
     return out
 
 

@@ -55,6 +55,13 @@ def test_status_is_bounded_and_latest_version_found() -> None:
     }
     assert training.latest_published(st) == ("30", "/s/a/v30")
     assert training.latest_published({"publishedVersions": []}) is None
+    assert "coServing" not in out and "finetuneShare" not in out
+    seen = training.job_status({"phase": "Running", "share": 0.42, "coServing": {"placement": "partition",
+                                                                                 "effective": "beside"}})  # fmt: skip
+    assert (seen["finetuneShare"], seen["coServing"]) == (0.42, "beside")
+    from lorafleet.crds import ContinualLearningJobStatus
+
+    ContinualLearningJobStatus.model_validate(seen)  # within the CRD's status schema
     assert training.job_status({"phase": "Stopped"})["phase"] == "Succeeded"
     assert training.job_status({"phase": "Succeeded"})["phase"] == "Succeeded"
 
