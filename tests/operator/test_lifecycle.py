@@ -221,6 +221,7 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
         "a published version in status",
     )
     assert st["steps"] >= 2 and st["tokensTrained"] > 0 and st["phase"] in ("Running", "Succeeded")
+    assert st["coServing"] == "eager" and 0.0 <= st["finetuneShare"] <= 1.0  # CPU workers: eager pieces
     worker_job = fleet.http.get(
         f"http://{eps[trainer]}/v1/training/jobs/ada-cl", headers={"Authorization": f"Bearer {token}"}
     ).json()
