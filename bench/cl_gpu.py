@@ -143,6 +143,17 @@ def make_engine(cfg: Cfg, ckpt: Path, root: Path):
     return eng
 
 
+def setup(cfg: Cfg, work: Path):
+    """Checkpoint, engine and the rank-16 adapter "ad" loaded as v1 (what every co-serving bench starts from)."""
+    ckpt = build_checkpoint(cfg, work)
+    root = work / "adapters"
+    root.mkdir()
+    engine = make_engine(cfg, ckpt, root)
+    build_adapter(engine.model.shape, root)
+    engine.load_adapter("ad", str(root / "ad"), "v1")
+    return engine, root
+
+
 def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0, mode: str = "coserve"):
     from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
     from lorafleet.worker.training.metrics import TrainingMetrics
@@ -493,10 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         out_file.write_text(json.dumps(result, indent=1, default=str))
 
     t_all = time.perf_counter()
-    ckpt = build_checkpoint(cfg, work)
-    root = work / "adapters"
-    root.mkdir()
-    engine = make_engine(cfg, ckpt, root)
+    engine, root = setup(cfg, work)
     engine._bench_stash_bytes = cfg.stash_bytes
     engine._bench_graphs = args.graphs
     engine._bench_graph_layers = args.graph_layers or None
@@ -505,8 +513,6 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet.worker.gpu import prioritise_serving_stream
 
     prioritise_serving_stream(engine.device)  # as the worker's engine thread does
-    build_adapter(engine.model.shape, root)
-    engine.load_adapter("ad", str(root / "ad"), "v1")
     result["raw"]["setup_s"] = time.perf_counter() - t_all
     m = result["metrics"]
 

@@ -15,14 +15,9 @@ faulthandler.dump_traceback_later(150, exit=True)
 layers = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 cfg = B.Cfg(False, "cuda")
 w = Path(tempfile.mkdtemp())
-ck = B.build_checkpoint(cfg, w)
-root = w / "adapters"
-root.mkdir()
-eng = B.make_engine(cfg, ck, root)
+eng, root = B.setup(cfg, w)
 eng._bench_graphs = "auto"
 eng._bench_graph_layers = layers or None
-B.build_adapter(eng.model.shape, root)
-eng.load_adapter("ad", str(root / "ad"), "v1")
 from lorafleet.worker.gpu import prioritise_serving_stream  # noqa: E402
 
 prioritise_serving_stream(eng.device)

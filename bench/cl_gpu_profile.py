@@ -20,12 +20,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = cl_gpu.Cfg(False, "cuda")
     work = Path(tempfile.mkdtemp())
-    ckpt = cl_gpu.build_checkpoint(cfg, work)
-    root = work / "adapters"
-    root.mkdir()
-    engine = cl_gpu.make_engine(cfg, ckpt, root)
-    cl_gpu.build_adapter(engine.model.shape, root)
-    engine.load_adapter("ad", str(root / "ad"), "v1")
+    engine, root = cl_gpu.setup(cfg, work)
     job = cl_gpu.make_job(engine, root, "ft", record=False)
     cl_gpu.feed(job, cfg, 64, seed=5)
     g = job.graphed

@@ -33,14 +33,9 @@ def main() -> int:
     cfg = cl_gpu.Cfg(False, "cuda")
     cfg.duration = args.duration
     work = Path(tempfile.mkdtemp())
-    ckpt = cl_gpu.build_checkpoint(cfg, work)
-    root = work / "adapters"
-    root.mkdir()
-    engine = cl_gpu.make_engine(cfg, ckpt, root)
+    engine, root = cl_gpu.setup(cfg, work)
     engine._bench_train_stream = args.train_stream
     prioritise_serving_stream(engine.device)
-    cl_gpu.build_adapter(engine.model.shape, root)
-    engine.load_adapter("ad", str(root / "ad"), "v1")
     stream = torch.cuda.current_stream()
     rec: list[dict] = []
     cur: dict = {}
