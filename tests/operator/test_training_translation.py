@@ -26,6 +26,7 @@ def test_sample_job_translates_to_the_worker_api() -> None:
         "maxActivationStaleness": 4,
         "stalePolicy": "recompute",
         "minFinetuneShare": 0.05,
+        "coServing": {"placement": "serving", "servingSMs": 16},
         "latencyTarget": {"tpotMs": 50.0},
     }
     # the worker's own request model (strict: unknown keys are refused) accepts exactly what the operator sends
