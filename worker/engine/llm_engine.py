@@ -207,16 +207,10 @@ class LLMEngine:
             prev, self._inflight = self._inflight, None
             self._pending += self._settle(prev, set())
         outputs, self._pending = self._pending, []
-        batch = self.scheduler.schedule()
-        for seq, err in batch.failed:
-            log.warning("request %s aborted: %s", seq.request_id, err)
-            self._requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq, []))
+        batch = self._schedule(outputs)
         forward_s = 0.0
+        decode_tokens = self._decode_tokens(batch)
         if batch.seqs:
-            decode_tokens = sum(
-                1 for seq, n in zip(batch.seqs, batch.num_tokens, strict=True) if n == 1 and seq.num_output_tokens > 0
-            )
             if self.launch_hooks:  # queue the step, let the hooks queue theirs, then wait for this step's tokens
                 t_fwd = time.perf_counter()
                 launched = self.runner.launch(batch)
@@ -235,10 +229,22 @@ class LLMEngine:
             outputs += [append(seq, tok) for seq, tok in sampled.items()]
             if self.scheduler.waiting:
                 self._prefetch_waiting()
-        else:
-            decode_tokens = 0
         self._finish_step(t0, batch, decode_tokens, forward_s)
         return outputs
+
+    def _schedule(self, outputs: list[RequestOutput]) -> ScheduledBatch:
+        """The next batch; requests the scheduler refused are aborted and their final outputs go to `outputs`."""
+        batch = self.scheduler.schedule()
+        for seq, err in batch.failed:
+            log.warning("request %s aborted: %s", seq.request_id, err)
+            self._requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq, []))
+        return batch
+
+    @staticmethod
+    def _decode_tokens(batch: ScheduledBatch) -> int:
+        """Sequences decoding in `batch` (one new token after an output token), counted before it runs."""
+        return sum(1 for seq, n in zip(batch.seqs, batch.num_tokens, strict=True) if n == 1 and seq.num_output_tokens)
 
     def _step_async(self) -> list[RequestOutput]:
         """Schedules and launches this step, then settles the previous one while this one computes."""
@@ -249,19 +255,13 @@ class LLMEngine:
             outputs += self._settle(prev, set())  # the next inputs need host tokens: no overlap this step
             prev = None
         closing = self._add_placeholders(prev) if prev is not None else set()
-        batch = self.scheduler.schedule()
-        for seq, err in batch.failed:
-            log.warning("request %s aborted: %s", seq.request_id, err)
-            self._requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq, []))
+        batch = self._schedule(outputs)
         forward_s = 0.0
-        decode_tokens = 0
+        decode_tokens = self._decode_tokens(batch)
         if batch.seqs:
             self._inflight = self.runner.launch(batch, prev)
             forward_s = self.runner.last_forward_seconds
             for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-                if n == 1 and len(seq.token_ids) - seq.num_prompt_tokens > 0:
-                    decode_tokens += 1
                 seq.num_computed_tokens += n
             self._run_launch_hooks(t0, batch, decode_tokens, forward_s)
         if prev is not None:

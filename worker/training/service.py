@@ -10,6 +10,7 @@ feedback sample is in the log (written and fsynced before the 2xx).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -99,8 +100,8 @@ class TrainingService:
             for d, text in builtin_general_text().items()
         }
         self._engine = engine
-        engine.iteration_hooks.append(self._on_iteration)
-        engine.launch_hooks.append(self._on_launch)
+        engine.iteration_hooks.append(functools.partial(self._coserve, graphed=False))
+        engine.launch_hooks.append(functools.partial(self._coserve, graphed=True))
         engine.runner.capture_hook = PrefillRecorder(self._record_lookup, engine.model.shape.num_layers)
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
@@ -203,16 +204,12 @@ class TrainingService:
                 log.exception("cannot resume job from %s", p)
 
     # ---- co-serving (engine thread) ----
-    def _on_iteration(self, info) -> None:
-        """Eager pieces run after the step: they block the host, so before the tokens they would delay them."""
-        jobs = [j for j in list(self.jobs.values()) if j.phase == "Running" and j.graphed is None]
-        if jobs:
-            coserve_iteration(self._engine, jobs, info, self.metrics, self._safe_work)
-
-    def _on_launch(self, info) -> None:
-        """Graphed pieces are queued right behind the step's kernels, so the GPU runs them while the host settles
-        the step and prepares the next one (the gap of a host-bound serving loop)."""
-        jobs = [j for j in list(self.jobs.values()) if j.phase == "Running" and j.graphed is not None]
+    def _coserve(self, info, graphed: bool) -> None:
+        """Runs the co-serving jobs of one kind for a serving step. Graphed pieces come from the launch hook: queued
+        right behind the step's kernels, the GPU runs them while the host settles the step and prepares the next.
+        Eager pieces come from the iteration hook, after the step: they block the host, so earlier they would delay
+        the step's tokens."""
+        jobs = [j for j in list(self.jobs.values()) if j.phase == "Running" and (j.graphed is not None) == graphed]
         if jobs:
             coserve_iteration(self._engine, jobs, info, self.metrics, self._safe_work)
 
