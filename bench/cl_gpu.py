@@ -49,22 +49,16 @@ def _shim() -> None:
 
 
 _shim()
+if str(ROOT) not in sys.path:  # bench/ as a package (appended: the checkout's operator/ must not shadow the stdlib)
+    sys.path.append(str(ROOT))
 
 import torch  # noqa: E402
 
+from bench import llama_shapes  # noqa: E402
+
 _RUN = 0
-LLAMA_32_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-    max_position_embeddings=8192,
-)
+# the 1B shape with a shorter context: the co-serving runs never go beyond 2048 tokens
+LLAMA_32_1B = dict(llama_shapes.LLAMA_32_1B, max_position_embeddings=8192)
 
 
 class Cfg:

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lorafleet.worker.engine.cuda_graph import CudaGraphRunner, default_sizes  # noqa: E402
 
 from bench.engine_sim import Req, Sim, decode_example, make_requests  # noqa: E402
-from bench.gpu_llama import LLAMA_31_8B, LLAMA_32_1B, BenchLlama, Shape, adapter_bytes  # noqa: E402
+from bench.gpu_llama import BenchLlama, Shape, adapter_bytes  # noqa: E402
+from bench.llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
 
 RANK = 16
 

@@ -54,35 +54,12 @@ _shim()
 
 import torch  # noqa: E402
 
+from bench.llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 RANK = 16
-SHAPES = {
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-    ),
-    "8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-    ),
-}
+SHAPES = {"1b": LLAMA_32_1B, "8b": LLAMA_31_8B}
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,

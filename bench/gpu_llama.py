@@ -21,31 +21,6 @@ import triton.language as tl
 from lorafleet.worker.layers.triton_attention import paged_attention
 from lorafleet.worker.lora.triton_ops import lora_expand_slices, lora_shrink_accumulate
 
-LLAMA_31_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=128256,
-    tie_word_embeddings=False,
-    rope_theta=500000.0,
-    max_position_embeddings=131072,
-)
-LLAMA_32_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-    max_position_embeddings=131072,
-)
-
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):

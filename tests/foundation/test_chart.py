@@ -83,23 +83,17 @@ def test_template_options() -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
 
 
+def _install(cp: ControlPlane, release: str, ns: str, values: list[str], *flags: str) -> None:
+    """`helm install` of the chart into `ns` (created), with `--set` for each of `values`."""
+    sets = [arg for v in values for arg in ("--set", v)]
+    cp.helm("install", release, str(CHART), "-n", ns, "--create-namespace", *sets, *flags)
+
+
 @pytest.mark.cluster
 def test_install_creates_objects_and_uninstall_removes_them(crds_installed: ControlPlane) -> None:
     cp = crds_installed
     release, ns = "lf", "lorafleet-helm"
-    cp.helm(
-        "install",
-        release,
-        str(CHART),
-        "-n",
-        ns,
-        "--create-namespace",
-        "--set",
-        "peering.name=lorafleet-helm",
-        "--wait",
-        "--timeout",
-        "120s",
-    )
+    _install(cp, release, ns, ["peering.name=lorafleet-helm"], "--wait", "--timeout", "120s")
     objects = {
         "deployment": f"/apis/apps/v1/namespaces/{ns}/deployments/lf-lorafleet-operator",
         "serviceaccount": f"/api/v1/namespaces/{ns}/serviceaccounts/lf-lorafleet",
@@ -173,18 +167,7 @@ def test_watch_namespaces_install_is_enforced_by_the_api_server(crds_installed: 
     release, ns = "lfns", "lorafleet-scoped"
     for n in ("team-x", "team-y"):
         cp.kubectl("create", "namespace", n, check=False)
-    cp.helm(
-        "install",
-        release,
-        str(CHART),
-        "-n",
-        ns,
-        "--create-namespace",
-        "--set",
-        "watchNamespaces={team-x}",
-        "--set",
-        "peering.name=scoped",
-    )
+    _install(cp, release, ns, ["watchNamespaces={team-x}", "peering.name=scoped"])
     sa = f"system:serviceaccount:{ns}:{release}-lorafleet"
 
     def can(*args: str) -> str:
