@@ -45,7 +45,7 @@ time.sleep(3600)
 
 def spawn_worker(model: Path, root: Path, train_dir: Path) -> tuple[subprocess.Popen, str]:
     """A real worker in its own process (so a test can SIGKILL it), training data under `train_dir`."""
-    env = dict(os.environ, LORAFLEET_TRAINING_DIR=str(train_dir), OMP_NUM_THREADS="1")
+    env = dict(os.environ, LORAFLEET_TRAINING_DIR=str(train_dir), OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE")
     p = subprocess.Popen(
         [sys.executable, "-c", WORKER, str(model), str(root)], stdout=subprocess.PIPE, env=env, text=True
     )

@@ -15,6 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 MAX_STEPS = 30
+# fp32 round-off only: a restarted process's buffers sit at other addresses, and a BLAS may block a reduction by
+# alignment, so a gradient can differ in its last bits and AdamW (which divides by sqrt(v)) carries that into the
+# weights (CI once saw 1.06e-6 after 30 steps). A restore that loses anything (a step, the optimizer state, the data
+# position) moves the weights by about lr = 1e-2 per step.
+TOL = 2e-5
 JOB = {
     "name": "rs",
     "adapter": "rs",
@@ -109,8 +114,7 @@ def test_sigkill_restart_equals_uninterrupted_run(tmp_path, tiny_dir, worker_pro
     w_ref, w_got = _weights(ref), _weights(got)
     assert w_ref.keys() == w_got.keys() and len(w_ref) > 0
     diff = max(float((w_ref[k] - w_got[k]).abs().max()) for k in w_ref)
-    scale = max(float(w_ref[k].abs().max()) for k in w_ref)
-    assert diff <= 1e-6 * max(1.0, scale), diff
+    assert diff <= TOL, diff
     assert any(float(v.abs().max()) > 0 for k, v in w_ref.items() if "lora_B" in k)  # it did train
     assert got["steps"] == ref["steps"] == MAX_STEPS
     assert got["tokensTrained"] == ref["tokensTrained"]
@@ -124,7 +128,7 @@ def test_sigkill_restart_equals_uninterrupted_run(tmp_path, tiny_dir, worker_pro
     for a, b in zip(ref["publishedVersions"][1:], got["publishedVersions"][1:], strict=True):
         wa = load_file(str(Path(a["path"]) / "adapter_model.safetensors"))
         wb = load_file(str(Path(b["path"]) / "adapter_model.safetensors"))
-        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6, (a, b)
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= TOL, (a, b)
     proc.kill()
     proc.wait(30)
 
