@@ -101,7 +101,7 @@ def test_prefix_kv_and_capture_reproduce_full_forward(model):
             kv[(layer, site)] = t.detach()
 
     model(ids[:6], torch.arange(6), ctx, capture=capture)
-    assert sites == {"attn_in", "k", "v", "o_in", "mlp_in", "down_in"}
+    assert sites == {"layer_in", "attn_in", "k", "v", "o_in", "mlp_in", "down_in", "final_in"}
     prefix = [(kv[(i, "k")], kv[(i, "v")]) for i in range(model.shape.num_layers)]
     tail = model(ids[6:], torch.arange(6, 10), DenseAttentionContext(model.attn_scale, prefix_kv=prefix))
     torch.testing.assert_close(tail, full[6:], atol=1e-5, rtol=1e-5)

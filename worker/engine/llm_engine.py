@@ -109,6 +109,7 @@ class LLMEngine:
             enforce_eager=config.enforce_eager,
             max_num_batched_tokens=config.max_num_batched_tokens if config.prefill_graphs else None,
         )
+        self.runner.token_budget = config.max_num_batched_tokens  # riding training rows fill it (training/fused.py)
         self.iteration_hooks: list[Callable[[IterationInfo], None]] = []
         self.launch_hooks: list[Callable[[IterationInfo], None]] = []
         self._requests: dict[str, Sequence] = {}

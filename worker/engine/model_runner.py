@@ -230,6 +230,10 @@ class ModelRunner:
         # for this step, or None, called with the KV caches and slot mapping once the forward is queued. Only
         # consulted for batches with prefill tokens; it never changes how the forward runs (graphs included).
         self.capture_hook = None
+        # Fused co-serving (worker/training/fused.py): a rider's armed training rows fill the step's leftover token
+        # budget; they share the step's GEMMs, never touch the KV cache and are never sampled.
+        self.rider = None
+        self.token_budget = max_num_batched_tokens or 2048
         self.last_forward_seconds = 0.0
         self._copy_stream = None  # side stream for sampled-token copies to the host (async scheduling, CUDA only)
         if self.use_triton and not enforce_eager:
@@ -339,6 +343,10 @@ class ModelRunner:
         """Hidden states of the sampled rows [N, H]."""
         if inp.has_lora:
             self.store.wait_ready([s for s in inp.seg_slot_list if s >= 0])
+        rider = self.rider
+        riding = rider.take(int(inp.input_ids.shape[0]), self.token_budget) if rider is not None else 0
+        if riding:  # eager for now: graphs are captured without training rows
+            return self._eager_forward(inp, rider, riding)
         graph = self.graph_runner_lora if inp.has_lora else self.graph_runner
         if graph is not None and inp.is_decode and graph.size_for(inp.num_seqs) is not None:
             return graph(inp.graph_inputs(), inp.num_seqs)  # decode: every row samples, in order
@@ -348,6 +356,9 @@ class ModelRunner:
             key = mixed.key_for(total, inp.num_seqs, inp.max_q_len)
             if key is not None:
                 return mixed(inp.graph_inputs(), key, total)[inp.sample_rows]
+        return self._eager_forward(inp)
+
+    def _eager_forward(self, inp: StepInputs, rider=None, riding: int = 0) -> torch.Tensor:
         if self.use_triton:
             attn = TritonPagedAttentionContext(
                 self.kv_caches,
@@ -369,7 +380,13 @@ class ModelRunner:
                 self.model.shape.sliding_window,
             )
         lora = SegmentLoRAContext(self.store, inp.seg_indptr, inp.seg_slots) if inp.has_lora else None
-        hidden = self.model(inp.input_ids, inp.positions, attn, lora, None)
+        if not riding:
+            return self.model(inp.input_ids, inp.positions, attn, lora, None)[inp.sample_rows]
+        n = int(inp.input_ids.shape[0])
+        ids, pos = rider.rows(riding)
+        attn, lora, capture = rider.contexts(attn, lora, n)
+        hidden = self.model(torch.cat([inp.input_ids, ids]), torch.cat([inp.positions, pos]), attn, lora, capture)
+        rider.advance(riding)
         return hidden[inp.sample_rows]
 
     def _record(self, batch: ScheduledBatch, inp: StepInputs) -> None:

@@ -3,7 +3,8 @@
 Covers Llama 2/3 (rope scaling), Mistral (sliding window), Qwen2 (q/k/v bias) and SmolLM2 (tied embeddings),
 with GQA. Module names equal HF's so checkpoints load by name. Base weights are frozen; LoRA deltas come from the
 `lora` context so the same code serves mixed-adapter batches and trains one adapter with autograd.
-`capture(layer, site, tensor)` exposes LoRA inputs and K/V for activation recording (Alchemist-style).
+`capture(layer, site, tensor)` exposes LoRA inputs, K/V and the residual stream (each layer's input, the final
+norm's input) to activation recording and to fused co-serving (training/fused.py).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class FusedLinear:
             lo += n
 
     def __call__(self, x, lora, group: str, members: tuple[LoRALinear, ...]) -> tuple[torch.Tensor, ...]:
-        y = F.linear(x, self.weight, self.bias)
+        base = getattr(lora, "base", None)  # see LoRALinear.forward
+        y = F.linear(x, self.weight, self.bias) if base is None else base(members[0].layer_idx, group, x, self.weight)
         if lora is not None and hasattr(lora, "apply_group"):
             y = lora.apply_group(members[0].layer_idx, group, x, y)
             return tuple(y.split(self.sizes, dim=-1))
@@ -192,6 +194,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
     def forward(self, h, positions, attn, lora, capture):
+        if capture is not None:
+            capture(self.self_attn.layer_idx, "layer_in", h)
         h = h + self.self_attn(self.input_layernorm(h), positions, attn, lora, capture)
         return h + self.mlp(self.post_attention_layernorm(h), lora, capture)
 
@@ -230,6 +234,8 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             h = layer(h, positions, attn, lora, capture)
+        if capture is not None:
+            capture(len(self.model.layers), "final_in", h)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""Token-level fused co-serving (training/fused.py): training rows ride serving steps, share their GEMMs and train
+exactly like `LoRATrainer`, while every step stays within the token budget and serving output does not change."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import pytest
+import torch
+from lorafleet.worker.config import EngineConfig
+from lorafleet.worker.engine.llm_engine import LLMEngine
+from lorafleet.worker.engine.sequence import SamplingParams
+from lorafleet.worker.testing import build_peft_adapter
+from lorafleet.worker.training.fused import FusedTrainer, _Given
+from lorafleet.worker.training.lora_context import TrainableLoRA
+from lorafleet.worker.training.trainer import LoRATrainer, OptimConfig, TrainSample
+
+BUDGET = 48
+
+
+def _samples(trainer: LoRATrainer) -> list[TrainSample]:
+    prefix = trainer.prompt_kv(list(range(70, 85)))
+    return [
+        TrainSample(list(range(5, 25)), list(range(40, 52))),
+        TrainSample(list(range(70, 85)), list(range(90, 99)), weight=0.5, prefix_kv=prefix),
+        TrainSample(list(range(3, 9)), list(range(100, 130))),
+        TrainSample([7], list(range(11, 17)), prefix_kv=[(k[:0], v[:0]) for k, v in prefix]),
+    ]
+
+
+def _assert_same_weights(x: TrainableLoRA, y: TrainableLoRA, tol: float = 5e-5) -> None:
+    """As in test_graphed: Adam's first steps move near-zero-gradient entries by up to lr on rounding noise."""
+    for (n, p), (_, q) in zip(x.named_parameters(), y.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=tol, msg=n)
+
+
+def test_given_linear_passes_gradients_through_the_frozen_weight():
+    w = torch.randn(5, 3, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    out = _Given.apply(x, w, (x @ w.t()).detach())
+    g = torch.randn(4, 5, dtype=torch.float64)
+    out.backward(g)
+    torch.testing.assert_close(x.grad, g @ w)
+    x2 = x.detach().clone().requires_grad_(True)
+    (x2 @ w.t()).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("layers", "fuse"), [(1, False), (2, True)])
+def test_standalone_fused_steps_equal_trainer_steps(adapter_dir, tiny_model, layers, fuse):
+    """No serving: the rows run standalone; head, then `layers` layers per backward piece, top first. `fuse`: the
+    GPU serving layout (q|k|v and gate|up as one GEMM each), whose saved outputs are per group."""
+    if fuse:
+        tiny_model.fuse_projections()
+    optim = OptimConfig(lr=5e-3, grad_accumulation=4, max_grad_norm=0.05)
+    ref = LoRATrainer(tiny_model, TrainableLoRA.from_peft(tiny_model.shape, adapter_dir), optim)
+    t = LoRATrainer(tiny_model, TrainableLoRA.from_peft(tiny_model.shape, adapter_dir), optim)
+    g = FusedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=layers)
+    g.begin(g.pack(_samples(ref)[:1], 1)[0])
+    n = tiny_model.shape.num_layers
+    assert len(g._active.costs) == 2 + math.ceil(n / layers)  # ride, head, backward pieces
+    g.reset()
+    norms = []
+    for _ in range(3):
+        samples = _samples(ref)
+        tokens = sum(s.loss_tokens for s in samples)
+        norms.append(ref.train_step(samples).grad_norm)
+        mbs = g.pack(samples, tokens)
+        assert len(mbs) >= 2
+        for mb in mbs:
+            g.launch(mb)
+        g.launch_step()
+    done = g.completed()
+    got = [float(p.host[0]) for p in done if p.kind == "step"]
+    assert got == pytest.approx(norms, rel=1e-5) and min(norms) > 0.05
+    _assert_same_weights(ref.lora, t.lora)
+    assert g.rows_ridden == 0 and g.rows_standalone > 0
+    # per-row losses come back like the trainer's per-sample losses
+    samples = _samples(ref)
+    want = ref.packed_loss_sums(samples).detach()
+    g2 = FusedTrainer(LoRATrainer(tiny_model, ref.lora, optim), max_tokens=4096, max_prefix=4096)
+    (mb,) = g2.pack(samples, 1)
+    p = g2.launch(mb)
+    sums = torch.zeros(len(samples), dtype=torch.float64)
+    for owner, v in zip(mb.owners, p.host[: len(mb.owners)].tolist(), strict=True):
+        sums[owner] += v * samples[owner].weight
+    torch.testing.assert_close(sums, want.double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(240)
+def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_dir):
+    root = tmp_path / "adapters"
+    build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
+    eng = LLMEngine(
+        EngineConfig(
+            model=str(tiny_dir), max_num_batched_tokens=BUDGET, kv_cache_bytes=8 << 20, adapter_roots=[str(root)]
+        )
+    )
+    eng.load_adapter("ad", str(root / "ad"), "v1")
+    prompts = [list(range(5 + i, 25 + i)) for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    adapters = ["ad", None, "ad", None, "ad", "ad"]
+    reference = [o.output_token_ids for o in eng.generate(prompts, params, adapters)]
+
+    optim = OptimConfig(lr=5e-3, grad_accumulation=2, max_grad_norm=1.0)
+    model = eng.model
+    ref = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, root / "ad"), optim)
+    t = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, root / "ad"), optim)
+    ft = FusedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=1, chunk_tokens=16,
+                      serving_busy=eng.has_unfinished_requests)  # fmt: skip
+    eng.runner.rider = ft
+    takes: list[tuple[int, int]] = []
+    take = ft.take
+
+    def logged_take(serving: int, budget: int) -> int:
+        k = take(serving, budget)
+        takes.append((serving, k))
+        return k
+
+    ft.take = logged_take
+    plan: deque = deque()
+    norms = []
+    for _ in range(2):
+        samples = _samples(ref)
+        denom = sum(s.loss_tokens for s in samples)
+        norms.append(ref.train_step(samples).grad_norm)
+        plan.extend(ft.pack(samples, denom))
+        plan.append("step")
+
+    def drive(_info=None) -> None:
+        """One piece per iteration, the way the co-serving hooks launch them."""
+        if ft.active:
+            if ft.next_piece_cost() != float("inf"):
+                ft.launch_piece()
+        elif plan:
+            item = plan.popleft()
+            if item == "step":
+                ft.launch_step()
+            else:
+                ft.begin(item)
+                ft.launch_piece()
+
+    eng.iteration_hooks.append(drive)
+    served = [o.output_token_ids for o in eng.generate(prompts, params, adapters)]
+    assert served == reference  # the riding rows change no served token
+    while plan or ft.active:  # what is left runs standalone (no serving steps any more)
+        drive()
+    assert ft.rows_ridden > 0, takes
+    assert all(s + k <= BUDGET for s, k in takes)
+    assert any(s > 0 and k > 0 for s, k in takes)  # rows really shared steps with serving tokens
+    assert max(k for _, k in takes) <= 16  # chunked
+    done = ft.completed()
+    got = [float(p.host[0]) for p in done if p.kind == "step"]
+    assert got == pytest.approx(norms, rel=1e-5)
+    _assert_same_weights(ref.lora, t.lora)
