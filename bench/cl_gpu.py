@@ -223,6 +223,12 @@ def run_load(
     params = SamplingParams(temperature=0.0, max_tokens=cfg.inf_out, ignore_eos=True)
     engine.iteration_hooks.clear()
     engine.launch_hooks.clear()
+    g = getattr(job, "graphed", None)
+    if g is not None and g.stream_mode == "fused":  # rows ride serving steps only while co-serving
+        engine.runner.rider = g if mode == "coserve" else None
+        g.serving_busy = engine.has_unfinished_requests if mode == "coserve" else (lambda: False)
+    else:
+        engine.runner.rider = None
     pieces: list[tuple[float, float]] = []  # (units, seconds) of every co-serving training piece
 
     def hook(info) -> None:
@@ -468,7 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--graphs", default="auto", help="co-serving pieces: auto (graphs on CUDA) | on | off (eager)")
     ap.add_argument("--graph-layers", type=int, default=0, help="layers per graphed piece (0: whole micro-batch)")
-    ap.add_argument("--train-stream", default="serving", help="graphed pieces: serving | beside | partition")
+    ap.add_argument(
+        "--train-stream",
+        default="serving",
+        help="serving | beside | partition (graphed pieces) | fused (rows in serving steps)",
+    )
     ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --train-stream partition")
     ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")

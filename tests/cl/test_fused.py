@@ -155,3 +155,54 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
     got = [float(p.host[0]) for p in done if p.kind == "step"]
     assert got == pytest.approx(norms, rel=1e-5)
     _assert_same_weights(ref.lora, t.lora)
+
+
+@pytest.mark.timeout(240)
+def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir):
+    """The job API's `coServing.placement: fused`: the job's rows ride the engine's steps, steps complete, serving
+    output is unchanged, and stopping the job takes its rider off the runner."""
+    from lorafleet.worker.training.coserve import coserve_iteration
+    from lorafleet.worker.training.feedback import FeedbackSample
+    from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
+    from lorafleet.worker.training.metrics import TrainingMetrics
+    from lorafleet.worker.training.versions import PublishPolicy
+
+    root = tmp_path / "adapters"
+    build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
+    eng = LLMEngine(
+        EngineConfig(
+            model=str(tiny_dir), max_num_batched_tokens=BUDGET, kv_cache_bytes=8 << 20, adapter_roots=[str(root)]
+        )
+    )
+    eng.load_adapter("ad", str(root / "ad"), "v1")
+    prompts = [list(range(5 + i, 25 + i)) for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    reference = [o.output_token_ids for o in eng.generate(prompts, params, ["ad"] * 6)]
+    spec = JobSpec(
+        name="j",
+        adapter="ad",
+        replay_ratio=0.0,
+        heldout_fraction=0.0,
+        epochs=100,
+        optim=OptimConfig(grad_accumulation=1),
+        publish=PublishPolicy(every_steps=10**6),
+        tpot_ms=10_000.0,
+        record_activations=False,
+        train_stream="fused",
+        graph_tokens=32,
+    )
+    job = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics())
+    assert eng.runner.rider is job.graphed and job.status()["coServing"]["effective"] == "fused"
+    for i in range(4):
+        job.offer(FeedbackSample("ad", "pair", list(range(30, 40)), list(range(60, 66)), feedback_id=f"f{i}", seq=i))
+    eng.launch_hooks.append(lambda info: coserve_iteration(eng, [job], info))
+    served = [o.output_token_ids for o in eng.generate(prompts, params, ["ad"] * 6)]
+    assert served == reference
+    assert job.graphed.rows_ridden > 0 and job.sequence_tokens > 0
+    for _ in range(200):  # no traffic: the rest runs standalone
+        if job.trainer.step >= 2:
+            break
+        job.work(BUDGET)
+    assert job.trainer.step >= 2 and job.loss_ema is not None and math.isfinite(job.loss_ema)
+    job.stop()
+    assert eng.runner.rider is None

@@ -79,6 +79,6 @@ def test_crd_bounds_are_what_the_worker_accepts() -> None:
     assert spec["checkpoint"]["properties"]["keep"]["maximum"] == ckpt["keep"]["maximum"]
     assert spec["checkpoint"]["properties"]["everySteps"]["minimum"] == ckpt["everySteps"]["minimum"]
     co, wco = spec["coServing"]["properties"], worker["$defs"]["CoServingSpec"]["properties"]
-    assert co["placement"]["enum"] == wco["placement"]["enum"] == ["serving", "beside", "partition"]
+    assert co["placement"]["enum"] == wco["placement"]["enum"] == ["serving", "beside", "partition", "fused"]
     assert (co["servingSMs"]["minimum"], co["servingSMs"]["maximum"]) == (wco["servingSMs"]["minimum"], 1024)
     assert wco["servingSMs"]["maximum"] == 1024

@@ -36,6 +36,7 @@ from lorafleet.worker.training.checkpoint import (
 )
 from lorafleet.worker.training.coserve import CoServeScheduler, OverlapController, ShareConfig
 from lorafleet.worker.training.feedback import FeedbackSample
+from lorafleet.worker.training.fused import FusedTrainer
 from lorafleet.worker.training.graphed import GraphedTrainer, MicroBatch, sample_tokens
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
@@ -82,7 +83,9 @@ class JobSpec:
     # layers per graphed piece; None: one forward+backward graph per micro-batch. Experimental: layer-split pieces
     # stalled under serving load on an H200 (bench/results/cl_gpu_coserve_time_budget.json)
     graph_layers: int | None = None
-    train_stream: str = "serving"  # serving | beside | partition: where graphed pieces run (graphed.STREAM_MODES)
+    # serving | beside | partition: where graphed pieces run (graphed.STREAM_MODES); fused: training rows ride the
+    # serving steps themselves (fused.py)
+    train_stream: str = "serving"
     serving_sms: int = 16  # SMs left to serving alone when train_stream is partition
 
 
@@ -195,16 +198,33 @@ class ContinualLearningJob:
         self._pipe_gs = self._gs
         # asynchronous co-serving (CUDA graphs on a low-priority stream; see graphed.py)
         self.graphed: GraphedTrainer | None = None
-        if spec.graphs == "on" or (spec.graphs == "auto" and device.type == "cuda" and self.trainer.fused):
+        runner = getattr(engine, "runner", None)
+        fused = spec.train_stream == "fused" and self.trainer.fused and hasattr(runner, "rider")
+        if fused and runner.rider is not None:
+            log.warning("job %s: another job's rows ride the serving steps; this one runs between them", spec.name)
+            fused = False
+        if fused:
+            budget = int(engine.config.max_num_batched_tokens)
+            self.graphed = FusedTrainer(
+                self.trainer,
+                max_tokens=max(1, min(spec.graph_tokens, budget)),
+                max_prefix=spec.graph_prefix,
+                layers_per_piece=spec.graph_layers or 2,
+                serving_busy=engine.has_unfinished_requests,
+            )
+            runner.rider = self.graphed
+            self.scheduler = OverlapController(self.scheduler.cfg)
+        elif spec.graphs == "on" or (spec.graphs == "auto" and device.type == "cuda" and self.trainer.fused):
             # a micro-batch costs 2 x its tokens: it must fit an iteration's whole budget to ever run
             budget = int(getattr(getattr(engine, "config", None), "max_num_batched_tokens", 2 * spec.graph_tokens))
             cap = max(1, min(spec.graph_tokens, budget // 2))
+            stream = "serving" if spec.train_stream == "fused" else spec.train_stream
             self.graphed = GraphedTrainer(
                 self.trainer,
                 max_tokens=cap,
                 max_prefix=spec.graph_prefix,
                 layers_per_piece=spec.graph_layers,
-                stream=spec.train_stream,
+                stream=stream,
                 serving_sms=spec.serving_sms,
             )
             self.scheduler = OverlapController(self.scheduler.cfg)
@@ -722,6 +742,9 @@ class ContinualLearningJob:
             self._mbs.clear()
             self._run = None
             self._steps_undrained = 0
+            runner = getattr(self.engine, "runner", None)
+            if getattr(runner, "rider", None) is self.graphed:
+                runner.rider = None  # no more training rows in serving steps
         self.trainer.opt.zero_grad(set_to_none=True)
 
     # ---- status ----

@@ -74,9 +74,10 @@ class LatencyTarget(_Strict):
 
 
 class CoServingSpec(_Strict):
-    """Where co-served fine-tuning runs on a GPU (graphed.STREAM_MODES); ignored on CPU."""
+    """Where co-served fine-tuning runs: between serving steps (graphed.STREAM_MODES; on a GPU) or, `fused`, as
+    extra rows of the serving steps themselves (fused.py; GPU and CPU)."""
 
-    placement: Literal["serving", "beside", "partition"] = "serving"
+    placement: Literal["serving", "beside", "partition", "fused"] = "serving"
     servingSMs: int = Field(16, ge=1, le=1024)
 
 
