@@ -171,6 +171,7 @@ def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0,
         graphs=getattr(engine, "_bench_graphs", "auto"),
         graph_layers=getattr(engine, "_bench_graph_layers", None),
         train_stream=getattr(engine, "_bench_train_stream", "serving"),
+        ride_rows=getattr(engine, "_bench_ride_rows", 128),
         serving_sms=getattr(engine, "_bench_serving_sms", 16),
     )
     return ContinualLearningJob(spec, engine, root / "versions", {}, TrainingMetrics())
@@ -223,12 +224,11 @@ def run_load(
     params = SamplingParams(temperature=0.0, max_tokens=cfg.inf_out, ignore_eos=True)
     engine.iteration_hooks.clear()
     engine.launch_hooks.clear()
-    g = getattr(job, "graphed", None)
-    if g is not None and g.stream_mode == "fused":  # rows ride serving steps only while co-serving
-        engine.runner.rider = g if mode == "coserve" else None
-        g.serving_busy = engine.has_unfinished_requests if mode == "coserve" else (lambda: False)
-    else:
-        engine.runner.rider = None
+    rider = engine.runner.rider  # a fused job's trainer: its rows ride serving steps only while co-serving
+    if rider is not None:
+        riding = mode == "coserve" and rider is getattr(job, "graphed", None)
+        rider.ride_enabled = riding
+        rider.serving_busy = engine.has_unfinished_requests if riding else (lambda: False)
     pieces: list[tuple[float, float]] = []  # (units, seconds) of every co-serving training piece
 
     def hook(info) -> None:
@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         default="serving",
         help="serving | beside | partition (graphed pieces) | fused (rows in serving steps)",
     )
+    ap.add_argument("--ride-rows", type=int, default=128, help="training rows per fused serving step")
     ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --train-stream partition")
     ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     engine._bench_graphs = args.graphs
     engine._bench_graph_layers = args.graph_layers or None
     engine._bench_train_stream = args.train_stream
+    engine._bench_ride_rows = args.ride_rows
     engine._bench_serving_sms = args.serving_sms
     from lorafleet.worker.gpu import prioritise_serving_stream
 
@@ -561,6 +563,18 @@ def main(argv: list[str] | None = None) -> int:
             feed(job, cfg, 256, seed=5)
             alone = finetune_alone(engine, job, cfg)
             raw = {"finetune_alone_tokens_per_s": alone, "share_config": raw_cfg}
+            if job.graphed is not None and job.graphed.stream_mode == "fused":
+                # retention is against the fastest way to fine-tune alone, not the fused trainer's standalone rows
+                engine._bench_train_stream = "serving"
+                ref_job = make_job(engine, root, "ft-alone", record=False)
+                engine._bench_train_stream = "fused"
+                feed(ref_job, cfg, 256, seed=5)
+                ref_alone = finetune_alone(engine, ref_job, cfg)
+                ref_job.stop()
+                raw["finetune_alone_fused_tokens_per_s"] = alone
+                raw["finetune_alone_graphed_tokens_per_s"] = ref_alone
+                alone = max(alone, ref_alone)
+                raw["finetune_alone_tokens_per_s"] = alone
             for load in (0.5, 0.9):
                 rate = load * r_max
                 inf = run_load(engine, cfg, rate, seed=20 + int(load * 10))

@@ -89,6 +89,41 @@ def test_standalone_fused_steps_equal_trainer_steps(adapter_dir, tiny_model, lay
     torch.testing.assert_close(sums, want.double(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.timeout(120)
+def test_padded_ride_rows_change_nothing(adapter_dir, tiny_model):
+    """A graphed fused step always carries `ride_rows` rows: a shorter chunk is padded with the scratch row, which
+    only ever sees itself. Chunks of 7 rows padded to 16 train exactly like the trainer."""
+    optim = OptimConfig(lr=5e-3, grad_accumulation=1, max_grad_norm=0.0)
+    ref = LoRATrainer(tiny_model, TrainableLoRA.from_peft(tiny_model.shape, adapter_dir), optim)
+    t = LoRATrainer(tiny_model, TrainableLoRA.from_peft(tiny_model.shape, adapter_dir), optim)
+    ft = FusedTrainer(t, max_tokens=64, max_prefix=64, ride_rows=16)
+    samples = _samples(ref)
+    denom = sum(s.loss_tokens for s in samples)
+    norm = ref.train_step(samples).grad_norm
+    chunks = 0
+    for mb in ft.pack(samples, denom):
+        ft.begin(mb)
+        ft._armed = True  # armed as launch_piece does while serving is busy; ridden by hand like the graphed runner
+        while ft.riding:
+            k = min(7, mb.tokens - ft._c0)
+            idx = ft.index(k, pad_to=16)
+            assert idx.tolist()[k:] == [ft.cap] * (16 - k)
+            ids, pos = ft.rows(idx)
+            attn, lora, cap = ft.contexts(None, None, 0, idx)
+            with torch.inference_mode():
+                out = tiny_model(ids, pos, attn, lora, cap)
+            assert torch.isfinite(out).all()
+            ft.advance(k)
+            chunks += 1
+        while ft.active:
+            ft.launch_piece()
+    ft.launch_step()
+    assert chunks >= 4 and float(ft.kbuf[:, ft.cap].abs().sum()) > 0  # the scratch row was written
+    got = [float(p.host[0]) for p in ft.completed() if p.kind == "step"]
+    assert got == pytest.approx([norm], rel=1e-5)
+    _assert_same_weights(ref.lora, t.lora)
+
+
 @pytest.mark.timeout(240)
 def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_dir):
     root = tmp_path / "adapters"
@@ -206,3 +241,65 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
     assert job.trainer.step >= 2 and job.loss_ema is not None and math.isfinite(job.loss_ema)
     job.stop()
     assert eng.runner.rider is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.timeout(600)
+def test_gpu_fused_steps_replay_graphs_and_train_like_the_trainer(tmp_path, tiny_dir):
+    """On a GPU, steps that carry training rows replay the rider's CUDA graphs (padded to `ride_rows`); the served
+    tokens match a run without training and the gradient norms match `LoRATrainer` (fp32; Triton kernels use TF32)."""
+    root = tmp_path / "adapters"
+    build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
+    eng = LLMEngine(
+        EngineConfig(
+            model=str(tiny_dir),
+            device="cuda",
+            dtype="float32",
+            max_num_batched_tokens=256,
+            max_num_seqs=16,
+            num_kv_blocks=256,
+            adapter_roots=[str(root)],
+        )
+    )
+    assert eng.runner.mixed_runner is not None
+    eng.load_adapter("ad", str(root / "ad"), "v1")
+    prompts = [list(range(5 + i, 45 + i)) for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    adapters = ["ad", None] * 6
+    reference = [o.output_token_ids for o in eng.generate(prompts, params, adapters)]
+    optim = OptimConfig(lr=5e-3, grad_accumulation=1, max_grad_norm=0.0)
+    ref = LoRATrainer(eng.model, TrainableLoRA.from_peft(eng.model.shape, root / "ad"), optim)
+    t = LoRATrainer(eng.model, TrainableLoRA.from_peft(eng.model.shape, root / "ad"), optim)
+    ft = FusedTrainer(t, max_tokens=128, max_prefix=512, ride_rows=32, serving_busy=eng.has_unfinished_requests)
+    eng.runner.attach_rider(ft)
+    assert ft.chunk_tokens == 32 and eng.runner.fused_runner_lora is not None
+    samples = _samples(ref)
+    denom = sum(s.loss_tokens for s in samples)
+    norm = ref.train_step(samples).grad_norm
+    plan = deque([*ft.pack(samples, denom), "step"])
+
+    def drive(_info=None) -> None:
+        if ft.active:
+            if ft.next_piece_cost() != float("inf"):
+                ft.launch_piece()
+        elif plan:
+            item = plan.popleft()
+            if item == "step":
+                ft.launch_step()
+            else:
+                ft.begin(item)
+                ft.launch_piece()
+
+    eng.launch_hooks.append(drive)
+    served = [o.output_token_ids for o in eng.generate(prompts, params, adapters)]
+    while plan or ft.active:
+        drive()
+    ft.synchronize()
+    replays = eng.runner.fused_runner.replays + eng.runner.fused_runner_lora.replays
+    assert ft.rows_ridden > 0 and replays > 0
+    same = sum(a == b for a, b in zip(served, reference, strict=True))
+    assert same >= len(prompts) - 1, (served, reference)  # TF32 GEMMs over more rows may flip a near tie
+    got = [float(p.host[0]) for p in ft.completed() if p.kind == "step"]
+    assert got == pytest.approx([norm], rel=2e-2)
+    eng.runner.attach_rider(None)
+    assert eng.runner.fused_runner is None

@@ -28,10 +28,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lorafleet.worker.training.graphed import GraphedTrainer, MaskedPackedAttention, MicroBatch, _round_up
+from lorafleet.worker.training.graphed import (
+    PREFIX_ALIGN,
+    TOKEN_ALIGN,
+    GraphedTrainer,
+    MaskedPackedAttention,
+    MicroBatch,
+    _round_up,
+)
 from lorafleet.worker.training.lora_context import TrainLoRAContext
 from lorafleet.worker.training.trainer import LoRATrainer
 
+SCRATCH_SEG = -3  # the scratch row's segment: padded rows of a graphed fused step attend only to it
 STALL_STEPS = 8  # serving steps without leftover budget before armed rows run standalone (min share)
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
@@ -62,14 +70,14 @@ class _ReplayLoRA(TrainLoRAContext):
 
 
 class _RiderAttention:
-    """Rows [0, n) are the serving step's, the rest a chunk of the micro-batch starting at micro-batch row c0."""
+    """Rows [0, n) are the serving step's; the rest are the micro-batch rows `idx` (device tensor)."""
 
-    def __init__(self, ft: FusedTrainer, serving, n: int, c0: int) -> None:
-        self.ft, self.serving, self.n, self.c0 = ft, serving, n, c0
+    def __init__(self, ft: FusedTrainer, serving, n: int, idx: torch.Tensor) -> None:
+        self.ft, self.serving, self.n, self.idx = ft, serving, n, idx
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = self.n
-        train = self.ft.chunk_attend(layer_idx, q[n:], k[n:], v[n:], self.c0)
+        train = self.ft.chunk_attend(layer_idx, q[n:], k[n:], v[n:], self.idx)
         if n == 0:
             return train
         return torch.cat([self.serving.attend(layer_idx, q[:n], k[:n], v[:n]), train], 0)
@@ -85,15 +93,15 @@ class _RiderLoRA:
     """Serving rows get the step's adapter segments; training rows the job's LoRA, after their frozen product is
     saved for the backward."""
 
-    def __init__(self, ft: FusedTrainer, serving, n: int, c0: int) -> None:
-        self.ft, self.serving, self.n, self.c0 = ft, serving, n, c0
+    def __init__(self, ft: FusedTrainer, serving, n: int, idx: torch.Tensor) -> None:
+        self.ft, self.serving, self.n, self.idx = ft, serving, n, idx
         self.train = TrainLoRAContext(ft.t.lora, ft.t.dtype)
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = self.n
         if self.serving is not None and n:
             _into(y[:n], self.serving.apply(layer_idx, proj, x[:n], y[:n]))
-        self.ft.save(layer_idx, proj, y[n:], self.c0)
+        self.ft.save(layer_idx, proj, y[n:], self.idx)
         y[n:] = self.train.apply(layer_idx, proj, x[n:], y[n:])
         return y
 
@@ -101,7 +109,7 @@ class _RiderLoRA:
         n = self.n
         if self.serving is not None and n:
             _into(y[:n], self.serving.apply_group(layer_idx, group, x[:n], y[:n]))
-        self.ft.save(layer_idx, group, y[n:], self.c0)
+        self.ft.save(layer_idx, group, y[n:], self.idx)
         lo = 0
         for proj in GROUPS[group]:
             hi = lo + self.ft.t.model.shape.proj_dims(proj)[1]
@@ -114,8 +122,13 @@ class FusedTrainer(GraphedTrainer):
     """A `GraphedTrainer` whose forward pieces ride serving steps (see the module docstring).
 
     Pieces of a micro-batch: [ride, head, backward segments top first]. Launching the ride piece arms the rows;
-    `take`/`contexts`/`advance` (the model runner) consume them; it is done once every token has been forwarded.
-    `serving_busy()` says whether serving steps will come; without them the rows run standalone."""
+    `take`/`rows`/`contexts`/`advance` (the model runner) consume them; it is done once every token has been
+    forwarded. `serving_busy()` says whether serving steps will come; without them the rows run standalone.
+
+    The forward reads and writes only fixed device buffers, addressed by a device tensor of micro-batch rows
+    (`ride_idx`), so the model runner can capture a serving step *with* `ride_rows` training rows in a CUDA graph:
+    a step that carries fewer pads with the scratch row `cap` (its own segment: it attends only to itself, and
+    what it saves lands in the scratch row)."""
 
     def __init__(
         self,
@@ -125,29 +138,51 @@ class FusedTrainer(GraphedTrainer):
         layers_per_piece: int = 2,
         chunk_tokens: int | None = None,
         serving_busy=None,
+        ride_rows: int = 128,
     ) -> None:
         super().__init__(trainer, max_tokens, max_prefix, use_graphs=False, layers_per_piece=1, stream="serving")
         L = trainer.model.shape.num_layers
         self.layers_per_piece = max(1, min(layers_per_piece, L))
         self.stream_mode = "fused"
         self.chunk_tokens = chunk_tokens  # most training rows one step carries (None: whatever the budget leaves)
+        self.ride_rows = ride_rows  # rows of a graphed fused step (the runner captures graphs for this many)
         self.serving_busy = serving_busy or (lambda: False)
+        self.ride_enabled = True  # False: armed rows wait (or run standalone when serving_busy() says no steps)
         self._armed = False
         self._stalled = 0  # serving steps in a row that left no budget to armed rows
         self._c0 = 0  # next micro-batch row to forward
         self.rows_ridden = 0  # training rows forwarded inside serving steps (metrics / tests)
         self.rows_standalone = 0
+        # head and backward pieces as CUDA graphs, one per (bucket, piece), captured lazily (GPU only)
+        self.piece_graphs = self.cuda
+        self.max_piece_graphs = 64
+        self._piece_graphs: dict = {}
         self._alloc()
 
     # ---- buffers ----
     def _alloc(self) -> None:
-        """Everything the forward writes, sized for the largest bucket and allocated outside inference mode (the
-        backward's autograd reads it)."""
+        """Everything the forward reads and writes, sized for the largest bucket plus the scratch row, allocated
+        outside inference mode (the backward's autograd reads it)."""
         m, d, dt = self.t.model, self.dev, self.t.dtype
         s = m.shape
-        cap = _round_up(self.max_tokens, 128)
+        cap = _round_up(self.max_tokens, TOKEN_ALIGN)
         self.cap = cap
-        self.kbuf = torch.zeros(s.num_layers, cap, s.num_kv_heads, s.head_dim, dtype=dt, device=d)
+        rows = cap + 1  # + the scratch row
+        long = dict(dtype=torch.long, device=d)
+        self.f_ids = torch.zeros(rows, **long)
+        self.f_pos = torch.zeros(rows, **long)
+        self.f_seg = torch.full((rows,), -1, **long)
+        self.f_seg[cap] = SCRATCH_SEG
+        self.key_idx = torch.arange(rows, **long)
+        self.ride_idx = torch.full((max(self.ride_rows, 1),), cap, **long)
+        p = _round_up(self.max_prefix, PREFIX_ALIGN) if self.max_prefix else 0
+        self.f_pk = self.f_pv = None
+        self.f_pseg = torch.full((p,), -2, **long)
+        self.f_ppos = torch.zeros(p, **long)
+        if p:
+            self.f_pk = torch.zeros(s.num_layers, p, s.num_kv_heads, s.head_dim, dtype=dt, device=d)
+            self.f_pv = torch.zeros_like(self.f_pk)
+        self.kbuf = torch.zeros(s.num_layers, rows, s.num_kv_heads, s.head_dim, dtype=dt, device=d)
         self.vbuf = torch.zeros_like(self.kbuf)
         self.saved: dict[tuple[int, str], torch.Tensor] = {}
         fused = m.model.layers[0].self_attn.fused is not None
@@ -159,41 +194,40 @@ class FusedTrainer(GraphedTrainer):
         sites += [("o_proj", s.hidden_size), ("down_proj", s.hidden_size)]
         for li in range(s.num_layers):
             for site, width in sites:
-                self.saved[(li, site)] = torch.zeros(cap, width, dtype=dt, device=d)
-        self.saved[(s.num_layers, "final_in")] = torch.zeros(cap, s.hidden_size, dtype=dt, device=d)
+                self.saved[(li, site)] = torch.zeros(rows, width, dtype=dt, device=d)
+        self.saved[(s.num_layers, "final_in")] = torch.zeros(rows, s.hidden_size, dtype=dt, device=d)
+        self.gbuf = torch.zeros(rows, s.hidden_size, dtype=dt, device=d)  # dL/dh between backward pieces
 
-    def save(self, layer_idx: int, site: str, rows: torch.Tensor, c0: int) -> None:
-        self.saved[(layer_idx, site)][c0 : c0 + rows.shape[0]].copy_(rows)
+    def save(self, layer_idx: int, site: str, rows: torch.Tensor, idx: torch.Tensor) -> None:
+        self.saved[(layer_idx, site)].index_copy_(0, idx, rows.to(self.t.dtype))
 
-    def capture(self, n: int, c0: int):
+    def capture(self, n: int, idx: torch.Tensor):
         def cap(layer_idx: int, site: str, t: torch.Tensor) -> None:
             if site in ("layer_in", "final_in"):
-                self.save(layer_idx, site, t[n:], c0)
+                self.save(layer_idx, site, t[n:], idx)
 
         return cap
 
     # ---- the forward of training rows ----
-    def chunk_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c0: int):
-        """Rows c0.. of the micro-batch against [its stashed prefix | its keys so far]; segment ids keep samples
-        apart, row order is causal order within a sample (samples are packed contiguously)."""
-        st = self._active.st
-        n = q.shape[0]
-        tb = st.seg.shape[0]
-        self.kbuf[layer_idx, c0 : c0 + n] = k
-        self.vbuf[layer_idx, c0 : c0 + n] = v
-        keys, vals = self.kbuf[layer_idx, :tb], self.vbuf[layer_idx, :tb]
-        qseg, qidx = st.seg[c0 : c0 + n], torch.arange(c0, c0 + n, device=q.device)
-        mask = (qseg[:, None] == st.seg[None, :]) & (torch.arange(tb, device=q.device)[None, :] <= qidx[:, None])
+    def chunk_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor):
+        """Micro-batch rows `idx` against [its stashed prefix | its keys so far]; segment ids keep samples apart,
+        row order is causal order within a sample (samples are packed contiguously). Device tensors only."""
+        kb, vb = self.kbuf[layer_idx], self.vbuf[layer_idx]
+        kb.index_copy_(0, idx, k.to(kb.dtype))
+        vb.index_copy_(0, idx, v.to(vb.dtype))
+        qseg, qpos = self.f_seg.index_select(0, idx), self.f_pos.index_select(0, idx)
+        mask = (qseg[:, None] == self.f_seg[None, :]) & (self.key_idx[None, :] <= idx[:, None])
         window = self.t.model.shape.sliding_window
         if window is not None:
-            mask &= st.pos[c0 : c0 + n, None] - st.pos[None, :] < window
-        if st.pk is not None:
-            mp = qseg[:, None] == st.pseg[None, :]
+            mask &= qpos[:, None] - self.f_pos[None, :] < window
+        keys, vals = kb.to(q.dtype), vb.to(q.dtype)
+        if self.f_pk is not None:
+            mp = qseg[:, None] == self.f_pseg[None, :]
             if window is not None:
-                mp &= st.pos[c0 : c0 + n, None] - st.ppos[None, :] < window
+                mp &= qpos[:, None] - self.f_ppos[None, :] < window
             mask = torch.cat([mp, mask], 1)
-            keys = torch.cat([st.pk[layer_idx].to(k.dtype), keys], 0)
-            vals = torch.cat([st.pv[layer_idx].to(v.dtype), vals], 0)
+            keys = torch.cat([self.f_pk[layer_idx].to(q.dtype), keys], 0)
+            vals = torch.cat([self.f_pv[layer_idx].to(q.dtype), vals], 0)
         q4, k4, v4 = q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None]
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
@@ -207,7 +241,7 @@ class FusedTrainer(GraphedTrainer):
 
     def take(self, serving_tokens: int, budget: int) -> int:
         """Training rows the next step carries: what is armed, within the step's leftover token budget."""
-        if not self._armed:
+        if not self._armed or not self.ride_enabled:
             return 0
         k = min(self._active.mb.tokens - self._c0, budget - serving_tokens)
         if self.chunk_tokens:
@@ -215,14 +249,23 @@ class FusedTrainer(GraphedTrainer):
         self._stalled = 0 if k > 0 else self._stalled + 1
         return max(0, k)
 
-    def rows(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        st = self._active.st
-        return st.ids[self._c0 : self._c0 + k], st.pos[self._c0 : self._c0 + k]
+    def index(self, k: int, pad_to: int | None = None) -> torch.Tensor:
+        """Micro-batch rows of the next `k` tokens; `pad_to`: fill `ride_idx` (graphs) up to it with the scratch
+        row, else a fresh tensor of exactly k rows."""
+        rows = torch.arange(self._c0, self._c0 + k, dtype=torch.long)
+        if pad_to is None:
+            return rows.to(self.dev)
+        idx = torch.full((pad_to,), self.cap, dtype=torch.long)
+        idx[:k] = rows
+        self.ride_idx[:pad_to].copy_(idx.pin_memory() if self.cuda else idx, non_blocking=self.cuda)
+        return self.ride_idx[:pad_to]
 
-    def contexts(self, attn, lora, n: int):
-        """(attention, LoRA, capture) for a step of `n` serving rows followed by the training rows of `rows`."""
-        c0 = self._c0
-        return _RiderAttention(self, attn, n, c0), _RiderLoRA(self, lora, n, c0), self.capture(n, c0)
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.f_ids.index_select(0, idx), self.f_pos.index_select(0, idx)
+
+    def contexts(self, attn, lora, n: int, idx: torch.Tensor):
+        """(attention, LoRA, capture) for a step of `n` serving rows followed by the training rows `idx`."""
+        return _RiderAttention(self, attn, n, idx), _RiderLoRA(self, lora, n, idx), self.capture(n, idx)
 
     def advance(self, k: int, standalone: bool = False) -> None:
         self._c0 += k
@@ -237,17 +280,31 @@ class FusedTrainer(GraphedTrainer):
     def _standalone(self) -> None:
         """The armed rows without a serving step (idle worker)."""
         k = self._active.mb.tokens - self._c0
-        ids, pos = self.rows(k)
-        attn, lora, cap = self.contexts(None, None, 0)
+        idx = self.index(k)
+        ids, pos = self.rows(idx)
+        attn, lora, cap = self.contexts(None, None, 0, idx)
         with torch.inference_mode():
             self.t.model(ids, pos, attn, lora, cap)
         self.advance(k, standalone=True)
 
     # ---- pieces (the job drives them like GraphedTrainer's) ----
     def begin(self, mb: MicroBatch, tag: object = None) -> None:
-        if mb.bucket.tokens > self.cap:
-            raise ValueError(f"micro-batch of {mb.bucket.tokens} tokens exceeds the fused buffers ({self.cap})")
+        if mb.bucket.tokens > self.cap or mb.bucket.prefix > self.f_pseg.shape[0]:
+            raise ValueError(f"micro-batch {mb.bucket} exceeds the fused buffers ({self.cap} tokens)")
         super().begin(mb, tag)
+        st, tb, pb = self._active.st, mb.bucket.tokens, mb.bucket.prefix
+        with self._ctx():  # the bucket's buffers (backward) -> the fixed forward buffers
+            self.f_ids[:tb].copy_(st.ids)
+            self.f_pos[:tb].copy_(st.pos)
+            self.f_seg[:tb].copy_(st.seg)
+            self.f_seg[tb : self.cap].fill_(-1)
+            if self.f_pk is not None:
+                if pb:
+                    self.f_pk[:, :pb].copy_(st.pk)
+                    self.f_pv[:, :pb].copy_(st.pv)
+                    self.f_pseg[:pb].copy_(st.pseg)
+                    self.f_ppos[:pb].copy_(st.ppos)
+                self.f_pseg[pb:].fill_(-2)
         L, k = self.t.model.shape.num_layers, self.layers_per_piece
         seg = [mb.tokens * self._layer_unit * min(k, L - lo) for lo in range(0, L, k)]
         self._active.costs = [float(mb.tokens), self._head_unit * len(mb.owners), *reversed(seg)]
@@ -279,27 +336,57 @@ class FusedTrainer(GraphedTrainer):
         for p, acc in zip(self.params, self.acc, strict=True):
             if p.grad is not acc:  # backward accumulates in place into the accumulators
                 p.grad = acc
-        L, k = self.t.model.shape.num_layers, self.layers_per_piece
-        if a.next == 1:
-            self._head(a)
+        key = (a.mb.bucket, a.next)
+        g = self._piece_graphs.get(key)
+        if g is None and self.piece_graphs and len(self._piece_graphs) < self.max_piece_graphs:
+            g = self._capture_piece(a, a.next)
+        if g is not None:
+            g.replay()
+            self.graph_replays += 1
         else:
-            hi = L - (a.next - 2) * k
-            self._layers_backward(a, max(0, hi - k), hi)
-        self.eager_runs += 1
+            self._piece(a.st, a.next)
+            self.eager_runs += 1
 
-    def _head(self, a) -> None:
-        m, st = self.t.model, a.st
+    def _piece(self, st, i: int) -> None:
+        """Piece i >= 1 of a micro-batch in bucket `st`: 1 = the head, then layer groups top first. Reads and writes
+        only fixed buffers (dL/dh travels in `gbuf`), so it can be a CUDA graph."""
+        L, k = self.t.model.shape.num_layers, self.layers_per_piece
+        if i == 1:
+            self._head(st)
+        else:
+            hi = L - (i - 2) * k
+            self._layers_backward(st, max(0, hi - k), hi)
+
+    def _capture_piece(self, a, i: int):
+        """Warm-up with zero gradients (the accumulators get exact zeros), then capture on the serving stream."""
+        st = a.st
+        saved_w, saved_g = st.row_w.clone(), self.gbuf.clone()
+        st.row_w.zero_()
+        self.gbuf.zero_()
+        for _ in range(2):
+            self._piece(st, i)
+        g = torch.cuda.CUDAGraph()
+        cap = None if self.stream == torch.cuda.default_stream(self.dev) else self.stream
+        with torch.cuda.graph(g, pool=self.pool, stream=cap):
+            self._piece(st, i)
+        st.row_w.copy_(saved_w)
+        self.gbuf.copy_(saved_g)
+        self._piece_graphs[(a.mb.bucket, i)] = g
+        return g
+
+    def _head(self, st) -> None:
+        m = self.t.model
         tb = st.seg.shape[0]
         h = self.saved[(m.shape.num_layers, "final_in")][:tb].detach().requires_grad_(True)
         tok = F.cross_entropy(m.compute_logits(m.model.norm(h).index_select(0, st.rows)), st.targets, reduction="none")
         st.row_loss.copy_(tok.detach())
         (tok * st.row_w).sum().backward()
-        a.inputs = [h.grad]
+        self.gbuf[:tb].copy_(h.grad)
 
-    def _layers_backward(self, a, lo: int, hi: int) -> None:
-        m, st = self.t.model, a.st
+    def _layers_backward(self, st, lo: int, hi: int) -> None:
+        m = self.t.model
         tb = st.seg.shape[0]
-        grad = a.inputs[0]
+        grad = self.gbuf[:tb].clone()
         attn = MaskedPackedAttention(st, m.attn_scale, m.shape.sliding_window, repeat_kv=self.cuda)
         ctx = _ReplayLoRA(self)
         for li in range(hi - 1, lo - 1, -1):
@@ -307,7 +394,7 @@ class FusedTrainer(GraphedTrainer):
             out = m.model.layers[li](r0, st.pos, attn, ctx, None)
             torch.autograd.backward(out, grad)
             grad = r0.grad
-        a.inputs = [grad]
+        self.gbuf[:tb].copy_(grad)
 
     def reset(self) -> None:
         super().reset()

@@ -86,6 +86,7 @@ class JobSpec:
     # serving | beside | partition: where graphed pieces run (graphed.STREAM_MODES); fused: training rows ride the
     # serving steps themselves (fused.py)
     train_stream: str = "serving"
+    ride_rows: int = 128  # fused: training rows a graphed serving step carries (the runner captures that shape)
     serving_sms: int = 16  # SMs left to serving alone when train_stream is partition
 
 
@@ -211,8 +212,9 @@ class ContinualLearningJob:
                 max_prefix=spec.graph_prefix,
                 layers_per_piece=spec.graph_layers or 2,
                 serving_busy=engine.has_unfinished_requests,
+                ride_rows=spec.ride_rows,
             )
-            runner.rider = self.graphed
+            runner.attach_rider(self.graphed)
             self.scheduler = OverlapController(self.scheduler.cfg)
         elif spec.graphs == "on" or (spec.graphs == "auto" and device.type == "cuda" and self.trainer.fused):
             # a micro-batch costs 2 x its tokens: it must fit an iteration's whole budget to ever run
@@ -744,7 +746,7 @@ class ContinualLearningJob:
             self._steps_undrained = 0
             runner = getattr(self.engine, "runner", None)
             if getattr(runner, "rider", None) is self.graphed:
-                runner.rider = None  # no more training rows in serving steps
+                runner.attach_rider(None)  # no more training rows in serving steps (their graphs go too)
         self.trainer.opt.zero_grad(set_to_none=True)
 
     # ---- status ----
