@@ -21,7 +21,8 @@ the training half of that:
   rows), so a job makes progress on an idle worker too.
 
 The numerics equal `GraphedTrainer`'s (and so `LoRATrainer`'s) on the same micro-batches: tests/cl/test_fused.py.
-Fused steps run eagerly for now (a step carrying training rows skips the serving CUDA graphs).
+On a GPU with graphs on, `ModelRunner.attach_rider` captures serving steps that carry `ride_rows` training rows,
+and the head / backward pieces are graphs per (bucket, piece). Design and costs: docs/coserving.md.
 """
 
 from __future__ import annotations
