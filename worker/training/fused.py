@@ -312,6 +312,13 @@ class FusedTrainer(GraphedTrainer):
         self._c0 = 0
         self._armed = False
 
+    def predict_seconds(self, units: float) -> float:
+        """The ride piece costs no separate GPU time: its rows are paid inside serving steps, whose measured time
+        the controller already answers to. Other pieces as measured."""
+        if self._active is not None and self._active.next == 0:
+            return 0.0
+        return super().predict_seconds(units)
+
     def _ride(self) -> bool:
         """Leave armed rows to serving steps? Not when none will come, nor when full steps starved them."""
         return self.serving_busy() and self._stalled < STALL_STEPS
