@@ -158,6 +158,7 @@ class FusedTrainer(GraphedTrainer):
         self.piece_graphs = self.cuda
         self.max_piece_graphs = 64
         self._piece_graphs: dict = {}
+        self._fwd_graph = None  # the standalone forward chunk (ride_rows rows, no serving rows)
         self._alloc()
 
     # ---- buffers ----
@@ -279,14 +280,36 @@ class FusedTrainer(GraphedTrainer):
             self._active.next = 1  # the ride piece is done: the head is next
 
     def _standalone(self) -> None:
-        """The armed rows without a serving step (idle worker)."""
-        k = self._active.mb.tokens - self._c0
-        idx = self.index(k)
+        """The armed rows without a serving step (idle worker): chunks of `ride_rows` padded with the scratch row,
+        the shape of a fused step, replayed from one CUDA graph on a GPU."""
+        while self._armed:
+            k = min(self._active.mb.tokens - self._c0, self.ride_rows)
+            self.index(k, pad_to=self.ride_rows)
+            with torch.inference_mode():
+                if not self.piece_graphs:
+                    self._standalone_forward()
+                else:
+                    if self._fwd_graph is None:
+                        self._fwd_graph = self._capture(self._standalone_forward)
+                    self._fwd_graph.replay()
+                    self.graph_replays += 1
+            self.advance(k, standalone=True)
+
+    def _standalone_forward(self) -> None:
+        idx = self.ride_idx[: self.ride_rows]
         ids, pos = self.rows(idx)
         attn, lora, cap = self.contexts(None, None, 0, idx)
-        with torch.inference_mode():
-            self.t.model(ids, pos, attn, lora, cap)
-        self.advance(k, standalone=True)
+        self.t.model(ids, pos, attn, lora, cap)
+
+    def _capture(self, fn):
+        """Two warm-up runs, then a capture on the training (= serving) stream."""
+        for _ in range(2):
+            fn()
+        g = torch.cuda.CUDAGraph()
+        cap = None if self.stream == torch.cuda.default_stream(self.dev) else self.stream
+        with torch.cuda.graph(g, pool=self.pool, stream=cap):
+            fn()
+        return g
 
     # ---- pieces (the job drives them like GraphedTrainer's) ----
     def begin(self, mb: MicroBatch, tag: object = None) -> None:
@@ -371,12 +394,7 @@ class FusedTrainer(GraphedTrainer):
         saved_w, saved_g = st.row_w.clone(), self.gbuf.clone()
         st.row_w.zero_()
         self.gbuf.zero_()
-        for _ in range(2):
-            self._piece(st, i)
-        g = torch.cuda.CUDAGraph()
-        cap = None if self.stream == torch.cuda.default_stream(self.dev) else self.stream
-        with torch.cuda.graph(g, pool=self.pool, stream=cap):
-            self._piece(st, i)
+        g = self._capture(lambda: self._piece(st, i))
         st.row_w.copy_(saved_w)
         self.gbuf.copy_(saved_g)
         self._piece_graphs[(a.mb.bucket, i)] = g
