@@ -134,11 +134,15 @@ def _hf_greedy(tiny_dir, adapter_dir, prompt_ids, n):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_version_switch_under_concurrent_streams(worker, tiny_dir, tmp_path):
+@pytest.mark.parametrize("placement", ["serving", "fused"])
+def test_version_switch_under_concurrent_streams(worker, tiny_dir, tmp_path, placement):
+    """`fused`: the training rows ride the very steps that serve these streams (and every served token is still
+    the greedy output of exactly one published version)."""
     c = httpx.Client(base_url=worker.url, timeout=60)
     job = {
         "name": "live",
         "adapter": "ad",
+        "coServing": {"placement": placement},
         "optimizer": {"lr": 0.05, "gradAccumulation": 1, "maxGradNorm": None},
         "publish": {"everySteps": 1, "heldoutFraction": 0.0, "maxLossSpike": 1000.0},
         "replayRatio": 0.0,
@@ -188,6 +192,9 @@ def test_version_switch_under_concurrent_streams(worker, tiny_dir, tmp_path):
     ), timeline
     st = c.get("/v1/training/jobs/live").json()
     assert st["steps"] >= 3
+    assert st["coServing"]["effective"] == ("fused" if placement == "fused" else "eager")
+    if placement == "fused":
+        assert svc.jobs["live"].graphed.rows_ridden > 0  # rows really shared serving steps
     root = Path(st["publishedVersions"][-1]["path"]).parent
     checked = 0
     for r in recs:
