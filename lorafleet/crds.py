@@ -250,7 +250,7 @@ class LatencyTarget(_Model):
 
 
 class CoServing(_Model):
-    placement: Literal["serving", "beside", "partition"] = "serving"
+    placement: Literal["serving", "beside", "partition", "fused"] = "serving"
     serving_sms: Annotated[int, Field(ge=1, le=1024, alias="servingSMs")] = 16
 
 
