@@ -3,6 +3,7 @@ exactly like `LoRATrainer`, while every step stays within the token budget and s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 
@@ -228,6 +229,14 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
     )
     job = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics())
     assert eng.runner.rider is job.graphed and job.status()["coServing"]["effective"] == "fused"
+    assert "reason" not in job.status()["coServing"]
+    # one rider per engine: a second fused job runs between the steps and says why
+    other = ContinualLearningJob(dataclasses.replace(spec, name="k"), eng, tmp_path / "w", {}, TrainingMetrics())
+    co = other.status()["coServing"]
+    assert eng.runner.rider is job.graphed and co["placement"] == "fused" and co["effective"] != "fused"
+    assert "another job" in co["reason"]
+    other.stop()
+    assert eng.runner.rider is job.graphed  # stopping the other job leaves this one's rider in place
     for i in range(4):
         job.offer(FeedbackSample("ad", "pair", list(range(30, 40)), list(range(60, 66)), feedback_id=f"f{i}", seq=i))
     eng.launch_hooks.append(lambda info: coserve_iteration(eng, [job], info))
@@ -241,6 +250,32 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
     assert job.trainer.step >= 2 and job.loss_ema is not None and math.isfinite(job.loss_ema)
     job.stop()
     assert eng.runner.rider is None
+
+
+def test_buffer_bytes_are_what_the_trainer_allocates_and_size_the_job(adapter_dir, tiny_model):
+    """`buffer_bytes` is the exact size of the fused trainer's fixed buffers, so a job on a GPU sizes its
+    micro-batches to the memory serving left: shrunk when the full size does not fit, none (the job runs between
+    serving steps, with the reason in status) when not even one aligned chunk does."""
+    from lorafleet.worker.training.fused import TOKEN_ALIGN, buffer_bytes, tokens_that_fit
+    from lorafleet.worker.training.job import FUSED_MEMORY_SHARE, JobSpec, _fused_tokens
+
+    t = LoRATrainer(tiny_model, TrainableLoRA.from_peft(tiny_model.shape, adapter_dir), OptimConfig())
+    ft = FusedTrainer(t, max_tokens=200, max_prefix=100, ride_rows=8)
+    tensors = [*ft.saved.values(), ft.gbuf, ft.kbuf, ft.vbuf, ft.f_ids, ft.f_pos, ft.f_seg, ft.key_idx]
+    tensors += [ft.f_pk, ft.f_pv, ft.f_pseg, ft.f_ppos]
+    held = sum(x.numel() * x.element_size() for x in tensors)
+    assert buffer_bytes(tiny_model, 200, 100, t.dtype) == held
+    one = buffer_bytes(tiny_model, TOKEN_ALIGN, 100, t.dtype)
+    two = buffer_bytes(tiny_model, 2 * TOKEN_ALIGN, 100, t.dtype)
+    assert tokens_that_fit(tiny_model, 200, 100, t.dtype, two) == 200  # 200 rounds up to 256 = 2 chunks
+    assert tokens_that_fit(tiny_model, 200, 100, t.dtype, two - 1) == TOKEN_ALIGN
+    assert tokens_that_fit(tiny_model, 200, 100, t.dtype, one - 1) == 0
+    spec = JobSpec(name="j", adapter="ad", graph_prefix=100)
+    assert _fused_tokens(tiny_model, t.dtype, 200, spec, None) == (200, "")  # CPU: nothing sized up front
+    n, why = _fused_tokens(tiny_model, t.dtype, 200, spec, int((two - 1) / FUSED_MEMORY_SHARE))
+    assert n == TOKEN_ALIGN and "shrunk to 128 tokens" in why
+    n, why = _fused_tokens(tiny_model, t.dtype, 200, spec, int((one - 1) / FUSED_MEMORY_SHARE))
+    assert n == 0 and "running between serving steps" in why
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

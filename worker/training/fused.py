@@ -119,6 +119,39 @@ class _RiderLoRA:
         return y
 
 
+def saved_sites(model) -> list[tuple[str, int]]:
+    """(site, width) of what the forward keeps per layer and training row: the layer input and each frozen
+    projection's output (one per fused group when the model's projections are fused)."""
+    s = model.shape
+    sites: list[tuple[str, int]] = [("layer_in", s.hidden_size)]
+    if model.model.layers[0].self_attn.fused is not None:
+        sites += [(g, sum(s.proj_dims(p)[1] for p in members)) for g, members in GROUPS.items()]
+    else:
+        sites += [(p, s.proj_dims(p)[1]) for members in GROUPS.values() for p in members]
+    return sites + [("o_proj", s.hidden_size), ("down_proj", s.hidden_size)]
+
+
+def buffer_bytes(model, max_tokens: int, max_prefix: int, dtype: torch.dtype) -> int:
+    """Device bytes `FusedTrainer` allocates up front for these sizes (saved activations, micro-batch K/V, stashed
+    prefix K/V, dL/dh), so a job can size itself to the memory serving left it instead of failing with an OOM."""
+    s = model.shape
+    el = torch.empty((), dtype=dtype).element_size()
+    rows = _round_up(max_tokens, TOKEN_ALIGN) + 1
+    prefix = _round_up(max_prefix, PREFIX_ALIGN) if max_prefix else 0
+    kv = 2 * s.num_layers * s.num_kv_heads * s.head_dim
+    per_row = s.num_layers * sum(w for _, w in saved_sites(model)) + 2 * s.hidden_size + kv
+    return el * (rows * per_row + prefix * kv) + 8 * (4 * rows + 2 * prefix)
+
+
+def tokens_that_fit(model, want: int, max_prefix: int, dtype: torch.dtype, free_bytes: int) -> int:
+    """The largest micro-batch (a multiple of TOKEN_ALIGN, at most `want` rounded up) whose buffers fit in
+    `free_bytes`; 0 when not even one aligned chunk does."""
+    n = _round_up(want, TOKEN_ALIGN)
+    while n >= TOKEN_ALIGN and buffer_bytes(model, n, max_prefix, dtype) > free_bytes:
+        n -= TOKEN_ALIGN
+    return min(n, want) if n >= TOKEN_ALIGN else 0
+
+
 class FusedTrainer(GraphedTrainer):
     """A `GraphedTrainer` whose forward pieces ride serving steps (see the module docstring).
 
@@ -187,15 +220,8 @@ class FusedTrainer(GraphedTrainer):
         self.kbuf = torch.zeros(s.num_layers, rows, s.num_kv_heads, s.head_dim, dtype=dt, device=d)
         self.vbuf = torch.zeros_like(self.kbuf)
         self.saved: dict[tuple[int, str], torch.Tensor] = {}
-        fused = m.model.layers[0].self_attn.fused is not None
-        sites: list[tuple[str, int]] = [("layer_in", s.hidden_size)]
-        if fused:
-            sites += [(g, sum(s.proj_dims(p)[1] for p in members)) for g, members in GROUPS.items()]
-        else:
-            sites += [(p, s.proj_dims(p)[1]) for members in GROUPS.values() for p in members]
-        sites += [("o_proj", s.hidden_size), ("down_proj", s.hidden_size)]
         for li in range(s.num_layers):
-            for site, width in sites:
+            for site, width in saved_sites(m):
                 self.saved[(li, site)] = torch.zeros(rows, width, dtype=dt, device=d)
         self.saved[(s.num_layers, "final_in")] = torch.zeros(rows, s.hidden_size, dtype=dt, device=d)
         self.gbuf = torch.zeros(rows, s.hidden_size, dtype=dt, device=d)  # dL/dh between backward pieces

@@ -36,7 +36,7 @@ from lorafleet.worker.training.checkpoint import (
 )
 from lorafleet.worker.training.coserve import CoServeScheduler, OverlapController, ShareConfig
 from lorafleet.worker.training.feedback import FeedbackSample
-from lorafleet.worker.training.fused import FusedTrainer
+from lorafleet.worker.training.fused import FusedTrainer, buffer_bytes, tokens_that_fit
 from lorafleet.worker.training.graphed import GraphedTrainer, MicroBatch, sample_tokens
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
@@ -115,6 +115,27 @@ class _Item:
     sample: TrainSample
     prompt_to_recompute: bool = False
     feedback: FeedbackSample | None = None
+
+
+FUSED_MEMORY_SHARE = 0.5  # of the device's free memory, for the fused trainer's fixed buffers; the rest is left to
+# the backward pieces' temporaries, their graph pools and serving's own workspace
+
+
+def _fused_tokens(model, dtype: torch.dtype, want: int, spec: JobSpec, free_bytes: int | None) -> tuple[int, str]:
+    """Micro-batch tokens for the fused placement within the memory serving left (`free_bytes`: None on a CPU, where
+    nothing is sized up front) and why it differs from `want` (0 tokens: the job runs between serving steps)."""
+    want = max(1, want)
+    if free_bytes is None:
+        return want, ""
+    allowed = int(free_bytes * FUSED_MEMORY_SHARE)
+    n = tokens_that_fit(model, want, spec.graph_prefix, dtype, allowed)
+    need = buffer_bytes(model, want, spec.graph_prefix, dtype)
+    gib = f"{need / 2**30:.2f} GiB for {want}-token micro-batches, {allowed / 2**30:.2f} GiB allowed"
+    if n == 0:
+        return 0, f"fused placement needs {gib}: running between serving steps"
+    if n < want:
+        return n, f"fused micro-batches shrunk to {n} tokens ({gib})"
+    return n, ""
 
 
 class ContinualLearningJob:
@@ -200,15 +221,25 @@ class ContinualLearningJob:
         # asynchronous co-serving (CUDA graphs on a low-priority stream; see graphed.py)
         self.graphed: GraphedTrainer | None = None
         runner = getattr(engine, "runner", None)
-        fused = spec.train_stream == "fused" and self.trainer.fused and hasattr(runner, "rider")
-        if fused and runner.rider is not None:
-            log.warning("job %s: another job's rows ride the serving steps; this one runs between them", spec.name)
+        fused = spec.train_stream == "fused"
+        self.fallback = ""  # why the placement in effect is not the one asked for (status coServing.reason)
+        if fused and not (self.trainer.fused and hasattr(runner, "rider")):
+            self.fallback = f"this worker's engine cannot carry training rows ({device.type}): running between steps"
+            fused = False
+        elif fused and runner.rider is not None:
+            self.fallback = "another job's training rows ride this worker's serving steps: running between them"
             fused = False
         if fused:
-            budget = int(engine.config.max_num_batched_tokens)
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+            want = min(spec.graph_tokens, int(engine.config.max_num_batched_tokens))
+            tokens, self.fallback = _fused_tokens(self.trainer.model, self.trainer.dtype, want, spec, free)
+            fused = tokens > 0
+        if self.fallback:
+            log.warning("job %s: %s", spec.name, self.fallback)
+        if fused:
             self.graphed = FusedTrainer(
                 self.trainer,
-                max_tokens=max(1, min(spec.graph_tokens, budget)),
+                max_tokens=tokens,
                 max_prefix=spec.graph_prefix,
                 layers_per_piece=spec.graph_layers or 2,
                 serving_busy=engine.has_unfinished_requests,
@@ -767,6 +798,7 @@ class ContinualLearningJob:
             "coServing": {
                 "placement": self.spec.train_stream,
                 "effective": self.graphed.stream_mode if self.graphed is not None else "eager",
+                **({"reason": self.fallback} if self.fallback else {}),
             },
             "currentVersion": int(self.current_version[1:])
             if self.current_version and self.current_version[1:].isdigit()
