@@ -100,6 +100,17 @@ def job_status(worker_status: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def placement_fallback(cr_status: Mapping[str, Any], worker_status: Mapping[str, Any]) -> str | None:
+    """The Warning to emit when the worker starts running a job elsewhere than its spec asks (a `partition` without
+    green contexts, a second `fused` job on a worker, too little GPU memory for `fused`), once per change of the
+    placement in effect: the CR status shows where it runs, the Event says why."""
+    co = worker_status.get("coServing") or {}
+    asked, effective, why = co.get("placement"), co.get("effective"), co.get("reason")
+    if not why or not effective or effective == asked or cr_status.get("coServing") == str(effective)[:32]:
+        return None
+    return f"coServing.placement {asked} runs as {effective}: {why}"
+
+
 def latest_published(worker_status: Mapping[str, Any]) -> tuple[str, str] | None:
     """(version, path) of the newest published version, if any."""
     pvs = [pv for pv in worker_status.get("publishedVersions") or [] if pv.get("path")]

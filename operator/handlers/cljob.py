@@ -121,6 +121,9 @@ async def cljob_sync(
         log.info("job %s status unavailable: %s", name, exc)
         return
     status = training.job_status(st)
+    fallback = training.placement_fallback(body.get("status") or {}, st)
+    if fallback:
+        kopf.warn(body, reason="CoServingFallback", message=fallback)
     latest = training.latest_published(st)
     if latest is not None:
         version, path = latest

@@ -64,6 +64,18 @@ def test_status_is_bounded_and_latest_version_found() -> None:
 
     ContinualLearningJobStatus.model_validate(seen)  # within the CRD's status schema
     assert training.job_status({"phase": "Stopped"})["phase"] == "Succeeded"
+
+
+def test_placement_fallback_is_reported_once_per_change() -> None:
+    why = "another job's training rows ride this worker's serving steps: running between them"
+    st = {"phase": "Running", "coServing": {"placement": "fused", "effective": "serving", "reason": why}}
+    note = training.placement_fallback({"coServing": None}, st)
+    assert note == f"coServing.placement fused runs as serving: {why}"
+    assert training.placement_fallback({"coServing": "serving"}, st) is None  # already shown: no repeat
+    assert training.placement_fallback({"coServing": "fused"}, st) == note  # the placement in effect changed
+    asked = {"phase": "Running", "coServing": {"placement": "fused", "effective": "fused"}}
+    assert training.placement_fallback({}, asked) is None
+    assert training.placement_fallback({}, {"phase": "Running"}) is None
     assert training.job_status({"phase": "Succeeded"})["phase"] == "Succeeded"
 
 
