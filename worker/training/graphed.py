@@ -290,6 +290,7 @@ class GraphedTrainer:
         self.stream = None
         self.pool = None
         self.stream_mode = stream if self.cuda else "cpu"
+        self.fallback = ""  # why stream_mode is not the placement asked for (a partition the driver cannot make)
         if stream not in STREAM_MODES:
             raise ValueError(f"stream must be one of {STREAM_MODES}, got {stream!r}")
         if self.cuda:
@@ -326,6 +327,7 @@ class GraphedTrainer:
             except (PartitionUnavailable, ValueError) as exc:
                 log.warning("no SM partition for training (%s): its pieces run beside serving", exc)
                 self.stream_mode = "beside"
+                self.fallback = f"no SM partition ({exc}): pieces run beside serving"
         lo, _hi = torch.cuda.Stream.priority_range()
         return torch.cuda.Stream(device=self.dev, priority=lo)  # lo = the least urgent
 

@@ -260,6 +260,7 @@ class ContinualLearningJob:
                 stream=stream,
                 serving_sms=spec.serving_sms,
             )
+            self.fallback = self.fallback or self.graphed.fallback
             self.scheduler = OverlapController(self.scheduler.cfg)
         self._mbs: deque[MicroBatch] = deque()  # launched-in-order micro-batches of the current graphed group
         self._run: _GraphedRun | None = None
