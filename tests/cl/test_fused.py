@@ -36,6 +36,24 @@ def _assert_same_weights(x: TrainableLoRA, y: TrainableLoRA, tol: float = 5e-5) 
         torch.testing.assert_close(p, q, rtol=0, atol=tol, msg=n)
 
 
+def _driver(ft: FusedTrainer, plan: deque):
+    """One piece per iteration, the way the co-serving hooks launch them: `plan` holds micro-batches and "step"."""
+
+    def drive(_info=None) -> None:
+        if ft.active:
+            if ft.next_piece_cost() != float("inf"):
+                ft.launch_piece()
+        elif plan:
+            item = plan.popleft()
+            if item == "step":
+                ft.launch_step()
+            else:
+                ft.begin(item)
+                ft.launch_piece()
+
+    return drive
+
+
 def test_given_linear_passes_gradients_through_the_frozen_weight():
     w = torch.randn(5, 3, dtype=torch.float64)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
@@ -165,18 +183,7 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
         plan.extend(ft.pack(samples, denom))
         plan.append("step")
 
-    def drive(_info=None) -> None:
-        """One piece per iteration, the way the co-serving hooks launch them."""
-        if ft.active:
-            if ft.next_piece_cost() != float("inf"):
-                ft.launch_piece()
-        elif plan:
-            item = plan.popleft()
-            if item == "step":
-                ft.launch_step()
-            else:
-                ft.begin(item)
-                ft.launch_piece()
+    drive = _driver(ft, plan)
 
     eng.iteration_hooks.append(drive)
     served = [o.output_token_ids for o in eng.generate(prompts, params, adapters)]
@@ -194,9 +201,11 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
 
 
 @pytest.mark.timeout(240)
-def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir, async_scheduling):
     """The job API's `coServing.placement: fused`: the job's rows ride the engine's steps, steps complete, serving
-    output is unchanged, and stopping the job takes its rider off the runner."""
+    output is unchanged, and stopping the job takes its rider off the runner. With async scheduling (step N is
+    launched before N-1's tokens reach the host) the rows ride the same way."""
     from lorafleet.worker.training.coserve import coserve_iteration
     from lorafleet.worker.training.feedback import FeedbackSample
     from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
@@ -207,7 +216,11 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
     build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
     eng = LLMEngine(
         EngineConfig(
-            model=str(tiny_dir), max_num_batched_tokens=BUDGET, kv_cache_bytes=8 << 20, adapter_roots=[str(root)]
+            model=str(tiny_dir),
+            max_num_batched_tokens=BUDGET,
+            kv_cache_bytes=8 << 20,
+            adapter_roots=[str(root)],
+            async_scheduling=async_scheduling,
         )
     )
     eng.load_adapter("ad", str(root / "ad"), "v1")
@@ -313,17 +326,7 @@ def test_gpu_fused_steps_replay_graphs_and_train_like_the_trainer(tmp_path, tiny
     norm = ref.train_step(samples).grad_norm
     plan = deque([*ft.pack(samples, denom), "step"])
 
-    def drive(_info=None) -> None:
-        if ft.active:
-            if ft.next_piece_cost() != float("inf"):
-                ft.launch_piece()
-        elif plan:
-            item = plan.popleft()
-            if item == "step":
-                ft.launch_step()
-            else:
-                ft.begin(item)
-                ft.launch_piece()
+    drive = _driver(ft, plan)
 
     eng.launch_hooks.append(drive)
     served = [o.output_token_ids for o in eng.generate(prompts, params, adapters)]
