@@ -27,6 +27,7 @@ ANNOT_LOCAL_ENDPOINT = "lorafleet.io/local-endpoint"
 ANNOT_PUBLISHED_SOURCE = "lorafleet.io/published-source"
 ANNOT_PUBLISHED_VERSION = "lorafleet.io/published-version"
 ANNOT_TRAINER_POD = "lorafleet.io/trainer-pod"
+ANNOT_JOB_TRAINER = "lorafleet.io/trainer"  # on the ContinualLearningJob: the pod it trains on
 # Prefix for kopf's own progress/diff-base annotations so they live under our domain.
 KOPF_PREFIX = "lorafleet.io"
 

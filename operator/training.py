@@ -100,6 +100,17 @@ def job_status(worker_status: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def choose_trainer(candidates: list[tuple[str, bool, int, float]], recorded: str | None = None) -> str | None:
+    """The pod to train on among the adapter's holders, each (pod, draining, jobs already training there, request
+    rate): the recorded trainer while it still holds the adapter (a resumed job never starts a second copy
+    elsewhere), else a pod not draining, with the fewest jobs (one job's rows ride a worker's serving steps; jobs
+    also share its GPU), then the least traffic, then by name (stable across retries)."""
+    if recorded is not None and any(pod == recorded for pod, *_ in candidates):
+        return recorded
+    ranked = sorted(candidates, key=lambda c: (c[1], c[2], c[3], c[0]))
+    return ranked[0][0] if ranked else None
+
+
 def placement_fallback(cr_status: Mapping[str, Any], worker_status: Mapping[str, Any]) -> str | None:
     """The Warning to emit when the worker starts running a job elsewhere than its spec asks (a `partition` without
     green contexts, a second `fused` job on a worker, too little GPU memory for `fused`), once per change of the

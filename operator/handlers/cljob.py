@@ -32,7 +32,7 @@ async def _recorded_trainer(
 ) -> tuple[str, dict[str, Any], Any] | None:
     """(trainer pod, adapter, its worker or None when that pod no longer serves the adapter) for a started job;
     None when the job never started or its adapter is gone (sync and stop both have nothing to do then)."""
-    pod = annotations.get("lorafleet.io/trainer")
+    pod = annotations.get(c.ANNOT_JOB_TRAINER)
     adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
     if not pod or adapter is None:
         return None
@@ -50,7 +50,15 @@ async def _set_status(
 @kopf.on.resume(c.GROUP, c.VERSION, c.CLJOBS)
 @kopf.on.create(c.GROUP, c.VERSION, c.CLJOBS)
 async def cljob_start(
-    body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, memo: kopf.Memo, patch: kopf.Patch, **_: Any
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str,
+    memo: kopf.Memo,
+    patch: kopf.Patch,
+    annotations: kopf.Annotations,
+    trainers_idx: kopf.Index,
+    **_: Any,
 ) -> None:
     rt: Runtime = memo.runtime
     adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
@@ -79,7 +87,12 @@ async def cljob_start(
             "waiting for a worker that serves the adapter",
         )
         raise kopf.TemporaryError("adapter not placed yet", delay=2)
-    trainer = holders[0]
+    recorded = annotations.get(c.ANNOT_JOB_TRAINER)
+    jobs = {w.pod: sum(1 for j in trainers_idx.get((namespace, w.pod), []) if j != name) for w in holders}
+    pod = training.choose_trainer(
+        [(w.pod, w.draining, jobs[w.pod], w.load.total_rate if w.load else 0.0) for w in holders], recorded
+    )
+    trainer = next(w for w in holders if w.pod == pod)
     try:
         await trainer.client.post("/v1/training/jobs", training.job_request(name, spec))
     except WorkerError as exc:
@@ -87,7 +100,7 @@ async def cljob_start(
             await _set_status(rt, namespace, name, body, {"phase": "Failed"}, False, "WorkerRefused", exc.message)
             kopf.warn(body, reason="WorkerRefused", message=exc.message)
             raise kopf.TemporaryError(exc.message, delay=10) from exc
-    patch.metadata.annotations["lorafleet.io/trainer"] = trainer.pod
+    patch.metadata.annotations[c.ANNOT_JOB_TRAINER] = trainer.pod
     await rt.kube.patch_cr(
         c.ADAPTERS, namespace, spec["adapter"], {"metadata": {"annotations": {c.ANNOT_TRAINER_POD: trainer.pod}}}
     )

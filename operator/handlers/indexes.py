@@ -39,3 +39,10 @@ def pod_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) 
 @kopf.on.event(c.GROUP, c.VERSION, c.ADAPTERS)
 def adapter_changed(namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
     memo.runtime.wake(namespace, spec.get("baseModel"))
+
+
+@kopf.index(c.GROUP, c.VERSION, c.CLJOBS)
+def trainers_idx(namespace: str, name: str, annotations: kopf.Annotations, **_: Any) -> dict[tuple[str, str], str]:
+    """ContinualLearningJobs by the worker pod they train on, so a new job goes to a worker with fewer."""
+    pod = annotations.get(c.ANNOT_JOB_TRAINER)
+    return {(namespace, pod): name} if pod else {}

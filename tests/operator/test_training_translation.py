@@ -94,3 +94,13 @@ def test_crd_bounds_are_what_the_worker_accepts() -> None:
     assert co["placement"]["enum"] == wco["placement"]["enum"] == ["serving", "beside", "partition", "fused"]
     assert (co["servingSMs"]["minimum"], co["servingSMs"]["maximum"]) == (wco["servingSMs"]["minimum"], 1024)
     assert wco["servingSMs"]["maximum"] == 1024
+
+
+def test_trainer_choice_keeps_the_recorded_pod_then_spreads_jobs() -> None:
+    pods = [("w-0", False, 1, 0.0), ("w-1", False, 0, 9.0), ("w-2", True, 0, 0.0), ("w-3", False, 0, 2.0)]
+    assert training.choose_trainer(pods) == "w-3"  # not draining, no job yet, less traffic than w-1
+    assert training.choose_trainer(pods, recorded="w-0") == "w-0"  # a resumed job stays where it runs
+    assert training.choose_trainer(pods, recorded="gone") == "w-3"  # the recorded pod no longer holds it
+    assert training.choose_trainer([("w-1", False, 0, 1.0), ("w-0", False, 0, 1.0)]) == "w-0"  # stable by name
+    assert training.choose_trainer([("w-2", True, 0, 0.0)]) == "w-2"  # draining beats not training at all
+    assert training.choose_trainer([]) is None
