@@ -243,6 +243,7 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
     job = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics())
     assert eng.runner.rider is job.graphed and job.status()["coServing"]["effective"] == "fused"
     assert "reason" not in job.status()["coServing"]
+    assert job.graphed.gate == job.scheduler.may_ride  # the latency controller decides which steps carry rows
     # one rider per engine: a second fused job runs between the steps and says why
     other = ContinualLearningJob(dataclasses.replace(spec, name="k"), eng, tmp_path / "w", {}, TrainingMetrics())
     co = other.status()["coServing"]
@@ -263,6 +264,24 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
     assert job.trainer.step >= 2 and job.loss_ema is not None and math.isfinite(job.loss_ema)
     job.stop()
     assert eng.runner.rider is None
+
+
+def test_the_latency_gate_holds_rows_back_without_sending_them_standalone(adapter_dir, tiny_model):
+    """A step the controller keeps free (gate says no) carries no rows, and such steps do not count as starved ones:
+    the rows wait for a paid step instead of running standalone on the serving stream behind the controller's back."""
+    t = LoRATrainer(tiny_model, TrainableLoRA.from_peft(tiny_model.shape, adapter_dir), OptimConfig())
+    ft = FusedTrainer(t, max_tokens=40, max_prefix=64, serving_busy=lambda: True)
+    samples = _samples(t)
+    ft.begin(ft.pack(samples[:1], 1)[0])
+    ft.launch_piece()  # arms the rows
+    paid = [False] * (3 * 8) + [True]
+    ft.gate = lambda: paid.pop(0)
+    assert [ft.take(10, 64) for _ in range(3 * 8)] == [0] * (3 * 8)
+    assert ft.last_ride == 0 and ft.next_piece_cost() == float("inf")  # still waiting for a serving step
+    k = ft.take(10, 64)
+    assert k == min(54, ft._active.mb.tokens) and ft.last_ride == k
+    ft.gate = lambda: True
+    assert ft.take(64, 64) == 0  # no budget left: that is starving (8 such steps and the rows run standalone)
 
 
 def test_buffer_bytes_are_what_the_trainer_allocates_and_size_the_job(adapter_dir, tiny_model):

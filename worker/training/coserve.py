@@ -191,6 +191,12 @@ class OverlapController:
         self._last_end: float | None = None
         self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)
         self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
+        # fused placement: what a serving step carrying training rows adds to the iteration time (learned from
+        # decoding iterations with and without rows; floored so that riding always spends credit)
+        self.ride_price = 0.1 * cfg.tpot_target_s
+        self._it_ride: float | None = None
+        self._it_plain: float | None = None
+        self._rider = False
 
     @property
     def depth(self) -> float:
@@ -201,7 +207,8 @@ class OverlapController:
         leftover = max(0, budget - inference_tokens)
         self._idle = not decoding
         if decoding:
-            cap = max(self.cfg.burst_iters * self.gpu_budget, self._largest)
+            # never capped below the largest piece (or riding step) so one longer than an iteration's budget still runs
+            cap = max(self.cfg.burst_iters * self.gpu_budget, self._largest, self.ride_price if self._rider else 0.0)
             self.credit = min(cap, self.credit + self.gpu_budget)
             self._force = self._since_launch * max(self.cfg.min_share, 1e-6) >= 1.0
         return leftover
@@ -220,6 +227,18 @@ class OverlapController:
     def may_launch(self, predicted_s: float) -> bool:
         return self._idle or self._force or self.credit >= predicted_s
 
+    def may_ride(self) -> bool:
+        """Fused placement: whether the next serving step carries training rows. Riding is paid from the same
+        credit as pieces, at `ride_price` a step, so rows ride every step while TPOT is far under the target and on
+        fewer steps as it nears it; `min_share` still lets one step in 1/min_share ride."""
+        self._rider = True
+        if self._idle or self._force or self.credit >= self.ride_price:
+            if not self._idle:
+                self.credit -= self.ride_price
+            self._force = False
+            return True
+        return False
+
     def spend(self, predicted_s: float) -> None:
         self._largest = max(0.9 * self._largest, predicted_s)
         if not self._idle:
@@ -235,19 +254,31 @@ class OverlapController:
         finetune_seconds: float,
         decoding: bool,
         iteration_seconds: float | None = None,
+        ride_rows: int | None = None,
     ) -> None:
+        """`ride_rows` (fused placement): training rows this iteration's serving step carried (None: no rider)."""
         c = self.cfg
+        rode = None if ride_rows is None else ride_rows > 0
         if finetune_units > 0:
             self.cost.add(finetune_units, finetune_seconds)
-            self._since_launch = 0
+        if finetune_units > 0 or rode:
+            self._since_launch = 0  # a ride is fine-tuning too: the min share counts it
         else:
             self._since_launch += 1
         it = iteration_seconds if iteration_seconds is not None else inference_seconds + finetune_seconds
         self.history.append((budget, inference_tokens, finetune_units, it))
         if not decoding:
             return
-        self._win.append((max(0, budget - inference_tokens), finetune_units))
+        self._win.append((max(0, budget - inference_tokens), finetune_units + (ride_rows or 0)))
         self.ema = it if self.ema is None else 0.8 * self.ema + 0.2 * it
+        if rode is not None:
+            if rode:
+                self._it_ride = it if self._it_ride is None else 0.9 * self._it_ride + 0.1 * it
+            else:
+                self._it_plain = it if self._it_plain is None else 0.9 * self._it_plain + 0.1 * it
+            if self._it_ride is not None and self._it_plain is not None:
+                lo, hi = 0.02 * c.tpot_target_s, c.tpot_target_s
+                self.ride_price = min(hi, max(lo, self._it_ride - self._it_plain))
         if self.ema > c.tpot_target_s * c.high_water:
             self.gpu_budget *= c.decrease_factor
             self.credit = min(self.credit, self.gpu_budget)
@@ -284,7 +315,9 @@ def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
             sched = job.scheduler
             last, sched._last_end = sched._last_end, now
             it = (now - last) if last is not None and now - last < 1.0 else info.step_seconds
-            sched.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding, it)
+            rider = getattr(job, "graphed", None)
+            rode = int(rider.last_ride) if hasattr(rider, "last_ride") else None
+            sched.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding, it, rode)
         else:
             job.scheduler.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding)
         if metrics is not None:

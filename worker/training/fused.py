@@ -27,6 +27,8 @@ and the head / backward pieces are graphs per (bucket, piece). Design and costs:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from lorafleet.worker.training.graphed import (
@@ -182,6 +184,9 @@ class FusedTrainer(GraphedTrainer):
         self.ride_rows = ride_rows  # rows of a graphed fused step (the runner captures graphs for this many)
         self.serving_busy = serving_busy or (lambda: False)
         self.ride_enabled = True  # False: armed rows wait (or run standalone when serving_busy() says no steps)
+        # the latency controller's say on each step (OverlapController.may_ride); None: every step with budget rides
+        self.gate: Callable[[], bool] | None = None
+        self.last_ride = 0  # training rows the latest step carried (the controller learns what riding costs)
         self._armed = False
         self._stalled = 0  # serving steps in a row that left no budget to armed rows
         self._c0 = 0  # next micro-batch row to forward
@@ -269,13 +274,17 @@ class FusedTrainer(GraphedTrainer):
 
     def take(self, serving_tokens: int, budget: int) -> int:
         """Training rows the next step carries: what is armed, within the step's leftover token budget."""
+        self.last_ride = 0
         if not self._armed or not self.ride_enabled:
             return 0
         k = min(self._active.mb.tokens - self._c0, budget - serving_tokens)
         if self.chunk_tokens:
             k = min(k, self.chunk_tokens)
         self._stalled = 0 if k > 0 else self._stalled + 1
-        return max(0, k)
+        if k <= 0 or (self.gate is not None and not self.gate()):
+            return 0  # a step the latency controller keeps free is not a stall: the rows wait for paid steps
+        self.last_ride = k
+        return k
 
     def index(self, k: int, pad_to: int | None = None) -> torch.Tensor:
         """Micro-batch rows of the next `k` tokens; `pad_to`: fill `ride_idx` (graphs) up to it with the scratch

@@ -247,6 +247,8 @@ class ContinualLearningJob:
             )
             runner.attach_rider(self.graphed)
             self.scheduler = OverlapController(self.scheduler.cfg)
+            if spec.mode != "standalone":  # co-serving: the latency controller decides which steps carry rows
+                self.graphed.gate = self.scheduler.may_ride
         elif spec.graphs == "on" or (spec.graphs == "auto" and device.type == "cuda" and self.trainer.fused):
             # a micro-batch costs 2 x its tokens: it must fit an iteration's whole budget to ever run
             budget = int(getattr(getattr(engine, "config", None), "max_num_batched_tokens", 2 * spec.graph_tokens))
