@@ -191,6 +191,8 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
     else:
         image = wspec.get("image") or WORKER_IMAGE
         command = ["lorafleet", "worker"]
+        # the worker's own training state (job registry, feedback log) is kept per pod in the shared adapter store
+        env.append({"name": "LORAFLEET_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
         args = ["--model", mount.arg, "--port", str(port), "--adapter-root", adapter_root]
         args += ["--admin-token-file", f"{c.ADMIN_TOKEN_DIR}/{c.ADMIN_TOKEN_KEY}", "--served-model-name", name]
         if spec.get("dtype"):

@@ -196,6 +196,21 @@ class KubeletShim:
             args = _set_flag(args, "--adapter-root", self.adapter_root)
         return [*self.worker_cmd, *args, *self.extra_args]
 
+    @staticmethod
+    def _downward_env(pod: Any) -> dict[str, str]:
+        """The container's downward-API env entries the kubelet would fill (metadata.name/namespace/uid)."""
+        fields = {
+            "metadata.name": pod.metadata.name,
+            "metadata.namespace": pod.metadata.namespace,
+            "metadata.uid": pod.metadata.uid,
+        }
+        out = {}
+        for e in pod.spec.containers[0].env or []:
+            ref = e.value_from.field_ref if e.value_from is not None else None
+            if ref is not None and ref.field_path in fields:
+                out[e.name] = str(fields[ref.field_path])
+        return out
+
     def _token_file(self, pod: Any) -> str | None:
         for vol in pod.spec.volumes or []:
             if vol.secret is not None and vol.name == "admin-token":
@@ -212,7 +227,8 @@ class KubeletShim:
         argv = self._argv(pod, port)
         log_path = self.state_dir / f"{pod.metadata.name}.log"
         with open(log_path, "ab") as fh:
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            env = {**self.env, **self._downward_env(pod)}
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.started_total += 1
         log.info("started worker for pod %s on 127.0.0.1:%d (pid %d)", pod.metadata.name, port, proc.pid)
         return port, argv, proc, log_path

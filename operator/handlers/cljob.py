@@ -87,12 +87,25 @@ async def cljob_start(
             "waiting for a worker that serves the adapter",
         )
         raise kopf.TemporaryError("adapter not placed yet", delay=2)
-    recorded = annotations.get(c.ANNOT_JOB_TRAINER)
+    trainer = _pick(holders, namespace, name, trainers_idx, annotations.get(c.ANNOT_JOB_TRAINER))
+    await _start(rt, body, spec, name, namespace, trainer, patch)
+    kopf.info(body, reason="Started", message=f"training {spec['adapter']} on worker {trainer.pod}")
+    await _set_status(rt, namespace, name, body, {"phase": "Running"}, True, "Training", f"on worker {trainer.pod}")
+
+
+def _pick(holders: list[Any], namespace: str, name: str, trainers_idx: kopf.Index, recorded: str | None) -> Any:
     jobs = {w.pod: sum(1 for j in trainers_idx.get((namespace, w.pod), []) if j != name) for w in holders}
     pod = training.choose_trainer(
         [(w.pod, w.draining, jobs[w.pod], w.load.total_rate if w.load else 0.0) for w in holders], recorded
     )
-    trainer = next(w for w in holders if w.pod == pod)
+    return next(w for w in holders if w.pod == pod)
+
+
+async def _start(
+    rt: Runtime, body: kopf.Body, spec: kopf.Spec, name: str, namespace: str, trainer: Any, patch: kopf.Patch
+) -> None:
+    """Starts (or adopts, 409) the job on `trainer` and records it there. A worker resumes a job from the newest
+    checkpoint it can read (the shared adapter store), so a restart elsewhere continues where the old one was."""
     try:
         await trainer.client.post("/v1/training/jobs", training.job_request(name, spec))
     except WorkerError as exc:
@@ -104,8 +117,43 @@ async def cljob_start(
     await rt.kube.patch_cr(
         c.ADAPTERS, namespace, spec["adapter"], {"metadata": {"annotations": {c.ANNOT_TRAINER_POD: trainer.pod}}}
     )
-    kopf.info(body, reason="Started", message=f"training {spec['adapter']} on worker {trainer.pod}")
-    await _set_status(rt, namespace, name, body, {"phase": "Running"}, True, "Training", f"on worker {trainer.pod}")
+
+
+async def _recover(
+    rt: Runtime,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str,
+    pod: str,
+    adapter: dict[str, Any],
+    trainers_idx: kopf.Index,
+    patch: kopf.Patch,
+) -> None:
+    """The recorded trainer no longer serves the adapter. While its worker is only unreachable, wait (moving then
+    could leave two copies training); once the pod is gone or answers without the adapter, start the job on
+    another holder, which resumes it from its newest checkpoint: no accepted feedback or finished step is lost."""
+    fleet = rt.fleet(namespace, str((adapter.get("spec") or {}).get("baseModel")))
+    old = next((w for w in fleet.workers if w.pod == pod), None) if fleet is not None else None
+    if old is not None and not old.reachable:
+        await _set_status(rt, namespace, name, body, {}, False, "TrainerUnreachable", f"waiting for worker {pod}")
+        return
+    holders = _holders(rt, namespace, adapter)
+    if not holders:
+        await _set_status(
+            rt, namespace, name, body, {}, False, "TrainerLost", f"worker {pod} no longer serves the adapter"
+        )
+        return
+    if old is not None and old.client is not None:  # it answers but lost the adapter: stop its copy first
+        try:
+            await old.client.request("DELETE", f"/v1/training/jobs/{name}")
+        except WorkerError as exc:
+            if exc.status != 404:
+                log.info("job %s: stopping it on %s failed: %s", name, pod, exc)
+                return  # try again next tick rather than risk two trainers
+    trainer = _pick(holders, namespace, name, trainers_idx, None)
+    await _start(rt, body, spec, name, namespace, trainer, patch)
+    kopf.warn(body, reason="TrainerMoved", message=f"worker {pod} lost the adapter; resumed on {trainer.pod}")
 
 
 @kopf.timer(c.GROUP, c.VERSION, c.CLJOBS, interval=2.0, initial_delay=1.0)
@@ -116,6 +164,8 @@ async def cljob_sync(
     namespace: str,
     memo: kopf.Memo,
     annotations: kopf.Annotations,
+    patch: kopf.Patch,
+    trainers_idx: kopf.Index,
     **_: Any,
 ) -> None:
     rt: Runtime = memo.runtime
@@ -124,13 +174,15 @@ async def cljob_sync(
         return
     pod, adapter, trainer = found
     if trainer is None:
-        await _set_status(
-            rt, namespace, name, body, {}, False, "TrainerLost", f"worker {pod} no longer serves the adapter"
-        )
+        await _recover(rt, body, spec, name, namespace, pod, adapter, trainers_idx, patch)
         return
     try:
         st = await trainer.client.get(f"/v1/training/jobs/{name}")
     except WorkerError as exc:
+        if exc.status == 404:  # the worker process restarted and serves the adapter again: it resumes the job
+            await _start(rt, body, spec, name, namespace, trainer, patch)
+            kopf.warn(body, reason="TrainerRestarted", message=f"worker {pod} lost the job; resumed there")
+            return
         log.info("job %s status unavailable: %s", name, exc)
         return
     status = training.job_status(st)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import pytest
 from lorafleet.operator import constants as c
 from lorafleet.operator import resources as res
@@ -234,6 +235,32 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
     notes = fleet.get(c.ADAPTERS, "ada")["metadata"]["annotations"]
     assert notes["lorafleet.io/published-source"] == newest["path"] and notes["lorafleet.io/trainer-pod"] == trainer
     assert fleet.complete("ada", eps[other]).status_code == 200
+    # the trainer's pod is deleted: the operator starts the job on the other replica, which resumes it from the
+    # newest checkpoint (shared adapter store); no finished step is lost, and the replacement pod does not resume it
+    auth = {"Authorization": f"Bearer {token}"}
+    killed = trainer
+    fleet.core.delete_namespaced_pod(killed, fleet.namespace, grace_period_seconds=0)
+
+    def resumed() -> tuple[str, dict] | None:
+        notes = (fleet.get(c.CLJOBS, "ada-cl") or {}).get("metadata", {}).get("annotations") or {}
+        ep = fleet.pod_endpoints().get(notes.get("lorafleet.io/trainer", ""))
+        try:
+            r = fleet.http.get(f"http://{ep}/v1/training/jobs/ada-cl", headers=auth, timeout=5) if ep else None
+        except httpx.HTTPError:
+            return None
+        ok = r is not None and r.status_code == 200 and r.json()["checkpoint"]["restoredStep"] is not None
+        return (notes["lorafleet.io/trainer"], r.json()) if ok else None
+
+    trainer, again = wait_for(resumed, 120, 0.5, "the job resumed after its pod was deleted")
+    assert trainer == other and again["checkpoint"]["restoredStep"] >= 2
+    assert again["steps"] >= again["checkpoint"]["restoredStep"]
+    assert {v["version"] for v in again["publishedVersions"]} >= {newest["version"]}  # versions kept
+    wait_for(lambda: any(e.reason == "TrainerMoved" for e in fleet.events_for("ada-cl")), 20, 0.2, "TrainerMoved")
+    wait_for(lambda: (fleet.get(c.BASEMODELS, BM)["status"] or {}).get("readyWorkers") == 2, 120, 0.5, "replacement")
+    eps = fleet.pod_endpoints()
+    replacement = next(p for p in eps if p not in (killed, other))
+    jobs = fleet.http.get(f"http://{eps[replacement]}/v1/training/jobs", headers=auth).json()["jobs"]
+    assert all(j["name"] != "ada-cl" for j in jobs)  # one trainer per job: the new pod resumes only its own
     fleet.delete(c.CLJOBS, "ada-cl")
     wait_for(lambda: fleet.get(c.CLJOBS, "ada-cl") is None, 30, 0.2, "job deleted")
     stopped = fleet.http.get(
@@ -243,6 +270,7 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
     # the published version keeps serving after the job is gone; the trainer mark is cleared
     notes = fleet.get(c.ADAPTERS, "ada")["metadata"]["annotations"]
     assert notes["lorafleet.io/published-source"] == newest["path"] and "lorafleet.io/trainer-pod" not in notes
+    wait_for(lambda: len(fleet.routes("bob")) == 2, 30, 0.2, "bob back to 2 replicas")
 
 
 def test_delete_adapter_drains_unloads_and_unroutes(fleet: LocalFleet) -> None:

@@ -69,6 +69,8 @@ def test_deployment_runs_worker_with_token_model_and_limits() -> None:
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "gpu"
     assert pod["automountServiceAccountToken"] is False
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/ready"
+    env = {e["name"]: e for e in ctr["env"]}  # the worker's own training state is kept under its pod name
+    assert env["LORAFLEET_WORKER_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     # the template labels must satisfy the selector or the API server rejects the Deployment
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in dep["spec"]["selector"]["matchLabels"].items())

@@ -14,6 +14,8 @@ import functools
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +36,13 @@ class JobConflict(Exception):
     pass
 
 
+def worker_id() -> str:
+    """This worker's name within its pool: the pod name (LORAFLEET_WORKER_ID, set by the operator through the
+    downward API), else the host name. Used as a directory name, so anything else is replaced."""
+    raw = os.environ.get("LORAFLEET_WORKER_ID") or socket.gethostname() or "worker"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", raw)[:253].lstrip(".") or "worker"
+
+
 class TrainingService:
     def __init__(self, runner, registry=None, data_dir: str | Path | None = None, request_log_size: int = 50_000):
         self.runner = runner
@@ -45,6 +54,7 @@ class TrainingService:
         self._data_dir_arg = data_dir
         self.data_dir: Path | None = None
         self.versions_root: Path | None = None
+        self.checkpoint_dir: Path | None = None
         self.feedback: FeedbackStore | None = None
         self._replay_domains: dict[str, list[list[int]]] | None = None
         self._ready = threading.Event()
@@ -78,7 +88,12 @@ class TrainingService:
         elif os.environ.get("LORAFLEET_TRAINING_DIR"):
             data = Path(os.environ["LORAFLEET_TRAINING_DIR"])
         elif cfg.adapter_roots:
-            data = Path(cfg.adapter_roots[0]) / ".lorafleet-training"
+            # The adapter store is shared by the pool's workers: checkpoints live there for all (a job moved to
+            # another worker resumes from them); the job registry and feedback log are this worker's own, or every
+            # worker that restarts would resume every job of the pool (two trainers on one adapter).
+            shared = Path(cfg.adapter_roots[0]) / ".lorafleet-training"
+            data = shared / "workers" / worker_id()
+            self.checkpoint_dir = shared / "checkpoints"
         else:
             from lorafleet.worker.loader import CACHE_ROOT
 
@@ -92,6 +107,7 @@ class TrainingService:
             versions.mkdir(exist_ok=True)
             engine.store.roots.append(versions.resolve())
         self.data_dir, self.versions_root = data, versions
+        self.checkpoint_dir = self.checkpoint_dir or data / "checkpoints"
         self.feedback = FeedbackStore(data / "feedback.jsonl")
         self.feedback.subscribe(self._on_feedback)
         tok = engine.tokenizer
@@ -167,7 +183,7 @@ class TrainingService:
         assert self.versions_root is not None and self.feedback is not None and self._replay_domains is not None
         assert self.data_dir is not None
         job = ContinualLearningJob(
-            spec, self._engine, self.versions_root, self._replay_domains, self.metrics, self.data_dir / "checkpoints"
+            spec, self._engine, self.versions_root, self._replay_domains, self.metrics, self.checkpoint_dir
         )
         for s in self.feedback.samples(spec.adapter, spec.since_seq):
             job.offer(s)
@@ -270,6 +286,7 @@ class TrainingService:
     def describe(self) -> dict:
         return {
             "dataDir": str(self.data_dir),
+            "checkpointDir": str(self.checkpoint_dir),
             "versionsRoot": str(self.versions_root),
             "feedback": len(self.feedback or []),
         }
