@@ -293,8 +293,9 @@ def test_buffer_bytes_are_what_the_trainer_allocates_and_size_the_job(adapter_di
 
     t = LoRATrainer(tiny_model, TrainableLoRA.from_peft(tiny_model.shape, adapter_dir), OptimConfig())
     ft = FusedTrainer(t, max_tokens=200, max_prefix=100, ride_rows=8)
-    tensors = [*ft.saved.values(), ft.gbuf, ft.kbuf, ft.vbuf, ft.f_ids, ft.f_pos, ft.f_seg, ft.key_idx]
-    tensors += [ft.f_pk, ft.f_pv, ft.f_pseg, ft.f_ppos]
+    # the K/V and key-metadata buffers hold the per-row and prefix views (f_seg, f_pk, ...): counted once
+    tensors = [*ft.saved.values(), ft.gbuf, ft.kall, ft.vall, ft.f_ids, ft.kseg, ft.kpos, ft.korder]
+    assert ft.f_pk.data_ptr() == ft.kall.data_ptr() and ft.kbuf.shape[1] == ft.f_seg.shape[0] == ft.cap + 1
     held = sum(x.numel() * x.element_size() for x in tensors)
     assert buffer_bytes(tiny_model, 200, 100, t.dtype) == held
     one = buffer_bytes(tiny_model, TOKEN_ALIGN, 100, t.dtype)
@@ -335,8 +336,8 @@ def test_gpu_fused_steps_replay_graphs_and_train_like_the_trainer(tmp_path, tiny
     adapters = ["ad", None] * 6
     reference = [o.output_token_ids for o in eng.generate(prompts, params, adapters)]
     optim = OptimConfig(lr=5e-3, grad_accumulation=1, max_grad_norm=0.0)
-    ref = LoRATrainer(eng.model, TrainableLoRA.from_peft(eng.model.shape, root / "ad"), optim)
-    t = LoRATrainer(eng.model, TrainableLoRA.from_peft(eng.model.shape, root / "ad"), optim)
+    ref = LoRATrainer(eng.model, TrainableLoRA.from_peft(eng.model.shape, root / "ad", device="cuda"), optim)
+    t = LoRATrainer(eng.model, TrainableLoRA.from_peft(eng.model.shape, root / "ad", device="cuda"), optim)
     ft = FusedTrainer(t, max_tokens=128, max_prefix=512, ride_rows=32, serving_busy=eng.has_unfinished_requests)
     eng.runner.attach_rider(ft)
     assert ft.chunk_tokens == 32 and eng.runner.fused_runner_lora is not None

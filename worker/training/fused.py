@@ -43,6 +43,8 @@ from lorafleet.worker.training.lora_context import TrainLoRAContext
 from lorafleet.worker.training.trainer import LoRATrainer
 
 SCRATCH_SEG = -3  # the scratch row's segment: padded rows of a graphed fused step attend only to it
+PAD_SEG = -4  # key rows that pad the key buffer to KEY_ALIGN: no query row sees them
+KEY_ALIGN = 16  # the memory-efficient attention kernel wants the mask's key dimension a multiple of this
 STALL_STEPS = 8  # serving steps without leftover budget before armed rows run standalone (min share)
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
@@ -77,10 +79,11 @@ class _RiderAttention:
 
     def __init__(self, ft: FusedTrainer, serving, n: int, idx: torch.Tensor) -> None:
         self.ft, self.serving, self.n, self.idx = ft, serving, n, idx
+        self.mask = ft.step_mask(idx)  # the same for every layer of the step
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = self.n
-        train = self.ft.chunk_attend(layer_idx, q[n:], k[n:], v[n:], self.idx)
+        train = self.ft.chunk_attend(layer_idx, q[n:], k[n:], v[n:], self.idx, self.mask)
         if n == 0:
             return train
         return torch.cat([self.serving.attend(layer_idx, q[:n], k[:n], v[:n]), train], 0)
@@ -140,9 +143,10 @@ def buffer_bytes(model, max_tokens: int, max_prefix: int, dtype: torch.dtype) ->
     el = torch.empty((), dtype=dtype).element_size()
     rows = _round_up(max_tokens, TOKEN_ALIGN) + 1
     prefix = _round_up(max_prefix, PREFIX_ALIGN) if max_prefix else 0
+    keys = prefix + _round_up(rows, KEY_ALIGN)
     kv = 2 * s.num_layers * s.num_kv_heads * s.head_dim
-    per_row = s.num_layers * sum(w for _, w in saved_sites(model)) + 2 * s.hidden_size + kv
-    return el * (rows * per_row + prefix * kv) + 8 * (4 * rows + 2 * prefix)
+    per_row = s.num_layers * sum(w for _, w in saved_sites(model)) + 2 * s.hidden_size
+    return el * (rows * per_row + keys * kv) + 8 * (rows + 3 * keys)
 
 
 def tokens_that_fit(model, want: int, max_prefix: int, dtype: torch.dtype, free_bytes: int) -> int:
@@ -209,21 +213,29 @@ class FusedTrainer(GraphedTrainer):
         self.cap = cap
         rows = cap + 1  # + the scratch row
         long = dict(dtype=torch.long, device=d)
-        self.f_ids = torch.zeros(rows, **long)
-        self.f_pos = torch.zeros(rows, **long)
-        self.f_seg = torch.full((rows,), -1, **long)
-        self.f_seg[cap] = SCRATCH_SEG
-        self.key_idx = torch.arange(rows, **long)
-        self.ride_idx = torch.full((max(self.ride_rows, 1),), cap, **long)
         p = _round_up(self.max_prefix, PREFIX_ALIGN) if self.max_prefix else 0
+        self.p = p
+        # Keys of the training rows' attention, one buffer per layer: [stashed prefix | micro-batch rows | scratch
+        # | pad to KEY_ALIGN], so a step attends with one kernel call (no concatenation, no GQA head copies) and the
+        # memory-efficient kernel takes its mask unpadded. Key metadata in the same order; the per-row views
+        # (f_seg, f_pos) and the prefix views (f_pseg, f_ppos, f_pk, f_pv) are what `begin` fills.
+        nk = p + _round_up(rows, KEY_ALIGN)
+        self.kseg = torch.full((nk,), PAD_SEG, **long)
+        self.kseg[:p] = -2
+        self.kpos = torch.zeros(nk, **long)
+        self.korder = torch.cat([torch.full((p,), -1, **long), torch.arange(nk - p, **long)])
+        self.f_ids = torch.zeros(rows, **long)
+        self.f_seg, self.f_pos = self.kseg[p : p + rows], self.kpos[p : p + rows]
+        self.f_seg.fill_(-1)
+        self.f_seg[cap] = SCRATCH_SEG
+        self.f_pseg, self.f_ppos = self.kseg[:p], self.kpos[:p]
+        self.ride_idx = torch.full((max(self.ride_rows, 1),), cap, **long)
+        self.kall = torch.zeros(s.num_layers, nk, s.num_kv_heads, s.head_dim, dtype=dt, device=d)
+        self.vall = torch.zeros_like(self.kall)
+        self.kbuf, self.vbuf = self.kall[:, p : p + rows], self.vall[:, p : p + rows]
         self.f_pk = self.f_pv = None
-        self.f_pseg = torch.full((p,), -2, **long)
-        self.f_ppos = torch.zeros(p, **long)
         if p:
-            self.f_pk = torch.zeros(s.num_layers, p, s.num_kv_heads, s.head_dim, dtype=dt, device=d)
-            self.f_pv = torch.zeros_like(self.f_pk)
-        self.kbuf = torch.zeros(s.num_layers, rows, s.num_kv_heads, s.head_dim, dtype=dt, device=d)
-        self.vbuf = torch.zeros_like(self.kbuf)
+            self.f_pk, self.f_pv = self.kall[:, :p], self.vall[:, :p]
         self.saved: dict[tuple[int, str], torch.Tensor] = {}
         for li in range(s.num_layers):
             for site, width in saved_sites(m):
@@ -242,31 +254,38 @@ class FusedTrainer(GraphedTrainer):
         return cap
 
     # ---- the forward of training rows ----
-    def chunk_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor):
-        """Micro-batch rows `idx` against [its stashed prefix | its keys so far]; segment ids keep samples apart,
-        row order is causal order within a sample (samples are packed contiguously). Device tensors only."""
-        kb, vb = self.kbuf[layer_idx], self.vbuf[layer_idx]
-        kb.index_copy_(0, idx, k.to(kb.dtype))
-        vb.index_copy_(0, idx, v.to(vb.dtype))
-        qseg, qpos = self.f_seg.index_select(0, idx), self.f_pos.index_select(0, idx)
-        mask = (qseg[:, None] == self.f_seg[None, :]) & (self.key_idx[None, :] <= idx[:, None])
+    def step_mask(self, idx: torch.Tensor) -> torch.Tensor:
+        """[len(idx) x rep, keys] attention mask of the micro-batch rows `idx`, built once per step for every layer:
+        a row sees its sample's stashed prefix and its sample's rows up to itself (segment ids keep samples apart,
+        row order is causal order: samples are packed contiguously). Rows are repeated per query head of a KV
+        group, the layout `chunk_attend` hands the kernel. Device tensors only (graph-capturable)."""
+        qseg = self.f_seg.index_select(0, idx)
+        mask = (qseg[:, None] == self.kseg[None, :]) & (self.korder[None, :] <= idx[:, None])
         window = self.t.model.shape.sliding_window
         if window is not None:
-            mask &= qpos[:, None] - self.f_pos[None, :] < window
-        keys, vals = kb.to(q.dtype), vb.to(q.dtype)
-        if self.f_pk is not None:
-            mp = qseg[:, None] == self.f_pseg[None, :]
-            if window is not None:
-                mp &= qpos[:, None] - self.f_ppos[None, :] < window
-            mask = torch.cat([mp, mask], 1)
-            keys = torch.cat([self.f_pk[layer_idx].to(q.dtype), keys], 0)
-            vals = torch.cat([self.f_pv[layer_idx].to(q.dtype), vals], 0)
-        q4, k4, v4 = q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None]
-        rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k4, v4 = k4.repeat_interleave(rep, dim=1), v4.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask[None, None], scale=self.t.model.attn_scale)
-        return out[0].transpose(0, 1)
+            qpos = self.f_pos.index_select(0, idx)
+            mask &= qpos[:, None] - self.kpos[None, :] < window
+        s = self.t.model.shape
+        rep = s.num_heads // s.num_kv_heads
+        return mask.repeat_interleave(rep, 0) if rep > 1 else mask
+
+    def chunk_attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, mask=None
+    ) -> torch.Tensor:
+        """Micro-batch rows `idx` against [their stashed prefix | their keys so far] (`step_mask`). GQA without
+        copying K/V per query head: a KV group's query heads are laid out as extra query rows of that group."""
+        self.kbuf[layer_idx].index_copy_(0, idx, k.to(self.kall.dtype))
+        self.vbuf[layer_idx].index_copy_(0, idx, v.to(self.vall.dtype))
+        if mask is None:
+            mask = self.step_mask(idx)
+        t, h, dh = q.shape
+        g = k.shape[1]
+        rep = h // g
+        qg = q.view(t, g, rep, dh).permute(1, 0, 2, 3).reshape(g, t * rep, dh)[None]
+        keys = self.kall[layer_idx].to(q.dtype).transpose(0, 1)[None]
+        vals = self.vall[layer_idx].to(q.dtype).transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask[None, None], scale=self.t.model.attn_scale)
+        return out[0].view(g, t, rep, dh).permute(1, 0, 2, 3).reshape(t, h, dh)
 
     @property
     def riding(self) -> bool:
@@ -384,6 +403,10 @@ class FusedTrainer(GraphedTrainer):
     def next_piece_cost(self) -> float:
         if self._armed and self._ride():
             return float("inf")  # rows are riding serving steps: nothing to launch until they are through
+        if self._active is not None and self._active.next == 0 and self._ride():
+            # arming spends nothing now: each step's rows are taken from that step's own leftover (`take`), so a
+            # micro-batch larger than one iteration's leftover must still be armed (it was never, under a busy step)
+            return 0.0
         return super().next_piece_cost()
 
     def launch_piece(self):
