@@ -45,7 +45,12 @@ def _summary(xs: list[tuple[float, int]]) -> dict:
     def med(v):
         return v[len(v) // 2] if v else None
 
-    return {"ride_steps": len(ride), "ride_ms_p50": _ms(med(ride)), "plain_steps": len(plain), "plain_ms_p50": _ms(med(plain))}
+    return {
+        "ride_steps": len(ride),
+        "ride_ms_p50": _ms(med(ride)),
+        "plain_steps": len(plain),
+        "plain_ms_p50": _ms(med(plain)),
+    }
 
 
 def _ms(x):
@@ -95,9 +100,13 @@ def main() -> int:
         coserve_iteration(engine, [job], info)
 
     vocab = min(engine.model.shape.vocab_size, 30000)
-    params = SamplingParams(temperature=0.0, max_tokens=engine.config.max_model_len - cfg.inf_prompt - 1, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=engine.config.max_model_len - cfg.inf_prompt - 1, ignore_eos=True
+    )
     for i in range(args.seqs):
-        engine.add_request(f"r{i}", [(i * 7919 + j * 104729) % (vocab - 10) + 10 for j in range(cfg.inf_prompt)], params, "ad")
+        engine.add_request(
+            f"r{i}", [(i * 7919 + j * 104729) % (vocab - 10) + 10 for j in range(cfg.inf_prompt)], params, "ad"
+        )
     rider.ride_enabled = False
     while any(s.num_output_tokens == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
