@@ -2,7 +2,7 @@
 
 A fixed decode batch (`--seqs` requests of the bench's prompt length, long outputs) is stepped:
 1. alone (rides off), 2. every step carrying the armed training rows (latency gate off; CUDA graphs as served),
-3. the same with the fused graphs off (eager), under the profiler: kernel time of ride steps vs plain steps,
+3. the same under the profiler (kernels inside the graphs): kernel time of ride steps vs plain steps,
 and the head / backward pieces' GPU time. `python bench/cl_fused_profile.py --out DIR`.
 """
 
@@ -25,31 +25,39 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _steps(engine, n: int) -> list[tuple[float, int]]:
-    """(seconds, training rows carried) of n engine steps, each synchronized."""
+def _steps(engine, n: int) -> list[tuple[float, int, int]]:
+    """(seconds, training rows carried, training pieces launched by its hook) of n engine steps, synchronized."""
     rider = engine.runner.rider
     out = []
     for _ in range(n):
         _sync()
+        g0 = rider.graph_replays + rider.eager_runs if rider is not None else 0
         t0 = time.perf_counter()
         engine.step()
         _sync()
-        out.append((time.perf_counter() - t0, int(rider.last_ride) if rider is not None else 0))
+        dt = time.perf_counter() - t0
+        if rider is None:
+            out.append((dt, 0, 0))
+        else:
+            out.append((dt, int(rider.last_ride), rider.graph_replays + rider.eager_runs - g0))
     return out
 
 
-def _summary(xs: list[tuple[float, int]]) -> dict:
-    ride = sorted(t for t, r in xs if r)
-    plain = sorted(t for t, r in xs if not r)
+def _summary(xs: list[tuple[float, int, int]]) -> dict:
+    """Medians of steps that carried rows / did not, and of those whose hook launched no training piece."""
 
     def med(v):
-        return v[len(v) // 2] if v else None
+        v = sorted(v)
+        return _ms(v[len(v) // 2]) if v else None
 
     return {
-        "ride_steps": len(ride),
-        "ride_ms_p50": _ms(med(ride)),
-        "plain_steps": len(plain),
-        "plain_ms_p50": _ms(med(plain)),
+        "ride_steps": sum(1 for _, r, _ in xs if r),
+        "ride_ms_p50": med([t for t, r, _ in xs if r]),
+        "ride_only_ms_p50": med([t for t, r, p in xs if r and not p]),
+        "plain_steps": sum(1 for _, r, _ in xs if not r),
+        "plain_ms_p50": med([t for t, r, _ in xs if not r]),
+        "plain_only_ms_p50": med([t for t, r, p in xs if not r and not p]),
+        "pieces": sum(p for _, _, p in xs),
     }
 
 
@@ -129,23 +137,18 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    keep = engine.runner.fused_runner, engine.runner.fused_runner_lora
-    engine.runner.fused_runner = engine.runner.fused_runner_lora = None
-    rider.piece_graphs = False
-    _steps(engine, 10)
-    with profile(activities=acts) as prof:
-        xs = _steps(engine, 12)
-    res["riding_eager"] = _summary(xs)
-    res["riding_eager_top"] = _table(prof)
+    with profile(activities=acts) as prof:  # graphed ride steps (the profiler sees the kernels inside graphs)
+        xs = _steps(engine, 16)
+    res["riding_graphs_profiled"] = _summary(xs)
+    res["riding_graphs_top"] = _table(prof)
     engine.launch_hooks.clear()
     rider.ride_enabled = False
-    engine.runner.fused_runner, engine.runner.fused_runner_lora = keep
     with profile(activities=acts) as prof:
         xs = _steps(engine, 12)
     res["plain_profiled"] = _summary(xs)
     res["plain_top"] = _table(prof, 25)
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("_top")}, indent=1))
-    for row in res["riding_eager_top"][:30]:
+    for row in res["riding_graphs_top"][:30]:
         print(f"{row['ms']:9.2f} ms {row['count']:6d}  {row['name']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "cl_fused_profile.json").write_text(json.dumps(res, indent=1))

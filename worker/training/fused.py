@@ -255,7 +255,7 @@ class FusedTrainer(GraphedTrainer):
 
     # ---- the forward of training rows ----
     def step_mask(self, idx: torch.Tensor) -> torch.Tensor:
-        """[len(idx) x rep, keys] attention mask of the micro-batch rows `idx`, built once per step for every layer:
+        """[len(idx) x rep, keys] additive attention mask (0 / -inf) of the micro-batch rows `idx`, built once per step for every layer:
         a row sees its sample's stashed prefix and its sample's rows up to itself (segment ids keep samples apart,
         row order is causal order: samples are packed contiguously). Rows are repeated per query head of a KV
         group, the layout `chunk_attend` hands the kernel. Device tensors only (graph-capturable)."""
@@ -267,7 +267,10 @@ class FusedTrainer(GraphedTrainer):
             mask &= qpos[:, None] - self.kpos[None, :] < window
         s = self.t.model.shape
         rep = s.num_heads // s.num_kv_heads
-        return mask.repeat_interleave(rep, 0) if rep > 1 else mask
+        if rep > 1:
+            mask = mask.repeat_interleave(rep, 0)
+        # additive, in the compute dtype: the kernels would otherwise convert a boolean mask in every layer
+        return torch.zeros(mask.shape, dtype=self.kall.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def chunk_attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, mask=None
@@ -284,7 +287,8 @@ class FusedTrainer(GraphedTrainer):
         qg = q.view(t, g, rep, dh).permute(1, 0, 2, 3).reshape(g, t * rep, dh)[None]
         keys = self.kall[layer_idx].to(q.dtype).transpose(0, 1)[None]
         vals = self.vall[layer_idx].to(q.dtype).transpose(0, 1)[None]
-        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask[None, None], scale=self.t.model.attn_scale)
+        bias = mask[None, None].to(q.dtype)
+        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=bias, scale=self.t.model.attn_scale)
         return out[0].view(g, t, rep, dh).permute(1, 0, 2, 3).reshape(t, h, dh)
 
     @property
