@@ -273,6 +273,9 @@ def test_the_latency_gate_holds_rows_back_without_sending_them_standalone(adapte
     ft = FusedTrainer(t, max_tokens=40, max_prefix=64, serving_busy=lambda: True)
     samples = _samples(t)
     ft.begin(ft.pack(samples[:1], 1)[0])
+    # arming spends none of this iteration's leftover: every step pays for its own rows in `take`, so a micro-batch
+    # larger than any one step's leftover is still armed (it was charged its whole size, and never ran under load)
+    assert ft.next_piece_cost() == 0.0 < ft._active.mb.tokens
     ft.launch_piece()  # arms the rows
     paid = [False] * (3 * 8) + [True]
     ft.gate = lambda: paid.pop(0)
@@ -282,6 +285,9 @@ def test_the_latency_gate_holds_rows_back_without_sending_them_standalone(adapte
     assert k == min(54, ft._active.mb.tokens) and ft.last_ride == k
     ft.gate = lambda: True
     assert ft.take(64, 64) == 0  # no budget left: that is starving (8 such steps and the rows run standalone)
+    idle = FusedTrainer(t, max_tokens=40, max_prefix=64, serving_busy=lambda: False)
+    idle.begin(idle.pack(samples[:1], 1)[0])
+    assert idle.next_piece_cost() == idle._active.mb.tokens  # no serving steps: the rows run now, at their cost
 
 
 def test_buffer_bytes_are_what_the_trainer_allocates_and_size_the_job(adapter_dir, tiny_model):
