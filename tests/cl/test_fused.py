@@ -144,7 +144,11 @@ def test_padded_ride_rows_change_nothing(adapter_dir, tiny_model):
 
 
 @pytest.mark.timeout(240)
-def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_dir):
+@pytest.mark.parametrize("key_window", [2048, 48, 32])
+def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_dir, key_window):
+    """`key_window`: 2048 is more than the key buffer (every step attends to all of it); 48: each step attends only
+    to its chunk's samples' keys; 32: chunks shrink to fit, and micro-batches holding a sample longer than that run
+    standalone over every key (the one that fits still rides)."""
     root = tmp_path / "adapters"
     build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
     eng = LLMEngine(
@@ -163,8 +167,18 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
     ref = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, root / "ad"), optim)
     t = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, root / "ad"), optim)
     ft = FusedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=1, chunk_tokens=16,
-                      serving_busy=eng.has_unfinished_requests)  # fmt: skip
+                      serving_busy=eng.has_unfinished_requests, key_window=key_window)  # fmt: skip
+    assert ft.kw == (None if key_window == 2048 else key_window)
     eng.runner.rider = ft
+    windows: list[int] = []
+    keys_needed = ft._keys_needed
+
+    def logged_keys(c0: int, k: int):
+        out = keys_needed(c0, k)
+        windows.append(out[0])
+        return out
+
+    ft._keys_needed = logged_keys
     takes: list[tuple[int, int]] = []
     take = ft.take
 
@@ -194,6 +208,10 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
     assert all(s + k <= BUDGET for s, k in takes)
     assert any(s > 0 and k > 0 for s, k in takes)  # rows really shared steps with serving tokens
     assert max(k for _, k in takes) <= 16  # chunked
+    if ft.kw is not None:
+        assert windows and max(w for w in windows if w <= ft.kw) <= ft.kw
+    if key_window == 32:
+        assert ft.rows_standalone > 0  # the micro-batches that do not fit the window
     done = ft.completed()
     got = [float(p.host[0]) for p in done if p.kind == "step"]
     assert got == pytest.approx(norms, rel=1e-5)

@@ -27,6 +27,7 @@ and the head / backward pieces are graphs per (bucket, piece). Design and costs:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import torch
@@ -96,19 +97,18 @@ def _into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class _RiderLoRA:
-    """Serving rows get the step's adapter segments; training rows the job's LoRA, after their frozen product is
-    saved for the backward."""
+    """Serving rows get the step's adapter segments; training rows the job's LoRA (the rider's compute-dtype copy,
+    `FusedTrainer.ride_lora`), after their frozen product is saved for the backward."""
 
     def __init__(self, ft: FusedTrainer, serving, n: int, idx: torch.Tensor) -> None:
         self.ft, self.serving, self.n, self.idx = ft, serving, n, idx
-        self.train = TrainLoRAContext(ft.t.lora, ft.t.dtype)
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = self.n
         if self.serving is not None and n:
             _into(y[:n], self.serving.apply(layer_idx, proj, x[:n], y[:n]))
         self.ft.save(layer_idx, proj, y[n:], self.idx)
-        y[n:] = self.train.apply(layer_idx, proj, x[n:], y[n:])
+        self.ft.ride_lora(layer_idx, (proj,), x[n:], y[n:])
         return y
 
     def apply_group(self, layer_idx: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -116,11 +116,7 @@ class _RiderLoRA:
         if self.serving is not None and n:
             _into(y[:n], self.serving.apply_group(layer_idx, group, x[:n], y[:n]))
         self.ft.save(layer_idx, group, y[n:], self.idx)
-        lo = 0
-        for proj in GROUPS[group]:
-            hi = lo + self.ft.t.model.shape.proj_dims(proj)[1]
-            y[n:, lo:hi] = self.train.apply(layer_idx, proj, x[n:], y[n:, lo:hi])
-            lo = hi
+        self.ft.ride_lora(layer_idx, GROUPS[group], x[n:], y[n:])
         return y
 
 
@@ -138,7 +134,9 @@ def saved_sites(model) -> list[tuple[str, int]]:
 
 def buffer_bytes(model, max_tokens: int, max_prefix: int, dtype: torch.dtype) -> int:
     """Device bytes `FusedTrainer` allocates up front for these sizes (saved activations, micro-batch K/V, stashed
-    prefix K/V, dL/dh), so a job can size itself to the memory serving left it instead of failing with an OOM."""
+    prefix K/V, dL/dh), so a job can size itself to the memory serving left it instead of failing with an OOM. Not
+    counted: the compute-dtype copy of the LoRA (rank x (in + out) per adapted projection) and the row / key-window
+    index buffers, each under a percent of the rest."""
     s = model.shape
     el = torch.empty((), dtype=dtype).element_size()
     rows = _round_up(max_tokens, TOKEN_ALIGN) + 1
@@ -179,6 +177,7 @@ class FusedTrainer(GraphedTrainer):
         chunk_tokens: int | None = None,
         serving_busy=None,
         ride_rows: int = 128,
+        key_window: int | None = 2048,
     ) -> None:
         super().__init__(trainer, max_tokens, max_prefix, use_graphs=False, layers_per_piece=1, stream="serving")
         L = trainer.model.shape.num_layers
@@ -201,6 +200,7 @@ class FusedTrainer(GraphedTrainer):
         self.max_piece_graphs = 64
         self._piece_graphs: dict = {}
         self._fwd_graph = None  # the standalone forward chunk (ride_rows rows, no serving rows)
+        self.key_window = key_window
         self._alloc()
 
     # ---- buffers ----
@@ -233,6 +233,17 @@ class FusedTrainer(GraphedTrainer):
         self.kall = torch.zeros(s.num_layers, nk, s.num_kv_heads, s.head_dim, dtype=dt, device=d)
         self.vall = torch.zeros_like(self.kall)
         self.kbuf, self.vbuf = self.kall[:, p : p + rows], self.vall[:, p : p + rows]
+        # The keys a step attends to: its chunk's samples' prefix and rows (gathered by `win_idx`, filled by `index`)
+        # instead of the whole buffer, which is mostly other samples' keys (a 128-row chunk of 512-token prompts
+        # needs ~1.2k of 5k). None: the buffer is no larger than the window, attend to all of it.
+        kw = self.key_window
+        self.kw = _round_up(kw, KEY_ALIGN) if kw and _round_up(kw, KEY_ALIGN) < nk else None
+        self._pad_key = p + cap + 1  # a PAD_SEG key (rows are padded to KEY_ALIGN, so it exists)
+        self.win_idx = torch.full((self.kw or 1,), self._pad_key, **long)
+        self._full_keys = False  # attend to the whole buffer (a micro-batch whose sample exceeds the window)
+        self._row_seg: list[int] = []
+        self._pseg_host: list[int] = []
+        self._fits = True
         self.f_pk = self.f_pv = None
         if p:
             self.f_pk, self.f_pv = self.kall[:, :p], self.vall[:, :p]
@@ -241,7 +252,65 @@ class FusedTrainer(GraphedTrainer):
             for site, width in saved_sites(m):
                 self.saved[(li, site)] = torch.zeros(rows, width, dtype=dt, device=d)
         self.saved[(s.num_layers, "final_in")] = torch.zeros(rows, s.hidden_size, dtype=dt, device=d)
+        self._alloc_ride_lora()
         self.gbuf = torch.zeros(rows, s.hidden_size, dtype=dt, device=d)  # dL/dh between backward pieces
+
+    def _alloc_ride_lora(self) -> None:
+        """The forward's copy of the job's LoRA in the compute dtype. Why: casting the fp32 masters in every
+        projection of every ride step cost two kernels per projection per step; the copy is refreshed once per
+        armed micro-batch (`refresh_lora`; the masters only change at optimizer steps, launched before the next
+        micro-batch is armed). The A's of a q|k|v or gate|up group are one tensor (one shrink GEMM for the group);
+        each projection's A is a view of it."""
+        lora, dt, dev, r = self.t.lora, self.t.dtype, self.dev, self.t.lora.rank
+        shape = self.t.model.shape
+        self._ride_a: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
+        self._ride_b: dict[tuple[int, str], torch.Tensor] = {}
+        # (layer, unit) -> adapted members as (proj, first output column, last, slice of x·Aᵀ)
+        self._ride_units: dict[tuple[int, tuple[str, ...]], list[tuple[str, int, int, int]]] = {}
+        for li in range(shape.num_layers):
+            for members in GROUPS.values():
+                present = [p for p in members if lora.pair(li, p) is not None]
+                if not present:
+                    continue
+                cat = torch.zeros(len(present) * r, shape.proj_dims(present[0])[0], dtype=dt, device=dev)
+                self._ride_a[(li, members)] = cat
+                units, lo = [], 0
+                for p in members:
+                    hi = lo + shape.proj_dims(p)[1]
+                    if p in present:
+                        k = present.index(p)
+                        self._ride_a[(li, (p,))] = cat[k * r : (k + 1) * r]
+                        units.append((p, lo, hi, k))
+                    lo = hi
+                self._ride_units[(li, members)] = units
+            for p in lora.targets:
+                fin, fout = shape.proj_dims(p)
+                if (li, (p,)) not in self._ride_a:
+                    self._ride_a[(li, (p,))] = torch.zeros(r, fin, dtype=dt, device=dev)
+                self._ride_b[(li, p)] = torch.zeros(fout, r, dtype=dt, device=dev)
+                self._ride_units[(li, (p,))] = [(p, 0, fout, 0)]
+        self.refresh_lora()
+
+    @torch.no_grad()
+    def refresh_lora(self) -> None:
+        """Copies the fp32 masters into the forward's compute-dtype copy, in stream order (after any optimizer step
+        launched before it)."""
+        for (li, p), b in self._ride_b.items():
+            a_master, b_master = self.t.lora.pair(li, p)  # type: ignore[misc]
+            self._ride_a[(li, (p,))].copy_(a_master)
+            b.copy_(b_master)
+
+    def ride_lora(self, layer_idx: int, unit: tuple[str, ...], x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += scale · (x·Aᵀ)·Bᵀ for the training rows, in place: one shrink GEMM for the unit (a projection, or a
+        q|k|v / gate|up group of a fused model), then one GEMM-with-add per adapted member into its columns."""
+        a = self._ride_a.get((layer_idx, unit))
+        if a is None:
+            return
+        xa = (x.to(a.dtype) @ a.t()).to(y.dtype)
+        r, scale = self.t.lora.rank, self.t.lora.scale
+        for p, lo, hi, k in self._ride_units[(layer_idx, unit)]:
+            out = y if len(unit) == 1 else y[:, lo:hi]
+            out.addmm_(xa[:, k * r : (k + 1) * r], self._ride_b[(layer_idx, p)].t().to(y.dtype), alpha=scale)
 
     def save(self, layer_idx: int, site: str, rows: torch.Tensor, idx: torch.Tensor) -> None:
         self.saved[(layer_idx, site)].index_copy_(0, idx, rows.to(self.t.dtype))
@@ -259,12 +328,15 @@ class FusedTrainer(GraphedTrainer):
         a row sees its sample's stashed prefix and its sample's rows up to itself (segment ids keep samples apart,
         row order is causal order: samples are packed contiguously). Rows are repeated per query head of a KV
         group, the layout `chunk_attend` hands the kernel. Device tensors only (graph-capturable)."""
+        kseg, korder, kpos = self.kseg, self.korder, self.kpos
+        if self._windowed:
+            kseg, korder, kpos = (x.index_select(0, self.win_idx) for x in (kseg, korder, kpos))
         qseg = self.f_seg.index_select(0, idx)
-        mask = (qseg[:, None] == self.kseg[None, :]) & (self.korder[None, :] <= idx[:, None])
+        mask = (qseg[:, None] == kseg[None, :]) & (korder[None, :] <= idx[:, None])
         window = self.t.model.shape.sliding_window
         if window is not None:
             qpos = self.f_pos.index_select(0, idx)
-            mask &= qpos[:, None] - self.kpos[None, :] < window
+            mask &= qpos[:, None] - kpos[None, :] < window
         s = self.t.model.shape
         rep = s.num_heads // s.num_kv_heads
         if rep > 1:
@@ -285,8 +357,11 @@ class FusedTrainer(GraphedTrainer):
         g = k.shape[1]
         rep = h // g
         qg = q.view(t, g, rep, dh).permute(1, 0, 2, 3).reshape(g, t * rep, dh)[None]
-        keys = self.kall[layer_idx].to(q.dtype).transpose(0, 1)[None]
-        vals = self.vall[layer_idx].to(q.dtype).transpose(0, 1)[None]
+        keys, vals = self.kall[layer_idx], self.vall[layer_idx]
+        if self._windowed:
+            keys, vals = keys.index_select(0, self.win_idx), vals.index_select(0, self.win_idx)
+        keys = keys.to(q.dtype).transpose(0, 1)[None]
+        vals = vals.to(q.dtype).transpose(0, 1)[None]
         bias = mask[None, None].to(q.dtype)
         out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=bias, scale=self.t.model.attn_scale)
         return out[0].view(g, t, rep, dh).permute(1, 0, 2, 3).reshape(t, h, dh)
@@ -294,6 +369,32 @@ class FusedTrainer(GraphedTrainer):
     @property
     def riding(self) -> bool:
         return self._armed
+
+    @property
+    def _windowed(self) -> bool:
+        return self.kw is not None and not self._full_keys
+
+    def _keys_needed(self, c0: int, k: int) -> tuple[int, int, int, int]:
+        """(keys, first prefix key, end of prefix keys, first row key) that rows [c0, c0 + k) attend to: their
+        samples' prefixes and rows up to the last of them, plus the scratch key. Samples, their rows and their
+        prefixes are packed in the same order, so each range is contiguous."""
+        s_lo, s_hi = self._row_seg[c0], self._row_seg[c0 + k - 1]
+        p_lo, p_hi = bisect.bisect_left(self._pseg_host, s_lo), bisect.bisect_right(self._pseg_host, s_hi)
+        r_lo = bisect.bisect_left(self._row_seg, s_lo)
+        return (p_hi - p_lo) + (c0 + k - r_lo) + 1, p_lo, p_hi, r_lo
+
+    def _fit(self, k: int) -> int:
+        """The most of the next k rows whose keys fit the window (at least one: `_fits` was checked at arming)."""
+        if not self._windowed or k <= 1 or self._keys_needed(self._c0, k)[0] <= self.kw:
+            return k
+        lo, hi = 1, k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._keys_needed(self._c0, mid)[0] <= self.kw:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def take(self, serving_tokens: int, budget: int) -> int:
         """Training rows the next step carries: what is armed, within the step's leftover token budget."""
@@ -303,6 +404,7 @@ class FusedTrainer(GraphedTrainer):
         k = min(self._active.mb.tokens - self._c0, budget - serving_tokens)
         if self.chunk_tokens:
             k = min(k, self.chunk_tokens)
+        k = self._fit(k)
         self._stalled = 0 if k > 0 else self._stalled + 1
         if k <= 0 or (self.gate is not None and not self.gate()):
             return 0  # a step the latency controller keeps free is not a stall: the rows wait for paid steps
@@ -313,6 +415,14 @@ class FusedTrainer(GraphedTrainer):
         """Micro-batch rows of the next `k` tokens; `pad_to`: fill `ride_idx` (graphs) up to it with the scratch
         row, else a fresh tensor of exactly k rows."""
         rows = torch.arange(self._c0, self._c0 + k, dtype=torch.long)
+        if self._windowed:
+            need, p_lo, p_hi, r_lo = self._keys_needed(self._c0, k)
+            p = self.p
+            w = torch.full((self.kw,), self._pad_key, dtype=torch.long)
+            w[:need] = torch.cat(
+                [torch.arange(p_lo, p_hi), torch.arange(p + r_lo, p + self._c0 + k), torch.tensor([p + self.cap])]
+            )
+            self.win_idx.copy_(w.pin_memory() if self.cuda else w, non_blocking=self.cuda)
         if pad_to is None:
             return rows.to(self.dev)
         idx = torch.full((pad_to,), self.cap, dtype=torch.long)
@@ -341,10 +451,10 @@ class FusedTrainer(GraphedTrainer):
         """The armed rows without a serving step (idle worker): chunks of `ride_rows` padded with the scratch row,
         the shape of a fused step, replayed from one CUDA graph on a GPU."""
         while self._armed:
-            k = min(self._active.mb.tokens - self._c0, self.ride_rows)
+            k = self._fit(min(self._active.mb.tokens - self._c0, self.ride_rows))
             self.index(k, pad_to=self.ride_rows)
             with torch.inference_mode():
-                if not self.piece_graphs:
+                if not self.piece_graphs or self._full_keys:  # the graph attends through the window
                     self._standalone_forward()
                 else:
                     if self._fwd_graph is None:
@@ -392,6 +502,14 @@ class FusedTrainer(GraphedTrainer):
         self._active.costs = [float(mb.tokens), self._head_unit * len(mb.owners), *reversed(seg)]
         self._c0 = 0
         self._armed = False
+        # host copies for the key window: row -> sample, and the prefix keys' samples (both ascending)
+        self._row_seg = mb.seg[: mb.tokens].tolist()
+        self._pseg_host = [x for x in mb.pseg.tolist() if x >= 0]
+        self._fits = self.kw is None or all(
+            self._keys_needed(r, 1)[0] <= self.kw
+            for r in range(mb.tokens)
+            if r + 1 == mb.tokens or self._row_seg[r + 1] != self._row_seg[r]
+        )
 
     def predict_seconds(self, units: float) -> float:
         """The ride piece costs no separate GPU time: its rows are paid inside serving steps, whose measured time
@@ -417,10 +535,19 @@ class FusedTrainer(GraphedTrainer):
         a = self._active
         if a.next == 0:
             if not self._armed:
+                with self._ctx():
+                    self.refresh_lora()  # this micro-batch's forward runs on the weights of the latest step
                 self._armed = True
                 self._stalled = 0
-                if self._ride():
+                if self._ride() and self._fits:
                     return None  # the next serving steps carry the rows
+            if not self._fits:  # a sample's keys exceed the window: these rows run now, eagerly, over every key
+                self._full_keys = True
+                try:
+                    self._standalone()
+                finally:
+                    self._full_keys = False
+                return None
             self._standalone()
             return None
         return super().launch_piece()
