@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --train-stream partition")
     ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
+    ap.add_argument("--no-timeslice", action="store_true", help="skip the time-slicing ladder (a short co-serving run)")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
     if args.device == "cpu":
@@ -598,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                 m[f"coserve_finetune_retention_{key}"] = co["ft_tokens_per_s"] / alone
                 if load == 0.9:
                     m["coserve_p99_tpot_ratio"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
+                if load == 0.9 and not args.no_timeslice:
                     # time-slicing at equal latency-target attainment: 64 inference iterations, then 64 fine-tuning
                     # iterations that train on every k-th one; the densest k whose attainment reaches co-serving's
                     ladder = []
