@@ -599,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
                 m[f"coserve_finetune_retention_{key}"] = co["ft_tokens_per_s"] / alone
                 if load == 0.9:
                     m["coserve_p99_tpot_ratio"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
+                else:
+                    m["coserve_p99_tpot_ratio_50"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
                 if load == 0.9 and not args.no_timeslice:
                     # time-slicing at equal latency-target attainment: 64 inference iterations, then 64 fine-tuning
                     # iterations that train on every k-th one; the densest k whose attainment reaches co-serving's
@@ -623,8 +625,6 @@ def main(argv: list[str] | None = None) -> int:
                     else:  # even one piece per 64 fine-tuning iterations misses co-serving's attainment
                         m["coserve_vs_timeslice_finetune_throughput"] = None
                         raw[key]["timeslice_note"] = "no time-slice setting reached co-serving's attainment"
-                else:
-                    m["coserve_p99_tpot_ratio_50"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
                 result["raw"]["coserve"] = raw
                 save()
         except Exception:  # noqa: BLE001
