@@ -43,9 +43,17 @@ time.sleep(3600)
 """
 
 
-def spawn_worker(model: Path, root: Path, train_dir: Path) -> tuple[subprocess.Popen, str]:
-    """A real worker in its own process (so a test can SIGKILL it), training data under `train_dir`."""
-    env = dict(os.environ, LORAFLEET_TRAINING_DIR=str(train_dir), OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE")
+def spawn_worker(
+    model: Path, root: Path, train_dir: Path | None, worker_id: str | None = None
+) -> tuple[subprocess.Popen, str]:
+    """A real worker in its own process (so a test can SIGKILL it), training data under `train_dir`; None: the
+    pool layout, under the adapter root's `.lorafleet-training/workers/<worker_id>` (as on a cluster)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE")
+    env.pop("LORAFLEET_TRAINING_DIR", None)
+    if train_dir is not None:
+        env["LORAFLEET_TRAINING_DIR"] = str(train_dir)
+    if worker_id is not None:
+        env["LORAFLEET_WORKER_ID"] = worker_id
     p = subprocess.Popen(
         [sys.executable, "-c", WORKER, str(model), str(root)], stdout=subprocess.PIPE, env=env, text=True
     )
@@ -69,8 +77,10 @@ def worker_process():
     """`spawn(model, root, train_dir)` -> (process, url); every process still alive at the end is killed."""
     procs: list[subprocess.Popen] = []
 
-    def spawn(model: Path, root: Path, train_dir: Path) -> tuple[subprocess.Popen, str]:
-        p, url = spawn_worker(model, root, train_dir)
+    def spawn(
+        model: Path, root: Path, train_dir: Path | None, worker_id: str | None = None
+    ) -> tuple[subprocess.Popen, str]:
+        p, url = spawn_worker(model, root, train_dir, worker_id)
         procs.append(p)
         return p, url
 

@@ -58,6 +58,49 @@ def test_crash_after_2xx_loses_no_feedback(tmp_path, tiny_dir, worker_process, w
         proc.wait(30)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_feedback_accepted_by_any_replica_reaches_the_trainer_and_its_successor(
+    tmp_path, tiny_dir, worker_process, wait_until
+):
+    """Two replicas of one pool share the adapter store. Feedback is accepted by the replica that gets it; the job
+    on the other one trains on it: what was there when the job started, and what comes after. When the trainer
+    dies, the job started on the surviving replica (as the operator moves it) trains on the dead one's feedback
+    too, and counts each sample once."""
+    root = tmp_path / "adapters"
+    root.mkdir()
+    pa, a = worker_process(tiny_dir, root, None, "pod-a")
+    pb, b = worker_process(tiny_dir, root, None, "pod-b")
+    ca, cb = httpx.Client(base_url=a, timeout=60), httpx.Client(base_url=b, timeout=60)
+
+    def feed(c: httpx.Client, i: int) -> str:
+        r = c.post("/v1/feedback", json={"kind": "pair", "adapter": "ad", "prompt": f"q {i}", "completion": f" a {i}"})
+        assert r.status_code == 202, r.text
+        return r.json()["feedbackId"]
+
+    before = [feed(cb, i) for i in range(3)]  # accepted by b before any job exists
+    job = {"name": "j", "adapter": "ad", "publish": {"everySteps": 1000, "heldoutFraction": 0.0},
+           "optimizer": {"gradAccumulation": 1}, "checkpoint": {"everySteps": 1}}  # fmt: skip
+    assert ca.post("/v1/training/jobs", json=job).status_code == 201  # the trainer is a
+    after = [feed(cb, i) for i in range(3, 5)] + [feed(ca, 5)]
+    st = wait_until(lambda: (s := ca.get("/v1/training/jobs/j").json())["samples"]["available"] == 6 and s, 60)
+    assert st and st["samples"]["available"] == 6, st
+    st = wait_until(lambda: (s := ca.get("/v1/training/jobs/j").json())["steps"] >= 3 and s, 120)
+    assert st["steps"] >= 3
+    pa.kill()
+    pa.wait(30)
+    late = feed(cb, 6)  # after the trainer died
+    assert cb.post("/v1/training/jobs", json=job).status_code == 201  # the operator moves the job to b
+    st = wait_until(
+        lambda: (s := cb.get("/v1/training/jobs/j").json())["steps"] > s["checkpoint"]["restoredStep"] and s
+    )
+    assert st["checkpoint"]["restoredStep"] >= 3  # resumed from a's checkpoints, not from scratch
+    # a step formed after every offered sample was absorbed: all 7 (a's own included), each counted once
+    assert st["samples"]["available"] == 7, st
+    assert len(set(before + after + [late])) == 7
+    pb.kill()
+
+
 @pytest.fixture()
 def worker(tmp_path, tiny_dir):
     from lorafleet.worker.api.testing import start_worker

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore
+from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore, PeerFeedbackLogs
 from lorafleet.worker.training.replay import ReplayMixer, chunk_tokens
 
 
@@ -28,6 +28,36 @@ def test_append_replay_and_torn_tail(tmp_path):
     assert d.seq == 3
     st2.close()
     assert len(FeedbackStore(path)) == 4
+
+
+def test_peer_logs_give_every_complete_line_once_and_never_a_torn_one(tmp_path):
+    """A trainer reads the pool's other workers' logs: all of them when a job starts, then only what was appended;
+    never its own log, never a torn last line (until its writer completes it), never a line twice; a worker that
+    appears later is read from its start."""
+    workers = tmp_path / "workers"
+    me = FeedbackStore(workers / "me" / "feedback.jsonl")
+    me.append(FeedbackSample("ad", "pair", [1], [2]))
+    b = FeedbackStore(workers / "b" / "feedback.jsonl")
+    b0 = b.append(FeedbackSample("ad", "pair", [1, 2], [3]))
+    b.append(FeedbackSample("other", "pair", [4], [5]))
+    peers = PeerFeedbackLogs(workers, workers / "me")
+    peers.prime()
+    assert [s.feedback_id for s in peers.read_all("ad")] == [b0.feedback_id]  # a job starting now
+    assert peers.poll() == []  # nothing new
+    b1 = b.append(FeedbackSample("ad", "pair", [6], [7]))
+    with open(b.path, "ab") as fh:  # b's next write, torn (never acknowledged)
+        fh.write(b'{"adapter":"ad","kind":"pa')
+    got = peers.poll()
+    assert [(s.feedback_id, s.seq) for s in got] == [(b1.feedback_id, 2)]
+    assert peers.poll() == []
+    with open(b.path, "ab") as fh:  # ... completed: a whole line now
+        fh.write(b'ir","prompt_ids":[8],"completion_ids":[9],"feedback_id":"fb-late"}\n')
+        fh.write(b"not json\n")
+    assert [(s.feedback_id, s.seq) for s in peers.poll()] == [("fb-late", 3)] and peers.bad_lines == 1
+    c = FeedbackStore(workers / "c" / "feedback.jsonl")  # a worker started after the trainer
+    c0 = c.append(FeedbackSample("ad", "pair", [1], [2]))
+    assert [s.feedback_id for s in peers.poll()] == [c0.feedback_id]
+    assert len(peers.logs()) == 2  # b and c, not this worker's own
 
 
 def test_replay_ratio_and_forgetting_reweighting():

@@ -138,3 +138,53 @@ def test_sigkill_restart_equals_uninterrupted_run(tmp_path, tiny_dir, worker_pro
     st = wait_until(lambda: (r := c.get("/v1/training/jobs/rs")).status_code == 200 and r.json())
     assert st["phase"] == "Succeeded" and st["steps"] == MAX_STEPS and st["checkpoint"]["restoredStep"] == MAX_STEPS
     assert st["publishedVersions"] == got["publishedVersions"]
+
+
+@pytest.mark.timeout(120)
+def test_a_moved_job_knows_what_it_trained_by_feedback_id_not_by_log_position(tmp_path, tiny_dir):
+    """After a move the job sees the pool's feedback in another order (the new worker's own log first). What it
+    had already taken before its checkpoint is skipped by feedback id; everything else is fresh, wherever it is."""
+    from lorafleet.worker.config import EngineConfig
+    from lorafleet.worker.engine.llm_engine import LLMEngine
+    from lorafleet.worker.testing import build_peft_adapter
+    from lorafleet.worker.training.feedback import FeedbackSample
+    from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
+    from lorafleet.worker.training.metrics import TrainingMetrics
+    from lorafleet.worker.training.trainer import OptimConfig
+    from lorafleet.worker.training.versions import PublishPolicy
+
+    root = tmp_path / "adapters"
+    build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
+    eng = LLMEngine(EngineConfig(model=str(tiny_dir), max_num_batched_tokens=64, adapter_roots=[str(root)]))
+    eng.load_adapter("ad", str(root / "ad"), "v1")
+    spec = JobSpec(
+        name="m", adapter="ad", replay_ratio=0.0, heldout_fraction=0.0, epochs=1, checkpoint_every=1,
+        optim=OptimConfig(grad_accumulation=2), publish=PublishPolicy(every_steps=10**6), record_activations=False,
+    )  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+
+    def fb(i: int) -> FeedbackSample:
+        return FeedbackSample("ad", "pair", [5 + i, 6 + i], [20 + i, 21 + i], feedback_id=f"fb-{i}", seq=i)
+
+    a = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics(), ckpt)
+    for i in range(2):  # trained by the first trainer (one step)
+        a.offer(fb(i))
+    for _ in range(200):
+        if a.trainer.step >= 1:
+            break
+        a.work(64)
+    a.stop()
+    assert a.checkpoint_info["lastStep"] == 1
+    # fb-2, fb-3: accepted after that step (by the first trainer or a peer), never trained
+
+    b = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics(), ckpt)  # the job, moved
+    assert b.checkpoint_info["restoredStep"] == a.checkpoint_info["lastStep"]
+    b.offer(FeedbackSample("ad", "pair", [9], [10, 11], feedback_id="fb-new", seq=0))  # its own log first
+    for i in (3, 2, 1, 0):
+        b.offer(fb(i))
+    b.offer(fb(1))  # read twice (a peer log at start, then a poll)
+    b._absorb()
+    fresh = [s.feedback_id for s in b._fresh]
+    assert sorted(fresh) == ["fb-2", "fb-3", "fb-new"]  # by position it would have skipped fb-new and fb-3
+    assert b.counts["available"] == 5
+    b.stop()

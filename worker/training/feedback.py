@@ -133,3 +133,84 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class PeerFeedbackLogs:
+    """The feedback logs of the pool's other workers, read-only, in the shared adapter store
+    (`<root>/.lorafleet-training/workers/<worker id>/feedback.jsonl`, one writer each).
+
+    Why: feedback is accepted by whichever replica served the request (a request id is only known there), but an
+    adapter's job trains on one worker, and after a failover on another one. A 2xx is a promise that the sample
+    is trained on, so the trainer reads every peer's log too: all of it when a job starts (or moves here), then what
+    was appended since, on every `poll`. Only complete lines are read (a torn last line was never acknowledged, and
+    its owner cuts it on restart); a complete line that does not parse is skipped and counted. A sample may be
+    offered twice (a job started while a poll was reading): the job ignores a feedback id it has seen."""
+
+    def __init__(self, workers_dir: str | Path, own_dir: str | Path) -> None:
+        self.dir = Path(workers_dir)
+        self.own = Path(own_dir).resolve()
+        self._pos: dict[Path, tuple[int, int]] = {}  # log -> (byte offset of the next line, its seq)
+        self.read = 0
+        self.bad_lines = 0
+        self._primed = False
+
+    def logs(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return [p for p in sorted(self.dir.glob("*/feedback.jsonl")) if p.parent.resolve() != self.own]
+
+    def _read(self, path: Path, offset: int, seq: int) -> tuple[list[FeedbackSample], int, int]:
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < offset:  # replaced or cut below what was read: read it again (the job de-duplicates)
+                    offset, seq = 0, 0
+                fh.seek(offset)
+                data = fh.read(size - offset)
+        except OSError:
+            return [], offset, seq
+        out: list[FeedbackSample] = []
+        pos = 0
+        while True:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            try:
+                s = FeedbackSample.from_json(data[pos:nl].decode())
+                s.seq = seq
+                out.append(s)
+            except (ValueError, TypeError):
+                self.bad_lines += 1
+            seq += 1
+            pos = nl + 1
+        self.read += len(out)
+        return out, offset + pos, seq
+
+    def read_all(self, adapter: str | None = None) -> list[FeedbackSample]:
+        """Every complete sample of every peer log (for a job that starts here), oldest log first."""
+        out: list[FeedbackSample] = []
+        for p in self.logs():
+            samples, _, _ = self._read(p, 0, 0)
+            out += [s for s in samples if adapter is None or s.adapter == adapter]
+        return out
+
+    def prime(self) -> None:
+        """Positions every existing peer log at its end, before any job is created here: what they hold by then is
+        what `read_all` gives a job that starts; `poll` gives what comes after."""
+        for p in self.logs():
+            _, end, seq = self._read(p, 0, 0)
+            self._pos[p] = (end, seq)
+        self._primed = True
+
+    def poll(self) -> list[FeedbackSample]:
+        """Samples appended to any peer log since the previous poll; a log that appeared after `prime` (a worker
+        started later) is read from its start."""
+        if not self._primed:
+            self.prime()
+        out: list[FeedbackSample] = []
+        for p in self.logs():
+            offset, seq = self._pos.get(p, (0, 0))
+            samples, end, seq = self._read(p, offset, seq)
+            self._pos[p] = (end, seq)
+            out += samples
+        return out

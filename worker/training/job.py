@@ -276,7 +276,7 @@ class ContinualLearningJob:
         self.counts = {"available": 0, "trained": 0, "rejected": 0, "replay": 0, "heldout": 0}
         self._rng = torch.Generator().manual_seed(spec.seed)
         self._fresh_taken = 0  # feedback samples taken from the fresh queue (the data position a checkpoint keeps)
-        self._skip_fresh = 0  # restored: that many fresh samples were already taken before the restart
+        self._seen: set[str] = set()  # feedback ids absorbed (the pool's logs may offer a sample twice)
         self._ckpt_step = 0
         self._domain_losses: dict[str, list[float]] = {}
         if current is not None:
@@ -303,8 +303,9 @@ class ContinualLearningJob:
         sp = self.spec
         while self._incoming:
             s = self._incoming.popleft()
-            if s.adapter != sp.adapter or s.seq < sp.since_seq:
-                continue
+            if s.adapter != sp.adapter or s.seq < sp.since_seq or s.feedback_id in self._seen:
+                continue  # a sample can come twice: from a peer's log read at the start and by a poll (service.py)
+            self._seen.add(s.feedback_id)
             if s.kind not in sp.kinds or not s.trainable or (s.kind == "reward" and s.weight <= sp.min_reward):
                 self.counts["rejected"] += 1
                 continue
@@ -321,9 +322,7 @@ class ContinualLearningJob:
                 if self.stash is not None and s.request_id:
                     self.stash.abort(s.request_id)
                 continue
-            if self._skip_fresh > 0:  # taken (and trained on) before the checkpoint this job resumed from
-                self._skip_fresh -= 1
-            else:
+            if self._uses.get(s.feedback_id, 0) == 0:  # not taken (and trained on) before the resumed checkpoint
                 self._fresh.append(s)
             self._pool.append(s)
 
@@ -678,7 +677,9 @@ class ContinualLearningJob:
         self.loss_ema, self.last_loss, self.heldout_loss = st.get("lossEma"), st.get("lastLoss"), st.get("heldoutLoss")
         self.version_steps.update({str(k): int(v) for k, v in (st.get("versionSteps") or {}).items()})
         data = st.get("data") or {}
-        self._skip_fresh = self._fresh_taken = int(data.get("freshTaken", 0))
+        # what was already taken is known by feedback id (`uses`), not by position: a job that moved to another
+        # worker sees the pool's feedback in another order (its own log first)
+        self._fresh_taken = int(data.get("freshTaken", 0))
         self._uses = {str(k): int(v) for k, v in (data.get("uses") or {}).items()}
         rp, r = self.replay, st.get("replay") or {}
         if r:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from lorafleet.worker.training.coserve import coserve_iteration
-from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore
+from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore, PeerFeedbackLogs
 from lorafleet.worker.training.job import ContinualLearningJob
 from lorafleet.worker.training.metrics import TrainingMetrics
 from lorafleet.worker.training.recorder import PrefillRecorder
@@ -30,6 +30,7 @@ from lorafleet.worker.training.replay import builtin_general_text, chunk_tokens
 from lorafleet.worker.training.spec import JobRequest
 
 log = logging.getLogger(__name__)
+PEER_POLL_S = 0.5  # how often a trainer reads the feedback its pool's other workers accepted
 
 
 class JobConflict(Exception):
@@ -56,6 +57,8 @@ class TrainingService:
         self.versions_root: Path | None = None
         self.checkpoint_dir: Path | None = None
         self.feedback: FeedbackStore | None = None
+        self.peers: PeerFeedbackLogs | None = None  # the pool's other workers' feedback logs (shared adapter store)
+        self._peers_polled = 0.0
         self._replay_domains: dict[str, list[list[int]]] | None = None
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -94,6 +97,7 @@ class TrainingService:
             shared = Path(cfg.adapter_roots[0]) / ".lorafleet-training"
             data = shared / "workers" / worker_id()
             self.checkpoint_dir = shared / "checkpoints"
+            self.peers = PeerFeedbackLogs(shared / "workers", data)
         else:
             from lorafleet.worker.loader import CACHE_ROOT
 
@@ -110,6 +114,8 @@ class TrainingService:
         self.checkpoint_dir = self.checkpoint_dir or data / "checkpoints"
         self.feedback = FeedbackStore(data / "feedback.jsonl")
         self.feedback.subscribe(self._on_feedback)
+        if self.peers is not None:
+            self.peers.prime()  # before any job: jobs read what is there, polls what comes after
         tok = engine.tokenizer
         self._replay_domains = {
             d: chunk_tokens(tok(text, add_special_tokens=False)["input_ids"], 128)
@@ -187,6 +193,9 @@ class TrainingService:
         )
         for s in self.feedback.samples(spec.adapter, spec.since_seq):
             job.offer(s)
+        if self.peers is not None:  # accepted by the pool's other replicas (and by this job's earlier trainers)
+            for s in self.peers.read_all(spec.adapter):
+                job.offer(s)
         with self._lock:
             self.jobs[spec.name] = job
         if persist:
@@ -251,8 +260,27 @@ class TrainingService:
             self.metrics.finetune_tokens.observe(used)
         return used
 
+    def _poll_peers(self) -> None:
+        """Offers the feedback that the pool's other workers accepted since the last poll to this worker's jobs
+        (at most every PEER_POLL_S; samples for adapters without a job here are someone else's to train)."""
+        now = time.monotonic()
+        if self.peers is None or now - self._peers_polled < PEER_POLL_S:
+            return
+        self._peers_polled = now
+        try:
+            samples = self.peers.poll()
+        except OSError:
+            log.exception("cannot read the pool's feedback logs")
+            return
+        for s in samples:
+            job = self._job_for(s.adapter)
+            if job is not None:
+                job.offer(s)
+                self._work.set()
+
     def _idle_driver(self) -> None:
         while not self._stop.is_set():
+            self._poll_peers()
             if not any(j.phase == "Running" for j in list(self.jobs.values())):
                 self._work.wait(0.2)
                 self._work.clear()
@@ -289,6 +317,8 @@ class TrainingService:
             "checkpointDir": str(self.checkpoint_dir),
             "versionsRoot": str(self.versions_root),
             "feedback": len(self.feedback or []),
+            "peerFeedbackLogs": len(self.peers.logs()) if self.peers is not None else 0,
+            "peerFeedbackBadLines": self.peers.bad_lines if self.peers is not None else 0,
         }
 
 
