@@ -150,7 +150,6 @@ class PeerFeedbackLogs:
         self.dir = Path(workers_dir)
         self.own = Path(own_dir).resolve()
         self._pos: dict[Path, tuple[int, int]] = {}  # log -> (byte offset of the next line, its seq)
-        self.read = 0
         self.bad_lines = 0
         self._primed = False
 
@@ -183,7 +182,6 @@ class PeerFeedbackLogs:
                 self.bad_lines += 1
             seq += 1
             pos = nl + 1
-        self.read += len(out)
         return out, offset + pos, seq
 
     def read_all(self, adapter: str | None = None) -> list[FeedbackSample]:
@@ -198,8 +196,12 @@ class PeerFeedbackLogs:
         """Positions every existing peer log at its end, before any job is created here: what they hold by then is
         what `read_all` gives a job that starts; `poll` gives what comes after."""
         for p in self.logs():
-            _, end, seq = self._read(p, 0, 0)
-            self._pos[p] = (end, seq)
+            try:
+                data = p.read_bytes()
+            except OSError:
+                continue  # unreadable now: `poll` reads it from its start once it can
+            end = data.rfind(b"\n") + 1  # complete lines only; no need to parse what no job asked for yet
+            self._pos[p] = (end, data.count(b"\n", 0, end))
         self._primed = True
 
     def poll(self) -> list[FeedbackSample]:

@@ -324,9 +324,9 @@ class FusedTrainer(GraphedTrainer):
 
     # ---- the forward of training rows ----
     def step_mask(self, idx: torch.Tensor) -> torch.Tensor:
-        """[len(idx) x rep, keys] additive attention mask (0 / -inf) of the micro-batch rows `idx`, built once per step for every layer:
-        a row sees its sample's stashed prefix and its sample's rows up to itself (segment ids keep samples apart,
-        row order is causal order: samples are packed contiguously). Rows are repeated per query head of a KV
+        """[len(idx) x rep, keys] additive attention mask (0 / -inf) of the micro-batch rows `idx`, built once per
+        step for every layer: a row sees its sample's stashed prefix and its sample's rows up to itself (segment ids
+        keep samples apart, row order is causal order: samples are packed contiguously). Rows are repeated per query head of a KV
         group, the layout `chunk_attend` hands the kernel. Device tensors only (graph-capturable)."""
         kseg, korder, kpos = self.kseg, self.korder, self.kpos
         if self._windowed:
@@ -345,14 +345,12 @@ class FusedTrainer(GraphedTrainer):
         return torch.zeros(mask.shape, dtype=self.kall.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def chunk_attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, mask=None
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Micro-batch rows `idx` against [their stashed prefix | their keys so far] (`step_mask`). GQA without
         copying K/V per query head: a KV group's query heads are laid out as extra query rows of that group."""
         self.kbuf[layer_idx].index_copy_(0, idx, k.to(self.kall.dtype))
         self.vbuf[layer_idx].index_copy_(0, idx, v.to(self.vall.dtype))
-        if mask is None:
-            mask = self.step_mask(idx)
         t, h, dh = q.shape
         g = k.shape[1]
         rep = h // g
@@ -541,14 +539,11 @@ class FusedTrainer(GraphedTrainer):
                 self._stalled = 0
                 if self._ride() and self._fits:
                     return None  # the next serving steps carry the rows
-            if not self._fits:  # a sample's keys exceed the window: these rows run now, eagerly, over every key
-                self._full_keys = True
-                try:
-                    self._standalone()
-                finally:
-                    self._full_keys = False
-                return None
-            self._standalone()
+            self._full_keys = not self._fits  # a sample's keys exceed the window: eagerly, over every key
+            try:
+                self._standalone()
+            finally:
+                self._full_keys = False
             return None
         return super().launch_piece()
 

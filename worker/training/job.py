@@ -275,7 +275,6 @@ class ContinualLearningJob:
         self.sequence_tokens = 0  # every token of finished training sequences (feedback + replay), for throughput
         self.counts = {"available": 0, "trained": 0, "rejected": 0, "replay": 0, "heldout": 0}
         self._rng = torch.Generator().manual_seed(spec.seed)
-        self._fresh_taken = 0  # feedback samples taken from the fresh queue (the data position a checkpoint keeps)
         self._seen: set[str] = set()  # feedback ids absorbed (the pool's logs may offer a sample twice)
         self._ckpt_step = 0
         self._domain_losses: dict[str, list[float]] = {}
@@ -329,7 +328,6 @@ class ContinualLearningJob:
     # ---- planning ----
     def _next_feedback(self) -> FeedbackSample | None:
         if self._fresh:
-            self._fresh_taken += 1
             return self._fresh.popleft()
         candidates = [s for s in self._pool if self._uses.get(s.feedback_id, 0) < self.spec.epochs]
         if not candidates:
@@ -626,7 +624,7 @@ class ContinualLearningJob:
             "lastLoss": self.last_loss,
             "heldoutLoss": self.heldout_loss,
             "versionSteps": dict(self.version_steps),
-            "data": {"freshTaken": self._fresh_taken, "uses": dict(self._uses)},
+            "data": {"uses": dict(self._uses)},
             "replay": {
                 "credit": rp._credit,
                 "baseline": dict(rp._baseline),
@@ -679,7 +677,6 @@ class ContinualLearningJob:
         data = st.get("data") or {}
         # what was already taken is known by feedback id (`uses`), not by position: a job that moved to another
         # worker sees the pool's feedback in another order (its own log first)
-        self._fresh_taken = int(data.get("freshTaken", 0))
         self._uses = {str(k): int(v) for k, v in (data.get("uses") or {}).items()}
         rp, r = self.replay, st.get("replay") or {}
         if r:
