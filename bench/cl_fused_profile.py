@@ -100,6 +100,7 @@ def main() -> int:
     rider.gate = None  # every step with budget carries rows: the cost of riding, not the controller's choice
     res: dict = {"command": "python bench/cl_fused_profile.py " + " ".join(sys.argv[1:]), "seqs": args.seqs}
     res["device"] = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    res["commit"] = cl_gpu._commit()
     res["ride_rows"] = rider.ride_rows
     res["fused_cap_tokens"] = rider.cap
     res["fused_prefix_cap"] = int(rider.f_pseg.shape[0])
