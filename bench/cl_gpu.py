@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --train-stream partition")
     ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
+    ap.add_argument("--no-guard", action="store_true", help="co-serving without the TPOT guard (slo.py): an A/B")
     ap.add_argument("--no-timeslice", action="store_true", help="skip the time-slicing ladder (a short co-serving run)")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
@@ -518,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     engine._bench_ride_rows = args.ride_rows
     engine._bench_serving_sms = args.serving_sms
     from lorafleet.worker.gpu import prioritise_serving_stream
+    from lorafleet.worker.training.slo import GuardConfig, TpotGuard
 
     prioritise_serving_stream(engine.device)  # as the worker's engine thread does
     result["raw"]["setup_s"] = time.perf_counter() - t_all
@@ -582,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
                 target_s = 1.10 * pct(inf["tpot"], 0.99)
                 job.scheduler.cfg.tpot_target_s = target_s
                 job.scheduler.credit = 0.0
+                # the TPOT guard starts fresh at each load, as for a job started there (its cursor at "now")
+                guard_cfg = GuardConfig(min_samples=1 << 30) if args.no_guard else job.scheduler.cfg.guard
+                job.scheduler.guard = TpotGuard(job.scheduler.cfg.high_water, guard_cfg)
                 co = run_load(engine, cfg, rate, seed=20 + int(load * 10), job=job, mode="coserve")
                 key = f"{int(load * 100)}"
                 att_inf = sum(t <= target_s for t in inf["tpot"]) / max(1, len(inf["tpot"]))
@@ -594,6 +599,12 @@ def main(argv: list[str] | None = None) -> int:
                     "attainment_alone": att_inf,
                     "attainment_coserve": att_co,
                     "final_share": job.scheduler.share,
+                    "guard": {
+                        "aim": job.scheduler.guard.aim,
+                        "decisions": job.scheduler.guard.decisions,
+                        "last_ratio": job.scheduler.guard.last_quantile,
+                        "history": [[round(x, 4) for x in h] for h in job.scheduler.guard.history],
+                    },
                     "graph_replays": job.graphed.graph_replays if job.graphed is not None else None,
                 }
                 m[f"coserve_finetune_retention_{key}"] = co["ft_tokens_per_s"] / alone

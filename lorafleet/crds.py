@@ -247,6 +247,7 @@ class CheckpointPolicy(_Model):
 
 class LatencyTarget(_Model):
     tpot_millis: Annotated[float, Field(gt=0)]
+    percentile: Annotated[float, Field(ge=50, le=100)] = 99
 
 
 class CoServing(_Model):
@@ -289,6 +290,7 @@ class ContinualLearningJobStatus(_Model):
     tokens_trained: Annotated[int, Field(ge=0)] | None = None
     loss: float | None = None
     finetune_share: Annotated[float, Field(ge=0, le=1)] | None = None
+    tpot_ratio: Annotated[float, Field(ge=0)] | None = None
     co_serving: Annotated[str, Field(max_length=32)] | None = None
     published_versions: Annotated[list[PublishedVersion], Field(max_length=MAX_PUBLISHED_VERSIONS)] | None = None
     conditions: Conditions | None = None

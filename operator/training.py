@@ -63,9 +63,11 @@ def job_request(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     co = {k: v for k, v in (spec.get("coServing") or {}).items() if k in ("placement", "servingSMs") and v is not None}
     if co:
         req["coServing"] = co
-    tpot = (spec.get("latencyTarget") or {}).get("tpotMillis")
-    if tpot is not None:
-        req["latencyTarget"] = {"tpotMs": float(tpot)}
+    target = spec.get("latencyTarget") or {}
+    if target.get("tpotMillis") is not None:
+        req["latencyTarget"] = {"tpotMs": float(target["tpotMillis"])}
+        if target.get("percentile") is not None:
+            req["latencyTarget"]["percentile"] = float(target["percentile"])
     return req
 
 
@@ -94,6 +96,9 @@ def job_status(worker_status: Mapping[str, Any]) -> dict[str, Any]:
         out["loss"] = float(worker_status["loss"])
     if worker_status.get("share") is not None:
         out["finetuneShare"] = min(1.0, max(0.0, float(worker_status["share"])))
+    observed = (worker_status.get("latency") or {}).get("observedRatio")
+    if observed is not None:
+        out["tpotRatio"] = round(max(0.0, float(observed)), 4)
     effective = (worker_status.get("coServing") or {}).get("effective")
     if effective:
         out["coServing"] = str(effective)[:32]

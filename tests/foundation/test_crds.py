@@ -89,6 +89,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("ContinualLearningJob", patched(JOB, "feedback", {"accept": False, "corrections": False}), "spec.feedback"),
     ("ContinualLearningJob", {**JOB, "mode": "dedicated", "latencyTarget": {"tpotMillis": 50}}, "spec.latencyTarget"),
     ("ContinualLearningJob", patched(JOB, "latencyTarget", {"tpotMillis": 0}), "spec.latencyTarget.tpotMillis"),
+    (
+        "ContinualLearningJob",
+        patched(JOB, "latencyTarget", {"tpotMillis": 50, "percentile": 101}),
+        "spec.latencyTarget.percentile",
+    ),
     ("ContinualLearningJob", patched(JOB, "publish", {"everySteps": 0}), "spec.publish.everySteps"),
     ("ContinualLearningJob", patched(JOB, "coServing", {"placement": "gpu0"}), "spec.coServing.placement"),
     ("ContinualLearningJob", patched(JOB, "coServing", {"servingSMs": 0}), "spec.coServing.servingSMs"),

@@ -39,6 +39,10 @@ def test_sample_job_translates_to_the_worker_api() -> None:
     spec = JobRequest.model_validate(co).to_spec()
     assert (spec.train_stream, spec.serving_sms) == ("partition", 24)
     assert JobRequest.model_validate(req).to_spec().train_stream == "serving"  # the default: never overlap serving
+    assert JobRequest.model_validate(req).to_spec().tpot_percentile == 99.0  # the default percentile
+    lat = training.job_request("j", {"adapter": "a", "latencyTarget": {"tpotMillis": 40, "percentile": 95}})
+    assert lat["latencyTarget"] == {"tpotMs": 40.0, "percentile": 95.0}
+    assert JobRequest.model_validate(lat).to_spec().tpot_percentile == 95.0
     assert training.job_request("j", {"adapter": "a", "mode": "dedicated", "feedback": {"accept": False}})[
         "feedback"
     ] == {"kinds": ["correction", "pair", "reward"]}
@@ -58,8 +62,10 @@ def test_status_is_bounded_and_latest_version_found() -> None:
     assert training.latest_published({"publishedVersions": []}) is None
     assert "coServing" not in out and "finetuneShare" not in out
     seen = training.job_status({"phase": "Running", "share": 0.42, "coServing": {"placement": "partition",
-                                                                                 "effective": "beside"}})  # fmt: skip
-    assert (seen["finetuneShare"], seen["coServing"]) == (0.42, "beside")
+                                                                                 "effective": "beside"},
+                                "latency": {"aim": 1.02, "observedRatio": 0.912345678}})  # fmt: skip
+    assert (seen["finetuneShare"], seen["coServing"], seen["tpotRatio"]) == (0.42, "beside", 0.9123)
+    assert "tpotRatio" not in training.job_status({"phase": "Running", "latency": {"observedRatio": None}})
     from lorafleet.crds import ContinualLearningJobStatus
 
     ContinualLearningJobStatus.model_validate(seen)  # within the CRD's status schema

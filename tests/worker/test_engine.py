@@ -244,3 +244,26 @@ def test_graph_buckets_cover_every_step_size():
     assert mixed_key(b, 64, 300, 60, 20) == (384, 32)  # many short chunks share the short-query graph
     assert mixed_key(b, 64, 2048, 1, 2048) == (2048, 2048)
     assert mixed_key(b, 64, 2049, 1, 1) is None and mixed_key(b, 64, 100, 65, 1) is None  # eager beyond
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_finished_requests_log_their_tpot_once(make_engine, async_scheduling, monkeypatch):
+    """Each request that finishes with >= 2 tokens adds one (decode midpoint, TPOT) sample, on the engine's
+    monotonic clock: (finish - first token) / (tokens - 1). Co-serving steers by these (training/slo.py)."""
+    import itertools
+
+    from lorafleet.worker.engine import llm_engine
+
+    clock = itertools.count(100.0, 0.5)  # every reading of the clock is 0.5 s after the previous one
+    monkeypatch.setattr(llm_engine.time, "monotonic", lambda: next(clock))
+    eng = make_engine(max_num_batched_tokens=64, async_scheduling=async_scheduling)
+    eng.add_request("a", PROMPT, SamplingParams(max_tokens=5, ignore_eos=True))
+    eng.add_request("b", PROMPT[:5], SamplingParams(max_tokens=3, ignore_eos=True))
+    eng.add_request("one", PROMPT[:4], SamplingParams(max_tokens=1, ignore_eos=True))  # no TPOT: not logged
+    while eng.has_unfinished_requests():
+        eng.step()
+    samples, cursor = eng.request_tpots.since(0)
+    assert cursor == 2 and len(samples) == 2
+    for mid, tpot in samples:
+        assert tpot > 0 and mid >= 100.0
+    assert eng.request_tpots.since(cursor) == ([], 2)  # a reader sees every sample once

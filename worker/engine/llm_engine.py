@@ -33,6 +33,7 @@ from lorafleet.worker.config import EngineConfig, resolve_device, resolve_dtype
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.detokenizer import IncrementalDetokenizer
 from lorafleet.worker.engine.model_runner import PLACEHOLDER, ModelRunner, SampledTokens, kv_block_bytes
+from lorafleet.worker.engine.request_log import RequestTpotLog
 from lorafleet.worker.engine.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
 from lorafleet.worker.loader import checkpoint_dtype, load_hf_config, load_model, load_tokenizer
@@ -112,6 +113,7 @@ class LLMEngine:
         self.runner.token_budget = config.max_num_batched_tokens  # riding training rows fill it (training/fused.py)
         self.iteration_hooks: list[Callable[[IterationInfo], None]] = []
         self.launch_hooks: list[Callable[[IterationInfo], None]] = []
+        self.request_tpots = RequestTpotLog()  # finished requests' TPOT: co-serving steers by its percentile
         self._requests: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # abort notices delivered by the next step()
         self._inflight: SampledTokens | None = None  # async scheduling: launched step whose tokens are unsettled
@@ -350,6 +352,7 @@ class LLMEngine:
         elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         if reason is not None:
+            self.request_tpots.add(seq.first_token_time, time.monotonic(), len(seq.token_ids) - seq.num_prompt_tokens)
             if detok is not None and not stop_string:
                 detok.flush()
             if seq.status == SequenceStatus.FINISHED:

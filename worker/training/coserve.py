@@ -22,6 +22,9 @@ Fine-tuning fills that leftover. How much of it, per iteration, is decided again
   credit even when inference alone misses the target, so fine-tuning never starves and slows decodes by about
   that factor at most. The reported share is the fraction of the leftover tokens fine-tuning used recently.
 - with no decodes in flight (idle or prefill only) fine-tuning may take the whole leftover.
+- the aim (`high_water` at first) is moved by an outer loop on the TPOT percentile that finished requests got
+  (`TpotGuard`, slo.py): iteration times are what this loop can see every step, per-request TPOT is what the
+  target is about, and the two drift apart with lumpy training or spiky serving iterations.
 The hard invariant is `inference_tokens + finetune_units <= budget` for every iteration.
 """
 
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from lorafleet.worker.training.slo import GuardConfig, TpotGuard
 
 
 @dataclass
@@ -44,6 +49,7 @@ class ShareConfig:
     window: int = 64
     burst_iters: float = 8.0  # credit cap in units of the target (how long a burst may be paid for in advance)
     amortise: float = 3.0  # a piece's marginal seconds >= amortise x the fixed cost (0 = spend credit greedily)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # the outer loop on per-request TPOT (slo.py)
 
 
 class LinearCostModel:
@@ -82,6 +88,7 @@ class CoServeScheduler:
         self.share = max(cfg.min_share, min(1.0, cfg.initial_share))
         self.cost = LinearCostModel(cfg.window)
         self.credit = 0.0
+        self.guard = TpotGuard(cfg.high_water, cfg.guard)  # moves the aim (starts at high_water) by requests' TPOT
         self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)  # (leftover, used)
         self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
         self._last_plan = 0
@@ -89,11 +96,18 @@ class CoServeScheduler:
 
     def state(self) -> dict:
         """What a checkpoint keeps, so a restarted job starts from the share it had learned, not from scratch."""
-        return {"kind": "credit", "share": self.share, "credit": self.credit, "cost": list(self.cost._pts)}
+        return {
+            "kind": "credit",
+            "share": self.share,
+            "credit": self.credit,
+            "cost": list(self.cost._pts),
+            **self.guard.state(),
+        }
 
     def restore(self, st: dict) -> None:
         if st.get("kind") != "credit":
             return
+        self.guard.restore(st)
         self.share = float(st["share"])
         self.credit = min(float(st["credit"]), self.cfg.burst_iters * self.cfg.tpot_target_s)
         for units, seconds in st.get("cost") or []:
@@ -146,7 +160,7 @@ class CoServeScheduler:
         if decoding:
             # the min share is a share of *time*: even when inference alone misses the target, fine-tuning accrues
             # min_share x the inference time, so it never starves and slows decodes by about that factor at most
-            headroom = max(c.tpot_target_s * c.high_water - inference_seconds, c.min_share * inference_seconds)
+            headroom = max(c.tpot_target_s * self.guard.aim - inference_seconds, c.min_share * inference_seconds)
             self.credit += headroom - finetune_seconds
             # capped above only: debt is repaid in full (forgiving it would let pieces larger than the cap take
             # more than the share of time the target leaves; pieces only start from a positive credit)
@@ -168,7 +182,8 @@ class OverlapController:
     the largest piece so a piece longer than one iteration's budget still runs); a piece launches when the credit
     covers its predicted GPU time (measured with CUDA events, `GraphedTrainer.predict_seconds`). `gpu_budget` is
     AIMD on the token-to-token iteration time against the TPOT target: it grows while the recent iterations stay
-    under `(high_water - 0.05) x target` and halves once they pass `high_water x target`, so it settles where training fills
+    under `(aim - 0.05) x target` and halves once they pass `aim x target` (aim: `high_water`, moved by the TPOT
+    guard), so it settles where training fills
     the gaps and stops where it starts to slow serving. `min_share` still launches one piece every `1/min_share`
     decoding iterations, so fine-tuning never starves. With nothing decoding: the whole leftover, no credit needed.
     The budget invariant is the same as everywhere: inference tokens + fine-tuning units <= budget.
@@ -178,6 +193,7 @@ class OverlapController:
 
     def __init__(self, cfg: ShareConfig) -> None:
         self.cfg = cfg
+        self.guard = TpotGuard(cfg.high_water, cfg.guard)
         self.gpu_budget = 0.1 * cfg.tpot_target_s
         self.credit = 0.0
         self.allowed = self.max_inflight
@@ -215,11 +231,18 @@ class OverlapController:
 
     def state(self) -> dict:
         """What a checkpoint keeps (the learned GPU budget; the credit starts empty after a restart)."""
-        return {"kind": "overlap", "share": self.share, "gpuBudget": self.gpu_budget, "largest": self._largest}
+        return {
+            "kind": "overlap",
+            "share": self.share,
+            "gpuBudget": self.gpu_budget,
+            "largest": self._largest,
+            **self.guard.state(),
+        }
 
     def restore(self, st: dict) -> None:
         if st.get("kind") != "overlap":
             return
+        self.guard.restore(st)
         self.share = float(st["share"])
         self.gpu_budget = min(self.cfg.tpot_target_s, max(0.0, float(st["gpuBudget"])))
         self._largest = float(st.get("largest") or 0.0)
@@ -279,10 +302,11 @@ class OverlapController:
             if self._it_ride is not None and self._it_plain is not None:
                 lo, hi = 0.02 * c.tpot_target_s, c.tpot_target_s
                 self.ride_price = min(hi, max(lo, self._it_ride - self._it_plain))
-        if self.ema > c.tpot_target_s * c.high_water:
+        aim = self.guard.aim
+        if self.ema > c.tpot_target_s * aim:
             self.gpu_budget *= c.decrease_factor
             self.credit = min(self.credit, self.gpu_budget)
-        elif self.ema < c.tpot_target_s * (c.high_water - 0.05):
+        elif self.ema < c.tpot_target_s * (aim - 0.05):
             # a narrow band under the high-water mark: the target is often only ~10% above inference alone
             self.gpu_budget = min(c.tpot_target_s, self.gpu_budget + 0.02 * c.tpot_target_s)
         self.share = used_share(self._win)
@@ -298,6 +322,7 @@ def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
     total = 0.0
     now = time.perf_counter()
     for job in jobs:
+        job.scheduler.guard.feed(engine, job.scheduler.cfg.tpot_target_s)
         if job.spec.mode == "standalone":
             plan = max(0, budget - inference)
             job.scheduler.plan(budget, inference, False)
@@ -322,6 +347,8 @@ def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
             job.scheduler.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding)
         if metrics is not None:
             metrics.share.labels(job.spec.adapter).set(job.scheduler.share)
+            if job.scheduler.guard.last_quantile is not None:
+                metrics.tpot_ratio.labels(job.spec.adapter).set(job.scheduler.guard.last_quantile)
             metrics.finetune_tokens.observe(used)
         inference += int(used)
         total += used

@@ -42,6 +42,7 @@ from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
 from lorafleet.worker.training.pipeline import LayerwiseGroup
 from lorafleet.worker.training.replay import ReplayMixer
+from lorafleet.worker.training.slo import GuardConfig
 from lorafleet.worker.training.stash import ActivationStash
 from lorafleet.worker.training.trainer import LoRATrainer, OptimConfig, TrainSample
 from lorafleet.worker.training.versions import PublishPolicy, VersionPublisher, VersionRecord, save_peft_adapter
@@ -70,6 +71,7 @@ class JobSpec:
     max_staleness: int = 4
     stale_policy: str = "recompute"  # recompute | drop
     tpot_ms: float = 50.0
+    tpot_percentile: float = 99.0
     min_share: float = 0.05
     record_activations: bool = True
     stash_bytes: int = 256 << 20
@@ -199,7 +201,12 @@ class ContinualLearningJob:
         self.replay = ReplayMixer(replay_domains, spec.replay_ratio, seed=spec.seed)
         self.publisher = VersionPublisher(spec.publish, publish_fn=lambda step, d: 0)
         self.scheduler = CoServeScheduler(
-            ShareConfig(tpot_target_s=spec.tpot_ms / 1000.0, min_share=spec.min_share, initial_share=0.5)
+            ShareConfig(
+                tpot_target_s=spec.tpot_ms / 1000.0,
+                min_share=spec.min_share,
+                initial_share=0.5,
+                guard=GuardConfig(quantile=spec.tpot_percentile / 100.0),
+            )
         )
         self.phase = "Running"
         self.message = ""
@@ -794,6 +801,13 @@ class ContinualLearningJob:
             "loss": self.loss_ema,
             "heldoutLoss": self.heldout_loss,
             "share": self.scheduler.share,
+            # the outer latency loop: where it aims the iteration time, and the last observed TPOT percentile
+            "latency": {
+                "targetMs": self.spec.tpot_ms,
+                "percentile": self.spec.tpot_percentile,
+                "aim": self.scheduler.guard.aim,
+                "observedRatio": self.scheduler.guard.last_quantile,
+            },
             # where pieces run: `eager` without graphs (CPU; long samples), else the placement in effect (a partition
             # the driver cannot make falls back to `beside`)
             "coServing": {

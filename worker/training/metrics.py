@@ -33,6 +33,12 @@ class TrainingMetrics:
             registry=r,
         )
         self.share = Gauge("lorafleet_finetune_share", "Fine-tuning share of the leftover budget.", a, registry=r)
+        self.tpot_ratio = Gauge(
+            "lorafleet_coserve_tpot_ratio",
+            "The latency target's percentile of per-request TPOT / the target, as last observed by the job.",
+            a,
+            registry=r,
+        )
         self.finetune_tokens = Histogram(
             "lorafleet_finetune_tokens_per_iteration",
             "Token units of fine-tuning work run per serving iteration.",

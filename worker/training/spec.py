@@ -71,6 +71,7 @@ class CheckpointSpec(_Strict):
 
 class LatencyTarget(_Strict):
     tpotMs: float = Field(50.0, gt=0)
+    percentile: float = Field(99.0, ge=50.0, le=100.0)  # of per-request TPOT (training/slo.py steers by it)
 
 
 class CoServingSpec(_Strict):
@@ -146,6 +147,7 @@ class JobRequest(_Strict):
             max_staleness=self.maxActivationStaleness,
             stale_policy=self.stalePolicy,
             tpot_ms=self.latencyTarget.tpotMs,
+            tpot_percentile=self.latencyTarget.percentile,
             min_share=self.minFinetuneShare,
             record_activations=self.recordActivations,
             stash_bytes=self.stashBytes,
