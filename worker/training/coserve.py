@@ -113,6 +113,13 @@ class CoServeScheduler:
         for units, seconds in st.get("cost") or []:
             self.cost.add(units, seconds)
 
+    def retarget(self, tpot_target_s: float) -> None:
+        """A new latency target: what was learned relative to the old one (credit, aim) starts over; the piece cost
+        model is physics and stays."""
+        self.cfg.tpot_target_s = tpot_target_s
+        self.credit = 0.0
+        self.guard = TpotGuard(self.cfg.high_water, self.cfg.guard)
+
     def plan(self, budget: int, inference_tokens: int, decoding: bool) -> int:
         """Fine-tuning units for this iteration: never more than the leftover."""
         leftover = max(0, budget - inference_tokens)
@@ -213,6 +220,15 @@ class OverlapController:
         self._it_ride: float | None = None
         self._it_plain: float | None = None
         self._rider = False
+
+    def retarget(self, tpot_target_s: float) -> None:
+        """A new latency target: the GPU budget, credit, iteration-time average and aim start over as for a new
+        job (a budget learned against a looser target would burst the new one); what a ride costs is kept."""
+        self.cfg.tpot_target_s = tpot_target_s
+        self.gpu_budget = 0.1 * tpot_target_s
+        self.credit = 0.0
+        self.ema = None
+        self.guard = TpotGuard(self.cfg.high_water, self.cfg.guard)
 
     @property
     def depth(self) -> float:
