@@ -190,9 +190,12 @@ class OverlapController:
     covers its predicted GPU time (measured with CUDA events, `GraphedTrainer.predict_seconds`). `gpu_budget` is
     AIMD on the token-to-token iteration time against the TPOT target: it grows while the recent iterations stay
     under `(aim - 0.05) x target` and halves once they pass `aim x target` (aim: `high_water`, moved by the TPOT
-    guard), so it settles where training fills
-    the gaps and stops where it starts to slow serving. `min_share` still launches one piece every `1/min_share`
-    decoding iterations, so fine-tuning never starves. With nothing decoding: the whole leftover, no credit needed.
+    guard), so it settles where training fills the gaps and stops where it starts to slow serving. `min_share` is a
+    share of *time*, as in `CoServeScheduler`: a second credit earns `min_share x` the iteration time every decoding
+    iteration and launches a piece (or a ride) once it covers one, whatever the first credit says, so fine-tuning
+    never starves and slows serving by about that factor at most (counting pieces instead would let a 15 ms graphed
+    micro-batch every 20 iterations of 7 ms take 11% at a 5% floor). Any training spends both credits.
+    With nothing decoding: the whole leftover, no credit needed.
     The budget invariant is the same as everywhere: inference tokens + fine-tuning units <= budget.
     """
 
@@ -207,16 +210,16 @@ class OverlapController:
         self.share = max(cfg.min_share, min(1.0, cfg.initial_share))
         self.cost = LinearCostModel(cfg.window)  # launch (host) seconds per unit, for the benchmark's report
         self.ema: float | None = None
-        self._since_launch = 0
+        self.floor = 0.0  # the min share's credit (seconds of training it has paid for)
         self._idle = False
-        self._force = False
         self._largest = 0.0
         self._last_end: float | None = None
         self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)
         self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
         # fused placement: what a serving step carrying training rows adds to the iteration time (learned from
-        # decoding iterations with and without rows; floored so that riding always spends credit)
-        self.ride_price = 0.1 * cfg.tpot_target_s
+        # decoding iterations with and without rows; floored so that riding always spends credit). It starts
+        # pessimistic: priced too low, rows would ride every step and no plain step would be left to learn from
+        self.ride_price = 0.5 * cfg.tpot_target_s
         self._it_ride: float | None = None
         self._it_plain: float | None = None
         self._rider = False
@@ -242,7 +245,8 @@ class OverlapController:
             # never capped below the largest piece (or riding step) so one longer than an iteration's budget still runs
             cap = max(self.cfg.burst_iters * self.gpu_budget, self._largest, self.ride_price if self._rider else 0.0)
             self.credit = min(cap, self.credit + self.gpu_budget)
-            self._force = self._since_launch * max(self.cfg.min_share, 1e-6) >= 1.0
+            floor_cap = max(self._largest, self.ride_price if self._rider else 0.0)  # pays for one piece, no bursts
+            self.floor = min(max(floor_cap, 1e-9), self.floor + self.cfg.min_share * (self.ema or 0.0))
         return leftover
 
     def state(self) -> dict:
@@ -264,17 +268,17 @@ class OverlapController:
         self._largest = float(st.get("largest") or 0.0)
 
     def may_launch(self, predicted_s: float) -> bool:
-        return self._idle or self._force or self.credit >= predicted_s
+        return self._idle or self.credit >= predicted_s or (self.floor >= predicted_s and self.cfg.min_share > 0)
 
     def may_ride(self) -> bool:
         """Fused placement: whether the next serving step carries training rows. Riding is paid from the same
         credit as pieces, at `ride_price` a step, so rows ride every step while TPOT is far under the target and on
-        fewer steps as it nears it; `min_share` still lets one step in 1/min_share ride."""
+        fewer steps as it nears it; the min share's credit still pays for a ride every so often."""
         self._rider = True
-        if self._idle or self._force or self.credit >= self.ride_price:
+        if self.may_launch(self.ride_price):
             if not self._idle:
                 self.credit -= self.ride_price
-            self._force = False
+                self.floor = max(0.0, self.floor - self.ride_price)
             return True
         return False
 
@@ -282,7 +286,7 @@ class OverlapController:
         self._largest = max(0.9 * self._largest, predicted_s)
         if not self._idle:
             self.credit -= predicted_s
-        self._force = False
+            self.floor = max(0.0, self.floor - predicted_s)
 
     def observe(
         self,
@@ -300,10 +304,6 @@ class OverlapController:
         rode = None if ride_rows is None else ride_rows > 0
         if finetune_units > 0:
             self.cost.add(finetune_units, finetune_seconds)
-        if finetune_units > 0 or rode:
-            self._since_launch = 0  # a ride is fine-tuning too: the min share counts it
-        else:
-            self._since_launch += 1
         it = iteration_seconds if iteration_seconds is not None else inference_seconds + finetune_seconds
         self.history.append((budget, inference_tokens, finetune_units, it))
         if not decoding:
