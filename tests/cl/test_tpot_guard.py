@@ -18,7 +18,7 @@ def test_quantile_is_nearest_rank():
 
 
 def test_guard_moves_the_aim_by_the_percentile_and_only_on_fresh_requests():
-    g = TpotGuard(0.95, GuardConfig(min_samples=4, max_step=0.08))
+    g = TpotGuard(0.95, GuardConfig(min_samples=4, max_step=0.08, margin=0.97))
     g.observe([(1.0, 0.014)] * 3, 0.010, now=2.0)
     assert g.aim == 0.95 and g.decisions == 0  # fewer than min_samples: no decision
     g.observe([(1.0, 0.014)], 0.010, now=2.0)  # p99 at 1.4x the target: tighten, by at most max_step
@@ -56,7 +56,7 @@ def _simulate(kind: str, guard: bool, target: float, iters: int = 4000, life: in
     (on the simulated clock), reported to the guard when it ends. Returns (p99 TPOT / target over the second
     half, training GPU seconds per iteration over the second half)."""
     rng = random.Random(seed)
-    cfg = GuardConfig() if guard else GuardConfig(min_samples=10**9)
+    cfg = GuardConfig() if guard else GuardConfig(min_samples=10**9, start=0.95)  # without: a fixed aim
     c = OverlapController(ShareConfig(tpot_target_s=target, min_share=0.05, guard=cfg))
     ends, tpots, trained = [0.0], [], []
     for i in range(iters):
@@ -92,7 +92,7 @@ def test_guard_keeps_the_target_when_the_iteration_signal_is_biased():
     p99_without, _, _ = _simulate("biased", guard=False, target=0.012)
     p99_with, trained, aim = _simulate("biased", guard=True, target=0.012)
     assert p99_without > 1.02  # the iteration-level loop alone misses the target
-    assert p99_with <= 1.0 and aim < 0.95  # the guard tightened the aim until it held
+    assert p99_with <= 1.0 and aim < GuardConfig().start  # the guard tightened the aim until it held
     assert trained > 0.0
 
 
@@ -113,7 +113,7 @@ def test_retarget_starts_target_relative_state_over():
     c.credit, c.ema, c.guard.aim = 0.02, 0.04, 1.3
     c.retarget(0.009)
     assert (c.cfg.tpot_target_s, c.gpu_budget, c.credit, c.ema) == (0.009, pytest.approx(0.0009), 0.0, None)
-    assert c.guard.aim == c.cfg.high_water and c.guard.cursor is None
+    assert c.guard.aim == c.cfg.guard.start and c.guard.cursor is None
     s = CoServeScheduler(ShareConfig(tpot_target_s=0.05))
     s.credit = 0.3
     s.cost.add(100, 0.01)
