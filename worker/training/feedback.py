@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,21 @@ class FeedbackSample:
         return FeedbackSample(**json.loads(line))
 
 
+def scan_lines(data: bytes) -> Iterator[tuple[int, FeedbackSample | None]]:
+    """The complete lines of a feedback log: (offset just past the line, its sample, or None where it does not
+    parse). A last line without its newline is never given: it is a torn or still-running append, and the 2xx of
+    a sample follows the fsync of its whole line. The owner and the peer readers differ only in what a bad line
+    means: the owner cuts its log there, a reader skips it."""
+    pos = 0
+    while (nl := data.find(b"\n", pos)) >= 0:
+        try:
+            sample: FeedbackSample | None = FeedbackSample.from_json(data[pos:nl].decode())
+        except (ValueError, TypeError):
+            sample = None
+        pos = nl + 1
+        yield pos, sample
+
+
 class FeedbackStore:
     """Append-only JSONL log of feedback; thread-safe; subscribers see every new sample after it is durable."""
 
@@ -70,20 +85,12 @@ class FeedbackStore:
             return
         data = self.path.read_bytes()
         good_end = 0
-        pos = 0
-        while pos < len(data):
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                break
-            line = data[pos:nl]
-            try:
-                sample = FeedbackSample.from_json(line.decode())
-            except (ValueError, TypeError):
+        for end, sample in scan_lines(data):
+            if sample is None:  # the owner cuts its log at the first bad line (a reader skips it)
                 break
             sample.seq = len(self._samples)
             self._samples.append(sample)
-            pos = nl + 1
-            good_end = pos
+            good_end = end
         if good_end < len(data):
             # Never acknowledged (the 2xx follows the fsync of a complete line): cut it so appends stay parseable.
             self.recovered_torn_bytes = len(data) - good_end
@@ -170,18 +177,13 @@ class PeerFeedbackLogs:
             return [], offset, seq
         out: list[FeedbackSample] = []
         pos = 0
-        while True:
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                break
-            try:
-                s = FeedbackSample.from_json(data[pos:nl].decode())
+        for pos, s in scan_lines(data):  # noqa: B007 - pos is read after the loop: the end of the last whole line
+            if s is None:
+                self.bad_lines += 1
+            else:
                 s.seq = seq
                 out.append(s)
-            except (ValueError, TypeError):
-                self.bad_lines += 1
             seq += 1
-            pos = nl + 1
         return out, offset + pos, seq
 
     def read_all(self, adapter: str | None = None) -> list[FeedbackSample]:
