@@ -125,7 +125,7 @@ def test_overlap_controller_fills_the_gap_and_never_starves():
     """Asynchronous pieces on a simulated GPU: a serving iteration is 10 ms of which the GPU is busy 3 ms, the
     target is 12 ms. Training that fits the 7 ms gap is free; beyond it, it delays the next iteration (contention).
     The controller's GPU budget settles near the gap with the iteration time under the target; when every piece
-    slows serving past the target it backs off to the min share (one piece per 1/min_share iterations)."""
+    slows serving past the target it backs off to the min share (a share of the time)."""
     from lorafleet.worker.training.coserve import OverlapController, ShareConfig
 
     target, piece = 0.012, 0.001  # 1 ms pieces (layer-split graphs)
