@@ -127,6 +127,34 @@ def placement_fallback(cr_status: Mapping[str, Any], worker_status: Mapping[str,
     return f"coServing.placement {asked} runs as {effective}: {why}"
 
 
+LATENCY_CONDITION = "LatencyTargetMet"
+LATENCY_RECOVERED = 0.95  # a missed target counts as met again at or under this ratio (no flapping around 1.0)
+
+
+def latency_condition(
+    conditions: list[Mapping[str, Any]] | None, worker_status: Mapping[str, Any]
+) -> tuple[bool, str, str, bool] | None:
+    """(met, reason, message, flipped) for the `LatencyTargetMet` condition from the worker's latency report, or
+    None while the worker has none (no decision yet). It turns False once the target's percentile of per-request
+    TPOT is over the target, and True again only at <= 0.95x of it, so a job riding the target does not flap;
+    `flipped` says an Event is due (a Warning when it turns False, a Normal event when it recovers)."""
+    lat = worker_status.get("latency") or {}
+    ratio = lat.get("observedRatio")
+    if ratio is None:
+        return None
+    ratio = float(ratio)
+    prev = next((cond for cond in conditions or [] if cond.get("type") == LATENCY_CONDITION), None)
+    was_met = prev is None or prev.get("status") == "True"
+    met = ratio <= 1.0 if was_met else ratio <= LATENCY_RECOVERED
+    pct = float(lat.get("percentile") or 99.0)
+    what = f"p{pct:g} TPOT is {ratio:.2f}x the {float(lat.get('targetMs') or 0):g} ms target"
+    if met:
+        return True, "TargetHeld", what, prev is not None and not was_met
+    aim = lat.get("aim")
+    why = f"{what}; fine-tuning backs off" + (f" (aim {float(aim):.2f}x)" if aim is not None else "")
+    return False, "TargetMissed", why + ", down to minFinetuneShare while it misses", was_met
+
+
 def latest_published(worker_status: Mapping[str, Any]) -> tuple[str, str] | None:
     """(version, path) of the newest published version, if any."""
     pvs = [pv for pv in worker_status.get("publishedVersions") or [] if pv.get("path")]

@@ -40,10 +40,21 @@ async def _recorded_trainer(
 
 
 async def _set_status(
-    rt: Runtime, ns: str, name: str, body: kopf.Body, status: dict[str, Any], ok: bool, reason: str, msg: str
+    rt: Runtime,
+    ns: str,
+    name: str,
+    body: kopf.Body,
+    status: dict[str, Any],
+    ok: bool,
+    reason: str,
+    msg: str,
+    latency: tuple[bool, str, str, bool] | None = None,
 ) -> None:
     gen = body["metadata"].get("generation")
     conds = conditions.set_condition((body.get("status") or {}).get("conditions"), "Ready", ok, reason, msg, gen)
+    if latency is not None:
+        met, lat_reason, lat_msg, _ = latency
+        conds = conditions.set_condition(conds, training.LATENCY_CONDITION, met, lat_reason, lat_msg, gen)
     await rt.kube.patch_status(c.CLJOBS, ns, name, {**status, "observedGeneration": gen, "conditions": conds})
 
 
@@ -189,6 +200,12 @@ async def cljob_sync(
     fallback = training.placement_fallback(body.get("status") or {}, st)
     if fallback:
         kopf.warn(body, reason="CoServingFallback", message=fallback)
+    latency = training.latency_condition((body.get("status") or {}).get("conditions"), st)
+    if latency is not None and latency[3]:
+        if latency[0]:
+            kopf.info(body, reason="LatencyTargetMet", message=latency[2])
+        else:
+            kopf.warn(body, reason="LatencyTargetMissed", message=latency[2])
     latest = training.latest_published(st)
     if latest is not None:
         version, path = latest
@@ -213,6 +230,7 @@ async def cljob_sync(
         status["phase"] in ("Running", "Succeeded"),
         "Training",
         f"{status['steps']} steps on {pod}",
+        latency,
     )
 
 

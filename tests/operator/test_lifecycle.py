@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -209,6 +210,14 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
     )
     eps = fleet.pod_endpoints()
     token = fleet.admin_token(BM)
+
+    def complete(i: int) -> int:  # served traffic on the trainer: its TPOT guard decides on these requests
+        with httpx.Client(timeout=60) as http:
+            body = {"model": "ada", "prompt": f"hello fleet {i}", "max_tokens": 6}
+            return http.post(f"http://{eps[trainer]}/v1/completions", json=body).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(complete, range(24))) == {200}
     for i in range(12):
         body = {"adapter": "ada", "kind": "pair", "prompt": f"question {i} about the fleet", "completion": " paris"}
         r = fleet.http.post(
@@ -223,6 +232,18 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
     )
     assert st["steps"] >= 2 and st["tokensTrained"] > 0 and st["phase"] in ("Running", "Succeeded")
     assert st["coServing"] == "eager" and 0.0 <= st["finetuneShare"] <= 1.0  # CPU workers: eager pieces
+    # the latency target's report: the observed percentile / target, a condition, and a Warning if it is missed
+    st = wait_for(
+        lambda: (s := (fleet.get(c.CLJOBS, "ada-cl") or {}).get("status") or {}).get("tpotRatio") is not None and s,
+        60,
+        0.5,
+        "the latency report in status",
+    )
+    latency = next(cond for cond in st["conditions"] if cond["type"] == "LatencyTargetMet")
+    assert latency["status"] == ("True" if st["tpotRatio"] <= 1.0 else "False"), (st["tpotRatio"], latency)
+    assert latency["message"].startswith("p99 TPOT is ") and "x the 50 ms target" in latency["message"]
+    if latency["status"] == "False":
+        assert any(e.reason == "LatencyTargetMissed" for e in fleet.events_for("ada-cl"))
     worker_job = fleet.http.get(
         f"http://{eps[trainer]}/v1/training/jobs/ada-cl", headers={"Authorization": f"Bearer {token}"}
     ).json()

@@ -110,3 +110,29 @@ def test_trainer_choice_keeps_the_recorded_pod_then_spreads_jobs() -> None:
     assert training.choose_trainer([("w-1", False, 0, 1.0), ("w-0", False, 0, 1.0)]) == "w-0"  # stable by name
     assert training.choose_trainer([("w-2", True, 0, 0.0)]) == "w-2"  # draining beats not training at all
     assert training.choose_trainer([]) is None
+
+
+def test_latency_condition_turns_false_on_a_miss_and_true_only_well_under_the_target() -> None:
+    def worker(ratio):
+        return {"latency": {"targetMs": 50.0, "percentile": 99.0, "aim": 0.8, "observedRatio": ratio}}
+
+    def cond(result):
+        met, reason, message, _ = result
+        return [{"type": training.LATENCY_CONDITION, "status": "True" if met else "False", "reason": reason}]
+
+    assert training.latency_condition(None, {"latency": {"observedRatio": None}}) is None  # no decision yet
+    first = training.latency_condition(None, worker(0.9))
+    assert first is not None and first[:2] == (True, "TargetHeld") and first[3] is False  # no event for the start
+    assert first[2] == "p99 TPOT is 0.90x the 50 ms target"
+    missed = training.latency_condition(cond(first), worker(1.07))
+    assert missed is not None and (missed[0], missed[1], missed[3]) == (False, "TargetMissed", True)
+    assert missed[2].startswith("p99 TPOT is 1.07x the 50 ms target; fine-tuning backs off (aim 0.80x)")
+    still = training.latency_condition(cond(missed), worker(0.98))  # under 1.0 but not well under: still missed
+    assert still is not None and (still[0], still[3]) == (False, False)
+    back = training.latency_condition(cond(still), worker(0.93))
+    assert back is not None and (back[0], back[1], back[3]) == (True, "TargetHeld", True)
+    assert training.latency_condition(None, worker(1.2))[3] is True  # a first report that misses: a Warning
+    from lorafleet.crds import Condition
+
+    for result in (first, missed, back):
+        Condition.model_validate({**cond(result)[0], "message": result[2]})  # within the CRD's condition schema
