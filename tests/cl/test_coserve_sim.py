@@ -201,3 +201,23 @@ def test_fused_rides_follow_the_latency_target_in_a_simulated_clock():
     c.plan(2048, 0, False)
     credit = c.credit
     assert c.may_ride() and c.credit == credit
+
+
+def test_min_share_runs_a_first_piece_larger_than_any_credit_when_inference_alone_misses_the_target():
+    """Inference alone is over the aim from the start, so the GPU budget only shrinks and the credit never covers
+    a 30 ms piece: the min share's credit must still grow to the piece the job is waiting to launch (it has run
+    none yet, so no largest piece is known) and pay for it."""
+    from lorafleet.worker.training.coserve import OverlapController
+
+    c = OverlapController(ShareConfig(tpot_target_s=0.012, min_share=0.1, guard=FIXED_AIM))
+    busy, total = 0.0, 0.0
+    for _ in range(900):
+        c.plan(2048, 64, True)
+        work = 0.0
+        if c.may_launch(0.030):
+            c.spend(0.030)
+            work = 0.030
+        it = 0.0118 + work
+        c.observe(2048, 64, 640 if work else 0, it, 0.0, True, it)
+        busy, total = busy + work, total + it
+    assert 0.1 * 0.7 <= busy / total <= 0.1 * 1.3

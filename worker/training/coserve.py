@@ -213,6 +213,7 @@ class OverlapController:
         self.floor = 0.0  # the min share's credit (seconds of training it has paid for)
         self._idle = False
         self._largest = 0.0
+        self._waiting = 0.0  # the predicted seconds of the piece the job last asked to launch and was refused
         self._last_end: float | None = None
         self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)
         self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
@@ -245,7 +246,9 @@ class OverlapController:
             # never capped below the largest piece (or riding step) so one longer than an iteration's budget still runs
             cap = max(self.cfg.burst_iters * self.gpu_budget, self._largest, self.ride_price if self._rider else 0.0)
             self.credit = min(cap, self.credit + self.gpu_budget)
-            floor_cap = max(self._largest, self.ride_price if self._rider else 0.0)  # pays for one piece, no bursts
+            # enough for one piece, no bursts: the largest run so far, or the one waiting (a job that has run none
+            # yet while inference alone misses the target would otherwise never get its first piece)
+            floor_cap = max(self._largest, self._waiting, self.ride_price if self._rider else 0.0)
             self.floor = min(max(floor_cap, 1e-9), self.floor + self.cfg.min_share * (self.ema or 0.0))
         return leftover
 
@@ -268,7 +271,9 @@ class OverlapController:
         self._largest = float(st.get("largest") or 0.0)
 
     def may_launch(self, predicted_s: float) -> bool:
-        return self._idle or self.credit >= predicted_s or (self.floor >= predicted_s and self.cfg.min_share > 0)
+        ok = self._idle or self.credit >= predicted_s or (self.floor >= predicted_s and self.cfg.min_share > 0)
+        self._waiting = 0.0 if ok else predicted_s
+        return ok
 
     def may_ride(self) -> bool:
         """Fused placement: whether the next serving step carries training rows. Riding is paid from the same
