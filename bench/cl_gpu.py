@@ -248,6 +248,7 @@ def run_load(
     iters = 0
     phase_train = False
     phase_left = 64
+    step_s = 0.0  # wall time inside engine.step() (serving steps only: tells a slower step from a paused loop)
     window_end = None
     while True:
         now = time.perf_counter() - t0
@@ -271,9 +272,11 @@ def run_load(
                 phase_train, phase_left = False, 64
             continue
         if engine.has_unfinished_requests():
+            ts0 = time.perf_counter()
             outs = engine.step()
             iters += 1
             tnow = time.perf_counter()
+            step_s += tnow - ts0
             for o in outs:
                 if o.new_token_ids and o.request_id in seqs:
                     seqs[o.request_id]["times"].append(tnow)
@@ -327,6 +330,7 @@ def run_load(
         "ft_tokens": ft_tokens,
         "ft_tokens_per_s": ft_tokens / elapsed,
         "iterations": iters,
+        "step_seconds_mean": step_s / max(1, iters),
         "pieces": len(pieces),
         "piece_units_mean": sum(u for u, _ in pieces) / len(pieces) if pieces else 0.0,
         "piece_seconds_mean": sum(t for _, t in pieces) / len(pieces) if pieces else 0.0,
@@ -672,6 +676,7 @@ def _summ(r: dict) -> dict:
         "tpot_by_end": r["tpot_by_end"],
         "ft_tokens_per_s": r["ft_tokens_per_s"],
         "iterations": r["iterations"],
+        "step_seconds_mean": r["step_seconds_mean"],
         **{k: r[k] for k in ("pieces", "piece_units_mean", "piece_seconds_mean", "piece_seconds_total", "cost_fit")},
     }
 
