@@ -18,7 +18,7 @@ def test_quantile_is_nearest_rank():
 
 
 def test_guard_moves_the_aim_by_the_percentile_and_only_on_fresh_requests():
-    g = TpotGuard(0.95, GuardConfig(min_samples=4, max_step=0.08, margin=0.97))
+    g = TpotGuard(GuardConfig(min_samples=4, max_step=0.08, margin=0.97, start=0.95))
     g.observe([(1.0, 0.014)] * 3, 0.010, now=2.0)
     assert g.aim == 0.95 and g.decisions == 0  # fewer than min_samples: no decision
     g.observe([(1.0, 0.014)], 0.010, now=2.0)  # p99 at 1.4x the target: tighten, by at most max_step

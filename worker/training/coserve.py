@@ -88,7 +88,7 @@ class CoServeScheduler:
         self.share = max(cfg.min_share, min(1.0, cfg.initial_share))
         self.cost = LinearCostModel(cfg.window)
         self.credit = 0.0
-        self.guard = TpotGuard(cfg.guard.start, cfg.guard)  # moves the aim by the TPOT requests got
+        self.guard = TpotGuard(cfg.guard)  # moves the aim by the TPOT requests got
         self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)  # (leftover, used)
         self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
         self._last_plan = 0
@@ -118,7 +118,7 @@ class CoServeScheduler:
         model is physics and stays."""
         self.cfg.tpot_target_s = tpot_target_s
         self.credit = 0.0
-        self.guard = TpotGuard(self.cfg.guard.start, self.cfg.guard)
+        self.guard = TpotGuard(self.cfg.guard)
 
     def plan(self, budget: int, inference_tokens: int, decoding: bool) -> int:
         """Fine-tuning units for this iteration: never more than the leftover."""
@@ -203,7 +203,7 @@ class OverlapController:
 
     def __init__(self, cfg: ShareConfig) -> None:
         self.cfg = cfg
-        self.guard = TpotGuard(cfg.guard.start, cfg.guard)
+        self.guard = TpotGuard(cfg.guard)
         self.gpu_budget = 0.1 * cfg.tpot_target_s
         self.credit = 0.0
         self.allowed = self.max_inflight
@@ -232,7 +232,7 @@ class OverlapController:
         self.gpu_budget = 0.1 * tpot_target_s
         self.credit = 0.0
         self.ema = None
-        self.guard = TpotGuard(self.cfg.guard.start, self.cfg.guard)
+        self.guard = TpotGuard(self.cfg.guard)
 
     @property
     def depth(self) -> float:

@@ -47,9 +47,9 @@ def quantile(xs: list[float], q: float) -> float:
 class TpotGuard:
     """Moves the iteration-time aim of a co-serving controller by the per-request TPOT percentile."""
 
-    def __init__(self, aim: float, cfg: GuardConfig | None = None) -> None:
+    def __init__(self, cfg: GuardConfig | None = None) -> None:
         self.cfg = cfg or GuardConfig()
-        self.aim = aim
+        self.aim = self.cfg.start
         self.cursor: int | None = None  # the engine's finished-request count read up to (None: start from now)
         self.changed_at = -math.inf
         self.decisions = 0
@@ -83,9 +83,7 @@ class TpotGuard:
 
     def feed(self, engine, target_s: float) -> None:
         """Reads the engine's finished-request log from this guard's cursor (each guard reads every sample)."""
-        log = getattr(engine, "request_tpots", None)
-        if log is None:
-            return
+        log = engine.request_tpots
         if self.cursor is None:  # requests that finished before the job started say nothing about it
             self.cursor = log.count
             return
