@@ -8,7 +8,7 @@ CR fields without a worker counterpart (e.g. `lora.dropout`) are dropped here, n
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 MODES = {"colocated": "coserve", "dedicated": "standalone"}
 PHASES = {
@@ -131,9 +131,16 @@ LATENCY_CONDITION = "LatencyTargetMet"
 LATENCY_RECOVERED = 0.95  # a missed target counts as met again at or under this ratio (no flapping around 1.0)
 
 
+class LatencyCondition(NamedTuple):
+    met: bool
+    reason: str
+    message: str
+    flipped: bool  # the condition changed: an Event is due
+
+
 def latency_condition(
     conditions: list[Mapping[str, Any]] | None, worker_status: Mapping[str, Any]
-) -> tuple[bool, str, str, bool] | None:
+) -> LatencyCondition | None:
     """(met, reason, message, flipped) for the `LatencyTargetMet` condition from the worker's latency report, or
     None while the worker has none (no decision yet). It turns False once the target's percentile of per-request
     TPOT is over the target, and True again only at <= 0.95x of it, so a job riding the target does not flap;
@@ -149,10 +156,10 @@ def latency_condition(
     pct = float(lat.get("percentile") or 99.0)
     what = f"p{pct:g} TPOT is {ratio:.2f}x the {float(lat.get('targetMs') or 0):g} ms target"
     if met:
-        return True, "TargetHeld", what, prev is not None and not was_met
+        return LatencyCondition(True, "TargetHeld", what, prev is not None and not was_met)
     aim = lat.get("aim")
     why = f"{what}; fine-tuning backs off" + (f" (aim {float(aim):.2f}x)" if aim is not None else "")
-    return False, "TargetMissed", why + ", down to minFinetuneShare while it misses", was_met
+    return LatencyCondition(False, "TargetMissed", why + ", down to minFinetuneShare while it misses", was_met)
 
 
 def latest_published(worker_status: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -48,13 +48,14 @@ async def _set_status(
     ok: bool,
     reason: str,
     msg: str,
-    latency: tuple[bool, str, str, bool] | None = None,
+    latency: training.LatencyCondition | None = None,
 ) -> None:
     gen = body["metadata"].get("generation")
     conds = conditions.set_condition((body.get("status") or {}).get("conditions"), "Ready", ok, reason, msg, gen)
     if latency is not None:
-        met, lat_reason, lat_msg, _ = latency
-        conds = conditions.set_condition(conds, training.LATENCY_CONDITION, met, lat_reason, lat_msg, gen)
+        conds = conditions.set_condition(
+            conds, training.LATENCY_CONDITION, latency.met, latency.reason, latency.message, gen
+        )
     await rt.kube.patch_status(c.CLJOBS, ns, name, {**status, "observedGeneration": gen, "conditions": conds})
 
 
@@ -201,11 +202,11 @@ async def cljob_sync(
     if fallback:
         kopf.warn(body, reason="CoServingFallback", message=fallback)
     latency = training.latency_condition((body.get("status") or {}).get("conditions"), st)
-    if latency is not None and latency[3]:
-        if latency[0]:
-            kopf.info(body, reason="LatencyTargetMet", message=latency[2])
+    if latency is not None and latency.flipped:
+        if latency.met:
+            kopf.info(body, reason="LatencyTargetMet", message=latency.message)
         else:
-            kopf.warn(body, reason="LatencyTargetMissed", message=latency[2])
+            kopf.warn(body, reason="LatencyTargetMissed", message=latency.message)
     latest = training.latest_published(st)
     if latest is not None:
         version, path = latest
