@@ -298,14 +298,15 @@ def run_load(
     while engine.has_unfinished_requests():
         engine.step()
     ttft = [s["times"][0] - s["arr"] for s in seqs.values() if s["times"]]
-    tpot = [(s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1) for s in seqs.values() if len(s["times"]) > 1]
-    engine_tpot = [t for _, t in engine.request_tpots.since(log_cursor)[0]]
     # (seconds from the start when the request ended, its TPOT) in end order: where in a run the misses are
-    tpot_by_end = sorted(
-        (round(s["times"][-1] - t0, 3), round((s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1), 6))
+    ended = sorted(
+        (s["times"][-1] - t0, (s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1))
         for s in seqs.values()
         if len(s["times"]) > 1
     )
+    tpot = [t for _, t in ended]
+    tpot_by_end = [(round(end, 3), round(t, 6)) for end, t in ended]
+    engine_tpot = [t for _, t in engine.request_tpots.since(log_cursor)[0]]
     if job is not None and getattr(job, "graphed", None) is not None:
         job.graphed.synchronize()
         job.drain()
