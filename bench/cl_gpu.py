@@ -1,5 +1,6 @@
 """Continual-learning GPU benchmarks (issue 5), on the real engine (`LLMEngine`) with a Llama-3.2-1B-shaped model
-(random bf16 weights, built on the device; no checkpoint download) and a rank-16 adapter on q/k/v/o.
+(`--shape 8b`: Llama-3.1-8B, where decode is bound by weight reads as in FlexLLM's setting; random bf16 weights,
+built on the device; no checkpoint download) and a rank-16 adapter on q/k/v/o.
 
 Keys (under `metrics`):
 - activation_reuse_training_speedup: training tokens/s (completion tokens) when the prompt state comes from the
@@ -57,13 +58,17 @@ import torch  # noqa: E402
 from bench import llama_shapes  # noqa: E402
 
 _RUN = 0
-# the 1B shape with a shorter context: the co-serving runs never go beyond 2048 tokens
-LLAMA_32_1B = dict(llama_shapes.LLAMA_32_1B, max_position_embeddings=8192)
+# the shapes with a shorter context: the co-serving runs never go beyond 2048 tokens
+SHAPES = {
+    "1b": dict(llama_shapes.LLAMA_32_1B, max_position_embeddings=8192),
+    "8b": dict(llama_shapes.LLAMA_31_8B, max_position_embeddings=8192),
+}
 
 
 class Cfg:
-    def __init__(self, tiny: bool, device: str) -> None:
+    def __init__(self, tiny: bool, device: str, shape: str = "1b") -> None:
         self.tiny = tiny
+        self.shape = shape
         self.device = device
         gpu = device.startswith("cuda")
         self.budget = 256 if tiny else 2048
@@ -90,15 +95,20 @@ def build_checkpoint(cfg: Cfg, work: Path) -> Path:
     out.mkdir(parents=True)
     tok = build_tokenizer(out)
     hf = LlamaConfig(
-        **LLAMA_32_1B,
+        **SHAPES[cfg.shape],
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         initializer_range=0.02,
     )
-    with torch.device(cfg.device):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(hf).to(torch.bfloat16)
+    dtype = torch.get_default_dtype()
+    try:  # built in bf16 directly: an 8B in fp32 first would take 32 GB for nothing
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(cfg.device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(hf)
+    finally:
+        torch.set_default_dtype(dtype)
     model.save_pretrained(str(out), safe_serialization=True)
     del model
     torch.cuda.empty_cache()
@@ -224,6 +234,14 @@ def run_load(
     params = SamplingParams(temperature=0.0, max_tokens=cfg.inf_out, ignore_eos=True)
     engine.iteration_hooks.clear()
     engine.launch_hooks.clear()
+    steps: list[tuple[int, int, int, float]] = []  # (seqs, prefill tokens, decode tokens, forward s) per step
+    engine.iteration_hooks.append(
+        lambda info: steps.append(
+            (info.num_seqs, info.num_prefill_tokens, info.num_decode_tokens, info.forward_seconds)
+        )
+    )
+    preempt0 = engine.scheduler.num_preemptions
+    train_s = 0.0  # wall time of the time-slicing loop's training pieces (and of idle fine-tuning)
     rider = engine.runner.rider  # a fused job's trainer: its rows ride serving steps only while co-serving
     if rider is not None:
         riding = mode == "coserve" and rider is getattr(job, "graphed", None)
@@ -264,9 +282,11 @@ def run_load(
             break
         if mode == "timeslice" and job is not None and phase_train:
             if phase_left % slice_every == 0:
+                tt0 = time.perf_counter()
                 job.scheduler.plan(cfg.budget, 0, False)
                 job.work(cfg.budget)
                 sync(cfg)
+                train_s += time.perf_counter() - tt0
             phase_left -= 1
             if phase_left == 0:
                 phase_train, phase_left = False, 64
@@ -285,9 +305,11 @@ def run_load(
                 if phase_left == 0:
                     phase_train, phase_left = True, 64
         elif job is not None and mode in ("coserve", "alone_ft"):
+            tt0 = time.perf_counter()
             job.scheduler.plan(cfg.budget, 0, False)
             job.work(cfg.budget)  # idle: fine-tuning gets the whole budget
             sync(cfg)
+            train_s += time.perf_counter() - tt0
         else:
             time.sleep(0.0002)
         if rate is not None and now > cfg.duration + 60:
@@ -332,11 +354,26 @@ def run_load(
         "ft_tokens_per_s": ft_tokens / elapsed,
         "iterations": iters,
         "step_seconds_mean": step_s / max(1, iters),
+        "train_seconds": train_s,
+        "preemptions": engine.scheduler.num_preemptions - preempt0,
+        "step_mix": _mix(steps),
         "pieces": len(pieces),
         "piece_units_mean": sum(u for u, _ in pieces) / len(pieces) if pieces else 0.0,
         "piece_seconds_mean": sum(t for _, t in pieces) / len(pieces) if pieces else 0.0,
         "piece_seconds_total": sum(t for _, t in pieces),
         "cost_fit": job.scheduler.cost.fit() if job is not None else None,
+    }
+
+
+def _mix(steps: list[tuple[int, int, int, float]]) -> dict:
+    """What the serving steps held on average: tells a bigger batch (a queue built up) from a slower step."""
+    n = max(1, len(steps))
+    return {
+        "seqs_mean": sum(s[0] for s in steps) / n,
+        "prefill_tokens_mean": sum(s[1] for s in steps) / n,
+        "decode_tokens_mean": sum(s[2] for s in steps) / n,
+        "forward_seconds_mean": sum(s[3] for s in steps) / n,
+        "steps_with_prefill": sum(1 for s in steps if s[1]) / n,
     }
 
 
@@ -500,11 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
     ap.add_argument("--no-guard", action="store_true", help="co-serving without the TPOT guard (slo.py): an A/B")
     ap.add_argument("--no-timeslice", action="store_true", help="skip the time-slicing ladder (a short co-serving run)")
+    ap.add_argument("--timeslice-loads", default="0.9", help="loads (of 0.5,0.9) that get a time-slicing ladder")
+    ap.add_argument("--shape", default="1b", choices=("1b", "8b"), help="Llama-3.2-1B or Llama-3.1-8B shape")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
     if args.device == "cpu":
         torch.set_num_threads(2)
-    cfg = Cfg(args.tiny, args.device)
+    cfg = Cfg(args.tiny, args.device, args.shape)
     cfg.async_scheduling = args.async_scheduling
     if args.duration:
         cfg.duration = args.duration
@@ -627,29 +666,22 @@ def main(argv: list[str] | None = None) -> int:
                     m["coserve_p99_tpot_ratio"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
                 else:
                     m["coserve_p99_tpot_ratio_50"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
-                if load == 0.9 and not args.no_timeslice:
-                    # time-slicing at equal latency-target attainment: 64 inference iterations, then 64 fine-tuning
-                    # iterations that train on every k-th one; the densest k whose attainment reaches co-serving's
-                    ladder = []
-                    for k in (1, 4, 16, 64):
-                        ts = run_load(
-                            engine, cfg, rate, seed=20 + int(load * 10), job=job, mode="timeslice", slice_every=k
-                        )
-                        att_ts = sum(t <= target_s for t in ts["tpot"]) / max(1, len(ts["tpot"]))
-                        ladder.append({"every": k, "attainment": att_ts, **_summ(ts)})
-                        if att_ts >= att_co - 0.02:
-                            break
+                if not args.no_timeslice and f"{load:g}" in args.timeslice_loads.split(","):
+                    suffix = "" if load == 0.9 else f"_{key}"
+                    ladder = timeslice_ladder(
+                        engine, cfg, job, rate, seed=20 + int(load * 10), target_s=target_s, attainment=att_co
+                    )
                     raw[key]["timeslice_ladder"] = ladder
                     first, matched = ladder[0], ladder[-1]
-                    m["coserve_vs_timeslice_raw_finetune_throughput"] = (
+                    m[f"coserve_vs_timeslice_raw_finetune_throughput{suffix}"] = (
                         co["ft_tokens_per_s"] / first["ft_tokens_per_s"] if first["ft_tokens_per_s"] > 0 else None
                     )
                     if matched["attainment"] >= att_co - 0.02 and matched["ft_tokens_per_s"] > 0:
-                        m["coserve_vs_timeslice_finetune_throughput"] = (
+                        m[f"coserve_vs_timeslice_finetune_throughput{suffix}"] = (
                             co["ft_tokens_per_s"] / matched["ft_tokens_per_s"]
                         )
                     else:  # even one piece per 64 fine-tuning iterations misses co-serving's attainment
-                        m["coserve_vs_timeslice_finetune_throughput"] = None
+                        m[f"coserve_vs_timeslice_finetune_throughput{suffix}"] = None
                         raw[key]["timeslice_note"] = "no time-slice setting reached co-serving's attainment"
                 result["raw"]["coserve"] = raw
                 save()
@@ -665,6 +697,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def timeslice_ladder(engine, cfg: Cfg, job, rate: float, seed: int, target_s: float, attainment: float) -> list:
+    """Time-slicing at equal latency-target attainment: 64 inference iterations, then 64 fine-tuning iterations
+    that train on every k-th one; from the densest k down until the attainment reaches co-serving's."""
+    ladder = []
+    for k in (1, 4, 16, 64):
+        ts = run_load(engine, cfg, rate, seed=seed, job=job, mode="timeslice", slice_every=k)
+        att_ts = sum(t <= target_s for t in ts["tpot"]) / max(1, len(ts["tpot"]))
+        ladder.append({"every": k, "attainment": att_ts, **_summ(ts)})
+        if att_ts >= attainment - 0.02:
+            break
+    return ladder
+
+
 def _summ(r: dict) -> dict:
     return {
         "requests": r["requests"],
@@ -678,6 +723,9 @@ def _summ(r: dict) -> dict:
         "ft_tokens_per_s": r["ft_tokens_per_s"],
         "iterations": r["iterations"],
         "step_seconds_mean": r["step_seconds_mean"],
+        "train_seconds": r["train_seconds"],
+        "preemptions": r["preemptions"],
+        "step_mix": r["step_mix"],
         **{k: r[k] for k in ("pieces", "piece_units_mean", "piece_seconds_mean", "piece_seconds_total", "cost_fit")},
     }
 
