@@ -88,12 +88,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny model")
+    ap.add_argument("--shape", default="1b", choices=tuple(cl_gpu.SHAPES), help="model shape (as bench/cl_gpu.py)")
+    ap.add_argument("--ride-rows", type=int, default=128, help="training rows per fused serving step")
+    ap.add_argument("--out-name", default="cl_fused_profile.json")
     args = ap.parse_args()
-    cfg = cl_gpu.Cfg(args.tiny, args.device)
+    cfg = cl_gpu.Cfg(args.tiny, args.device, args.shape)
     work = Path(tempfile.mkdtemp())
     engine, root = cl_gpu.setup(cfg, work)
     engine._bench_train_stream = "fused"
     engine._bench_stash_bytes = cfg.stash_bytes
+    engine._bench_ride_rows = args.ride_rows
     job = cl_gpu.make_job(engine, root, "ft", record=False)
     cl_gpu.feed(job, cfg, 256, seed=5)
     rider = job.graphed
@@ -152,7 +156,7 @@ def main() -> int:
     for row in res["riding_graphs_top"][:30]:
         print(f"{row['ms']:9.2f} ms {row['count']:6d}  {row['name']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "cl_fused_profile.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / args.out_name).write_text(json.dumps(res, indent=1))
     return 0
 
 
