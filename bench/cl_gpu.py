@@ -209,11 +209,20 @@ def sync(cfg: Cfg) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 def run_load(
-    engine, cfg: Cfg, rate: float | None, seed: int, job=None, mode: str = "alone", record_job=None, slice_every=1
+    engine,
+    cfg: Cfg,
+    rate: float | None,
+    seed: int,
+    job=None,
+    mode: str = "alone",
+    record_job=None,
+    slice_every=1,
+    pause_s: float | None = None,
 ) -> dict:
     """Drives the engine with Poisson arrivals (rate req/s; None = closed loop of 4 x max_seqs requests) for
-    cfg.duration seconds. mode: alone | coserve (iteration hook) | timeslice (64 inference / 64 training its).
-    Returns TTFT/TPOT lists, fine-tuning sequence tokens and the window length."""
+    cfg.duration seconds. mode: alone | coserve (iteration hook) | timeslice (64 inference / 64 training its;
+    with pause_s, each training piece is a sleep that long instead: tells queueing from what training does to the
+    GPU). Returns TTFT/TPOT lists, fine-tuning sequence tokens and the window length."""
     from lorafleet.worker.engine.sequence import SamplingParams
     from lorafleet.worker.training.coserve import coserve_iteration
 
@@ -280,8 +289,11 @@ def run_load(
         done = i == len(arrivals) and not engine.has_unfinished_requests()
         if done:
             break
-        if mode == "timeslice" and job is not None and phase_train:
-            if phase_left % slice_every == 0:
+        if mode == "timeslice" and phase_train:
+            if phase_left % slice_every == 0 and pause_s is not None:
+                time.sleep(pause_s)
+                train_s += pause_s
+            elif phase_left % slice_every == 0:
                 tt0 = time.perf_counter()
                 job.scheduler.plan(cfg.budget, 0, False)
                 job.work(cfg.budget)
@@ -357,6 +369,7 @@ def run_load(
         "train_seconds": train_s,
         "preemptions": engine.scheduler.num_preemptions - preempt0,
         "step_mix": _mix(steps),
+        "steps": steps,
         "pieces": len(pieces),
         "piece_units_mean": sum(u for u, _ in pieces) / len(pieces) if pieces else 0.0,
         "piece_seconds_mean": sum(t for _, t in pieces) / len(pieces) if pieces else 0.0,
