@@ -23,6 +23,7 @@ Run on the GPU machine (repo not installed): `python bench/cl_gpu.py --out DIR` 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import shutil
@@ -250,6 +251,16 @@ def run_load(
         )
     )
     preempt0 = engine.scheduler.num_preemptions
+    gc_s = [0.0, 0.0, 0.0]  # seconds in Python's collector by generation (a big heap makes gen-2 passes long)
+    gc_t0 = [0.0]
+
+    def gc_probe(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_t0[0] = time.perf_counter()
+        else:
+            gc_s[info["generation"]] += time.perf_counter() - gc_t0[0]
+
+    gc.callbacks.append(gc_probe)
     train_s = 0.0  # wall time of the time-slicing loop's training pieces (and of idle fine-tuning)
     rider = engine.runner.rider  # a fused job's trainer: its rows ride serving steps only while co-serving
     if rider is not None:
@@ -327,6 +338,7 @@ def run_load(
         if rate is not None and now > cfg.duration + 60:
             break
     elapsed = time.perf_counter() - t0
+    gc.callbacks.remove(gc_probe)
     for rid in list(seqs):  # anything left (only after the drain limit) must not leak into the next run
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
@@ -368,6 +380,7 @@ def run_load(
         "step_seconds_mean": step_s / max(1, iters),
         "train_seconds": train_s,
         "preemptions": engine.scheduler.num_preemptions - preempt0,
+        "gc_seconds": gc_s,
         "step_mix": _mix(steps),
         "steps": steps,
         "pieces": len(pieces),
@@ -738,6 +751,7 @@ def _summ(r: dict) -> dict:
         "step_seconds_mean": r["step_seconds_mean"],
         "train_seconds": r["train_seconds"],
         "preemptions": r["preemptions"],
+        "gc_seconds": r["gc_seconds"],
         "step_mix": r["step_mix"],
         **{k: r[k] for k in ("pieces", "piece_units_mean", "piece_seconds_mean", "piece_seconds_total", "cost_fit")},
     }

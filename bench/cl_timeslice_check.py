@@ -51,6 +51,7 @@ def summary(r: dict, target_s: float | None, width: int) -> dict:
         "ttft_p50": cl_gpu.pct(r["ttft"], 0.5),
         "attainment": None if target_s is None else sum(t <= target_s for t in tpot) / max(1, len(tpot)),
         "step_seconds_mean": r["step_seconds_mean"],
+        "gc_seconds": r["gc_seconds"],
         "step_mix": r["step_mix"],
         "decode_forward_by_batch": binned(r["steps"], width),
     }
@@ -113,7 +114,11 @@ def main() -> int:
         if k in res:
             for name in ("alone", "timeslice_train", "timeslice_sleep", "alone_after"):
                 x = res[k][name]
-                print(k, name, {kk: x[kk] for kk in ("tpot_p50", "tpot_p99", "attainment", "step_seconds_mean")})
+                print(
+                    k,
+                    name,
+                    {kk: x[kk] for kk in ("tpot_p50", "tpot_p99", "attainment", "step_seconds_mean", "gc_seconds")},
+                )
     return 0
 
 
