@@ -602,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet.worker.training.slo import GuardConfig
 
     prioritise_serving_stream(engine.device)  # as the worker's engine thread does
+    from lorafleet.worker.main import freeze_startup_heap
+
+    freeze_startup_heap()  # as `lorafleet worker` does once the engine is built
     result["raw"]["setup_s"] = time.perf_counter() - t_all
     m = result["metrics"]
 

@@ -76,6 +76,9 @@ def main() -> int:
     from lorafleet.worker.gpu import prioritise_serving_stream
 
     prioritise_serving_stream(engine.device)
+    from lorafleet.worker.main import freeze_startup_heap
+
+    freeze_startup_heap()  # as `lorafleet worker` does once the engine is built
     res: dict = {
         "command": "python bench/cl_timeslice_check.py " + " ".join(sys.argv[1:]),
         "device": cl_gpu._device(args.device),
