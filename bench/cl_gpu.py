@@ -304,7 +304,7 @@ def run_load(
             if phase_left % slice_every == 0 and pause_s is not None:
                 time.sleep(pause_s)
                 train_s += pause_s
-            elif phase_left % slice_every == 0:
+            elif phase_left % slice_every == 0 and job is not None:
                 tt0 = time.perf_counter()
                 job.scheduler.plan(cfg.budget, 0, False)
                 job.work(cfg.budget)
