@@ -14,6 +14,7 @@ Keys (under `metrics`):
 - coserve_p99_tpot_ratio: p99 per-request TPOT co-serving / inference alone, same arrivals (90% load).
 - coserve_vs_timeslice_finetune_throughput: fine-tuning tokens/s of co-serving / of alternating 64 inference
   iterations with 64 fine-tuning iterations, same arrivals (90% load); both latency-target attainments reported.
+  `_50` suffix: the same at 50% load (`--timeslice-loads 0.5,0.9`).
 The co-serving job's TPOT target is 1.10 x the p99 TPOT of inference alone at the same arrivals.
 
 Run on the GPU machine (repo not installed): `python bench/cl_gpu.py --out DIR` (a sys.path/__path__ shim makes
