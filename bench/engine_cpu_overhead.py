@@ -29,7 +29,9 @@ SAMPLING = {
 }
 
 
-def measure(batch_sizes: list[int], steps: int, threads: int, adapters: int, sampling: str) -> dict:
+def measure(
+    batch_sizes: list[int], steps: int, threads: int, adapters: int, sampling: str, final_text: bool = False
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -72,7 +74,8 @@ def measure(batch_sizes: list[int], steps: int, threads: int, adapters: int, sam
                 return out
 
             setattr(obj, name, timed)
-        params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, **SAMPLING[sampling])
+        text = {"incremental_text": False} if final_text else {}  # a non-streaming request: text decoded at the end
+        params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, **SAMPLING[sampling], **text)
         for i in range(bs):
             prompt = [(7 * i + j) % 300 + 20 for j in range(16)]
             eng.add_request(f"r{i}", prompt, params, f"ad{i % adapters}" if adapters else None)
@@ -131,6 +134,32 @@ def _provenance() -> dict:
     }
 
 
+def _final_text_ab(args, sizes: list[int]) -> None:
+    """Host overhead of streaming requests (text every token) vs non-streaming ones (`incremental_text=False`:
+    the engine decodes the output once when it ends), alternating runs of this tree, best of each."""
+    common = ["--batch-sizes", args.batch_sizes, "--steps", str(args.steps), "--threads", str(args.threads)]
+    common += ["--adapters", str(args.adapters), "--sampling", args.sampling]
+    per_token, final = [], []
+    for _ in range(args.rounds):
+        per_token.append(_child(None, common))
+        final.append(_child(None, [*common, "--final-text"]))
+    a, b = _best(per_token), _best(final)
+    report = {
+        **_provenance(),
+        "what": "LLMEngine.step() host overhead (wall minus forward+logits), decode steps of N sequences, tiny Llama "
+        f"on CPU, {args.sampling}; text decoded every token (a streaming request) vs once at the end (non-streaming); "
+        f"best of {args.rounds} alternating runs",
+        "per_token_text": a,
+        "final_text": b,
+        "metrics": {
+            f"host_overhead_speedup_final_text_bs{k}": round(a[k]["host_ms_median"] / b[k]["host_ms_median"], 2)
+            for k in b
+        },
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["metrics"], indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-sizes", default="64,128,256")
@@ -142,10 +171,17 @@ def main() -> None:
     ap.add_argument("--compare", default=None, help="import root of the 'before' tree (see module docstring)")
     ap.add_argument("--before-label", default="before")
     ap.add_argument("--out", default="bench/results/engine_cpu_overhead.json")
+    ap.add_argument("--final-text", action="store_true", help="requests read their text at the end only")
+    ap.add_argument(
+        "--final-text-ab", action="store_true", help="this tree, per-token text vs final-only text (`--out` JSON)"
+    )
     args = ap.parse_args()
     sizes = [int(x) for x in args.batch_sizes.split(",")]
+    if args.final_text_ab:
+        _final_text_ab(args, sizes)
+        return
     if args.compare is None:
-        print(json.dumps(measure(sizes, args.steps, args.threads, args.adapters, args.sampling)))
+        print(json.dumps(measure(sizes, args.steps, args.threads, args.adapters, args.sampling, args.final_text)))
         return
     report: dict = {
         **_provenance(),

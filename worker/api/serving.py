@@ -120,6 +120,7 @@ def sampling_params(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        incremental_text=bool(body.stream),  # a non-streaming response reads the final text only
     )
     try:
         params.validate()

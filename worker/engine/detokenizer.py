@@ -46,6 +46,17 @@ class IncrementalDetokenizer:
             self.text = full
         self.prefix_offset = self.read_offset = len(self.ids)
 
+    def decode_all(self, output_ids: list[int]) -> None:
+        """The whole output's text at once, for a request that never needed it token by token: the context tokens
+        are decoded with it and their text cut off, so the first token keeps its leading space as it would have
+        incrementally; an incomplete last character becomes U+FFFD, as `flush` makes it."""
+        ctx = self.ids[: self.num_ctx]
+        self.ids = ctx + list(output_ids)
+        head = self._decode(ctx)
+        full = self._decode(self.ids)
+        self.text = full[len(head) :] if full.startswith(head) else self._decode(self.ids[self.num_ctx :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+
     def _new_text(self, token_id: int) -> str:
         if self._stream is not None:
             try:

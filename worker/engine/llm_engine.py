@@ -343,17 +343,22 @@ class LLMEngine:
             seq.first_token_time = time.monotonic()
         p = seq.params
         detok = seq.detokenizer
+        per_token = detok is not None and (p.incremental_text or bool(p.stop))
         reason = None
         stop_string = False
+        stop_token = False
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            reason = "stop"  # the stop token itself is not part of the text
-        elif detok is not None and detok.append(token):
+            reason, stop_token = "stop", True  # the stop token itself is not part of the text
+        elif per_token and detok.append(token):  # type: ignore[union-attr]
             reason, stop_string = "stop", True
         elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         if reason is not None:
             self.request_tpots.add(seq.first_token_time, time.monotonic(), len(seq.token_ids) - seq.num_prompt_tokens)
-            if detok is not None and not stop_string:
+            if detok is not None and not per_token:  # text wanted at the end only: decode the output once
+                out = seq.token_ids[seq.num_prompt_tokens :]
+                detok.decode_all(out[:-1] if stop_token else out)
+            elif detok is not None and not stop_string:
                 detok.flush()
             if seq.status == SequenceStatus.FINISHED:
                 seq.finish_reason = reason  # finished early by length (async); a stop token or string still wins
