@@ -281,17 +281,19 @@ class OverlapController:
         fewer steps as it nears it; the min share's credit still pays for a ride every so often."""
         self._rider = True
         if self.may_launch(self.ride_price):
-            if not self._idle:
-                self.credit -= self.ride_price
-                self.floor = max(0.0, self.floor - self.ride_price)
+            self._pay(self.ride_price)
             return True
         return False
 
     def spend(self, predicted_s: float) -> None:
         self._largest = max(0.9 * self._largest, predicted_s)
+        self._pay(predicted_s)
+
+    def _pay(self, seconds: float) -> None:
+        """Training while serving decodes spends both credits (idle training is free)."""
         if not self._idle:
-            self.credit -= predicted_s
-            self.floor = max(0.0, self.floor - predicted_s)
+            self.credit -= seconds
+            self.floor = max(0.0, self.floor - seconds)
 
     def observe(
         self,
