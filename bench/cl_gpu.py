@@ -263,6 +263,7 @@ def run_load(
 
     gc.callbacks.append(gc_probe)
     train_s = 0.0  # wall time of the time-slicing loop's training pieces (and of idle fine-tuning)
+    slices = 0  # time-slicing pieces run (trained or slept)
     rider = engine.runner.rider  # a fused job's trainer: its rows ride serving steps only while co-serving
     if rider is not None:
         riding = mode == "coserve" and rider is getattr(job, "graphed", None)
@@ -305,12 +306,14 @@ def run_load(
             if phase_left % slice_every == 0 and pause_s is not None:
                 time.sleep(pause_s)
                 train_s += pause_s
+                slices += 1
             elif phase_left % slice_every == 0 and job is not None:
                 tt0 = time.perf_counter()
                 job.scheduler.plan(cfg.budget, 0, False)
                 job.work(cfg.budget)
                 sync(cfg)
                 train_s += time.perf_counter() - tt0
+                slices += 1
             phase_left -= 1
             if phase_left == 0:
                 phase_train, phase_left = False, 64
@@ -380,6 +383,7 @@ def run_load(
         "iterations": iters,
         "step_seconds_mean": step_s / max(1, iters),
         "train_seconds": train_s,
+        "timeslice_pieces": slices,
         "preemptions": engine.scheduler.num_preemptions - preempt0,
         "gc_seconds": gc_s,
         "step_mix": _mix(steps),

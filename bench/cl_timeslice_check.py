@@ -70,6 +70,7 @@ def main() -> int:
     cfg = cl_gpu.Cfg(args.tiny, args.device)
     cfg.duration = args.duration
     width = 2 if args.tiny else 8
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # the JSON is rewritten after each load
     t_all = time.perf_counter()
     engine, root = cl_gpu.setup(cfg, Path(tempfile.mkdtemp(prefix="cl-ts-")))
     engine._bench_stash_bytes = cfg.stash_bytes
@@ -96,8 +97,7 @@ def main() -> int:
         alone = cl_gpu.run_load(engine, cfg, rate, seed=seed)
         target = 1.10 * cl_gpu.pct(alone["tpot"], 0.99)
         ts = cl_gpu.run_load(engine, cfg, rate, seed=seed, job=job, mode="timeslice", slice_every=args.every)
-        pieces = max(1, round(ts["iterations"] / 64) * (64 // args.every))  # training pieces the loop ran
-        pause = ts["train_seconds"] / pieces
+        pause = ts["train_seconds"] / max(1, ts["timeslice_pieces"])
         slept = cl_gpu.run_load(engine, cfg, rate, seed=seed, mode="timeslice", slice_every=args.every, pause_s=pause)
         after = cl_gpu.run_load(engine, cfg, rate, seed=seed)  # alone again: does the GPU stay slower?
         res[f"{int(load * 100)}"] = {
@@ -111,7 +111,6 @@ def main() -> int:
         }
         (Path(args.out) / args.out_name).write_text(json.dumps(res, indent=1))
     res["total_s"] = time.perf_counter() - t_all
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / args.out_name).write_text(json.dumps(res, indent=1))
     for k in ("50", "90"):
         if k in res:

@@ -134,11 +134,18 @@ def _provenance() -> dict:
     }
 
 
+def _child_args(args, sampling: str) -> list[str]:
+    """The measurement flags a child run gets (everything but what the parent compares)."""
+    return [
+        *("--batch-sizes", args.batch_sizes, "--steps", str(args.steps), "--threads", str(args.threads)),
+        *("--adapters", str(args.adapters), "--sampling", sampling),
+    ]
+
+
 def _final_text_ab(args, sizes: list[int]) -> None:
     """Host overhead of streaming requests (text every token) vs non-streaming ones (`incremental_text=False`:
     the engine decodes the output once when it ends), alternating runs of this tree, best of each."""
-    common = ["--batch-sizes", args.batch_sizes, "--steps", str(args.steps), "--threads", str(args.threads)]
-    common += ["--adapters", str(args.adapters), "--sampling", args.sampling]
+    common = _child_args(args, args.sampling)
     per_token, final = [], []
     for _ in range(args.rounds):
         per_token.append(_child(None, common))
@@ -192,8 +199,7 @@ def main() -> None:
         "modes": {},
     }
     for mode in SAMPLING:
-        common = ["--batch-sizes", args.batch_sizes, "--steps", str(args.steps), "--threads", str(args.threads)]
-        common += ["--adapters", str(args.adapters), "--sampling", mode]
+        common = _child_args(args, mode)
         befores, afters = [], []
         for _ in range(args.rounds):
             befores.append(_child(args.compare, common))
