@@ -354,9 +354,9 @@ class LLMEngine:
         elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            self.request_tpots.add(seq.first_token_time, time.monotonic(), len(seq.token_ids) - seq.num_prompt_tokens)
+            self.request_tpots.add(seq.first_token_time, time.monotonic(), seq.num_output_tokens)
             if detok is not None and not per_token:  # text wanted at the end only: decode the output once
-                out = seq.token_ids[seq.num_prompt_tokens :]
+                out = seq.output_token_ids
                 detok.decode_all(out[:-1] if stop_token else out)
             elif detok is not None and not stop_string:
                 detok.flush()
