@@ -144,6 +144,7 @@ def make_engine(cfg: Cfg, ckpt: Path, root: Path):
         kv_cache_bytes=256 << 20,
         max_model_len=2048,
         async_scheduling=getattr(cfg, "async_scheduling", False),
+        triton_elementwise=getattr(cfg, "triton_elementwise", True),
     )
     eng = LLMEngine(ec)
     return eng
@@ -567,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
     ap.add_argument("--no-guard", action="store_true", help="co-serving without the TPOT guard (slo.py): an A/B")
+    ap.add_argument("--no-triton-elementwise", action="store_true", help="torch RMSNorm/rotary/SiLU (an A/B)")
     ap.add_argument("--no-timeslice", action="store_true", help="skip the time-slicing ladder (a short co-serving run)")
     ap.add_argument("--max-load", type=float, default=None, help="req/s taken as the max load (default: measured)")
     ap.add_argument("--timeslice-loads", default="0.9", help="loads (of 0.5,0.9) that get a time-slicing ladder")
@@ -577,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(2)
     cfg = Cfg(args.tiny, args.device, args.shape)
     cfg.async_scheduling = args.async_scheduling
+    cfg.triton_elementwise = not args.no_triton_elementwise
     if args.duration:
         cfg.duration = args.duration
     work = Path(tempfile.mkdtemp(prefix="cl-gpu-"))

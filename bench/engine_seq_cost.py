@@ -79,8 +79,10 @@ def main() -> int:
     ap.add_argument("--shape", default="1b", choices=tuple(cl_gpu.SHAPES))
     ap.add_argument("--batches", default="8,32,64,96,128")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--no-triton-elementwise", action="store_true", help="torch RMSNorm/rotary/SiLU (an A/B)")
     args = ap.parse_args()
     cfg = cl_gpu.Cfg(args.tiny, args.device, args.shape)
+    cfg.triton_elementwise = not args.no_triton_elementwise
     engine, _ = cl_gpu.setup(cfg, Path(tempfile.mkdtemp(prefix="seq-cost-")))
     gpu = args.device.startswith("cuda")
     rows = [measure(engine, cfg, int(n), args.steps, gpu) for n in args.batches.split(",")]
@@ -91,6 +93,7 @@ def main() -> int:
         "command": "python bench/engine_seq_cost.py " + " ".join(sys.argv[1:]),
         "device": cl_gpu._device(args.device),
         "commit": cl_gpu._commit(),
+        "triton_elementwise": cfg.triton_elementwise,
         "rows": rows,
         "metrics": {
             "step_us_per_running_seq": 1e3 * _slope(ns, walls),

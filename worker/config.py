@@ -31,6 +31,8 @@ class EngineConfig:
     lora_admission: str = "slot_aware"  # slot_aware: GPU-resident adapters first, age-bounded; fifo: arrival order
     max_admission_wait_steps: int = 32  # steps a request may be overtaken by warmer ones before it goes first
     async_scheduling: bool = False  # launch step N before step N-1's tokens reach the host (llm_engine.py)
+    # GPU: RMSNorm (+ residual add), rotary and SiLU-and-mul as one Triton kernel each (layers/triton_elementwise.py)
+    triton_elementwise: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -50,8 +52,9 @@ class EngineConfig:
             raise ValueError("max_admission_wait_steps must be >= 0")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
-        if not isinstance(self.async_scheduling, bool):
-            raise ValueError("async_scheduling must be a bool")
+        for name in ("async_scheduling", "triton_elementwise"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool")
 
 
 def resolve_device(device: str):

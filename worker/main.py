@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument(
+        "--no-triton-elementwise",
+        action="store_true",
+        help="GPU: run RMSNorm, rotary and SiLU-and-mul as torch ops instead of fused Triton kernels (A/B)",
+    )
+    p.add_argument(
         "--no-prefill-graphs", action="store_true", help="CUDA graphs for decode-only steps; prefill steps eager"
     )
     p.add_argument(
@@ -114,6 +119,7 @@ def engine_config(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         prefill_graphs=not args.no_prefill_graphs,
         async_scheduling=args.async_scheduling,
+        triton_elementwise=not args.no_triton_elementwise,
         lora_admission=args.lora_admission,
         max_admission_wait_steps=args.max_admission_wait_steps,
         seed=args.seed,

@@ -153,7 +153,11 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
     build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
     eng = LLMEngine(
         EngineConfig(
-            model=str(tiny_dir), max_num_batched_tokens=BUDGET, kv_cache_bytes=8 << 20, adapter_roots=[str(root)]
+            model=str(tiny_dir),
+            device="cpu",  # the trainers' LoRA lives on the CPU; a GPU machine would otherwise put the engine there
+            max_num_batched_tokens=BUDGET,
+            kv_cache_bytes=8 << 20,
+            adapter_roots=[str(root)],
         )
     )
     eng.load_adapter("ad", str(root / "ad"), "v1")

@@ -36,6 +36,7 @@ from lorafleet.worker.engine.model_runner import PLACEHOLDER, ModelRunner, Sampl
 from lorafleet.worker.engine.request_log import RequestTpotLog
 from lorafleet.worker.engine.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
+from lorafleet.worker.layers.attention import triton_attention_available
 from lorafleet.worker.loader import checkpoint_dtype, load_hf_config, load_model, load_tokenizer
 from lorafleet.worker.lora.adapter import AdapterError, UnknownAdapterError
 from lorafleet.worker.lora.store import AdapterStore, AdapterVersion
@@ -85,6 +86,8 @@ class LLMEngine:
         self.model, _ = load_model(config.model, self.device, self.dtype, max(max_pos, self.max_model_len))
         if self.device.type == "cuda":
             self.model.fuse_projections()  # q|k|v and gate|up as one GEMM (+ one LoRA shrink/expand) each
+            if config.triton_elementwise and triton_attention_available(self.device):
+                self.model.use_triton_elementwise()
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = self._eos_ids()
         self.store = AdapterStore(

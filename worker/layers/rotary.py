@@ -69,9 +69,12 @@ class RotaryEmbedding(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        self.kernel = None  # triton_elementwise.rotary when switched on (gradient-free GPU forwards)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D]; cos/sin are cast to q's dtype first, as HF does."""
+        if self.kernel is not None and not torch.is_grad_enabled() and q.stride(2) == 1 and k.stride(2) == 1:
+            return self.kernel(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -171,6 +171,7 @@ class MLP(nn.Module):
             setattr(self, proj, LoRALinear(fin, fout, s.mlp_bias, layer_idx, proj))
 
         self.fused: FusedLinear | None = None
+        self.act_kernel = None  # triton_elementwise.silu_and_mul when switched on
 
     def forward(self, x, lora: LoRAContext | None, capture: Capture | None):
         if capture is not None:
@@ -179,7 +180,8 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x, lora), self.up_proj(x, lora)
         else:
             gate, up = self.fused(x, lora, "gate_up", (self.gate_proj, self.up_proj))
-        h = silu_and_mul(gate, up)
+        kernel = self.act_kernel if self.act_kernel is not None and not torch.is_grad_enabled() else silu_and_mul
+        h = kernel(gate, up)
         if capture is not None:
             capture(self.layer_idx, "down_in", h)
         return self.down_proj(h, lora)
@@ -193,11 +195,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
-    def forward(self, h, positions, attn, lora, capture):
+    def forward(self, h, positions, attn, lora, capture, delta=None, defer_residual: bool = False):
+        """`delta`: the previous layer's output not yet added to `h`; the add runs inside this layer's input norm.
+        `defer_residual`: return `(h, mlp_out)` instead of `h + mlp_out`, so the next norm fuses that add too.
+        Either way the sums are the bf16 additions HF makes (addition commutes, so the bits are the same)."""
+        if delta is None:
+            x = self.input_layernorm(h)
+        else:
+            x, h = self.input_layernorm(delta, residual=h)
         if capture is not None:
             capture(self.self_attn.layer_idx, "layer_in", h)
-        h = h + self.self_attn(self.input_layernorm(h), positions, attn, lora, capture)
-        return h + self.mlp(self.post_attention_layernorm(h), lora, capture)
+        x, h = self.post_attention_layernorm(self.self_attn(x, positions, attn, lora, capture), residual=h)
+        out = self.mlp(x, lora, capture)
+        return (h, out) if defer_residual else h + out
 
 
 class LlamaModel(nn.Module):
@@ -232,11 +242,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final-norm hidden states [T, H]; call `compute_logits` on the rows that need sampling."""
         h = self.model.embed_tokens(input_ids)
+        delta = None
         for layer in self.model.layers:
-            h = layer(h, positions, attn, lora, capture)
+            h, delta = layer(h, positions, attn, lora, capture, delta=delta, defer_residual=True)
+        x, h = self.model.norm(delta, residual=h)
         if capture is not None:
             capture(len(self.model.layers), "final_in", h)
-        return self.model.norm(h)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -247,6 +259,20 @@ class LlamaForCausalLM(nn.Module):
             a, m = layer.self_attn, layer.mlp
             a.fused = FusedLinear((a.q_proj, a.k_proj, a.v_proj))
             m.fused = FusedLinear((m.gate_proj, m.up_proj))
+
+    def use_triton_elementwise(self, on: bool = True) -> None:
+        """Gradient-free forwards run RMSNorm (+ residual add), rotary and SiLU-and-mul as one Triton kernel each
+        (layers/triton_elementwise.py); autograd forwards (training, fused replays) keep the torch layers."""
+        tri = None
+        if on:
+            from lorafleet.worker.layers import triton_elementwise as tri
+        for mod in self.modules():
+            if isinstance(mod, RMSNorm):
+                mod.kernel = tri.rms_norm if tri else None
+            elif isinstance(mod, RotaryEmbedding):
+                mod.kernel = tri.rotary if tri else None
+            elif isinstance(mod, MLP):
+                mod.act_kernel = tri.silu_and_mul if tri else None
 
     @property
     def attn_scale(self) -> float:
