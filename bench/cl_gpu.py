@@ -271,12 +271,16 @@ def run_load(
         rider.ride_enabled = riding
         rider.serving_busy = engine.has_unfinished_requests if riding else (lambda: False)
     pieces: list[tuple[float, float]] = []  # (units, seconds) of every co-serving training piece
+    hook_s = [0.0, 0]  # host seconds in the co-serving hook over every iteration (planning included), calls
 
     def hook(info) -> None:
         h0 = time.perf_counter()
         used = coserve_iteration(engine, [job], info)
+        dt = time.perf_counter() - h0
+        hook_s[0] += dt
+        hook_s[1] += 1
         if used:
-            pieces.append((used, time.perf_counter() - h0))
+            pieces.append((used, dt))
 
     if mode == "coserve" and job is not None:  # as the training service registers it
         (engine.launch_hooks if job.graphed is not None else engine.iteration_hooks).append(hook)
@@ -393,6 +397,8 @@ def run_load(
         "piece_units_mean": sum(u for u, _ in pieces) / len(pieces) if pieces else 0.0,
         "piece_seconds_mean": sum(t for _, t in pieces) / len(pieces) if pieces else 0.0,
         "piece_seconds_total": sum(t for _, t in pieces),
+        "hook_seconds_total": hook_s[0],
+        "hook_us_per_call": 1e6 * hook_s[0] / max(1, hook_s[1]),
         "cost_fit": job.scheduler.cost.fit() if job is not None else None,
     }
 
@@ -767,7 +773,18 @@ def _summ(r: dict) -> dict:
         "preemptions": r["preemptions"],
         "gc_seconds": r["gc_seconds"],
         "step_mix": r["step_mix"],
-        **{k: r[k] for k in ("pieces", "piece_units_mean", "piece_seconds_mean", "piece_seconds_total", "cost_fit")},
+        **{
+            k: r[k]
+            for k in (
+                "pieces",
+                "piece_units_mean",
+                "piece_seconds_mean",
+                "piece_seconds_total",
+                "hook_seconds_total",
+                "hook_us_per_call",
+                "cost_fit",
+            )
+        },
     }
 
 

@@ -82,8 +82,9 @@ class JobSpec:
     graphs: str = "auto"  # auto (CUDA) | on | off: asynchronous CUDA-graph micro-batches instead of eager pieces
     graph_tokens: int = 1024  # tokens per graphed micro-batch (a longer sample takes the eager layer-wise path)
     graph_prefix: int = 4096  # stashed prefix keys per graphed micro-batch
-    # layers per graphed piece; None: one forward+backward graph per micro-batch. Experimental: layer-split pieces
-    # stalled under serving load on an H200 (bench/results/cl_gpu_coserve_time_budget.json)
+    # layers per graphed piece; None: one forward+backward graph per micro-batch. One-layer pieces fit the host's
+    # gaps between serving steps: on an H200 (session 9, 1B, fixed arrivals) they trained 1.3-3.5x the tokens of
+    # whole micro-batches, at p99 TPOT ratios of 1.06-1.17 against 1.09-1.10 (bench/results/cl_gpu_s9_gl*.json)
     graph_layers: int | None = None
     # serving | beside | partition: where graphed pieces run (graphed.STREAM_MODES); fused: training rows ride the
     # serving steps themselves (fused.py)
