@@ -181,6 +181,13 @@ def test_torch_path_of_the_fused_residual_equals_the_unfused_layer() -> None:
     assert torch.equal(out, ref)
 
 
+def test_engine_config_refuses_a_non_bool_switch() -> None:
+    from lorafleet.worker.config import EngineConfig
+
+    with pytest.raises(ValueError, match="triton_elementwise must be a bool"):
+        EngineConfig(model="m", triton_elementwise="yes").validate()  # type: ignore[arg-type]
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
