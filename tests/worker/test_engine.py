@@ -267,3 +267,17 @@ def test_finished_requests_log_their_tpot_once(make_engine, async_scheduling, mo
     for mid, tpot in samples:
         assert tpot > 0 and mid >= 100.0
     assert eng.request_tpots.since(cursor) == ([], 2)  # a reader sees every sample once
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.long])
+def test_pad_tables_equals_row_by_row_padding(dtype):
+    """The numpy block-table builder (host time per step) against plain per-row padding, empty rows included."""
+    from lorafleet.worker.engine.model_runner import _pad_tables
+
+    g = torch.Generator().manual_seed(0)
+    width = 12
+    tables = [torch.randint(0, 10_000, (int(n),), generator=g).tolist() for n in torch.randint(0, width + 1, (40,))]
+    tables[3] = []
+    out = _pad_tables(tables, width, dtype)
+    ref = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=dtype)
+    assert out.dtype == dtype and torch.equal(out, ref)

@@ -10,9 +10,11 @@ inputs take them from there (a placeholder id on the host), and their copy to th
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
+import numpy as np
 import torch
 from lorafleet.worker.engine.sampler import Sampler, to_device
 from lorafleet.worker.engine.scheduler import ScheduledBatch
@@ -36,12 +38,22 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
 
 
 def _pad_tables(tables: list[list[int]], width: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, width] block table, zero padded, built with one scatter (CUDA graphs use width = max_model_len blocks)."""
-    lens = torch.tensor([len(t) for t in tables])
-    out = torch.zeros(len(tables), width, dtype=dtype)
-    flat = torch.tensor([b for t in tables for b in t], dtype=dtype)
-    out[torch.arange(width)[None, :] < lens[:, None]] = flat
-    return out
+    """[B, width] block table, zero padded (CUDA graphs use width = max_model_len blocks).
+
+    Built in numpy: `torch.tensor` of a Python list costs ~100 ns per element, and a 128-sequence step's tables hold
+    a few thousand block ids, which made this ~0.45 ms of host time per step; `np.fromiter` over the chained lists
+    and one masked store take ~0.14 ms (`tests/worker/test_engine.py::test_pad_tables_*`)."""
+    np_dtype = np.int32 if dtype == torch.int32 else np.int64
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np_dtype, count=int(lens.sum()))
+    out = np.zeros((len(tables), width), dtype=np_dtype)
+    out[np.arange(width)[None, :] < lens[:, None]] = flat
+    return torch.from_numpy(out)
+
+
+def _host_tensor(values: list[int], np_dtype) -> torch.Tensor:
+    """A host tensor from a Python int list through numpy (several times faster than `torch.tensor` on lists)."""
+    return torch.from_numpy(np.array(values, dtype=np_dtype))
 
 
 class SampledTokens:
@@ -94,7 +106,8 @@ class StepInputs:
     ) -> None:
         """`pending`: the step still in flight; a decode whose input is a PLACEHOLDER takes its token from there.
         `non_blocking`: upload through pinned memory without waiting for the queue (async scheduling)."""
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
+        slots = [s.slot for s in seqs]  # a property over the adapter: read once per sequence
+        order = sorted(range(len(seqs)), key=slots.__getitem__)
         self.order = order
         bs = block_size
         ids: list[int] = []
@@ -136,7 +149,7 @@ class StepInputs:
             if end == len(seq.token_ids):
                 sample_rows.append(total - 1)
                 self.sample_seqs.append(seq)
-            slot = seq.slot
+            slot = slots[i]
             if seg_slots and seg_slots[-1] == slot:
                 seg_indptr[-1] = total
             else:
@@ -147,9 +160,7 @@ class StepInputs:
         self.num_seqs = nseq
         npatch = len(patch_rows)
         longs = to_device(
-            torch.tensor(ids + pos + slot_map + sample_rows + patch_rows + patch_src, dtype=torch.long),
-            device,
-            non_blocking,
+            _host_tensor(ids + pos + slot_map + sample_rows + patch_rows + patch_src, np.int64), device, non_blocking
         )
         self.input_ids, self.positions, self.slot_mapping, self.sample_rows, rows, src = longs.split(
             [total, total, total, nsample, npatch, npatch]
@@ -157,8 +168,7 @@ class StepInputs:
         if npatch:
             self.input_ids.index_copy_(0, rows, pending.tokens.index_select(0, src))  # type: ignore[union-attr]
         seq_lens = [s + n for s, n in zip(starts, qlens, strict=True)]
-        ints = torch.tensor(seq_lens + q_indptr + seg_indptr + seg_slots, dtype=torch.int32)
-        ints = to_device(ints, device, non_blocking)
+        ints = to_device(_host_tensor(seq_lens + q_indptr + seg_indptr + seg_slots, np.int32), device, non_blocking)
         self.seq_lens, self.q_indptr, self.seg_indptr, self.seg_slots = ints.split([nseq, nseq + 1, nseg + 1, nseg])
         tables_t = _pad_tables(tables, width, torch.int32 if int32_tables else torch.long)
         self.block_tables = to_device(tables_t, device, non_blocking)
