@@ -23,7 +23,8 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Returns norm(x), or with `residual` (norm(x + residual), x + residual)."""
         if self.kernel is not None and not torch.is_grad_enabled() and x.dim() == 2 and x.stride(1) == 1:
-            if residual is None or residual.stride(1) == 1:
+            # the kernel writes x's dtype; torch would promote a mixed-dtype product, so those take the torch path
+            if self.weight.dtype == x.dtype and (residual is None or residual.stride(1) == 1):
                 return self.kernel(x, self.weight, self.eps, residual)
         if residual is not None:
             h = x + residual
