@@ -183,6 +183,7 @@ def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0,
         max_seq_tokens=4096,
         graphs=getattr(engine, "_bench_graphs", "auto"),
         graph_layers=getattr(engine, "_bench_graph_layers", None),
+        graph_launch=getattr(engine, "_bench_graph_launch", "autograd"),
         train_stream=getattr(engine, "_bench_train_stream", "serving"),
         ride_rows=getattr(engine, "_bench_ride_rows", 128),
         serving_sms=getattr(engine, "_bench_serving_sms", 16),
@@ -565,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graphs", default="auto", help="co-serving pieces: auto (graphs on CUDA) | on | off (eager)")
     ap.add_argument("--graph-layers", type=int, default=0, help="layers per graphed piece (0: whole micro-batch)")
     ap.add_argument(
+        "--graph-launch", default="autograd", choices=("autograd", "raw"), help="how layer pieces launch (graphed.py)"
+    )
+    ap.add_argument(
         "--train-stream",
         default="serving",
         help="serving | beside | partition (graphed pieces) | fused (rows in serving steps)",
@@ -610,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     engine._bench_stash_bytes = cfg.stash_bytes
     engine._bench_graphs = args.graphs
     engine._bench_graph_layers = args.graph_layers or None
+    engine._bench_graph_launch = args.graph_launch
     engine._bench_train_stream = args.train_stream
     engine._bench_ride_rows = args.ride_rows
     engine._bench_serving_sms = args.serving_sms
@@ -661,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                 "controller": type(job.scheduler).__name__,
                 "graphed": job.graphed is not None,
                 "graph_layers": job.graphed.layers_per_piece if job.graphed is not None else None,
+                "graph_launch": getattr(job.graphed, "piece_launch", None),
                 "train_stream": job.graphed.stream_mode if job.graphed is not None else None,
             }
             feed(job, cfg, 256, seed=5)
@@ -706,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                         "history": [[round(x, 4) for x in h] for h in job.scheduler.guard.history],
                     },
                     "graph_replays": job.graphed.graph_replays if job.graphed is not None else None,
+                    "eager_runs": job.graphed.eager_runs if job.graphed is not None else None,
                 }
                 m[f"coserve_finetune_retention_{key}"] = co["ft_tokens_per_s"] / alone
                 if load == 0.9:

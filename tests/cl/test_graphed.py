@@ -52,16 +52,20 @@ def test_packing_buckets_padding_and_limits():
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("split", [None, 1])
-def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model, split):
-    """split=1: every layer is its own forward piece and backward piece (top first), the head one more."""
+@pytest.mark.parametrize(("split", "launch"), [(None, "autograd"), (1, "autograd"), (1, "raw")])
+def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model, split, launch):
+    """split=1: every layer is its own forward piece and backward piece (top first), the head one more. `raw`: the
+    pieces chain plain forward / backward runs (graphed_pieces.py) instead of autograd calls."""
     optim = OptimConfig(lr=5e-3, grad_accumulation=4, max_grad_norm=0.05)  # small clip: clipping really acts
     ref, t = _pair(adapter_dir, tiny_model, optim)
-    g = GraphedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=split)
+    g = GraphedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=split, piece_launch=launch)
     if split:
         g.begin(g.pack(_samples(ref)[:1], 1)[0])
         n = tiny_model.shape.num_layers
-        assert len(g._active.costs) == 2 * n + 1 and g._active.costs[:n] == g._active.costs[n + 1 :][::-1]
+        pieces = 2 * -(-n // split) + 1
+        assert (
+            len(g._active.costs) == pieces and g._active.costs[: pieces // 2] == g._active.costs[-(pieces // 2) :][::-1]
+        )
         g.reset()
     norms = []
     for _ in range(3):
@@ -85,7 +89,11 @@ def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model, split):
     samples = _samples(ref)
     want = ref.packed_loss_sums(samples).detach()
     g2 = GraphedTrainer(
-        LoRATrainer(tiny_model, ref.lora, optim), max_tokens=4096, max_prefix=4096, layers_per_piece=split
+        LoRATrainer(tiny_model, ref.lora, optim),
+        max_tokens=4096,
+        max_prefix=4096,
+        layers_per_piece=split,
+        piece_launch=launch,
     )
     (mb,) = g2.pack(samples, 1)
     p = g2.launch(mb)
@@ -118,9 +126,17 @@ def test_non_finite_step_is_skipped_on_the_device(adapter_dir, tiny_model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("split", "stream"), [(None, "serving"), (1, "serving"), (None, "beside"), (None, "partition")]
+    ("split", "stream", "launch"),
+    [
+        (None, "serving", "autograd"),
+        (1, "serving", "autograd"),
+        (1, "serving", "raw"),
+        (1, "beside", "raw"),
+        (None, "beside", "autograd"),
+        (None, "partition", "autograd"),
+    ],
 )
-def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, split, stream):
+def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, split, stream, launch):
     from lorafleet.worker.loader import load_model
 
     model, _ = load_model(tiny_dir, torch.device("cuda"), torch.float32)
@@ -128,7 +144,9 @@ def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, split, stream):
     ref = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, adapter_dir, device="cuda"), optim)
     t = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, adapter_dir, device="cuda"), optim)
     # partition: 8 SMs left to serving (falls back to "beside" where green contexts are unavailable)
-    g = GraphedTrainer(t, max_tokens=64, max_prefix=64, layers_per_piece=split, stream=stream, serving_sms=8)
+    g = GraphedTrainer(
+        t, max_tokens=64, max_prefix=64, layers_per_piece=split, stream=stream, serving_sms=8, piece_launch=launch
+    )
     for _ in range(4):
         samples = _samples(ref)
         tokens = sum(s.loss_tokens for s in samples)

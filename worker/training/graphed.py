@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from lorafleet.worker.sm_partition import PartitionUnavailable, sm_partition
+from lorafleet.worker.training.graphed_pieces import RawPieces
 from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
 from torch import nn
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 # - beside: a stream of the lowest priority; pieces overlap serving kernels and slow them (blocks hold SMs)
 # - partition: a lowest-priority stream on an SM partition (green context) that leaves `serving_sms` SMs to serving
 STREAM_MODES = ("serving", "beside", "partition")
+PIECE_LAUNCH = ("autograd", "raw")
 TOKEN_ALIGN = 128
 PREFIX_ALIGN = 512
 
@@ -212,7 +214,7 @@ class _Static:
     ppos: torch.Tensor
     graph: object | None = None
     runs: int = 0
-    parts: tuple | None = None  # layer-split mode: (segments..., head) as (graphed) callables
+    parts: tuple | RawPieces | None = None  # layer-split mode: (segments..., head) as (graphed) callables, or raw
 
 
 class _Segment(nn.Module):
@@ -277,7 +279,14 @@ class GraphedTrainer:
         layers_per_piece: int | None = None,
         stream: str = "serving",
         serving_sms: int = 16,
+        piece_launch: str = "autograd",
     ) -> None:
+        """`piece_launch` (layer-split pieces only): "autograd" launches each piece through
+        `make_graphed_callables` (an autograd call per piece); "raw" replays plain forward / backward graphs
+        (graphed_pieces.py: no autograd on the launch path; not yet measured on a GPU)."""
+        if piece_launch not in PIECE_LAUNCH:
+            raise ValueError(f"piece_launch must be one of {PIECE_LAUNCH}, got {piece_launch!r}")
+        self.piece_launch = piece_launch
         self.t = trainer
         self.dev = trainer.device
         self.cuda = self.dev.type == "cuda"
@@ -495,11 +504,20 @@ class GraphedTrainer:
             self._forward_backward(st)
             self.eager_runs += 1
 
-    def _parts(self, st: _Static) -> tuple:
+    def _parts(self, st: _Static) -> tuple | RawPieces:
         if st.parts is None:
             L, k = self.t.model.shape.num_layers, self.layers_per_piece
             mods = (*[_Segment(self, st, lo, min(L, lo + k)) for lo in range(0, L, k)], _Head(self, st))
-            if self.use_graphs and sum(1 for x in self._static.values() if x.graph) < self.max_graphs:
+            graphs = self.use_graphs and sum(1 for x in self._static.values() if x.graph) < self.max_graphs
+            if self.piece_launch == "raw":
+                cap = None
+                if self.cuda and self.stream != torch.cuda.default_stream(self.dev):
+                    cap = self.stream  # where a graph is captured: see _capture
+                with self._ctx():
+                    st.parts = RawPieces(self, st, list(mods[:-1]), mods[-1], graphs, stream=cap, pool=self.pool)
+                st.graph = "raw" if st.parts.captured else None
+                return st.parts
+            if graphs:
                 h = self.t.model.shape.hidden_size
                 args = [(torch.zeros(st.ids.shape[0], h, dtype=self.t.dtype, device=self.dev),)]
                 args += [
@@ -516,6 +534,13 @@ class GraphedTrainer:
 
     def _split_piece(self, a: _Active) -> None:
         parts = self._parts(a.st)
+        if isinstance(parts, RawPieces):
+            parts.run(a.next)
+            if parts.captured:
+                self.graph_replays += 1
+            else:
+                self.eager_runs += 1
+            return
         nseg = len(parts) - 1
         i = a.next
         for p, acc in zip(self.params, self.acc, strict=True):

@@ -86,6 +86,9 @@ class JobSpec:
     # gaps between serving steps: on an H200 (session 9, 1B, fixed arrivals) they trained 1.3-3.5x the tokens of
     # whole micro-batches, at p99 TPOT ratios of 1.06-1.17 against 1.09-1.10 (bench/results/cl_gpu_s9_gl*.json)
     graph_layers: int | None = None
+    # how layer pieces launch: autograd (make_graphed_callables) | raw (plain graph replays, graphed_pieces.py;
+    # not yet measured on a GPU, so not the default)
+    graph_launch: str = "autograd"
     # serving | beside | partition: where graphed pieces run (graphed.STREAM_MODES); fused: training rows ride the
     # serving steps themselves (fused.py)
     train_stream: str = "serving"
@@ -269,6 +272,7 @@ class ContinualLearningJob:
                 layers_per_piece=spec.graph_layers,
                 stream=stream,
                 serving_sms=spec.serving_sms,
+                piece_launch=spec.graph_launch,
             )
             self.fallback = self.fallback or self.graphed.fallback
             self.scheduler = OverlapController(self.scheduler.cfg)
