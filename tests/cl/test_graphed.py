@@ -293,3 +293,28 @@ def test_prefix_buffers_are_shared_between_buckets_of_one_prefix_size(adapter_di
         g.launch(g.pack([s], s.loss_tokens)[0])
     a, b = list(g._static.values())
     assert a.pk is b.pk and a.pv is b.pv and len(g._prefix_bufs) == 1 and a.ids is not b.ids
+
+
+@pytest.mark.timeout(120)
+def test_raw_pieces_that_fail_to_capture_fall_back_to_autograd_pieces(adapter_dir, tiny_model, monkeypatch, caplog):
+    """`piece_launch="raw"` is opt-in and young: a capture error must leave a job training the proven way."""
+    from lorafleet.worker.training.graphed_pieces import RawPieces
+
+    def broken(*_a, **_k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(RawPieces, "__init__", broken)
+    optim = OptimConfig(lr=5e-3, grad_accumulation=1)
+    ref, t = _pair(adapter_dir, tiny_model, optim)
+    g = GraphedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=1, piece_launch="raw")
+    samples = _samples(ref)
+    tokens = sum(s.loss_tokens for s in samples)
+    want = ref.train_step(samples).grad_norm
+    with caplog.at_level("WARNING"):
+        for mb in g.pack(samples, tokens):
+            g.launch(mb)
+        step = g.launch_step()
+    assert float(step.host[0]) == pytest.approx(want, rel=1e-5)
+    _assert_same_weights(ref.lora, t.lora)
+    assert g.piece_launch == "autograd" and "failed to capture" in g.fallback
+    assert "back to autograd-launched pieces" in caplog.text

@@ -513,10 +513,16 @@ class GraphedTrainer:
                 cap = None
                 if self.cuda and self.stream != torch.cuda.default_stream(self.dev):
                     cap = self.stream  # where a graph is captured: see _capture
-                with self._ctx():
-                    st.parts = RawPieces(self, st, list(mods[:-1]), mods[-1], graphs, stream=cap, pool=self.pool)
-                st.graph = "raw" if st.parts.captured else None
-                return st.parts
+                try:
+                    with self._ctx():
+                        st.parts = RawPieces(self, st, list(mods[:-1]), mods[-1], graphs, stream=cap, pool=self.pool)
+                    st.graph = "raw" if st.parts.captured else None
+                    return st.parts
+                except RuntimeError as exc:  # not yet proven on every GPU / torch: keep training the proven way
+                    log.warning("raw graph pieces failed to capture (%s): back to autograd-launched pieces", exc)
+                    self.fallback = self.fallback or f"raw graph pieces failed to capture ({exc})"
+                    self.piece_launch = "autograd"
+                    mods = (*[_Segment(self, st, lo, min(L, lo + k)) for lo in range(0, L, k)], _Head(self, st))
             if graphs:
                 h = self.t.model.shape.hidden_size
                 args = [(torch.zeros(st.ids.shape[0], h, dtype=self.t.dtype, device=self.dev),)]

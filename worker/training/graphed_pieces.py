@@ -58,8 +58,7 @@ class RawPieces:
         else:
             j = 2 * self.n - i
             self._backward(j)
-            if self.graphs is None:  # eager: this segment's autograd state is done with
-                self.ins[j] = self.outs[j] = self.gin[j + 1] = None
+            self.ins[j] = self.outs[j] = self.gin[j + 1] = None  # eager: this segment's autograd state is done
 
     # ---- the pieces, eagerly (also what a capture records) ----
     def _forward(self, i: int) -> None:
@@ -95,9 +94,11 @@ class RawPieces:
                 for i in range(2 * self.n + 1):
                     self.run(i)
             graphs = [torch.cuda.CUDAGraph() for _ in range(2 * self.n + 1)]
-            for i in range(self.n + 1):  # forwards in order, then the head (forward + backward)
+            for i in range(self.n):  # forwards in order
                 with torch.cuda.graph(graphs[i], pool=pool, stream=stream):
-                    self._forward(i) if i < self.n else self._head()
+                    self._forward(i)
+            with torch.cuda.graph(graphs[self.n], pool=pool, stream=stream):  # the head: forward and backward
+                self._head()
             for j in reversed(range(self.n)):  # backwards top first, each reading the gradient captured above it
                 with torch.cuda.graph(graphs[2 * self.n - j], pool=pool, stream=stream):
                     self._backward(j)
