@@ -80,9 +80,11 @@ def main() -> int:
     ap.add_argument("--batches", default="8,32,64,96,128")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--no-triton-elementwise", action="store_true", help="torch RMSNorm/rotary/SiLU (an A/B)")
+    ap.add_argument("--async-scheduling", action="store_true", help="host work of step N-1 overlaps step N")
     args = ap.parse_args()
     cfg = cl_gpu.Cfg(args.tiny, args.device, args.shape)
     cfg.triton_elementwise = not args.no_triton_elementwise
+    cfg.async_scheduling = args.async_scheduling
     engine, _ = cl_gpu.setup(cfg, Path(tempfile.mkdtemp(prefix="seq-cost-")))
     gpu = args.device.startswith("cuda")
     rows = [measure(engine, cfg, int(n), args.steps, gpu) for n in args.batches.split(",")]
@@ -94,6 +96,7 @@ def main() -> int:
         "device": cl_gpu._device(args.device),
         "commit": cl_gpu._commit(),
         "triton_elementwise": cfg.triton_elementwise,
+        "async_scheduling": cfg.async_scheduling,
         "rows": rows,
         "metrics": {
             "step_us_per_running_seq": 1e3 * _slope(ns, walls),
