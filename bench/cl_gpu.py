@@ -84,6 +84,8 @@ class Cfg:
         self.reuse_group = 4 if tiny else 16
         self.stash_bytes = (64 << 20) if tiny else (4 << 30)
         self.dtype = "float32" if not gpu else "bfloat16"
+        self.async_scheduling = False  # engine switches the A/B flags set (make_engine)
+        self.triton_elementwise = True
 
 
 def build_checkpoint(cfg: Cfg, work: Path) -> Path:
@@ -143,8 +145,8 @@ def make_engine(cfg: Cfg, ckpt: Path, root: Path):
         kv_cache_fraction=0.35,
         kv_cache_bytes=256 << 20,
         max_model_len=2048,
-        async_scheduling=getattr(cfg, "async_scheduling", False),
-        triton_elementwise=getattr(cfg, "triton_elementwise", True),
+        async_scheduling=cfg.async_scheduling,
+        triton_elementwise=cfg.triton_elementwise,
     )
     eng = LLMEngine(ec)
     return eng
@@ -416,6 +418,11 @@ def _mix(steps: list[tuple[int, int, int, float]]) -> dict:
     }
 
 
+def attainment(tpots: list[float], target_s: float) -> float:
+    """The share of requests whose TPOT met the target."""
+    return sum(t <= target_s for t in tpots) / max(1, len(tpots))
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -582,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-timeslice", action="store_true", help="skip the time-slicing ladder (a short co-serving run)")
     ap.add_argument("--max-load", type=float, default=None, help="req/s taken as the max load (default: measured)")
     ap.add_argument("--timeslice-loads", default="0.9", help="loads (of 0.5,0.9) that get a time-slicing ladder")
-    ap.add_argument("--shape", default="1b", choices=("1b", "8b"), help="Llama-3.2-1B or Llama-3.1-8B shape")
+    ap.add_argument("--shape", default="1b", choices=tuple(SHAPES), help="Llama-3.2-1B or Llama-3.1-8B shape")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
     if args.device == "cpu":
@@ -695,8 +702,8 @@ def main(argv: list[str] | None = None) -> int:
                 job.scheduler.retarget(target_s)
                 co = run_load(engine, cfg, rate, seed=20 + int(load * 10), job=job, mode="coserve")
                 key = f"{int(load * 100)}"
-                att_inf = sum(t <= target_s for t in inf["tpot"]) / max(1, len(inf["tpot"]))
-                att_co = sum(t <= target_s for t in co["tpot"]) / max(1, len(co["tpot"]))
+                att_inf = attainment(inf["tpot"], target_s)
+                att_co = attainment(co["tpot"], target_s)
                 raw[key] = {
                     "rate": rate,
                     "tpot_target_s": target_s,
@@ -722,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.no_timeslice and f"{load:g}" in args.timeslice_loads.split(","):
                     suffix = "" if load == 0.9 else f"_{key}"
                     ladder = timeslice_ladder(
-                        engine, cfg, job, rate, seed=20 + int(load * 10), target_s=target_s, attainment=att_co
+                        engine, cfg, job, rate, seed=20 + int(load * 10), target_s=target_s, att_co=att_co
                     )
                     raw[key]["timeslice_ladder"] = ladder
                     first, matched = ladder[0], ladder[-1]
@@ -750,15 +757,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def timeslice_ladder(engine, cfg: Cfg, job, rate: float, seed: int, target_s: float, attainment: float) -> list:
+def timeslice_ladder(engine, cfg: Cfg, job, rate: float, seed: int, target_s: float, att_co: float) -> list:
     """Time-slicing at equal latency-target attainment: 64 inference iterations, then 64 fine-tuning iterations
     that train on every k-th one; from the densest k down until the attainment reaches co-serving's."""
     ladder = []
     for k in (1, 4, 16, 64):
         ts = run_load(engine, cfg, rate, seed=seed, job=job, mode="timeslice", slice_every=k)
-        att_ts = sum(t <= target_s for t in ts["tpot"]) / max(1, len(ts["tpot"]))
+        att_ts = attainment(ts["tpot"], target_s)
         ladder.append({"every": k, "attainment": att_ts, **_summ(ts)})
-        if att_ts >= attainment - 0.02:
+        if att_ts >= att_co - 0.02:
             break
     return ladder
 

@@ -49,7 +49,7 @@ def summary(r: dict, target_s: float | None, width: int) -> dict:
         "tpot_p50": cl_gpu.pct(tpot, 0.5),
         "tpot_p99": cl_gpu.pct(tpot, 0.99),
         "ttft_p50": cl_gpu.pct(r["ttft"], 0.5),
-        "attainment": None if target_s is None else sum(t <= target_s for t in tpot) / max(1, len(tpot)),
+        "attainment": None if target_s is None else cl_gpu.attainment(tpot, target_s),
         "step_seconds_mean": r["step_seconds_mean"],
         "gc_seconds": r["gc_seconds"],
         "step_mix": r["step_mix"],

@@ -397,14 +397,17 @@ class GraphedTrainer:
         for _ in range(2):
             self._forward_backward(st)
         g = torch.cuda.CUDAGraph()
-        # CUDA cannot capture on the legacy default stream (serving there: LORAFLEET_SERVING_STREAM=default): such
-        # a graph is captured on a side stream and still replays on the training stream. A partition stream must
-        # capture itself: replays keep the SM restriction of the stream they were captured on.
-        cap = None if self.stream == torch.cuda.default_stream(self.dev) else self.stream
-        with torch.cuda.graph(g, pool=self.pool, stream=cap):
+        with torch.cuda.graph(g, pool=self.pool, stream=self._capture_stream()):
             self._forward_backward(st)
         st.row_w.copy_(saved)
         st.graph = g
+
+    def _capture_stream(self):
+        """Where graphs are captured. CUDA cannot capture on the legacy default stream (serving there:
+        LORAFLEET_SERVING_STREAM=default): such a graph is captured on a side stream (None: torch's) and still
+        replays on the training stream. A partition stream must capture itself: replays keep the SM restriction of
+        the stream they were captured on."""
+        return None if self.stream == torch.cuda.default_stream(self.dev) else self.stream
 
     def launch(self, mb: MicroBatch, tag: object = None) -> Pending:
         """The whole micro-batch at once (all its pieces)."""
@@ -510,9 +513,7 @@ class GraphedTrainer:
             mods = (*[_Segment(self, st, lo, min(L, lo + k)) for lo in range(0, L, k)], _Head(self, st))
             graphs = self.use_graphs and sum(1 for x in self._static.values() if x.graph) < self.max_graphs
             if self.piece_launch == "raw":
-                cap = None
-                if self.cuda and self.stream != torch.cuda.default_stream(self.dev):
-                    cap = self.stream  # where a graph is captured: see _capture
+                cap = self._capture_stream() if graphs else None
                 try:
                     with self._ctx():
                         st.parts = RawPieces(self, st, list(mods[:-1]), mods[-1], graphs, stream=cap, pool=self.pool)
@@ -521,8 +522,7 @@ class GraphedTrainer:
                 except RuntimeError as exc:  # not yet proven on every GPU / torch: keep training the proven way
                     log.warning("raw graph pieces failed to capture (%s): back to autograd-launched pieces", exc)
                     self.fallback = self.fallback or f"raw graph pieces failed to capture ({exc})"
-                    self.piece_launch = "autograd"
-                    mods = (*[_Segment(self, st, lo, min(L, lo + k)) for lo in range(0, L, k)], _Head(self, st))
+                    self.piece_launch = "autograd"  # the same segment modules serve the autograd path below
             if graphs:
                 h = self.t.model.shape.hidden_size
                 args = [(torch.zeros(st.ids.shape[0], h, dtype=self.t.dtype, device=self.dev),)]
