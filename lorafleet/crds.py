@@ -112,7 +112,7 @@ class EngineLimits(_Model):
 
 class Execution(_Model):
     cuda_graphs: Literal["all", "decode", "none"] = "all"
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None  # None: the worker decides (on for a GPU)
 
 
 class BaseModelSpec(_Model):

@@ -150,11 +150,14 @@ VLLM_LIMIT_FLAGS: dict[str, str] = {
 
 
 def _execution_args(ex: Mapping[str, Any]) -> list[str]:
-    """`spec.execution` -> `lorafleet worker` flags (the defaults, all graphs and synchronous steps, add none)."""
+    """`spec.execution` -> `lorafleet worker` flags; the defaults (all graphs, async scheduling on a GPU) add none.
+
+    asyncScheduling unset leaves the worker's own choice (on for a GPU, off on CPU); set, it is passed either way.
+    """
     graphs = ex.get("cudaGraphs", "all")
     out = {"none": ["--enforce-eager"], "decode": ["--no-prefill-graphs"]}.get(graphs, [])
-    if ex.get("asyncScheduling"):
-        out.append("--async-scheduling")
+    if ex.get("asyncScheduling") is not None:
+        out.append("--async-scheduling" if ex["asyncScheduling"] else "--no-async-scheduling")
     return out
 
 

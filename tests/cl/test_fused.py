@@ -351,6 +351,7 @@ def test_gpu_fused_steps_replay_graphs_and_train_like_the_trainer(tmp_path, tiny
             model=str(tiny_dir),
             device="cuda",
             dtype="float32",
+            async_scheduling=False,  # the step-by-step comparison below; async riding is tested on CPU
             max_num_batched_tokens=256,
             max_num_seqs=16,
             num_kv_blocks=256,

@@ -81,8 +81,9 @@ def test_execution_options_become_worker_flags() -> None:
         bm = {**BM, "spec": {**BM["spec"], "engine": engine, "execution": execution}}
         return res.worker_deployment(bm)["spec"]["template"]["spec"]["containers"][0]["args"]
 
-    flags = {"--enforce-eager", "--no-prefill-graphs", "--async-scheduling"}
-    assert flags.isdisjoint(args({})) and flags.isdisjoint(args({"cudaGraphs": "all", "asyncScheduling": False}))
+    flags = {"--enforce-eager", "--no-prefill-graphs", "--async-scheduling", "--no-async-scheduling"}
+    assert flags.isdisjoint(args({})) and flags.isdisjoint(args({"cudaGraphs": "all"}))  # unset: the worker decides
+    assert flags & set(args({"asyncScheduling": False})) == {"--no-async-scheduling"}
     assert flags & set(args({"cudaGraphs": "decode", "asyncScheduling": True})) == {
         "--no-prefill-graphs",
         "--async-scheduling",
@@ -94,6 +95,7 @@ def test_execution_options_become_worker_flags() -> None:
 
     ns = build_parser().parse_args(["--model", "/m", "--enforce-eager", "--no-prefill-graphs", "--async-scheduling"])
     assert ns.enforce_eager and ns.no_prefill_graphs and ns.async_scheduling
+    assert build_parser().parse_args(["--model", "/m", "--no-async-scheduling"]).async_scheduling is False
 
 
 def test_vllm_engine_uses_stock_flags_and_api_key() -> None:

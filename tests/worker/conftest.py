@@ -75,6 +75,7 @@ def make_engine(tiny_model, adapter_root):
         kw.setdefault("adapter_roots", [str(adapter_root)])
         kw.setdefault("block_size", 4)
         kw.setdefault("num_kv_blocks", 256)
+        kw.setdefault("async_scheduling", False)  # step-by-step assertions; async tests and the auto test ask for it
         return LLMEngine(EngineConfig(model=str(kw.pop("model", tiny_model)), **kw))
 
     return make

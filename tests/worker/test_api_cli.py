@@ -127,7 +127,9 @@ def test_worker_flags_map_to_engine_config(tmp_path):
     )
     cfg = engine_config(args)
     assert cfg.async_scheduling is True
-    assert engine_config(build_parser().parse_args(["--model", str(tmp_path)])).async_scheduling is False
+    off = ["--model", str(tmp_path), "--no-async-scheduling"]
+    assert engine_config(build_parser().parse_args(off)).async_scheduling is False
+    assert engine_config(build_parser().parse_args(["--model", str(tmp_path)])).async_scheduling is None  # auto
     assert (cfg.lora_admission, cfg.max_admission_wait_steps) == ("fifo", 7)
     assert (cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank) == (3, 9, 32)
     assert cfg.adapter_roots == ["/a", "/b"]

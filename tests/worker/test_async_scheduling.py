@@ -236,9 +236,24 @@ def test_config_validates_the_flag():
     from lorafleet.worker.config import EngineConfig
 
     EngineConfig(model="m", async_scheduling=True).validate()
-    assert EngineConfig(model="m").async_scheduling is False
+    EngineConfig(model="m", async_scheduling=None).validate()
+    assert EngineConfig(model="m").async_scheduling is None
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(model="m", async_scheduling="yes").validate()  # type: ignore[arg-type]
+
+
+def test_auto_async_scheduling_is_on_for_a_gpu_and_off_on_cpu(make_engine):
+    from lorafleet.worker.config import resolve_async_scheduling
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_async_scheduling(None, cuda) is True and resolve_async_scheduling(None, cpu) is False
+    assert resolve_async_scheduling(False, cuda) is False and resolve_async_scheduling(True, cpu) is True
+    eng = make_engine(
+        async_scheduling=None
+    )  # auto on this CPU: the engine's copy is resolved, the caller's config is not touched
+    assert eng.device.type == "cpu" and eng.config.async_scheduling is False
+    forced = make_engine(async_scheduling=True)
+    assert forced.config.async_scheduling is True
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,7 +16,8 @@ sequence that turns out to have stopped at N-1 (stop token or string) computes o
 dropped; one known to end by length is finished before N is scheduled. Penalties read the previous tokens on the
 host, so a step whose batch sampled with penalties is settled before the next one is scheduled. Observable
 differences: outputs come one `step()` later (plus one last step that only settles), and an abort drops the token
-in flight. Between `step()` calls no placeholder is left in any sequence.
+in flight. Between `step()` calls no placeholder is left in any sequence. Unset (None), it is on where the engine
+runs on a GPU and off on CPU, where the forward and the host share the same cores (`resolve_async_scheduling`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from lorafleet.worker.config import EngineConfig, resolve_device, resolve_dtype
+from lorafleet.worker.config import EngineConfig, resolve_async_scheduling, resolve_device, resolve_dtype
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.detokenizer import IncrementalDetokenizer
 from lorafleet.worker.engine.model_runner import PLACEHOLDER, ModelRunner, SampledTokens, kv_block_bytes
@@ -77,8 +78,10 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
-        self.config = config
         self.device = resolve_device(config.device)
+        # the engine's own copy: auto settings resolved for this device (the caller's config may serve others)
+        config = replace(config, async_scheduling=resolve_async_scheduling(config.async_scheduling, self.device))
+        self.config = config
         self.hf_config = load_hf_config(config.model)
         self.dtype = resolve_dtype(config.dtype, self.device, checkpoint_dtype(self.hf_config))
         max_pos = getattr(self.hf_config, "max_position_embeddings", 4096)
