@@ -130,6 +130,29 @@ def test_async_matches_sync_on_a_mixed_workload(make_engine, adapters, kw):
         assert asyn.block_manager.hit_tokens > 0 and sync.block_manager.hit_tokens > 0
 
 
+@pytest.mark.parametrize("seed", [11, 12])
+def test_async_matches_sync_at_scale(make_engine, adapters, seed):
+    """The check before async scheduling became the GPU default: ~100 requests of every kind above (stop ids and
+    strings, penalties, seeded sampling, one-token requests) over two adapter slots, a KV cache that preempts, chunked
+    prefill and prefix caching, with a random seventh of them aborted at random points of their streams."""
+    kw = dict(max_loras=2, max_cpu_loras=8, max_num_batched_tokens=24, num_kv_blocks=48, enable_prefix_caching=True)
+    reqs = _mixed_workload(_engine(make_engine, adapters, False, max_loras=4, num_kv_blocks=512), n=98, seed=seed)
+    rng = random.Random(seed)
+    shared = reqs[1][1]
+    reqs += [(f"s{i}", shared + [30 + i], SamplingParams(temperature=0, max_tokens=7), NAMES[1]) for i in range(6)]
+    rng.shuffle(reqs)
+    abort_after = {rid: rng.randint(1, 6) for rid, *_ in rng.sample(reqs, len(reqs) // 7)}
+    want, _ = _drive(_engine(make_engine, adapters, False, **kw), reqs, abort_after)
+    asyn = _engine(make_engine, adapters, True, **kw)
+    got, _ = _drive(asyn, reqs, abort_after)
+    assert got.keys() == want.keys() == {rid for rid, *_ in reqs}
+    assert got == want
+    reasons = Counter(r for _, r in want.values())
+    assert reasons["stop"] >= 25 and reasons["length"] >= 40 and reasons["abort"] >= 7
+    assert asyn.scheduler.num_preemptions > 0 and asyn.block_manager.hit_tokens > 0
+    _assert_clean(asyn)
+
+
 def test_stopped_sequences_waste_one_token_and_length_ends_waste_none(make_engine, adapters):
     """Every request admitted at once (no preemption, roomy budget): the async engine schedules exactly one extra
     decode token per request that stopped on a token or string, none for those ending by length."""
