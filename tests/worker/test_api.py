@@ -325,7 +325,7 @@ def test_stream_disconnect_frees_kv(worker, tiny_model):
             running, _, used = _kv_state(worker)
             assert running == 1 and used > 0
         closed = time.monotonic()
-    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=2.0), _kv_state(worker)
+    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=30), _kv_state(worker)
     freed_after = time.monotonic() - closed
     assert freed_after < 1.0
     rec = worker.finished["leaver"]  # finish hooks see the abort (the training stash drops its activations)
@@ -337,7 +337,7 @@ def test_nonstream_disconnect_frees_kv(worker):
     with httpx.Client(base_url=worker.url, timeout=httpx.Timeout(30, read=0.3)) as c:
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/completions", json=body, headers={"X-Request-Id": "impatient"})
-    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=2.0), _kv_state(worker)
+    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=30), _kv_state(worker)
     assert worker.finished["impatient"].finish_reason == "abort"
     assert len(worker.finished["impatient"].output_token_ids) < 900
 
@@ -352,7 +352,7 @@ def test_duplicate_request_id_in_flight(worker):
             second = c.post("/v1/completions", json={**body, "stream": False}, headers={"X-Request-Id": "dup-1"})
             err = assert_error(second, 400)
             assert err["param"] == "X-Request-Id"
-    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=2.0)
+    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=30)
 
 
 def test_unload_while_streaming_finishes_on_started_weights(client, worker, adapters):
@@ -387,7 +387,7 @@ def test_unload_while_streaming_finishes_on_started_weights(client, worker, adap
     assert rec.output_token_ids == ref_rec.output_token_ids
     assert rec.lora_version == ref_rec.lora_version
     assert "".join(text) == ref.json()["choices"][0]["text"]
-    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=2.0)
+    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=30)
 
 
 def test_concurrent_mixed_streams_with_cancellations(client, worker, adapters):
@@ -435,9 +435,9 @@ def test_concurrent_mixed_streams_with_cancellations(client, worker, adapters):
 
     asyncio.run(main())
     for rid, _body, cancel in jobs:
-        rec = wait_for(lambda rid=rid: worker.finished.get(rid), timeout=5)
+        rec = wait_for(lambda rid=rid: worker.finished.get(rid), timeout=30)
         if cancel:
             assert rec.finish_reason == "abort" and len(rec.output_token_ids) < 500
         else:
             assert rec.finish_reason == "length" and rec.output_token_ids == alone[rid], rid
-    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=3), _kv_state(worker)
+    assert wait_for(lambda: _kv_state(worker) == (0, 0, 0), timeout=30), _kv_state(worker)

@@ -120,7 +120,7 @@ def test_lora_requests_info_shows_running_adapter(worker, traffic):
                 info = series(scrape(c), "vllm:lora_requests_info")
                 return [dict(labels)["running_lora_adapters"] for labels in info]
 
-            assert wait_for(lambda: running_label() == ["ad_r4"], timeout=3), running_label()
+            assert wait_for(lambda: running_label() == ["ad_r4"], timeout=30), running_label()
             m = scrape(c)
             assert value(m, "vllm:num_requests_running", model_name=SERVED) == 1
             assert value(m, "vllm:gpu_cache_usage_perc", model_name=SERVED) > 0

@@ -122,7 +122,7 @@ def assert_openai_error(r, status: int, err_type: str | None = None) -> dict:
     return err
 
 
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.01):
     """Polls `predicate` until truthy or the timeout; returns its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
