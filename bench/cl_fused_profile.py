@@ -90,6 +90,13 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny model")
     ap.add_argument("--shape", default="1b", choices=tuple(cl_gpu.SHAPES), help="model shape (as bench/cl_gpu.py)")
     ap.add_argument("--ride-rows", type=int, default=128, help="training rows per fused serving step")
+    ap.add_argument(
+        "--ride-lora",
+        default="segments",
+        choices=("segments", "own"),
+        help="training rows' LoRA: a segment of the "
+        "serving shrink/expand over a claimed slot, or the rider's own GEMMs (A/B)",
+    )
     ap.add_argument("--out-name", default="cl_fused_profile.json")
     args = ap.parse_args()
     cfg = cl_gpu.Cfg(args.tiny, args.device, args.shape)
@@ -98,6 +105,7 @@ def main() -> int:
     engine._bench_train_stream = "fused"
     engine._bench_stash_bytes = cfg.stash_bytes
     engine._bench_ride_rows = args.ride_rows
+    engine._bench_ride_lora = args.ride_lora
     job = cl_gpu.make_job(engine, root, "ft", record=False)
     cl_gpu.feed(job, cfg, 256, seed=5)
     rider = job.graphed
@@ -106,6 +114,7 @@ def main() -> int:
     res["device"] = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
     res["commit"] = cl_gpu._commit()
     res["ride_rows"] = rider.ride_rows
+    res["ride_lora"] = "segments" if rider.slot is not None else "own"
     res["fused_cap_tokens"] = rider.cap
     res["fused_prefix_cap"] = int(rider.f_pseg.shape[0])
 

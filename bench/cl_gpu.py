@@ -188,6 +188,7 @@ def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0,
         graph_launch=getattr(engine, "_bench_graph_launch", "autograd"),
         train_stream=getattr(engine, "_bench_train_stream", "serving"),
         ride_rows=getattr(engine, "_bench_ride_rows", 128),
+        ride_lora=getattr(engine, "_bench_ride_lora", "segments"),
         serving_sms=getattr(engine, "_bench_serving_sms", 16),
     )
     return ContinualLearningJob(spec, engine, root / "versions", {}, TrainingMetrics())
@@ -581,6 +582,13 @@ def main(argv: list[str] | None = None) -> int:
         help="serving | beside | partition (graphed pieces) | fused (rows in serving steps)",
     )
     ap.add_argument("--ride-rows", type=int, default=128, help="training rows per fused serving step")
+    ap.add_argument(
+        "--ride-lora",
+        default="segments",
+        choices=("segments", "own"),
+        help="fused: training rows' LoRA as a segment "
+        "of the serving shrink/expand over a claimed slot, or the rider's own GEMMs",
+    )
     ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --train-stream partition")
     ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
@@ -624,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     engine._bench_graph_launch = args.graph_launch
     engine._bench_train_stream = args.train_stream
     engine._bench_ride_rows = args.ride_rows
+    engine._bench_ride_lora = args.ride_lora
     engine._bench_serving_sms = args.serving_sms
     from lorafleet.worker.gpu import prioritise_serving_stream
     from lorafleet.worker.training.slo import GuardConfig
@@ -674,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
                 "graphed": job.graphed is not None,
                 "graph_layers": job.graphed.layers_per_piece if job.graphed is not None else None,
                 "graph_launch": getattr(job.graphed, "piece_launch", None),
+                "ride_lora_slot": getattr(job.graphed, "slot", None),  # fused: the claimed store slot, or None (own)
                 "train_stream": job.graphed.stream_mode if job.graphed is not None else None,
             }
             feed(job, cfg, 256, seed=5)

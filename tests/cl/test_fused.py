@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
+from collections import Counter, deque
 
 import pytest
 import torch
@@ -144,11 +144,14 @@ def test_padded_ride_rows_change_nothing(adapter_dir, tiny_model):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("key_window", [2048, 48, 32])
-def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_dir, key_window):
+@pytest.mark.parametrize(
+    "key_window,segments", [(2048, True), (48, True), (32, True), (48, False)], ids=["2048", "48", "32", "48-own"]
+)
+def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_dir, key_window, segments):
     """`key_window`: 2048 is more than the key buffer (every step attends to all of it); 48: each step attends only
     to its chunk's samples' keys; 32: chunks shrink to fit, and micro-batches holding a sample longer than that run
-    standalone over every key (the one that fits still rides)."""
+    standalone over every key (the one that fits still rides). `segments`: the training rows' LoRA is a segment of
+    the serving step's shrink/expand over a claimed store slot; False (`-own`): the rider's own GEMMs."""
     root = tmp_path / "adapters"
     build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
     eng = LLMEngine(
@@ -171,9 +174,14 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
     ref = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, root / "ad"), optim)
     t = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, root / "ad"), optim)
     ft = FusedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=1, chunk_tokens=16,
-                      serving_busy=eng.has_unfinished_requests, key_window=key_window)  # fmt: skip
+                      serving_busy=eng.has_unfinished_requests, key_window=key_window,
+                      lora_in_segments=segments)  # fmt: skip
     assert ft.kw == (None if key_window == 2048 else key_window)
-    eng.runner.rider = ft
+    ride_lora_calls = []
+    ride_lora = ft.ride_lora
+    ft.ride_lora = lambda *a: ride_lora_calls.append(a[:2]) or ride_lora(*a)
+    eng.runner.attach_rider(ft)
+    assert (ft.slot is not None) == segments and eng.store.stats()["slots_pinned"] == int(segments)
     windows: list[int] = []
     keys_needed = ft._keys_needed
 
@@ -220,6 +228,11 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
     got = [float(p.host[0]) for p in done if p.kind == "step"]
     assert got == pytest.approx(norms, rel=1e-5)
     _assert_same_weights(ref.lora, t.lora)
+    assert bool(ride_lora_calls) != segments  # with a slot, no training row goes through the rider's own GEMMs
+    users = +eng.store._proj_users
+    eng.runner.attach_rider(None)
+    assert ft.slot is None and eng.store.stats()["slots_pinned"] == 0
+    assert users - +eng.store._proj_users == (Counter(t.lora.targets) if segments else Counter())
 
 
 @pytest.mark.timeout(240)
@@ -265,6 +278,8 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
     job = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics())
     assert eng.runner.rider is job.graphed and job.status()["coServing"]["effective"] == "fused"
     assert "reason" not in job.status()["coServing"]
+    assert job.graphed.slot is not None  # its rows' LoRA rides the serving shrink/expand over a claimed slot
+    assert job.status()["coServing"]["rideLora"] == "segments"
     assert job.graphed.gate == job.scheduler.may_ride  # the latency controller decides which steps carry rows
     # one rider per engine: a second fused job runs between the steps and says why
     other = ContinualLearningJob(dataclasses.replace(spec, name="k"), eng, tmp_path / "w", {}, TrainingMetrics())
@@ -285,7 +300,32 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
         job.work(BUDGET)
     assert job.trainer.step >= 2 and job.loss_ema is not None and math.isfinite(job.loss_ema)
     job.stop()
-    assert eng.runner.rider is None
+    assert eng.runner.rider is None and job.graphed.slot is None and eng.store.stats()["slots_pinned"] == 0
+
+
+def test_rows_keep_their_own_lora_gemms_when_serving_would_lose_its_only_slot(tmp_path, tiny_dir):
+    """One adapter slot: claiming it would leave serving's adapters none, so the rider keeps its own GEMMs, trains
+    the same, and serving still runs through the slot."""
+    root = tmp_path / "adapters"
+    build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=5, std=0.1)
+    eng = LLMEngine(
+        EngineConfig(model=str(tiny_dir), device="cpu", max_loras=1, kv_cache_bytes=8 << 20, adapter_roots=[str(root)])
+    )
+    eng.load_adapter("ad", str(root / "ad"), "v1")
+    t = LoRATrainer(eng.model, TrainableLoRA.from_peft(eng.model.shape, root / "ad"), OptimConfig())
+    ft = FusedTrainer(t, max_tokens=40, max_prefix=64)
+    eng.runner.attach_rider(ft)
+    assert ft.slot is None and eng.store.stats()["slots_pinned"] == 0
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    assert len(eng.generate([list(range(5, 25))], params, ["ad"])[0].output_token_ids) == 4
+    eng.runner.attach_rider(None)
+    two = LLMEngine(EngineConfig(model=str(tiny_dir), device="cpu", max_loras=2, kv_cache_bytes=8 << 20))
+    two.runner.attach_rider(ft)  # the same rider on a store with room: it claims a slot there
+    assert ft.slot is not None and ft.store is two.store
+    with pytest.raises(ValueError, match="ride_lora"):
+        from lorafleet.worker.training.job import _ride_lora_in_segments
+
+        _ride_lora_in_segments("shared")
 
 
 def test_the_latency_gate_holds_rows_back_without_sending_them_standalone(adapter_dir, tiny_model):

@@ -365,9 +365,15 @@ class ModelRunner:
     def attach_rider(self, rider) -> None:
         """Makes `rider` (training/fused.py) the source of training rows for serving steps (None: detach). With
         prefill graphs on, also captures steps that carry `rider.ride_rows` rows (they hold the rider's buffers
-        and LoRA parameters, so they are captured per rider, in the engine thread; serving waits meanwhile)."""
+        and LoRA parameters, so they are captured per rider, in the engine thread; serving waits meanwhile).
+        The rider gets a slot of the adapter store for the job's LoRA if one is free (`FusedTrainer.bind_slot`):
+        its rows then ride the step's own shrink/expand; a detached rider gives the slot back."""
+        if self.rider is not None and self.rider is not rider:
+            self.rider.release_slot()
         self.rider = rider
         self.fused_runner = self.fused_runner_lora = None
+        if rider is not None:
+            rider.bind_slot(self.store)
         if rider is None or getattr(self, "_mixed_capture", None) is None:
             return
         from lorafleet.worker.engine.cuda_graph import MixedGraphRunner

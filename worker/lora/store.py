@@ -254,20 +254,64 @@ class AdapterStore:
         av.last_used = next(_tick)
         if av.slot is not None:
             return av.slot
-        free = [i for i, s in enumerate(self._slots) if s is None]
-        if not free:
-            victims = [s for s in self._slots if s is not None and s.running == 0]
-            if strict:
-                victims = [s for s in victims if s not in keep]
-            if not victims:
-                return None
-            victim = min(victims, key=lambda x: (x in keep, x.last_used))
-            free = [victim.slot]
-            self._free_slot(victim)
-            self.counters["slot_evictions"] += 1
-        slot = free[0]
-        self._upload(av, slot)
+        slot = self._vacant_slot(keep, strict)
+        if slot is not None:
+            self._upload(av, slot)
         return slot
+
+    def _vacant_slot(self, keep: Collection[AdapterVersion] = (), strict: bool = False) -> int | None:
+        """A free slot, else the least recently used unpinned one, evicted (see `ensure_slot`); None if all pinned."""
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        if free:
+            return free[0]
+        victims = [s for s in self._slots if s is not None and s.running == 0]
+        if strict:
+            victims = [s for s in victims if s not in keep]
+        if not victims:
+            return None
+        victim = min(victims, key=lambda x: (x in keep, x.last_used))
+        slot = victim.slot
+        self._free_slot(victim)
+        self.counters["slot_evictions"] += 1
+        return slot
+
+    # ---- slots held outside the registry ----------------------------------------------------------------------
+    def claim_slot(self, targets: Collection[str], scale: float) -> int | None:
+        """A GPU slot for weights that are not a registered adapter: fused co-serving's training rows
+        (training/fused.py) ride the serving step's shrink/expand as one more segment, over a slot that holds the
+        job's current LoRA. Zeroed, with `scale`, pinned until `release_slot`; the caller writes it through
+        `slot_views`. Evicts an unused adapter if none is free; None when every slot is pinned by running requests.
+        """
+        slot = self._vacant_slot()
+        if slot is None:
+            return None
+        holder = AdapterVersion(
+            name="", version="", path=Path(), uri="", rank=0, scale=scale, digest="", running=1, targets=set(targets)
+        )
+        if self._copy_stream is not None:  # an evicted adapter's upload into this slot may still be in flight
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        with torch.no_grad():
+            for key, a_stack in self._a.items():
+                a_stack[slot].zero_()
+                self._b[key][slot].zero_()
+            self.scales[slot] = scale
+        self._slots[slot] = holder
+        holder.slot = slot
+        for proj in holder.targets:
+            self._proj_users[proj] += 1
+        self.counters["slot_claims"] += 1
+        return slot
+
+    def slot_views(self, layer_idx: int, proj: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [max_rank, in], B [out, max_rank]) of one projection in `slot`, views into the stacked tensors."""
+        return self._a[(layer_idx, proj)][slot], self._b[(layer_idx, proj)][slot]
+
+    def release_slot(self, slot: int) -> None:
+        """Gives back a slot from `claim_slot`; its contents are overwritten by the next upload into it."""
+        holder = self._slots[slot]
+        if holder is None or holder.name:
+            raise ValueError(f"slot {slot} was not claimed")
+        self._free_slot(holder)
 
     def pin(self, av: AdapterVersion) -> int:
         slot = self.ensure_slot(av)

@@ -9,7 +9,9 @@ the training half of that:
   step takes up to its leftover token budget of it (`take`, called by the model runner), its rows appended after
   the serving rows. In the step's forward the rider's contexts split every layer: serving rows see the paged KV
   cache and the adapters' segments; training rows see the micro-batch's own earlier keys (and stashed prompt K/V,
-  Alchemist) and the job's current LoRA. Nothing of the training rows reaches the KV cache or the sampler.
+  Alchemist) and the job's current LoRA, as one more segment of the step's own shrink/expand over an adapter
+  slot the rider holds (`bind_slot`; its own GEMMs when no slot can be spared). Nothing of the training rows
+  reaches the KV cache or the sampler.
 - what the forward keeps (per layer, training rows only): the layer input and each frozen projection's output
   (before LoRA). That is all the backward needs besides the LoRA weights.
 - backward, a few layers per piece, top layer first (pieces launched from the co-serving hooks like graphed.py's):
@@ -32,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from lorafleet.worker.layers.lora_context import SegmentLoRAContext
 from lorafleet.worker.training.graphed import (
     PREFIX_ALIGN,
     TOKEN_ALIGN,
@@ -97,25 +100,34 @@ def _into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class _RiderLoRA:
-    """Serving rows get the step's adapter segments; training rows the job's LoRA (the rider's compute-dtype copy,
-    `FusedTrainer.ride_lora`), after their frozen product is saved for the backward."""
+    """Serving rows get the step's adapter segments; training rows the job's LoRA, after their frozen product is
+    saved for the backward. With a store slot (`FusedTrainer.bind_slot`) the training rows are one more segment of
+    the serving step's own shrink/expand, over all rows at once; otherwise the rider's compute-dtype copy adds it
+    (`FusedTrainer.ride_lora`: a shrink and one GEMM per member, per projection group)."""
 
     def __init__(self, ft: FusedTrainer, serving, n: int, idx: torch.Tensor) -> None:
         self.ft, self.serving, self.n, self.idx = ft, serving, n, idx
+        self.segments = ft.segment_context(serving, n, idx.shape[0])
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = self.n
+        self.ft.save(layer_idx, proj, y[n:], self.idx)  # serving's LoRA never touches these rows
+        if self.segments is not None:
+            _into(y, self.segments.apply(layer_idx, proj, x, y))
+            return y
         if self.serving is not None and n:
             _into(y[:n], self.serving.apply(layer_idx, proj, x[:n], y[:n]))
-        self.ft.save(layer_idx, proj, y[n:], self.idx)
         self.ft.ride_lora(layer_idx, (proj,), x[n:], y[n:])
         return y
 
     def apply_group(self, layer_idx: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = self.n
+        self.ft.save(layer_idx, group, y[n:], self.idx)
+        if self.segments is not None:
+            _into(y, self.segments.apply_group(layer_idx, group, x, y))
+            return y
         if self.serving is not None and n:
             _into(y[:n], self.serving.apply_group(layer_idx, group, x[:n], y[:n]))
-        self.ft.save(layer_idx, group, y[n:], self.idx)
         self.ft.ride_lora(layer_idx, GROUPS[group], x[n:], y[n:])
         return y
 
@@ -178,7 +190,10 @@ class FusedTrainer(GraphedTrainer):
         serving_busy=None,
         ride_rows: int = 128,
         key_window: int | None = 2048,
+        lora_in_segments: bool = True,
     ) -> None:
+        """`lora_in_segments`: when attached to a model runner, run the training rows' LoRA as a segment of the
+        serving step's shrink/expand over a store slot (`bind_slot`), not as the rider's own GEMMs."""
         super().__init__(trainer, max_tokens, max_prefix, use_graphs=False, layers_per_piece=1, stream="serving")
         L = trainer.model.shape.num_layers
         self.layers_per_piece = max(1, min(layers_per_piece, L))
@@ -201,6 +216,9 @@ class FusedTrainer(GraphedTrainer):
         self._piece_graphs: dict = {}
         self._fwd_graph = None  # the standalone forward chunk (ride_rows rows, no serving rows)
         self.key_window = key_window
+        self.lora_in_segments = lora_in_segments
+        self.store = None  # the serving AdapterStore whose slot `slot` holds the job's LoRA (bind_slot)
+        self.slot: int | None = None
         self._alloc()
 
     # ---- buffers ----
@@ -293,12 +311,63 @@ class FusedTrainer(GraphedTrainer):
 
     @torch.no_grad()
     def refresh_lora(self) -> None:
-        """Copies the fp32 masters into the forward's compute-dtype copy, in stream order (after any optimizer step
-        launched before it)."""
+        """Copies the fp32 masters into the forward's compute-dtype copy (the store slot when bound), in stream
+        order (after any optimizer step launched before it)."""
+        r = self.t.lora.rank
         for (li, p), b in self._ride_b.items():
             a_master, b_master = self.t.lora.pair(li, p)  # type: ignore[misc]
-            self._ride_a[(li, (p,))].copy_(a_master)
-            b.copy_(b_master)
+            if self.slot is not None:
+                sa, sb = self.store.slot_views(li, p, self.slot)  # type: ignore[union-attr]
+                sa[:r].copy_(a_master)
+                sb[:, :r].copy_(b_master)
+            else:
+                self._ride_a[(li, (p,))].copy_(a_master)
+                b.copy_(b_master)
+
+    # ---- the training rows as a segment of the serving step's LoRA ----
+    def bind_slot(self, store) -> bool:
+        """Claims a slot of the serving `store` for the job's LoRA, so a step's training rows are one more segment
+        of its shrink/expand (no GEMMs of their own: 11 fewer kernels per layer with fused q|k|v and gate|up).
+        False (the rider's own GEMMs stay) when not wanted, when the store cannot hold the job's rank or dtype, when
+        it has a single slot (serving's adapters would have none left), or when every slot is pinned by running
+        requests. The slot is serving's one fewer while the rider holds it. Called by `ModelRunner.attach_rider`, on
+        the engine thread."""
+        lora = self.t.lora
+        if not self.lora_in_segments or self.slot is not None:
+            return self.slot is not None
+        if lora.rank > store.max_rank or store.dtype != self.t.dtype or store.device.type != self.dev.type:
+            return False
+        if store.max_slots < 2:
+            return False
+        slot = store.claim_slot(lora.targets, lora.scale)
+        if slot is None:
+            return False
+        self.store, self.slot = store, slot
+        with self._ctx():
+            self.refresh_lora()
+        return True
+
+    def release_slot(self) -> None:
+        if self.slot is not None:
+            self.store.release_slot(self.slot)  # type: ignore[union-attr]
+        self.store, self.slot = None, None
+
+    def segment_context(self, serving, n: int, k: int) -> SegmentLoRAContext | None:
+        """The serving step's LoRA context extended by [gap up to row n: none | rows n..n+k: the job's slot]; None
+        without a bound slot. The gap covers a graph's padded serving rows (their segments end at the real count).
+        Built on the device with fills and a concatenation, so a CUDA graph can capture it."""
+        if self.slot is None:
+            return None
+        if serving is not None:
+            indptr, slots, always = serving.seg_indptr, serving.seg_slots, serving.always
+        else:
+            indptr = torch.zeros(1, dtype=torch.int32, device=self.dev)
+            slots, always = indptr[:0], False
+        tail = indptr.new_full((2,), n)
+        tail[1] = n + k
+        tail_slots = slots.new_full((2,), -1)
+        tail_slots[1] = self.slot
+        return SegmentLoRAContext(self.store, torch.cat([indptr, tail]), torch.cat([slots, tail_slots]), always)
 
     def ride_lora(self, layer_idx: int, unit: tuple[str, ...], x: torch.Tensor, y: torch.Tensor) -> None:
         """y += scale · (x·Aᵀ)·Bᵀ for the training rows, in place: one shrink GEMM for the unit (a projection, or a

@@ -93,7 +93,16 @@ class JobSpec:
     # serving steps themselves (fused.py)
     train_stream: str = "serving"
     ride_rows: int = 128  # fused: training rows a graphed serving step carries (the runner captures that shape)
+    # fused: the training rows' LoRA as one more segment of the serving step's shrink/expand over a claimed adapter
+    # slot (segments), or as the rider's own GEMMs (own; also what runs when no slot is free)
+    ride_lora: str = "segments"
     serving_sms: int = 16  # SMs left to serving alone when train_stream is partition
+
+
+def _ride_lora_in_segments(how: str) -> bool:
+    if how not in ("segments", "own"):
+        raise ValueError(f"ride_lora must be segments|own, got {how!r}")
+    return how == "segments"
 
 
 @dataclass
@@ -255,6 +264,7 @@ class ContinualLearningJob:
                 layers_per_piece=spec.graph_layers or 2,
                 serving_busy=engine.has_unfinished_requests,
                 ride_rows=spec.ride_rows,
+                lora_in_segments=_ride_lora_in_segments(spec.ride_lora),
             )
             runner.attach_rider(self.graphed)
             self.scheduler = OverlapController(self.scheduler.cfg)
@@ -819,6 +829,12 @@ class ContinualLearningJob:
                 "placement": self.spec.train_stream,
                 "effective": self.graphed.stream_mode if self.graphed is not None else "eager",
                 **({"reason": self.fallback} if self.fallback else {}),
+                # fused: the training rows' LoRA rides serving's shrink/expand (segments) or runs on its own GEMMs
+                **(
+                    {"rideLora": "segments" if self.graphed.slot is not None else "own"}
+                    if isinstance(self.graphed, FusedTrainer)
+                    else {}
+                ),
             },
             "currentVersion": int(self.current_version[1:])
             if self.current_version and self.current_version[1:].isdigit()
