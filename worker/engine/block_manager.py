@@ -71,6 +71,8 @@ class BlockManager:
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
                 self._free[b] = None
+        # a new list, never one shrunk in place: block tables only grow by append otherwise, and
+        # engine/block_table.py tells a freed (and later refilled) table from a grown one by the list's identity
         seq.block_table = []
         seq.block_hashes = []
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from lorafleet.worker.engine.block_table import DeviceBlockTables
 from lorafleet.worker.engine.sampler import Sampler, to_device
 from lorafleet.worker.engine.scheduler import ScheduledBatch
 from lorafleet.worker.engine.sequence import Sequence
@@ -103,9 +104,12 @@ class StepInputs:
         int32_tables: bool = False,
         pending: SampledTokens | None = None,
         non_blocking: bool = False,
+        device_tables: DeviceBlockTables | None = None,
     ) -> None:
         """`pending`: the step still in flight; a decode whose input is a PLACEHOLDER takes its token from there.
-        `non_blocking`: upload through pinned memory without waiting for the queue (async scheduling)."""
+        `non_blocking`: upload through pinned memory without waiting for the queue (async scheduling).
+        `device_tables`: with `table_width`, the step's table is gathered from rows kept on the device (only new
+        block ids are uploaded) instead of being padded and copied whole."""
         slots = [s.slot for s in seqs]  # a property over the adapter: read once per sequence
         order = sorted(range(len(seqs)), key=slots.__getitem__)
         self.order = order
@@ -170,8 +174,11 @@ class StepInputs:
         seq_lens = [s + n for s, n in zip(starts, qlens, strict=True)]
         ints = to_device(_host_tensor(seq_lens + q_indptr + seg_indptr + seg_slots, np.int32), device, non_blocking)
         self.seq_lens, self.q_indptr, self.seg_indptr, self.seg_slots = ints.split([nseq, nseq + 1, nseg + 1, nseg])
-        tables_t = _pad_tables(tables, width, torch.int32 if int32_tables else torch.long)
-        self.block_tables = to_device(tables_t, device, non_blocking)
+        if device_tables is not None and table_width is not None:
+            self.block_tables = device_tables.gather([seqs[i] for i in order], non_blocking)
+        else:
+            tables_t = _pad_tables(tables, width, torch.int32 if int32_tables else torch.long)
+            self.block_tables = to_device(tables_t, device, non_blocking)
         self.max_q_len = max(qlens)
         self.starts = starts
         self.query_lens = qlens
@@ -232,6 +239,11 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed)
         self.use_triton = triton_attention_available(self.device) and s.sliding_window is None
         self.table_width = -(-max_model_len // block_size) if self.use_triton else None
+        # graph steps' block tables, kept on the device across steps (block_table.py); rows for twice the batch so
+        # finished sequences' rows are reclaimed in sweeps, not every step
+        self.device_tables = (
+            DeviceBlockTables(2 * max_num_seqs, self.table_width, self.device) if self.table_width else None
+        )
         self.graph_runner = None  # decode CUDA graphs without LoRA (cuda_graph.CudaGraphRunner)
         self.graph_runner_lora = None  # ... and with the batched-LoRA ops over every slot
         self.mixed_runner = None  # graphs for steps with prefill tokens (cuda_graph.MixedGraphRunner), no LoRA
@@ -258,7 +270,15 @@ class ModelRunner:
         # graphs need the static width (eager steps do not): decode graphs, and mixed ones when captured
         width = self.table_width if graph_decode or self.mixed_runner is not None else None
         return StepInputs(
-            batch.seqs, batch.num_tokens, self.block_size, self.device, width, self.use_triton, pending, non_blocking
+            batch.seqs,
+            batch.num_tokens,
+            self.block_size,
+            self.device,
+            width,
+            self.use_triton,
+            pending,
+            non_blocking,
+            self.device_tables if self.use_triton else None,
         )
 
     def _graph_forward(
