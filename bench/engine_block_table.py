@@ -80,6 +80,9 @@ def main() -> None:
         "command": " ".join(["python -P", *sys.argv]),
         "device": {"cpu": platform.processor() or platform.machine(), "threads": 1},
         "commit": commit.stdout.strip() or None,
+        "note": "host time on CPU. The device-rows figure includes the step's gather of batch x width ids, which "
+        "is a memcpy here (most of the 128k figure: 4 MB) and a device kernel on a GPU; the padded figure excludes "
+        "the host-to-device copy of the padded table that a GPU step adds. Runs vary by ~2x at 32k.",
         "seqs": args.seqs,
         "context_tokens": "1024 - 8 * (i % 8)",
         "rows": rows,
