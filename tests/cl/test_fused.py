@@ -254,7 +254,7 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
             model=str(tiny_dir),
             max_num_batched_tokens=BUDGET,
             kv_cache_bytes=8 << 20,
-            adapter_roots=[str(root)],
+            adapter_roots=[str(root), str(tmp_path / "v")],  # the job publishes its last step there
             async_scheduling=async_scheduling,
         )
     )
@@ -274,6 +274,7 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
         record_activations=False,
         train_stream="fused",
         graph_tokens=32,
+        max_steps=2,
     )
     job = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics())
     assert eng.runner.rider is job.graphed and job.status()["coServing"]["effective"] == "fused"
@@ -299,8 +300,10 @@ def test_job_with_fused_placement_trains_inside_serving_steps(tmp_path, tiny_dir
             break
         job.work(BUDGET)
     assert job.trainer.step >= 2 and job.loss_ema is not None and math.isfinite(job.loss_ema)
-    job.stop()
+    assert job.phase == "Succeeded"  # done: it rides no more, and its adapter slot is serving's again
     assert eng.runner.rider is None and job.graphed.slot is None and eng.store.stats()["slots_pinned"] == 0
+    job.stop()
+    assert eng.runner.rider is None
 
 
 def test_rows_keep_their_own_lora_gemms_when_serving_would_lose_its_only_slot(tmp_path, tiny_dir):

@@ -585,6 +585,7 @@ class ContinualLearningJob:
             self._checkpoint()
         if last:
             self.phase = "Succeeded"
+            self._detach_rider()  # it rides no more steps: its graphs and adapter slot go back to serving
 
     # ---- checkpoints ----
     def _lora_from_checkpoint(self, c: Checkpoint, shape, device) -> TrainableLoRA:
@@ -785,6 +786,12 @@ class ContinualLearningJob:
         self.metrics.published_version.labels(self.spec.adapter).set(n)
         self._good = self._snapshot()
 
+    def _detach_rider(self) -> None:
+        """No more training rows in serving steps: the runner drops their graphs, the rider its adapter slot."""
+        runner = getattr(self.engine, "runner", None)
+        if self.graphed is not None and getattr(runner, "rider", None) is self.graphed:
+            runner.attach_rider(None)
+
     def version_step(self, version: str | None) -> int:
         return self.version_steps.get(version or "", 0)
 
@@ -798,9 +805,7 @@ class ContinualLearningJob:
             self._mbs.clear()
             self._run = None
             self._steps_undrained = 0
-            runner = getattr(self.engine, "runner", None)
-            if getattr(runner, "rider", None) is self.graphed:
-                runner.attach_rider(None)  # no more training rows in serving steps (their graphs go too)
+            self._detach_rider()
         self.trainer.opt.zero_grad(set_to_none=True)
 
     # ---- status ----
