@@ -175,7 +175,7 @@ def test_rows_ride_serving_steps_within_budget_and_train_exactly(tmp_path, tiny_
     t = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, root / "ad"), optim)
     ft = FusedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=1, chunk_tokens=16,
                       serving_busy=eng.has_unfinished_requests, key_window=key_window,
-                      lora_in_segments=segments)  # fmt: skip
+                      ride_lora="segments" if segments else "own")  # fmt: skip
     assert ft.kw == (None if key_window == 2048 else key_window)
     ride_lora_calls = []
     ride_lora = ft.ride_lora
@@ -326,9 +326,7 @@ def test_rows_keep_their_own_lora_gemms_when_serving_would_lose_its_only_slot(tm
     two.runner.attach_rider(ft)  # the same rider on a store with room: it claims a slot there
     assert ft.slot is not None and ft.store is two.store
     with pytest.raises(ValueError, match="ride_lora"):
-        from lorafleet.worker.training.job import _ride_lora_in_segments
-
-        _ride_lora_in_segments("shared")
+        FusedTrainer(t, max_tokens=40, max_prefix=64, ride_lora="shared")
 
 
 def test_the_latency_gate_holds_rows_back_without_sending_them_standalone(adapter_dir, tiny_model):

@@ -278,7 +278,7 @@ class ModelRunner:
             self.use_triton,
             pending,
             non_blocking,
-            self.device_tables if self.use_triton else None,
+            self.device_tables,
         )
 
     def _graph_forward(

@@ -291,14 +291,11 @@ class AdapterStore:
         if self._copy_stream is not None:  # an evicted adapter's upload into this slot may still be in flight
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         with torch.no_grad():
-            for key, a_stack in self._a.items():
+            for a_stack, b_stack, _ in self._groups.values():
                 a_stack[slot].zero_()
-                self._b[key][slot].zero_()
+                b_stack[slot].zero_()
             self.scales[slot] = scale
-        self._slots[slot] = holder
-        holder.slot = slot
-        for proj in holder.targets:
-            self._proj_users[proj] += 1
+        self._occupy(holder, slot)
         self.counters["slot_claims"] += 1
         return slot
 
@@ -351,6 +348,13 @@ class AdapterStore:
         for proj in av.targets:
             self._proj_users[proj] -= 1
 
+    def _occupy(self, av: AdapterVersion, slot: int) -> None:
+        """The bookkeeping of a filled slot, which `_free_slot` undoes."""
+        self._slots[slot] = av
+        av.slot = slot
+        for proj in av.targets:
+            self._proj_users[proj] += 1
+
     def _upload(self, av: AdapterVersion, slot: int) -> None:
         t0 = time.perf_counter()
         w = self._host_weights(av)
@@ -377,10 +381,7 @@ class AdapterStore:
             ev = torch.cuda.Event()
             ev.record(stream)
             av.ready = ev
-        self._slots[slot] = av
-        av.slot = slot
-        for proj in av.targets:
-            self._proj_users[proj] += 1
+        self._occupy(av, slot)
         self.counters["slot_loads"] += 1
         self.last_slot_load_seconds = time.perf_counter() - t0
 

@@ -51,6 +51,7 @@ PAD_SEG = -4  # key rows that pad the key buffer to KEY_ALIGN: no query row sees
 KEY_ALIGN = 16  # the memory-efficient attention kernel wants the mask's key dimension a multiple of this
 STALL_STEPS = 8  # serving steps without leftover budget before armed rows run standalone (min share)
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+RIDE_LORA = ("segments", "own")  # the training rows' LoRA: a segment of serving's shrink/expand, or own GEMMs
 
 
 class _Given(torch.autograd.Function):
@@ -190,10 +191,12 @@ class FusedTrainer(GraphedTrainer):
         serving_busy=None,
         ride_rows: int = 128,
         key_window: int | None = 2048,
-        lora_in_segments: bool = True,
+        ride_lora: str = "segments",
     ) -> None:
-        """`lora_in_segments`: when attached to a model runner, run the training rows' LoRA as a segment of the
-        serving step's shrink/expand over a store slot (`bind_slot`), not as the rider's own GEMMs."""
+        """`ride_lora`: "segments" runs the training rows' LoRA, once attached to a model runner, as a segment of
+        the serving step's shrink/expand over a store slot (`bind_slot`); "own" keeps the rider's own GEMMs."""
+        if ride_lora not in RIDE_LORA:
+            raise ValueError(f"ride_lora must be one of {RIDE_LORA}, got {ride_lora!r}")
         super().__init__(trainer, max_tokens, max_prefix, use_graphs=False, layers_per_piece=1, stream="serving")
         L = trainer.model.shape.num_layers
         self.layers_per_piece = max(1, min(layers_per_piece, L))
@@ -216,7 +219,7 @@ class FusedTrainer(GraphedTrainer):
         self._piece_graphs: dict = {}
         self._fwd_graph = None  # the standalone forward chunk (ride_rows rows, no serving rows)
         self.key_window = key_window
-        self.lora_in_segments = lora_in_segments
+        self.lora_in_segments = ride_lora == "segments"
         self.store = None  # the serving AdapterStore whose slot `slot` holds the job's LoRA (bind_slot)
         self.slot: int | None = None
         self._alloc()
@@ -342,9 +345,7 @@ class FusedTrainer(GraphedTrainer):
         slot = store.claim_slot(lora.targets, lora.scale)
         if slot is None:
             return False
-        self.store, self.slot = store, slot
-        with self._ctx():
-            self.refresh_lora()
+        self.store, self.slot = store, slot  # filled when the next micro-batch is armed (`refresh_lora`)
         return True
 
     def release_slot(self) -> None:

@@ -99,12 +99,6 @@ class JobSpec:
     serving_sms: int = 16  # SMs left to serving alone when train_stream is partition
 
 
-def _ride_lora_in_segments(how: str) -> bool:
-    if how not in ("segments", "own"):
-        raise ValueError(f"ride_lora must be segments|own, got {how!r}")
-    return how == "segments"
-
-
 @dataclass
 class _GroupStats:
     """Loss accounting of one accumulation group (groups overlap in flight on the asynchronous path)."""
@@ -264,7 +258,7 @@ class ContinualLearningJob:
                 layers_per_piece=spec.graph_layers or 2,
                 serving_busy=engine.has_unfinished_requests,
                 ride_rows=spec.ride_rows,
-                lora_in_segments=_ride_lora_in_segments(spec.ride_lora),
+                ride_lora=spec.ride_lora,
             )
             runner.attach_rider(self.graphed)
             self.scheduler = OverlapController(self.scheduler.cfg)
