@@ -14,6 +14,26 @@ from lorafleet.worker.testing import TinyLlamaSpec, build_peft_adapter, build_ti
 
 torch.set_num_threads(1)
 
+F32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def f32_bound_close(got: torch.Tensor, want: torch.Tensor, n_terms: int) -> None:
+    """Asserts two float32 results of the same math (summed in another order) agree within a float32 error bound.
+
+    Reordering a sum of n float32 products changes it by at most ~n * eps * sum|terms| (Higham's gamma_n); the
+    terms' magnitudes are bounded here by the reference's largest element, so the absolute tolerance is
+    n * eps * max|want|. It holds on any x86 CPU and thread count, where a fixed atol (1e-7) depends on which
+    kernel the BLAS library picks; it is still 10^3-10^4 times tighter than any bug that drops or doubles a term.
+    """
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=n_terms * F32_EPS, atol=n_terms * F32_EPS * scale)
+
+
+@pytest.fixture()
+def grad_close():
+    """f32_bound_close for a test's gradients (a fixture, since conftest modules are not imported by tests)."""
+    return f32_bound_close
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):

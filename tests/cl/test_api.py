@@ -236,8 +236,10 @@ def test_version_switch_under_concurrent_streams(worker, tiny_dir, tmp_path, pla
     st = c.get("/v1/training/jobs/live").json()
     assert st["steps"] >= 3
     assert (st["latency"]["targetMs"], st["latency"]["percentile"]) == (1000, 99.0)
-    ratio = st["latency"]["observedRatio"]  # None until 16 requests finished after the job started
-    assert ratio is None or 0 < ratio < 0.5  # CPU TPOTs are milliseconds against a 1 s target
+    # None until 16 requests finished after the job started. Its size depends on how busy the CPU is, so only its
+    # sign is asserted here; how the guard reacts to it is tests/cl/test_tpot_guard.py's, on a simulated clock.
+    ratio = st["latency"]["observedRatio"]
+    assert ratio is None or ratio > 0
     assert st["coServing"]["effective"] == ("fused" if placement == "fused" else "eager")
     if placement == "fused":
         assert svc.jobs["live"].graphed.rows_ridden > 0  # rows really shared serving steps
