@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.pipeline import LayerwiseGroup, LayerwiseSequence
 from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
