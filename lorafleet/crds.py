@@ -237,7 +237,7 @@ class LoRAHyperparameters(_Model):
 class PublishPolicy(_Model):
     every_steps: Annotated[int, Field(ge=1)] = 100
     on_heldout_improvement: bool = False
-    min_improvement: Annotated[float, Field(ge=0)] = 0.0
+    min_improvement: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class CheckpointPolicy(_Model):
@@ -284,6 +284,13 @@ class PublishedVersion(_Model):
     heldout_loss: float | None = None
 
 
+class RefusedVersion(_Model):
+    step: Annotated[int, Field(ge=0)]
+    reason: Annotated[str, Field(max_length=256)]
+    heldout_loss: float | None = None
+    serving_heldout_loss: float | None = None
+
+
 class ContinualLearningJobStatus(_Model):
     phase: Literal["Pending", "Running", "Paused", "Succeeded", "Failed"] | None = None
     steps: Annotated[int, Field(ge=0)] | None = None
@@ -293,6 +300,7 @@ class ContinualLearningJobStatus(_Model):
     tpot_ratio: Annotated[float, Field(ge=0)] | None = None
     co_serving: Annotated[str, Field(max_length=32)] | None = None
     published_versions: Annotated[list[PublishedVersion], Field(max_length=MAX_PUBLISHED_VERSIONS)] | None = None
+    refused_versions: Annotated[list[RefusedVersion], Field(max_length=8)] | None = None
     conditions: Conditions | None = None
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     kopf: dict[str, Any] | None = None

@@ -7,6 +7,7 @@ CR fields without a worker counterpart (e.g. `lora.dropout`) are dropped here, n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -19,6 +20,7 @@ PHASES = {
     "Failed": "Failed",
 }
 MAX_VERSIONS_IN_STATUS = 20
+MAX_REFUSED_IN_STATUS = 5
 
 
 def job_request(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,7 +53,7 @@ def job_request(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     if lo:
         req["lora"] = lo
     pub = spec.get("publish") or {}
-    p = {k: pub[k] for k in ("everySteps", "onHeldoutImprovement") if pub.get(k) is not None}
+    p = {k: pub[k] for k in ("everySteps", "onHeldoutImprovement", "minImprovement") if pub.get(k) is not None}
     if p:
         req["publish"] = p
     ckpt = {k: v for k, v in (spec.get("checkpoint") or {}).items() if k in ("everySteps", "keep") and v is not None}
@@ -92,6 +94,9 @@ def job_status(worker_status: Mapping[str, Any]) -> dict[str, Any]:
         "tokensTrained": int(worker_status.get("tokensTrained") or 0),
         "publishedVersions": versions,
     }
+    refused = refused_versions(worker_status)
+    if refused:
+        out["refusedVersions"] = refused
     if worker_status.get("loss") is not None:
         out["loss"] = float(worker_status["loss"])
     if worker_status.get("share") is not None:
@@ -103,6 +108,31 @@ def job_status(worker_status: Mapping[str, Any]) -> dict[str, Any]:
     if effective:
         out["coServing"] = str(effective)[:32]
     return out
+
+
+def refused_versions(worker_status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The newest candidates the worker refused (NaN, loss spike, or the held-out gate: a candidate whose held-out
+    loss does not beat the serving version's), bounded, as CR status entries."""
+    out = []
+    for r in (worker_status.get("refusedVersions") or [])[-MAX_REFUSED_IN_STATUS:]:
+        entry: dict[str, Any] = {"step": int(r.get("step") or 0), "reason": str(r.get("reason") or "")[:256]}
+        for key in ("heldoutLoss", "servingHeldoutLoss"):
+            if isinstance(r.get(key), int | float) and math.isfinite(r[key]):
+                entry[key] = float(r[key])
+        out.append(entry)
+    return out
+
+
+def new_refusals(cr_status: Mapping[str, Any], worker_status: Mapping[str, Any]) -> list[str]:
+    """Event messages for the refused candidates the CR status does not show yet (steps after its newest refusal):
+    one Warning per refusal, however often the status is synced."""
+    shown = [int(r.get("step") or 0) for r in cr_status.get("refusedVersions") or []]
+    after = max(shown) if shown else -1
+    return [
+        f"candidate at step {r['step']} not published, the serving version keeps serving: {r['reason']}"
+        for r in refused_versions(worker_status)
+        if r["step"] > after
+    ]
 
 
 def choose_trainer(candidates: list[tuple[str, bool, int, float]], recorded: str | None = None) -> str | None:

@@ -201,6 +201,8 @@ async def cljob_sync(
     fallback = training.placement_fallback(body.get("status") or {}, st)
     if fallback:
         kopf.warn(body, reason="CoServingFallback", message=fallback)
+    for refusal in training.new_refusals(body.get("status") or {}, st):
+        kopf.warn(body, reason="VersionRefused", message=refusal)
     latency = training.latency_condition((body.get("status") or {}).get("conditions"), st)
     if latency is not None and latency.flipped:
         if latency.met:

@@ -72,3 +72,16 @@ def test_stash_ring_evicts_oldest_and_counts():
     st.begin("short", "ad", 1, 0, num_layers=1)
     st.add("short", 0, kv, kv)
     assert not st.finish("short", [1, 2])
+
+
+def test_heldout_gate_compares_with_the_serving_version_and_asks_for_min_improvement():
+    pub = VersionPublisher(PublishPolicy(on_heldout_improvement=True, min_improvement=0.1), publish_fn=lambda s, d: 1)
+    assert pub.check(1.0, True, 5.0) is None  # no reference at all (nothing measured yet): published
+    assert pub.check(1.0, True, 0.89, serving_heldout=1.0) is None  # 11% better than the serving version
+    why = pub.check(1.0, True, 0.95, serving_heldout=1.0)  # better, but by less than 10%
+    assert why == "no held-out improvement: 0.95 >= 0.9 (the serving version's 1)"
+    pub.record(5, 2, 1.0, 2.0, "/x")
+    assert "the best published 2" in pub.check(1.0, True, 1.9)  # without the serving version's loss: the best
+    pub.refuse(10, why, 0.95, 1.0)
+    assert pub.refused[-1] == {"step": 10, "reason": why, "heldoutLoss": 0.95, "servingHeldoutLoss": 1.0}
+    assert VersionPublisher(PublishPolicy(), publish_fn=lambda s, d: 1).check(1.0, True, 9.0, 1.0) is None  # off

@@ -20,7 +20,7 @@ def test_sample_job_translates_to_the_worker_api() -> None:
         "feedback": {"kinds": ["accept", "correction", "pair", "reward"], "minReward": 0.5},
         "optimizer": {"lr": 0.0002, "weightDecay": 0.01, "betas": [0.9, 0.999], "gradAccumulation": 4},
         "lora": {"rank": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "publish": {"everySteps": 50, "onHeldoutImprovement": True},
+        "publish": {"everySteps": 50, "onHeldoutImprovement": True, "minImprovement": 0.01},
         "checkpoint": {"everySteps": 25, "keep": 3},
         "replayRatio": 0.2,
         "maxActivationStaleness": 4,
@@ -100,6 +100,8 @@ def test_crd_bounds_are_what_the_worker_accepts() -> None:
     assert co["placement"]["enum"] == wco["placement"]["enum"] == ["serving", "beside", "partition", "fused"]
     assert (co["servingSMs"]["minimum"], co["servingSMs"]["maximum"]) == (wco["servingSMs"]["minimum"], 1024)
     assert wco["servingSMs"]["maximum"] == 1024
+    gate, wgate = spec["publish"]["properties"]["minImprovement"], worker["$defs"]["PublishSpec"]["properties"]
+    assert (gate["maximum"], gate.get("exclusiveMaximum")) == (wgate["minImprovement"]["exclusiveMaximum"], True)
 
 
 def test_trainer_choice_keeps_the_recorded_pod_then_spreads_jobs() -> None:
@@ -136,3 +138,39 @@ def test_latency_condition_turns_false_on_a_miss_and_true_only_well_under_the_ta
 
     for result in (first, missed, back):
         Condition.model_validate({**cond(result)[0], "message": result[2]})  # within the CRD's condition schema
+
+
+def test_refused_candidates_reach_the_status_and_one_event_each() -> None:
+    why = "no held-out improvement: 2.5 >= 2.1 (the serving version's 2.1)"
+    worker = {
+        "phase": "Running",
+        "refusedVersions": [{"step": s, "reason": why, "heldoutLoss": 2.5, "servingHeldoutLoss": 2.1} for s in (10, 20)]
+        + [{"step": 30, "reason": "loss spike: 9 > 2 x 3", "heldoutLoss": float("nan")}],
+    }
+    out = training.job_status(worker)
+    assert out["refusedVersions"] == [
+        {"step": 10, "reason": why, "heldoutLoss": 2.5, "servingHeldoutLoss": 2.1},
+        {"step": 20, "reason": why, "heldoutLoss": 2.5, "servingHeldoutLoss": 2.1},
+        {"step": 30, "reason": "loss spike: 9 > 2 x 3"},  # a NaN is no JSON number: left out
+    ]
+    from lorafleet.crds import ContinualLearningJobStatus
+
+    ContinualLearningJobStatus.model_validate(out)  # within the CRD's status schema
+    many = {"refusedVersions": [{"step": s, "reason": "x" * 999} for s in range(12)]}
+    bounded = training.job_status(many)["refusedVersions"]
+    assert [r["step"] for r in bounded] == [7, 8, 9, 10, 11] and len(bounded[0]["reason"]) == 256
+    assert "refusedVersions" not in training.job_status({"phase": "Running"})
+    events = training.new_refusals({}, worker)
+    assert events[0] == f"candidate at step 10 not published, the serving version keeps serving: {why}"
+    assert len(events) == 3
+    assert training.new_refusals({"refusedVersions": out["refusedVersions"][:2]}, worker) == [
+        "candidate at step 30 not published, the serving version keeps serving: loss spike: 9 > 2 x 3"
+    ]
+    assert training.new_refusals(out, worker) == []  # already shown: no repeat on the next sync
+    gate = training.job_request(
+        "j", {"adapter": "a", "publish": {"onHeldoutImprovement": True, "minImprovement": 0.02}}
+    )
+    assert gate["publish"] == {"onHeldoutImprovement": True, "minImprovement": 0.02}
+    from lorafleet.worker.training.spec import JobRequest
+
+    assert JobRequest.model_validate(gate).to_spec().publish.min_improvement == 0.02

@@ -746,13 +746,27 @@ class ContinualLearningJob:
             return None
         return self.trainer.eval_loss([TrainSample(s.prompt_ids, s.completion_ids) for s in self.heldout])
 
+    def serving_heldout(self) -> float | None:
+        """The held-out loss of the serving version's weights (the last published or resumed ones, `_good`) on the
+        current held-out samples: the held-out gate's reference. The live weights are restored afterwards."""
+        if not self.heldout:
+            return None
+        live = {k: v.detach().clone() for k, v in self.lora.state_dict().items()}
+        self.lora.load_state_dict(self._good["lora"])
+        try:
+            return self.evaluate_heldout()
+        finally:
+            self.lora.load_state_dict(live)
+
     def _publish(self, reason_ok: bool, initial: bool = False) -> None:
         step = self.trainer.step
         heldout = None if initial else self.evaluate_heldout()
         if not reason_ok:
-            why = self.publisher.check(self.last_loss, self.lora.finite(), heldout)
+            gate = self.spec.publish.on_heldout_improvement and heldout is not None
+            serving = self.serving_heldout() if gate else None
+            why = self.publisher.check(self.last_loss, self.lora.finite(), heldout, serving)
             if why is not None:
-                self.publisher.refuse(step, why)
+                self.publisher.refuse(step, why, heldout, serving)
                 self.metrics.refused_versions.labels(self.spec.adapter).inc()
                 self.message = f"refused candidate at step {step}: {why}"
                 log.warning("job %s: %s", self.spec.name, self.message)

@@ -62,6 +62,7 @@ class PublishSpec(_Strict):
     onHeldoutImprovement: bool = False
     heldoutFraction: float = Field(0.1, ge=0.0, le=0.5)
     maxLossSpike: float = Field(2.0, gt=1.0)
+    minImprovement: float = Field(0.0, ge=0.0, lt=1.0)  # with onHeldoutImprovement: relative, over the serving one
 
 
 class CheckpointSpec(_Strict):
@@ -141,6 +142,7 @@ class JobRequest(_Strict):
                 every_steps=self.publish.everySteps,
                 on_heldout_improvement=self.publish.onHeldoutImprovement,
                 max_loss_spike=self.publish.maxLossSpike,
+                min_improvement=self.publish.minImprovement,
             ),
             heldout_fraction=self.publish.heldoutFraction,
             replay_ratio=self.replayRatio,

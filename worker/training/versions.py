@@ -5,6 +5,9 @@ through the PEFT loader, so a version must be a plain PEFT directory (`adapter_c
 `adapter_model.safetensors`, keys `base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_{A|B}.weight`).
 A version is written to a fresh directory and renamed into place, so a reader never sees half a version. A candidate
 with NaN/inf weights or loss, or a loss spike over `max_loss_spike` x the running loss, is refused and reported.
+With `on_heldout_improvement` (the held-out gate) a candidate must also beat the *serving* version's loss on the same
+held-out samples by `min_improvement` (relative): the held-out set grows with the feedback, so a loss recorded at
+an earlier publish is no reference, and the first trained candidate must beat the version it would replace.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class PublishPolicy:
     every_steps: int = 20
     on_heldout_improvement: bool = False
     max_loss_spike: float = 2.0
+    min_improvement: float = 0.0  # relative held-out loss improvement over the serving version the gate asks for
 
 
 @dataclass
@@ -140,8 +144,15 @@ class VersionPublisher:
         if math.isfinite(loss):
             self._loss_ref = loss if self._loss_ref is None else 0.9 * self._loss_ref + 0.1 * loss
 
-    def check(self, loss: float | None, weights_finite: bool, heldout_loss: float | None) -> str | None:
-        """Returns why the candidate must be refused, or None if it may be published."""
+    def check(
+        self,
+        loss: float | None,
+        weights_finite: bool,
+        heldout_loss: float | None,
+        serving_heldout: float | None = None,
+    ) -> str | None:
+        """Returns why the candidate must be refused, or None if it may be published. `serving_heldout`: the serving
+        version's loss on the same held-out samples (the gate's reference; without it, the best published one)."""
         if not weights_finite:
             return "non-finite adapter weights"
         if loss is not None and not math.isfinite(loss):
@@ -150,13 +161,24 @@ class VersionPublisher:
             return f"loss spike: {loss:.4g} > {self.policy.max_loss_spike} x {self._loss_ref:.4g}"
         if heldout_loss is not None and not math.isfinite(heldout_loss):
             return f"non-finite held-out loss {heldout_loss}"
-        if self.policy.on_heldout_improvement and heldout_loss is not None and heldout_loss >= self._best_heldout:
-            return f"no held-out improvement: {heldout_loss:.4g} >= {self._best_heldout:.4g}"
+        if self.policy.on_heldout_improvement and heldout_loss is not None:
+            ref = serving_heldout if serving_heldout is not None else self._best_heldout
+            need = ref * (1.0 - self.policy.min_improvement)
+            if heldout_loss >= need:
+                what = "the serving version's" if serving_heldout is not None else "the best published"
+                return f"no held-out improvement: {heldout_loss:.4g} >= {need:.4g} ({what} {ref:.4g})"
         return None
 
-    def refuse(self, step: int, reason: str) -> None:
+    def refuse(
+        self, step: int, reason: str, heldout: float | None = None, serving_heldout: float | None = None
+    ) -> None:
         self._last_step = step
-        self.refused.append({"step": step, "reason": reason})
+        entry: dict = {"step": step, "reason": reason}
+        if heldout is not None:
+            entry["heldoutLoss"] = heldout
+        if serving_heldout is not None:
+            entry["servingHeldoutLoss"] = serving_heldout
+        self.refused.append(entry)
 
     def record(self, step: int, version: int, loss: float | None, heldout: float | None, path: Path) -> VersionRecord:
         self._last_step = step
