@@ -31,6 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--adapter-root", action="append", default=[], help="directory adapters may be loaded from")
     p.add_argument(
+        "--source-cache",
+        default=None,
+        help="directory of downloaded s3:// and hf:// sources (default $LORAFLEET_SOURCE_CACHE or "
+        "$LORAFLEET_CACHE/sources)",
+    )
+    p.add_argument("--source-cache-bytes", type=int, default=20 << 30, help="bound of the source cache")
+    p.add_argument(
+        "--claim-root", default="/var/lib/lorafleet/claims", help="where pvc://CLAIM/... sources are mounted"
+    )
+    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3)")
+    p.add_argument(
         "--lora-modules", action="append", default=[], metavar="NAME=PATH", help="adapters to load at start-up"
     )
     p.add_argument("--admin-token-file", default=None, help=f"bearer token for admin endpoints (or env {TOKEN_ENV})")
@@ -136,6 +147,8 @@ def build_worker(args: argparse.Namespace):
     """(app, runner) for these arguments; the runner is started (the model loads in its thread)."""
     from lorafleet.worker.api import ApiSettings, create_app
     from lorafleet.worker.async_engine import AsyncEngineRunner
+    from lorafleet.worker.lora.sources.resolver import SourceResolver
+    from lorafleet.worker.lora.sources.uri import scheme_of
     from lorafleet.worker.metrics import WorkerMetrics
 
     cfg = engine_config(args)
@@ -148,11 +161,21 @@ def build_worker(args: argparse.Namespace):
         max_model_len=args.max_model_len,
     )
     metrics = WorkerMetrics(served, max_loras=args.max_loras, max_adapter_labels=args.max_adapter_labels)
+    sources = SourceResolver(
+        args.source_cache,
+        args.source_cache_bytes,
+        args.claim_root,
+        registry=metrics.registry,
+        s3_endpoint_url=args.s3_endpoint_url,
+    )
 
     def factory():
         from lorafleet.worker.engine.llm_engine import LLMEngine
 
+        if scheme_of(cfg.model) in ("s3", "hf", "pvc"):  # the weights land in the cache before the engine reads them
+            cfg.model = str(sources.fetch(cfg.model, "model"))
         engine = LLMEngine(cfg)
+        engine.store.resolvers.update(sources.adapter_resolvers())
         for name, path in modules:
             engine.load_adapter(name, path)
             log.info("adapter loaded", extra={"adapter": name, "path": path})
@@ -162,6 +185,7 @@ def build_worker(args: argparse.Namespace):
     runner = AsyncEngineRunner(factory, metrics=metrics, max_waiting=args.max_waiting)
     runner.start()
     app = create_app(runner, settings)
+    app.state.sources = sources
     return app, runner
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm from the Go
-# module proxy with the machine's Go. No release downloads are reachable here, so everything is compiled.
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm and versitygw (the
+# S3-compatible server of the store tests) from the Go module proxy with the machine's Go. No release downloads are reachable here, so everything is compiled.
 # Binaries land in ~/.cache/lorafleet/bin/<component>-<version>/ and are built once per machine.
 # Prints the bin directory of each component on stdout as NAME=DIR lines at the end (for eval).
 set -euo pipefail
@@ -122,8 +122,10 @@ helm_ldflags() {
 }
 [[ "$which" == all || "$which" == *helm* ]] && build_plain helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
 [[ "$which" == all || "$which" == *k8s* ]] && build_k8s
+[[ "$which" == all || "$which" == *versitygw* ]] && build_plain versitygw "$VERSITYGW_VERSION" github.com/versity/versitygw/cmd/versitygw
 log "all control-plane binaries ready in $(( $(date +%s) - start ))s"
 echo "K8S_BIN=$bin_root/k8s-$K8S_VERSION"
 echo "ETCD_BIN=$bin_root/etcd-$ETCD_VERSION"
 echo "KWOK_BIN=$bin_root/kwok-$KWOK_VERSION"
 echo "HELM_BIN=$bin_root/helm-$HELM_VERSION"
+echo "VERSITYGW_BIN=$bin_root/versitygw-$VERSITYGW_VERSION"

@@ -21,6 +21,7 @@ DEFAULT_VERSIONS = {
     "ETCD_VERSION": "v3.6.16",
     "KWOK_VERSION": "v0.8.0",
     "HELM_VERSION": "v3.21.4",
+    "VERSITYGW_VERSION": "v1.8.0",
 }
 
 
@@ -93,3 +94,21 @@ def binaries(build: bool = True) -> Binaries:
     if found.missing():
         raise FileNotFoundError(f"build finished but binaries are still missing: {found.missing()}")
     return found
+
+
+def versitygw(build: bool = True) -> Path:
+    """The S3-compatible server the store tests run (versitygw, Apache-2.0, an S3 gateway over a directory); built
+    by build.sh like the control plane, under the same lock."""
+    path = cache_dir() / "bin" / f"versitygw-{versions()['VERSITYGW_VERSION']}" / "versitygw"
+    if os.access(path, os.X_OK) or not build or not BUILD_SCRIPT.exists():
+        if not os.access(path, os.X_OK):
+            raise FileNotFoundError(f"{path} missing; run {BUILD_SCRIPT} versitygw")
+        return path
+    lock_path = cache_dir() / "build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.access(path, os.X_OK):
+            env = {**os.environ, "LORAFLEET_BUILD_LOCK_HELD": "1"}
+            subprocess.run(["bash", str(BUILD_SCRIPT), "versitygw"], check=True, stdout=subprocess.DEVNULL, env=env)
+    return path

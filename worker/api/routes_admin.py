@@ -11,6 +11,7 @@ wrong → 403. The token is compared in constant time.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from lorafleet.worker.api.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdap
 from lorafleet.worker.api.serving import check_serving
 from lorafleet.worker.api.settings import ApiSettings
 from lorafleet.worker.async_engine import AsyncEngineRunner
+from lorafleet.worker.lora.sources.uri import is_remote
 
 
 def require_admin(request: Request) -> None:
@@ -53,6 +55,16 @@ async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest) -> P
         raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", err_type="InvalidUserInput")
     if name == settings.served_model_name:
         raise APIError(400, f"'{name}' is the base model's name", param="lora_name", err_type="InvalidUserInput")
+
+    sources = getattr(request.app.state, "sources", None)
+    if sources is not None and is_remote(path):
+        # s3:// and hf:// downloads run here, off the engine thread; the engine then reads the verified cache entry
+        try:
+            await asyncio.to_thread(sources.fetch, path)
+        except ValueError as exc:  # SourceError: names the source; the current version keeps serving
+            raise APIError(
+                400, f"Loading lora {name} failed: {exc}", param="lora_path", err_type="InvalidUserInput"
+            ) from exc
 
     def load(engine):
         if name in engine.store.names() and not body.load_inplace:
