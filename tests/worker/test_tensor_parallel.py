@@ -44,7 +44,7 @@ seqs, slots_of = batch["seqs"], batch["slots"]
 ids = torch.tensor([t for s in seqs for t in s])
 pos = torch.tensor([p for s in seqs for p in range(len(s))])
 indptr = torch.tensor([0] + [sum(len(s) for s in seqs[: i + 1]) for i in range(len(seqs))])
-slots = ShardedSlots(lws, plan, max_rank=8, dtype=torch.float32)
+slots = ShardedSlots.of(lws, plan, max_rank=8, dtype=torch.float32)
 ctx = ShardedSegmentLoRAContext(slots, indptr, torch.tensor(slots_of), g)
 attn = DenseAttentionContext(model.attn_scale, seq_lens=[len(s) for s in seqs])
 with torch.no_grad():
@@ -68,7 +68,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(world: int, model_dir: Path, adapters: list[str], batch: dict, out: Path) -> list[dict]:
+def _run(
+    world: int,
+    model_dir: Path,
+    adapters: list[str],
+    batch: dict,
+    out: Path,
+    script: str = RANK_SCRIPT,
+    ranks: list[int] | None = None,
+) -> list[dict]:
+    """Starts `world` rank processes of `script`; returns what the ranks in `ranks` (default: all) saved."""
     out.mkdir(parents=True, exist_ok=True)
     port = str(_free_port())
     procs = []
@@ -82,12 +91,12 @@ def _run(world: int, model_dir: Path, adapters: list[str], batch: dict, out: Pat
             "GLOO_SOCKET_IFNAME": "lo",
             "OMP_NUM_THREADS": "1",
         }
-        args = [sys.executable, "-P", "-c", RANK_SCRIPT, str(model_dir), json.dumps(adapters), json.dumps(batch)]
+        args = [sys.executable, "-P", "-c", script, str(model_dir), json.dumps(adapters), json.dumps(batch)]
         procs.append(subprocess.Popen([*args, str(out)], env=env, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    return [torch.load(out / f"rank{r}.pt") for r in (range(world) if ranks is None else ranks)]
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -171,3 +180,79 @@ def test_adapter_bytes_per_rank_fall_with_tp(setup):
     assert all(r["slot_bytes"] * 2 == one for r in runs[2])  # every dimension divides by 2: exactly half
     # tp=4 over 2 KV heads: k/v B rows are held by two ranks each, everything else is a quarter
     assert all(one // 4 < r["slot_bytes"] < one // 2 for r in runs[4])
+
+
+STEP_SCRIPT = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from lorafleet.worker.loader import load_model
+from lorafleet.worker.parallel.executor import Leader, RankEngine, TPStep, follow
+from lorafleet.worker.parallel.group import init_from_env
+from lorafleet.worker.parallel.layers import shard_llama
+
+model_dir, adapters, batch, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+g = init_from_env("gloo")
+model, _ = load_model(model_dir, torch.device("cpu"), torch.float32)
+shard_llama(model, g)
+BS = 4
+engine = RankEngine(model, g, num_blocks=16, block_size=BS, num_slots=2, max_rank=8)
+if g.rank:
+    follow(engine)
+    sys.exit(0)
+lead = Leader(engine)
+lead.load(0, adapters[0])
+lead.load(1, adapters[1])
+seqs = [list(s) for s in batch["seqs"][:2]]
+tables = [list(range(0, 8)), list(range(8, 16))]
+slots = [0, 1]
+done = [0, 0]  # tokens already in the KV cache
+steps = []
+for it in range(7):
+    if it == 3:
+        lead.load(1, adapters[0])  # a new version replaces slot 1's adapter between steps
+    if it == 5:
+        lead.free(0)  # sequence 0 goes on without an adapter
+        slots[0] = -1
+    order = sorted(range(2), key=lambda i: slots[i])
+    ids, pos, smap, rows, starts, qlens, seg_slots, indptr = [], [], [], [], [], [], [], [0]
+    for i in order:
+        new = range(done[i], len(seqs[i]))
+        ids += [seqs[i][p] for p in new]
+        pos += list(new)
+        smap += [tables[i][p // BS] * BS + p % BS for p in new]
+        starts.append(done[i])
+        qlens.append(len(new))
+        rows.append(len(ids) - 1)
+        if seg_slots and seg_slots[-1] == slots[i]:
+            indptr[-1] = len(ids)
+        else:
+            seg_slots.append(slots[i])
+            indptr.append(len(ids))
+    t = lambda v: torch.tensor(v, dtype=torch.long)
+    step = TPStep(t(ids), t(pos), t(smap), t([tables[i] for i in order]), t(rows), t(indptr), t(seg_slots),
+                  starts, qlens)
+    logits = lead.forward(step)
+    steps.append(logits)
+    for row, i in enumerate(order):
+        done[i] = len(seqs[i])
+        seqs[i].append(int(logits[row].argmax()))
+lead.stop()
+torch.save({"steps": steps, "seqs": seqs}, f"{out}/rank0.pt")
+"""
+
+
+@pytest.mark.timeout(600)
+def test_leader_driven_paged_steps_equal_tp1(setup, tmp_path):
+    """Prefill then greedy decode over a paged KV cache sharded by heads, with an adapter replaced in its slot and
+    another freed between steps, all broadcast by the leader: tp=2 and tp=4 generate tp=1's tokens."""
+    model_dir, adapters, batch, _ = setup
+    runs = {}
+    for world in (1, 2, 4):
+        runs[world] = _run(world, model_dir, adapters, batch, tmp_path / f"w{world}", script=STEP_SCRIPT, ranks=[0])
+    ref = runs[1][0]
+    assert [len(s) for s in ref["seqs"]] == [len(s) + 7 for s in batch["seqs"][:2]]
+    for world in (2, 4):
+        got = runs[world][0]
+        assert got["seqs"] == ref["seqs"]
+        for a, b in zip(got["steps"], ref["steps"], strict=True):
+            _close(a, b)

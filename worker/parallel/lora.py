@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lorafleet.worker.lora.adapter import LoRAWeights
 from lorafleet.worker.parallel.group import TPGroup
-from lorafleet.worker.parallel.plan import COLUMN, ShardPlan, padded
+from lorafleet.worker.parallel.plan import COLUMN, ROW, ShardPlan, padded
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -83,26 +83,49 @@ def assemble_grads(
 
 
 class ShardedSlots:
-    """Stacked, padded slot tensors of one rank (the `SlotWeights` the single-GPU store exposes, sharded)."""
+    """One rank's adapter slots: stacked, padded, sharded tensors per (layer, projection), the `SlotWeights` view
+    the single-GPU adapter store gives the model. Every rank loads the same adapter into the same slot (the leader
+    says which, `executor.py`), each reading the files itself and keeping its shard."""
 
-    def __init__(self, adapters: Sequence[LoRAWeights], plan: ShardPlan, max_rank: int, dtype: torch.dtype) -> None:
-        self.plan = plan
-        self.scales = torch.tensor([lw.scale for lw in adapters], dtype=torch.float32)
-        keys = sorted({k for lw in adapters for k in lw.weights})
+    def __init__(
+        self, plan: ShardPlan, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
+        self.plan, self.max_rank = plan, max_rank
+        device = device or torch.device("cpu")
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self._stacks: dict[tuple[int, str], Pair] = {}
-        for key in keys:
-            pairs = []
-            for lw in adapters:
-                if key in lw.weights:
-                    pairs.append(shard_pair(key[1], *lw.weights[key], plan, max_rank))
-                else:  # a slot whose adapter skips this projection: zeros of the same shard shape
-                    fin, fout = plan.shape.proj_dims(key[1])
-                    z = shard_pair(key[1], torch.zeros(1, fin), torch.zeros(fout, 1), plan, max_rank)
-                    pairs.append(z)
-            self._stacks[key] = (
-                torch.stack([p[0] for p in pairs]).to(dtype),
-                torch.stack([p[1] for p in pairs]).to(dtype),
-            )
+        for layer in range(plan.shape.num_layers):
+            for proj in (*COLUMN, *ROW):
+                fin, fout = plan.shape.proj_dims(proj)
+                a, b = shard_pair(proj, torch.zeros(1, fin), torch.zeros(fout, 1), plan, max_rank)
+                self._stacks[(layer, proj)] = (
+                    torch.zeros(num_slots, *a.shape, dtype=dtype, device=device),
+                    torch.zeros(num_slots, *b.shape, dtype=dtype, device=device),
+                )
+
+    @classmethod
+    def of(cls, adapters: Sequence[LoRAWeights], plan: ShardPlan, max_rank: int, dtype: torch.dtype) -> ShardedSlots:
+        """Slots 0..n-1 holding `adapters` in order."""
+        slots = cls(plan, len(adapters), max_rank, dtype)
+        for i, lw in enumerate(adapters):
+            slots.load(i, lw)
+        return slots
+
+    def load(self, slot: int, lw: LoRAWeights) -> None:
+        """Writes this rank's shards of `lw` into `slot`; projections the adapter skips are zeroed."""
+        self.free(slot)
+        for key, (a, b) in lw.weights.items():
+            sa, sb = shard_pair(key[1], a, b, self.plan, self.max_rank)
+            ta, tb = self._stacks[key]
+            ta[slot].copy_(sa)
+            tb[slot].copy_(sb)
+        self.scales[slot] = lw.scale
+
+    def free(self, slot: int) -> None:
+        for ta, tb in self._stacks.values():
+            ta[slot].zero_()
+            tb[slot].zero_()
+        self.scales[slot] = 0.0
 
     def stacked(self, layer_idx: int, proj: str, always: bool = False) -> Pair | None:
         return self._stacks.get((layer_idx, proj))
