@@ -311,6 +311,58 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
     wait_for(lambda: len(fleet.routes("bob")) == 2, 30, 0.2, "bob back to 2 replicas")
 
 
+def test_a_candidate_worse_on_heldout_than_the_serving_version_is_refused_not_rolled_out(fleet: LocalFleet) -> None:
+    """The held-out gate through the operator: feedback whose completions are random words (nothing to learn, so
+    the held-out samples cannot get easier), a learning rate that wrecks the adapter in one step; the candidate is
+    refused (status `refusedVersions` with both held-out losses, a `VersionRefused` Event) and never rolled out."""
+    import random
+
+    token = fleet.admin_token(BM)
+    auth = {"Authorization": f"Bearer {token}"}
+    holder = fleet.routes("cat")[0][1]
+    served = {ep: fleet.worker_adapters(ep, token)["cat"]["path"] for _, ep in fleet.routes("cat")}
+    before = (fleet.get(c.ADAPTERS, "cat")["metadata"].get("annotations") or {}).get("lorafleet.io/published-source")
+    rng = random.Random(7)
+    words = ["harbor", "lantern", "copper", "violet", "engine", "meadow", "signal", "pepper", "glacier", "tunnel"]
+    for i in range(60):  # in the log before the job starts: it replays all of it (10% held out, by feedback id)
+        body = {
+            "adapter": "cat",
+            "kind": "pair",
+            "prompt": f"note {i}:",
+            "completion": " " + " ".join(rng.sample(words, 3)),
+        }
+        r = fleet.http.post(f"http://{holder}/v1/feedback", json=body, headers=auth)
+        assert r.status_code == 202, r.text
+    job = {
+        "apiVersion": "lorafleet.io/v1alpha1",
+        "kind": "ContinualLearningJob",
+        "metadata": {"name": "cat-gated"},
+        "spec": {
+            "adapter": "cat",
+            "optimizer": {"learningRate": 1.0, "gradAccumulation": 4, "maxSteps": 1},
+            "publish": {"everySteps": 1, "onHeldoutImprovement": True},
+            "replayRatio": 0.0,
+        },
+    }
+    fleet.create(c.CLJOBS, job)
+    st = wait_for(
+        lambda: (s := (fleet.get(c.CLJOBS, "cat-gated") or {}).get("status") or {}).get("refusedVersions") and s,
+        120,
+        0.5,
+        "a refused candidate in status",
+    )
+    refused = st["refusedVersions"][0]
+    assert refused["step"] == 1 and refused["reason"].startswith("no held-out improvement")
+    assert refused["heldoutLoss"] > refused["servingHeldoutLoss"] > 0
+    assert st["publishedVersions"] == []  # the job started from the adapter's own version and published nothing
+    wait_for(lambda: any(e.reason == "VersionRefused" for e in fleet.events_for("cat-gated")), 30, 0.2, "the Event")
+    notes = fleet.get(c.ADAPTERS, "cat")["metadata"].get("annotations") or {}
+    assert notes.get("lorafleet.io/published-source") == before  # nothing to roll out
+    assert {ep: fleet.worker_adapters(ep, token)["cat"]["path"] for ep in served} == served  # no replica reloaded
+    fleet.delete(c.CLJOBS, "cat-gated")
+    wait_for(lambda: fleet.get(c.CLJOBS, "cat-gated") is None, 30, 0.2, "job deleted")
+
+
 def test_delete_adapter_drains_unloads_and_unroutes(fleet: LocalFleet) -> None:
     token = fleet.admin_token(BM)
     holders = [ep for _, ep in fleet.routes("bob")]
