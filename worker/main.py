@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import signal
 from pathlib import Path
 
+from lorafleet.worker.names import InvalidName, adapter_name
+
 log = logging.getLogger("lorafleet.worker")
 
 TOKEN_ENV = "LORAFLEET_ADMIN_TOKEN"
+API_KEY_ENV = "VLLM_API_KEY"
+FEEDBACK_KEY_ENV = "LORAFLEET_FEEDBACK_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-modules", action="append", default=[], metavar="NAME=PATH", help="adapters to load at start-up"
     )
     p.add_argument("--admin-token-file", default=None, help=f"bearer token for admin endpoints (or env {TOKEN_ENV})")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"bearer key the OpenAI inference routes require (vLLM's flag; or env {API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--feedback-api-key", default=None, help=f"bearer key /v1/feedback requires (or env {FEEDBACK_KEY_ENV})"
+    )
+    p.add_argument(
+        "--feedback-adapter",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="adapter whose feedback is stored without a training job for it in the pool ('*': any adapter)",
+    )
+    p.add_argument("--max-request-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument(
+        "--chat-template-timeout", type=float, default=2.0, help="seconds a chat template may render before 400"
+    )
+    p.add_argument("--allowed-origins", type=json.loads, default=["*"], help="CORS origins, a JSON list (vLLM)")
+    p.add_argument("--allowed-methods", type=json.loads, default=["*"], help="CORS methods, a JSON list (vLLM)")
+    p.add_argument("--allowed-headers", type=json.loads, default=["*"], help="CORS headers, a JSON list (vLLM)")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (vLLM)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument(
         "--max-batched-tokens", "--max-num-batched-tokens", dest="max_batched_tokens", type=int, default=2048
@@ -106,8 +134,28 @@ def parse_lora_modules(specs: list[str]) -> list[tuple[str, str]]:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"lorafleet worker: --lora-modules expects NAME=PATH, got {spec!r}")
+        try:
+            adapter_name(name.strip())
+        except InvalidName as exc:
+            raise SystemExit(f"lorafleet worker: --lora-modules {exc}") from exc
         out.append((name.strip(), path.strip()))
     return out
+
+
+def read_key(value: str | None, env: str) -> str | None:
+    """A key from its flag, else from the environment; None (the route's key check is off) when neither is set."""
+    key = (value if value is not None else os.environ.get(env, "")).strip()
+    return key or None
+
+
+def feedback_adapters(names: list[str]) -> tuple[str, ...]:
+    for name in names:
+        if name != "*":
+            try:
+                adapter_name(name)
+            except InvalidName as exc:
+                raise SystemExit(f"lorafleet worker: --feedback-adapter {exc}") from exc
+    return tuple(names)
 
 
 def engine_config(args: argparse.Namespace):
@@ -158,7 +206,16 @@ def build_worker(args: argparse.Namespace):
         served_model_name=served,
         model_path=args.model,
         admin_token=read_admin_token(args.admin_token_file),
+        api_key=read_key(args.api_key, API_KEY_ENV),
+        feedback_api_key=read_key(args.feedback_api_key, FEEDBACK_KEY_ENV),
+        feedback_adapters=feedback_adapters(args.feedback_adapter),
         max_model_len=args.max_model_len,
+        max_body_bytes=args.max_request_body_bytes,
+        chat_template_timeout_s=args.chat_template_timeout,
+        allowed_origins=list(args.allowed_origins),
+        allowed_methods=list(args.allowed_methods),
+        allowed_headers=list(args.allowed_headers),
+        allow_credentials=args.allow_credentials,
     )
     metrics = WorkerMetrics(served, max_loras=args.max_loras, max_adapter_labels=args.max_adapter_labels)
     sources = SourceResolver(
@@ -219,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "host": args.host,
             "port": args.port,
-            "admin_auth": bool(app.state.settings.admin_token),
+            "admin_auth": bool(app.state.settings.admin_token),  # whether there is one; the token is never logged
+            "api_key": bool(app.state.settings.api_key),
+            "feedback_api_key": bool(app.state.settings.feedback_api_key),
         },
     )
     # uvicorn shuts down gracefully on SIGTERM/SIGINT and then re-raises the signal to the handler that was there

@@ -57,7 +57,7 @@ WORKER = """
 import sys, time, torch
 torch.set_num_threads(1)
 from lorafleet.worker.api.testing import start_worker
-w = start_worker(sys.argv[1], adapter_roots=[sys.argv[2]], max_num_batched_tokens=64)
+w = start_worker(sys.argv[1], adapter_roots=[sys.argv[2]], max_num_batched_tokens=64, api={"feedback_adapters": ("*",)})
 print(w.url, flush=True)
 time.sleep(3600)
 """

@@ -109,7 +109,9 @@ def worker(tmp_path, tiny_dir):
     build_peft_adapter(root / "ad", tiny_dir, rank=4, alpha=8, seed=7, std=0.2)
     os.environ["LORAFLEET_TRAINING_DIR"] = str(tmp_path / "train")
     try:
-        w = start_worker(str(tiny_dir), adapter_roots=[str(root)], max_num_batched_tokens=64)
+        w = start_worker(
+            str(tiny_dir), adapter_roots=[str(root)], max_num_batched_tokens=64, api={"feedback_adapters": ("ad",)}
+        )
     finally:
         del os.environ["LORAFLEET_TRAINING_DIR"]
     w.call(lambda e: e.load_adapter("ad", str(root / "ad"), "v0"))

@@ -15,11 +15,11 @@ torch.set_num_threads(2)
 
 # name -> (rank, use_rslora, targets, seed); ranks differ on purpose (padded slots of mixed ranks)
 ADAPTERS = {
-    "ad_r4": (4, False, None, 11),
-    "ad_r8": (8, False, None, 12),
-    "ad_r16rs": (16, True, None, 13),
-    "ad_r2qv": (2, False, ["q_proj", "v_proj"], 14),
-    "ad_r8v2": (8, False, None, 15),
+    "ad-r4": (4, False, None, 11),
+    "ad-r8": (8, False, None, 12),
+    "ad-r16rs": (16, True, None, 13),
+    "ad-r2qv": (2, False, ["q_proj", "v_proj"], 14),
+    "ad-r8v2": (8, False, None, 15),
 }
 
 

@@ -83,19 +83,19 @@ def test_cold_request_waits_at_most_the_bound_plus_one_drain(make_engine, adapte
     within max_wait steps plus the time one slot needs to drain (its running requests' remaining tokens)."""
     max_wait = 10
     eng = make_engine(max_loras=2, max_num_seqs=8, max_admission_wait_steps=max_wait)
-    for n in ("ad_r4", "ad_r8", "ad_r16rs"):
+    for n in ("ad-r4", "ad-r8", "ad-r16rs"):
         eng.load_adapter(n, str(adapters[n]))
     k = 0
 
     def feed(count):
         nonlocal k
         for _ in range(count):
-            eng.add_request(f"hot{k}", [11, 12, 13 + k % 50], PARAMS, ("ad_r4", "ad_r8")[k % 2])
+            eng.add_request(f"hot{k}", [11, 12, 13 + k % 50], PARAMS, ("ad-r4", "ad-r8")[k % 2])
             k += 1
 
     feed(4)
     eng.step()
-    eng.add_request("cold", [14, 15, 16], PARAMS, "ad_r16rs")
+    eng.add_request("cold", [14, 15, 16], PARAMS, "ad-r16rs")
     cold = eng._requests["cold"]
     arrived = eng.scheduler.passes
     for _ in range(200):
@@ -115,14 +115,14 @@ def test_cold_request_waits_at_most_the_bound_plus_one_drain(make_engine, adapte
 
 def test_prefetch_uses_only_free_or_unwanted_slots(make_engine, adapters):
     eng = make_engine(max_loras=2, max_num_seqs=1)
-    for n in ("ad_r4", "ad_r8", "ad_r16rs"):
+    for n in ("ad-r4", "ad-r8", "ad-r16rs"):
         eng.load_adapter(n, str(adapters[n]))
-    eng.add_request("a", [11, 12, 13], PARAMS, "ad_r4")
-    eng.add_request("b", [11, 12, 14], PARAMS, "ad_r8")
-    eng.add_request("c", [11, 12, 15], PARAMS, "ad_r16rs")
+    eng.add_request("a", [11, 12, 13], PARAMS, "ad-r4")
+    eng.add_request("b", [11, 12, 14], PARAMS, "ad-r8")
+    eng.add_request("c", [11, 12, 15], PARAMS, "ad-r16rs")
     eng.step()  # a runs (one seat); b's adapter is prefetched into the free slot; c's has no slot to take
-    st = {n: eng.store.current(n).tier for n in ("ad_r4", "ad_r8", "ad_r16rs")}
-    assert st == {"ad_r4": "gpu", "ad_r8": "gpu", "ad_r16rs": "host"}
+    st = {n: eng.store.current(n).tier for n in ("ad-r4", "ad-r8", "ad-r16rs")}
+    assert st == {"ad-r4": "gpu", "ad-r8": "gpu", "ad-r16rs": "host"}
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.store.counters["slot_loads"] == 3  # nothing was loaded twice

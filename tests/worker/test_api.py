@@ -70,7 +70,7 @@ def test_health_and_ready(client):
     assert client.get("/version").json()["version"] == "0.1.0"
 
 
-@pytest.mark.parametrize("model", [SERVED, "ad_r8"])
+@pytest.mark.parametrize("model", [SERVED, "ad-r8"])
 def test_completion_stream_equals_nonstream(client, worker, adapters, model):
     if model != SERVED:
         assert load(client, model, adapters[model]).status_code in (200, 400)  # 400: loaded by an earlier test
@@ -108,21 +108,21 @@ def test_completion_stream_equals_nonstream(client, worker, adapters, model):
 
 def test_adapter_output_equals_hf_peft(client, worker, adapters, hf_greedy):
     """Through the API, an adapter's greedy tokens equal transformers+peft on the same weights."""
-    assert load(client, "ad_r4", adapters["ad_r4"]).status_code == 200
+    assert load(client, "ad-r4", adapters["ad-r4"]).status_code == 200
     tok = worker.runner.engine.tokenizer
     prompt_ids = tok("capital city of france is")["input_ids"]
     outs = {}
-    for model in (SERVED, "ad_r4"):
+    for model in (SERVED, "ad-r4"):
         r = client.post(
             "/v1/completions",
             json={"model": model, "prompt": prompt_ids, "max_tokens": 10, "temperature": 0, "ignore_eos": True},
         )
         assert r.status_code == 200, r.text
         outs[model] = worker.finished[r.json()["id"]].output_token_ids
-    assert outs["ad_r4"] == hf_greedy(prompt_ids, 10, "ad_r4")
+    assert outs["ad-r4"] == hf_greedy(prompt_ids, 10, "ad-r4")
     assert outs[SERVED] == hf_greedy(prompt_ids, 10, None)
-    assert outs["ad_r4"] != outs[SERVED]
-    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "ad_r4"}, headers=AUTH).status_code == 200
+    assert outs["ad-r4"] != outs[SERVED]
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "ad-r4"}, headers=AUTH).status_code == 200
 
 
 def test_chat_stream_equals_nonstream(client, worker):
@@ -260,16 +260,23 @@ def test_admin_auth(client, adapters):
 
 
 def test_load_list_serve_unload(client, worker, adapters, adapter_root):
-    name = "ad_r2qv"
+    name = "ad-r2qv"
     r = load(client, name, adapters[name])
     assert r.status_code == 200 and r.text == f"Success: LoRA adapter '{name}' added successfully."
     assert r.headers["content-type"].startswith("text/plain")
     err = assert_error(load(client, name, adapters[name]), 400)
     assert err["message"] == f"The lora adapter '{name}' has already been loaded."
 
+    # host paths only for the admin; anyone else sees the model ids as roots
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models[SERVED]["parent"] is None and models[SERVED]["root"] == SERVED
+    assert models[name]["parent"] == SERVED and models[name]["root"] == name
+    models = {m["id"]: m for m in client.get("/v1/models", headers=AUTH).json()["data"]}
     assert models[SERVED]["parent"] is None and models[SERVED]["root"] == str(worker.runner.engine.config.model)
     assert models[name]["parent"] == SERVED and models[name]["root"] == str(adapters[name])
+    card = client.get(f"/v1/models/{name}").json()
+    assert card == {**models[name], "root": name, "created": card["created"]}
+    assert_error(client.get("/v1/models/nope"), 404, "NotFoundError")
 
     listing = client.get("/v1/adapters", headers=AUTH).json()
     assert listing["max_loras"] == 2 and listing["max_lora_rank"] == 8
@@ -284,7 +291,7 @@ def test_load_list_serve_unload(client, worker, adapters, adapter_root):
 
     r = client.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=AUTH)
     assert r.status_code == 200 and r.text == f"Success: LoRA adapter '{name}' removed successfully."
-    err = assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=AUTH), 400)
+    err = assert_error(client.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=AUTH), 404)
     assert err["message"] == f"The lora adapter '{name}' cannot be found."
     assert name not in {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert_error(client.post("/v1/completions", json={"model": name, "prompt": "hello"}), 404)
@@ -293,12 +300,12 @@ def test_load_list_serve_unload(client, worker, adapters, adapter_root):
 def test_load_refuses_bad_adapters_and_keeps_serving(client, adapters, tmp_path):
     assert_error(client.post("/v1/load_lora_adapter", json={"lora_name": "x"}, headers=AUTH), 400)
     assert_error(client.post("/v1/unload_lora_adapter", json={}, headers=AUTH), 400)
-    assert_error(load(client, SERVED, adapters["ad_r4"]), 400)  # the base model's name
-    err = assert_error(load(client, "big", adapters["ad_r16rs"]), 400)  # rank 16 > --max-lora-rank 8
+    assert_error(load(client, SERVED, adapters["ad-r4"]), 400)  # the base model's name
+    err = assert_error(load(client, "big", adapters["ad-r16rs"]), 400)  # rank 16 > --max-lora-rank 8
     assert "rank" in err["message"]
     err = assert_error(load(client, "outside", tmp_path), 400)  # not under an adapter root
     assert "root" in err["message"]
-    err = assert_error(load(client, "missing", adapters["ad_r4"].parent / "does-not-exist"), 400)
+    err = assert_error(load(client, "missing", adapters["ad-r4"].parent / "does-not-exist"), 400)
     names = {a["name"] for a in client.get("/v1/adapters", headers=AUTH).json()["data"]}
     assert not names & {"big", "outside", "missing", SERVED}
     r = client.post("/v1/completions", json={"model": SERVED, "prompt": "still serving", "max_tokens": 2})
@@ -357,7 +364,7 @@ def test_duplicate_request_id_in_flight(worker):
 
 def test_unload_while_streaming_finishes_on_started_weights(client, worker, adapters):
     """The stream keeps its adapter version after the unload; new requests for the name get 404 at once."""
-    name = "ad_r8v2"
+    name = "ad-r8v2"
     assert load(client, name, adapters[name]).status_code == 200
     body = {"model": name, "prompt": "tree river mountain", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
     ref = client.post("/v1/completions", json=body, headers={"X-Request-Id": "ref-run"})
@@ -395,9 +402,9 @@ def test_concurrent_mixed_streams_with_cancellations(client, worker, adapters):
     completed one has exactly the tokens it gets alone, cancelled ones are aborted, and no KV block leaks."""
     import asyncio
 
-    for name in ("ad_r8", "ad_r2qv"):
+    for name in ("ad-r8", "ad-r2qv"):
         assert load(client, name, adapters[name]).status_code in (200, 400)
-    models = [SERVED, "ad_r8", "ad_r2qv"]
+    models = [SERVED, "ad-r8", "ad-r2qv"]
     jobs = []
     for i in range(24):
         body = {

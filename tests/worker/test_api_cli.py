@@ -40,7 +40,7 @@ def test_lorafleet_worker_cli(tiny_model, adapter_root, adapters, tmp_path):
         "--adapter-root",
         str(adapter_root),
         "--lora-modules",
-        f"ad_r4={adapters['ad_r4']}",
+        f"ad-r4={adapters['ad-r4']}",
         "--admin-token-file",
         str(token_file),
         "--max-loras",
@@ -52,6 +52,8 @@ def test_lorafleet_worker_cli(tiny_model, adapter_root, adapters, tmp_path):
         "--max-num-seqs",
         "8",
         "--log-json",
+        "--api-key",
+        "cli-key",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFLEET_ADMIN_TOKEN": "ignored-because-file-wins"}
     log_path = tmp_path / "worker.log"
@@ -69,18 +71,24 @@ def test_lorafleet_worker_cli(tiny_model, adapter_root, adapters, tmp_path):
 
         assert wait_for(ready, timeout=120, interval=0.2), log_path.read_text()[-3000:]
         with httpx.Client(base_url=url, timeout=30) as c:
-            models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
-            assert models["ad_r4"]["parent"] == "tiny" and models["tiny"]["root"] == str(tiny_model)
-            for model in ("tiny", "ad_r4"):
-                r = c.post("/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 3})
+            key, admin = {"Authorization": "Bearer cli-key"}, {"Authorization": "Bearer cli-token"}
+            assert c.get("/v1/models").status_code == 401  # --api-key guards the inference routes
+            assert c.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+            models = {m["id"]: m for m in c.get("/v1/models", headers=key).json()["data"]}
+            assert models["ad-r4"]["parent"] == "tiny" and models["tiny"]["root"] == "tiny"  # no host path
+            models = {m["id"]: m for m in c.get("/v1/models", headers=admin).json()["data"]}
+            assert models["tiny"]["root"] == str(tiny_model)  # the admin token is accepted and sees paths
+            for model in ("tiny", "ad-r4"):
+                r = c.post("/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 3}, headers=key)
                 assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+            assert c.post("/v1/completions", json={"model": "tiny", "prompt": "hello"}).status_code == 401
             assert c.get("/v1/adapters").status_code == 401
             assert (
                 c.get("/v1/adapters", headers={"Authorization": "Bearer ignored-because-file-wins"}).status_code == 403
             )
             listing = c.get("/v1/adapters", headers={"Authorization": "Bearer cli-token"})
             assert listing.status_code == 200 and listing.json()["max_loras"] == 2
-            assert [a["name"] for a in listing.json()["data"]] == ["ad_r4"]
+            assert [a["name"] for a in listing.json()["data"]] == ["ad-r4"]
             assert "lorafleet_adapter_requests_total" in c.get("/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -90,12 +98,14 @@ def test_lorafleet_worker_cli(tiny_model, adapter_root, adapters, tmp_path):
             proc.kill()
             rc = proc.wait(5)
     assert rc == 0, log_path.read_text()[-3000:]
-    lines = [line for line in log_path.read_text().splitlines() if line.startswith("{")]
+    text = log_path.read_text()
+    assert "cli-token" not in text and "cli-key" not in text  # credentials are never logged
+    lines = [line for line in text.splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in lines]
     assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     start = [r for r in records if r["msg"] == "worker starting"]
     assert start and start[0]["port"] == port and start[0]["admin_auth"] is True
-    assert any(r["msg"] == "adapter loaded" and r.get("adapter") == "ad_r4" for r in records)
+    assert any(r["msg"] == "adapter loaded" and r.get("adapter") == "ad-r4" for r in records)
     assert any(r["logger"].startswith("uvicorn") for r in records)  # access/server lines share the JSON format
 
 
@@ -104,7 +114,7 @@ def test_admin_token_sources(tmp_path, monkeypatch):
     from lorafleet.worker.main import TOKEN_ENV, read_admin_token
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    assert read_admin_token(None) is None  # no token configured: admin endpoints are open
+    assert read_admin_token(None) is None  # no token configured: admin endpoints answer loopback only
     monkeypatch.setenv(TOKEN_ENV, " from-env \n")
     assert read_admin_token(None) == "from-env"
     f = tmp_path / "t"

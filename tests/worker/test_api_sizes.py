@@ -60,7 +60,7 @@ def test_sizes_by_tier_and_operator_reading(worker, adapters):
     from lorafleet.operator.workerclient import parse_adapters
 
     with httpx.Client(base_url=worker.url, timeout=60) as client:
-        for name in ("ad_r4", "ad_r16rs"):
+        for name in ("ad-r4", "ad-r16rs"):
             r = client.post(
                 "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapters[name])}, headers=AUTH
             )
@@ -69,16 +69,16 @@ def test_sizes_by_tier_and_operator_reading(worker, adapters):
 
     entries = {a["name"]: a for a in body["data"]}
     # the newest load is host-resident: exactly its A/B tensors in fp32
-    resident = entries["ad_r16rs"]
+    resident = entries["ad-r16rs"]
     assert resident["tier"] == "host"
-    assert resident["size_bytes"] == weight_bytes_fp32(adapters["ad_r16rs"])
+    assert resident["size_bytes"] == weight_bytes_fp32(adapters["ad-r16rs"])
     # rank 16 on every projection of the tiny model: more than a KiB, and 4x the rank-4 adapter's weights
-    assert resident["size_bytes"] == 4 * weight_bytes_fp32(adapters["ad_r4"]) > 1024
+    assert resident["size_bytes"] == 4 * weight_bytes_fp32(adapters["ad-r4"]) > 1024
     # the first was pushed out of the single host slot: the weight file's size on disk (header included)
-    evicted = entries["ad_r4"]
+    evicted = entries["ad-r4"]
     assert evicted["tier"] == "disk"
-    assert evicted["size_bytes"] == os.path.getsize(adapters["ad_r4"] / "adapter_model.safetensors")
-    assert evicted["size_bytes"] > weight_bytes_fp32(adapters["ad_r4"])  # the file: fp32 tensors + a JSON header
+    assert evicted["size_bytes"] == os.path.getsize(adapters["ad-r4"] / "adapter_model.safetensors")
+    assert evicted["size_bytes"] > weight_bytes_fp32(adapters["ad-r4"])  # the file: fp32 tensors + a JSON header
 
     assert body["adapter_memory_bytes"] is None  # the engine has no byte budget, only max_cpu_loras
     assert body["max_cpu_loras"] == 1
@@ -87,5 +87,5 @@ def test_sizes_by_tier_and_operator_reading(worker, adapters):
     # the operator reads the same bytes from the same answer
     infos = {i.name: i for i in parse_adapters(body)}
     spec = {"spec": {"source": {"uri": "s3://bucket/not-local"}}}  # no files to fall back on
-    assert adapter_bytes(spec, [infos["ad_r16rs"]]) == resident["size_bytes"]
-    assert adapter_bytes(spec, [infos["ad_r4"]]) == evicted["size_bytes"]
+    assert adapter_bytes(spec, [infos["ad-r16rs"]]) == resident["size_bytes"]
+    assert adapter_bytes(spec, [infos["ad-r4"]]) == evicted["size_bytes"]

@@ -13,7 +13,7 @@ import torch
 from lorafleet.worker.engine import model_runner
 from lorafleet.worker.engine.sequence import SamplingParams
 
-NAMES = ["ad_r4", "ad_r8", "ad_r16rs", "ad_r2qv", None]
+NAMES = ["ad-r4", "ad-r8", "ad-r16rs", "ad-r2qv", None]
 
 
 def _assert_clean(eng):
@@ -223,7 +223,7 @@ def test_next_step_is_launched_before_the_previous_tokens_reach_the_host(make_en
 
     monkeypatch.setattr(eng.runner, "launch", spy_launch)
     monkeypatch.setattr(model_runner.SampledTokens, "tolist", spy_tolist)
-    eng.add_request("a", [12, 40, 77, 301], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), "ad_r4")
+    eng.add_request("a", [12, 40, 77, 301], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), "ad-r4")
     eng.add_request("b", [5, 64, 200], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert eng.step() == []  # prefill launched, nothing settled yet
     outs = eng.step()

@@ -135,16 +135,16 @@ def test_abort_frees_blocks_immediately_and_reports(make_engine):
 
 def test_iteration_hooks_and_stats(make_engine, adapters):
     eng = make_engine(max_num_batched_tokens=32, max_loras=2)
-    eng.load_adapter("ad_r4", str(adapters["ad_r4"]))
+    eng.load_adapter("ad-r4", str(adapters["ad-r4"]))
     seen = []
     eng.iteration_hooks.append(seen.append)
-    eng.add_request("a", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True), "ad_r4")
+    eng.add_request("a", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True), "ad-r4")
     eng.add_request("b", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))
     st = eng.stats()
-    assert st.num_waiting == 2 and st.waiting_by_adapter == {"ad_r4": 1} and st.max_loras == 2
+    assert st.num_waiting == 2 and st.waiting_by_adapter == {"ad-r4": 1} and st.max_loras == 2
     eng.step()
     st = eng.stats()
-    assert st.num_running == 2 and st.running_by_adapter == {"ad_r4": 1} and st.iteration_tokens == 14
+    assert st.num_running == 2 and st.running_by_adapter == {"ad-r4": 1} and st.iteration_tokens == 14
     assert seen[0].num_scheduled_tokens == 14 and seen[0].leftover_tokens == 32 - 14 and seen[0].num_seqs == 2
     assert st.kv_blocks_used == 4 and st.kv_usage == pytest.approx(4 / st.kv_blocks_total)
     assert st.adapters["gpu"] == 1 and st.adapters["slots_pinned"] == 1
@@ -190,7 +190,7 @@ def test_launch_hooks_run_before_the_steps_tokens_reach_the_host(make_engine, ad
 
     def run(with_hook: bool):
         eng = make_engine(max_num_batched_tokens=32, max_loras=2, async_scheduling=async_scheduling)
-        eng.load_adapter("ad_r4", str(adapters["ad_r4"]))
+        eng.load_adapter("ad-r4", str(adapters["ad-r4"]))
         launched, ended = [], []
         if with_hook:
 
@@ -200,7 +200,7 @@ def test_launch_hooks_run_before_the_steps_tokens_reach_the_host(make_engine, ad
 
             eng.launch_hooks.append(on_launch)
         eng.iteration_hooks.append(ended.append)
-        eng.add_request("a", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True), "ad_r4")
+        eng.add_request("a", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True), "ad-r4")
         eng.add_request("b", PROMPT[:5], SamplingParams(max_tokens=3, ignore_eos=True))
         outs = {}
         while eng.has_unfinished_requests():

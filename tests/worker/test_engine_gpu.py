@@ -12,7 +12,7 @@ import torch
 from lorafleet.worker.engine.sequence import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-MIX = [None, "ad_r4", "ad_r8", "ad_r16rs", "ad_r2qv", "ad_r4", None, "ad_r8v2"]
+MIX = [None, "ad-r4", "ad-r8", "ad-r16rs", "ad-r2qv", "ad-r4", None, "ad-r8v2"]
 
 
 def _prompts(n, seed=0):

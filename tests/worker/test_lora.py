@@ -75,7 +75,7 @@ def model(tiny_model):
 def test_dense_lora_context_trains_only_adapter_params(model, adapters):
     from lorafleet.worker.lora.adapter import read_adapter
 
-    w = read_adapter(adapters["ad_r8"], model.shape, 64)
+    w = read_adapter(adapters["ad-r8"], model.shape, 64)
     params = {k: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for k, (a, b) in w.weights.items()}
     ids = torch.tensor([5, 9, 33, 120, 7, 8])
     hidden = model(
@@ -124,9 +124,9 @@ def test_fused_projections_equal_separate_ones(tiny_model, adapters):
         == fused.model.layers[0].self_attn.fused.weight.data_ptr()
     )
     store = AdapterStore(
-        sep.shape, torch.device("cpu"), torch.float32, max_slots=3, roots=[str(adapters["ad_r4"].parent)]
+        sep.shape, torch.device("cpu"), torch.float32, max_slots=3, roots=[str(adapters["ad-r4"].parent)]
     )
-    names = ["ad_r2qv", "ad_r16rs", "ad_r8"]
+    names = ["ad-r2qv", "ad-r16rs", "ad-r8"]
     slots = [store.ensure_slot(store.register(n, str(adapters[n]))) for n in names]
     ids = torch.tensor([5, 9, 33, 120, 7, 8, 77, 41, 300, 2])
     pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 2])
@@ -145,7 +145,7 @@ def test_fused_projections_equal_separate_ones(tiny_model, adapters):
     torch.testing.assert_close(c, b, atol=1e-5, rtol=1e-5)
     base = sep(ids, pos, ctx)
     assert (a - base).abs().max() > 1e-2
-    w = read_adapter(adapters["ad_r8"], sep.shape, 64)
+    w = read_adapter(adapters["ad-r8"], sep.shape, 64)
     params = {k: (x.clone().requires_grad_(True), y.clone().requires_grad_(True)) for k, (x, y) in w.weights.items()}
     out = fused(ids[:4], pos[:4], DenseAttentionContext(sep.attn_scale), DenseLoRAContext(params, w.scale))
     ref = sep(ids[:4], pos[:4], DenseAttentionContext(sep.attn_scale), DenseLoRAContext(params, w.scale))

@@ -50,19 +50,19 @@ def worker(tiny_model, adapter_root):
 
 @pytest.fixture(scope="module")
 def traffic(worker, adapters):
-    """ad_r4: 3 x 4 tokens (own label); ad_r8: 2 x 2 tokens (over the label cap: "other"); base: 2 x 3 tokens."""
-    prompts: dict[str, int] = {"ad_r4": 0, "other": 0, SERVED: 0}
+    """ad-r4: 3 x 4 tokens (own label); ad-r8: 2 x 2 tokens (over the label cap: "other"); base: 2 x 3 tokens."""
+    prompts: dict[str, int] = {"ad-r4": 0, "other": 0, SERVED: 0}
     with httpx.Client(base_url=worker.url, timeout=60) as c:
-        for name in ("ad_r4", "ad_r8"):
+        for name in ("ad-r4", "ad-r8"):
             r = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapters[name])})
             assert r.status_code == 200
-        plan = [("ad_r4", 4)] * 3 + [("ad_r8", 2)] * 2 + [(SERVED, 3)] * 2
+        plan = [("ad-r4", 4)] * 3 + [("ad-r8", 2)] * 2 + [(SERVED, 3)] * 2
         for i, (model, n) in enumerate(plan):
             body = {"model": model, "prompt": f"count {i} " * (i + 1), "max_tokens": n, "ignore_eos": True}
             r = c.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] == n
-            prompts["other" if model == "ad_r8" else model] += r.json()["usage"]["prompt_tokens"]
+            prompts["other" if model == "ad-r8" else model] += r.json()["usage"]["prompt_tokens"]
     assert wait_for(lambda: worker.runner.snapshot.num_running == 0)
     return prompts
 
@@ -71,14 +71,14 @@ def test_metrics_after_known_traffic(worker, traffic):
     with httpx.Client(base_url=worker.url, timeout=30) as c:
         m = scrape(c)
     req = series(m, "lorafleet_adapter_requests_total")
-    assert req == {(("adapter", "ad_r4"),): 3.0, (("adapter", "other"),): 2.0, (("adapter", SERVED),): 2.0}
-    for adapter, gen in (("ad_r4", 12), ("other", 4), (SERVED, 6)):
+    assert req == {(("adapter", "ad-r4"),): 3.0, (("adapter", "other"),): 2.0, (("adapter", SERVED),): 2.0}
+    for adapter, gen in (("ad-r4", 12), ("other", 4), (SERVED, 6)):
         assert value(m, "lorafleet_adapter_tokens_total", adapter=adapter, kind="generation") == gen
         assert value(m, "lorafleet_adapter_tokens_total", adapter=adapter, kind="prompt") == traffic[adapter]
-    assert value(m, "lorafleet_adapter_request_latency_seconds_count", adapter="ad_r4") == 3
+    assert value(m, "lorafleet_adapter_request_latency_seconds_count", adapter="ad-r4") == 3
     assert value(m, "lorafleet_adapter_request_latency_seconds_count", adapter="other") == 2
-    assert value(m, "lorafleet_adapter_request_latency_seconds_sum", adapter="ad_r4") > 0
-    assert not any(dict(labels).get("adapter") == "ad_r8" for (_, labels) in m)  # capped: only "other"
+    assert value(m, "lorafleet_adapter_request_latency_seconds_sum", adapter="ad-r4") > 0
+    assert not any(dict(labels).get("adapter") == "ad-r8" for (_, labels) in m)  # capped: only "other"
 
     assert value(m, "vllm:generation_tokens_total", model_name=SERVED) == 22
     assert value(m, "vllm:prompt_tokens_total", model_name=SERVED) == sum(traffic.values())
@@ -104,13 +104,13 @@ def test_metrics_after_known_traffic(worker, traffic):
     assert value(m, "lorafleet_adapter_loads_total", tier="gpu") == 2
     assert value(m, "lorafleet_adapter_load_seconds_count", tier="host") == 2
     assert value(m, "lorafleet_adapter_load_seconds_count", tier="gpu") >= 1
-    rate = value(m, "lorafleet_adapter_request_rate", adapter="ad_r4")
+    rate = value(m, "lorafleet_adapter_request_rate", adapter="ad-r4")
     assert 0.03 < rate <= 0.1  # 3 arrivals / tau (30 s), decayed by the seconds since
     assert not [n for (n, _) in m if n.startswith("lorafleet_gpu_")]  # no NVML here: absent, not zero
 
 
 def test_lora_requests_info_shows_running_adapter(worker, traffic):
-    body = {"model": "ad_r4", "prompt": "long", "max_tokens": 600, "ignore_eos": True, "stream": True}
+    body = {"model": "ad-r4", "prompt": "long", "max_tokens": 600, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=worker.url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -120,7 +120,7 @@ def test_lora_requests_info_shows_running_adapter(worker, traffic):
                 info = series(scrape(c), "vllm:lora_requests_info")
                 return [dict(labels)["running_lora_adapters"] for labels in info]
 
-            assert wait_for(lambda: running_label() == ["ad_r4"], timeout=30), running_label()
+            assert wait_for(lambda: running_label() == ["ad-r4"], timeout=30), running_label()
             m = scrape(c)
             assert value(m, "vllm:num_requests_running", model_name=SERVED) == 1
             assert value(m, "vllm:gpu_cache_usage_perc", model_name=SERVED) > 0
@@ -128,9 +128,9 @@ def test_lora_requests_info_shows_running_adapter(worker, traffic):
 
 def test_unloaded_adapter_series_are_removed(worker, traffic):
     with httpx.Client(base_url=worker.url, timeout=30) as c:
-        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "ad_r4"}).status_code == 200
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "ad-r4"}).status_code == 200
         m = scrape(c)
-    assert not any(dict(labels).get("adapter") == "ad_r4" for (_, labels) in m)
+    assert not any(dict(labels).get("adapter") == "ad-r4" for (_, labels) in m)
     assert value(m, "lorafleet_adapter_requests_total", adapter="other") == 2  # history of others stays
 
 

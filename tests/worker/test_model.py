@@ -13,7 +13,7 @@ import torch
 from lorafleet.worker.engine.sequence import SamplingParams
 
 ATOL = 1e-4
-MIX = [None, "ad_r4", "ad_r8", "ad_r16rs", "ad_r2qv", "ad_r4", None, "ad_r8v2"]
+MIX = [None, "ad-r4", "ad-r8", "ad-r16rs", "ad-r2qv", "ad-r4", None, "ad-r8v2"]
 
 
 def _prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 14) -> list[list[int]]:
@@ -74,7 +74,7 @@ def test_mixed_batch_prefill_and_paged_decode_match_hf_peft(make_engine, adapter
 
 def test_greedy_generation_matches_hf_generate(make_engine, adapters, hf_greedy):
     eng = make_engine(max_loras=4)
-    names = [None, "ad_r4", "ad_r16rs", "ad_r2qv"]
+    names = [None, "ad-r4", "ad-r16rs", "ad-r2qv"]
     for n in names[1:]:
         eng.load_adapter(n, str(adapters[n]))
     prompts = _prompts(len(names), seed=3)

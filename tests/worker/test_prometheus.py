@@ -14,7 +14,7 @@ from lorafleet.worker.api.testing import start_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVED = "tiny"
-ADAPTER = "ad_r8"
+ADAPTER = "ad-r8"
 
 
 def free_port() -> int:

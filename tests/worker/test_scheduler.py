@@ -90,7 +90,7 @@ def test_decode_first_then_prefill_chunks_under_budget(make_engine):
 
 
 def test_many_streams_mixed_adapters_and_aborts(make_engine, adapters):
-    names = [None, "ad_r4", "ad_r8", "ad_r16rs", "ad_r2qv"]
+    names = [None, "ad-r4", "ad-r8", "ad-r16rs", "ad-r2qv"]
     prompts = _prompts(24, seed=7)
     choice = [names[i % len(names)] for i in range(len(prompts))]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -132,13 +132,13 @@ def test_many_streams_mixed_adapters_and_aborts(make_engine, adapters):
 def test_prefix_caching_skips_shared_prompt_blocks_with_identical_outputs(make_engine, adapters):
     system = _prompts(1, seed=9)[0] * 4  # a long shared "system prompt"
     prompts = [system + [20 + i, 30 + i, 40 + i] for i in range(4)]
-    names = [None, "ad_r4", None, "ad_r4"]
+    names = [None, "ad-r4", None, "ad-r4"]
     ref = make_engine(block_size=4)
-    ref.load_adapter("ad_r4", str(adapters["ad_r4"]))
+    ref.load_adapter("ad-r4", str(adapters["ad-r4"]))
     expect = [o.output_token_ids for o in ref.generate(prompts, GREEDY, names)]
     eng = make_engine(block_size=4, enable_prefix_caching=True, num_kv_blocks=64)
-    eng.load_adapter("ad_r4", str(adapters["ad_r4"]))
-    first = eng.generate(prompts[:2], GREEDY, names[:2])  # fills the cache for base and for ad_r4
+    eng.load_adapter("ad-r4", str(adapters["ad-r4"]))
+    first = eng.generate(prompts[:2], GREEDY, names[:2])  # fills the cache for base and for ad-r4
     assert eng.stats().prefix_cache_hit_tokens == 0
     seen = []
     eng.iteration_hooks.append(seen.append)
@@ -150,29 +150,29 @@ def test_prefix_caching_skips_shared_prompt_blocks_with_identical_outputs(make_e
     _assert_clean(eng)
     # a tiny cache under pressure: still correct, nothing leaked
     small = make_engine(block_size=4, enable_prefix_caching=True, num_kv_blocks=20, max_num_seqs=2)
-    small.load_adapter("ad_r4", str(adapters["ad_r4"]))
+    small.load_adapter("ad-r4", str(adapters["ad-r4"]))
     assert [o.output_token_ids for o in small.generate(prompts, GREEDY, names)] == expect
     _assert_clean(small)
 
 
 def test_cold_adapter_is_not_starved_by_a_hot_one(make_engine, adapters):
     eng = make_engine(max_loras=1, max_num_seqs=4)
-    for n in ("ad_r4", "ad_r8"):
+    for n in ("ad-r4", "ad-r8"):
         eng.load_adapter(n, str(adapters[n]))
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    eng.add_request("hot0", [11, 12, 13], params, "ad_r4")
+    eng.add_request("hot0", [11, 12, 13], params, "ad-r4")
     eng.step()
-    eng.add_request("cold", [14, 15, 16], params, "ad_r8")
+    eng.add_request("cold", [14, 15, 16], params, "ad-r8")
     done, k = {}, 1
-    for _ in range(200):  # a continuous stream of hot requests keeps ad_r4's only slot pinned
+    for _ in range(200):  # a continuous stream of hot requests keeps ad-r4's only slot pinned
         if "cold" not in done:
-            eng.add_request(f"hot{k}", [11, 12, 13 + k % 50], params, "ad_r4")
+            eng.add_request(f"hot{k}", [11, 12, 13 + k % 50], params, "ad-r4")
             eng.add_request(f"base{k}", [21, 22, 23 + k % 50], params)
             k += 1
         done.update({o.request_id: o for o in eng.step() if o.finished})
         if "cold" in done:
             break
-    assert done["cold"].finish_reason == "length" and done["cold"].lora_name == "ad_r8"
+    assert done["cold"].finish_reason == "length" and done["cold"].lora_name == "ad-r8"
     assert any(r.startswith("base") for r in done)  # base requests kept flowing meanwhile
     for s in list(eng.scheduler.running) + list(eng.scheduler.waiting):
         eng.abort_request(s.request_id)

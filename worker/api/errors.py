@@ -71,6 +71,11 @@ def error_response(
     return JSONResponse(error_body(status, message, err_type, param), status_code=status, headers=headers)
 
 
+async def internal_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """Any exception no handler mapped: a JSON 500 (never the plain-text page), without the exception's text."""
+    return error_response(500, f"internal error ({type(exc).__name__}); the worker log has the details")
+
+
 async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
     return error_response(exc.status, exc.message, err_type=exc.err_type, param=exc.param, headers=exc.headers)

@@ -1,41 +1,30 @@
 """vLLM's dynamic-LoRA admin API (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`) plus `/v1/adapters`.
 
 Same messages and status codes as vLLM, so tools made for vLLM (AIBrix, production-stack) drive us unchanged:
-200 with a plain-text "Success: ..." body; 400 in the OpenAI error shape when the adapter is already loaded, not
-found, or invalid. Loads and unloads run in the engine thread between iterations; an unload does not cut off the
+200 with a plain-text "Success: ..." body; 400 in the OpenAI error shape when the adapter is already loaded or
+invalid, 404 when an unload names an adapter that is not loaded. Loads and unloads run in the engine thread between iterations; an unload does not cut off the
 adapter's running requests: the store keeps their slot until they finish, and new requests get 404 at once.
 
-When an admin token is configured, these endpoints need `Authorization: Bearer <token>`: missing → 401,
-wrong → 403. The token is compared in constant time.
+Every route here needs the admin credential (`worker/api/auth.py`; missing token 401, wrong 403). Adapter names
+are checked by `lorafleet.worker.names` before any path is looked at; unloading an unknown adapter is 404, as vLLM.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from lorafleet.worker.api.auth import require_admin
 from lorafleet.worker.api.errors import APIError
 from lorafleet.worker.api.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from lorafleet.worker.api.serving import check_serving
 from lorafleet.worker.api.settings import ApiSettings
 from lorafleet.worker.async_engine import AsyncEngineRunner
 from lorafleet.worker.lora.sources.uri import is_remote
-
-
-def require_admin(request: Request) -> None:
-    settings: ApiSettings = request.app.state.settings
-    if not settings.admin_token:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "admin endpoint: missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
-        raise APIError(403, "admin endpoint: invalid token")
+from lorafleet.worker.names import InvalidName, adapter_name
 
 
 router = APIRouter(dependencies=[Depends(require_admin)])
@@ -53,6 +42,10 @@ async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest) -> P
     name, path = body.lora_name, body.lora_path
     if not name or not path:
         raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", err_type="InvalidUserInput")
+    try:
+        adapter_name(name)
+    except InvalidName as exc:
+        raise APIError(400, str(exc), param="lora_name", err_type="InvalidUserInput") from exc
     if name == settings.served_model_name:
         raise APIError(400, f"'{name}' is the base model's name", param="lora_name", err_type="InvalidUserInput")
 
@@ -79,7 +72,7 @@ async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest) -> P
         raise APIError(
             400, f"The lora adapter '{name}' has already been loaded.", param="lora_name", err_type="InvalidUserInput"
         ) from exc
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, TypeError, OverflowError) as exc:
         raise APIError(
             400, f"Loading lora {name} failed: {exc}", param="lora_path", err_type="InvalidUserInput"
         ) from exc
@@ -96,6 +89,10 @@ async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) 
     name = body.lora_name.strip()
     if not name:
         raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", err_type="InvalidUserInput")
+    try:
+        adapter_name(name)
+    except InvalidName as exc:
+        raise APIError(400, str(exc), param="lora_name", err_type="InvalidUserInput") from exc
 
     def unload(engine):
         if name not in engine.store.names():
@@ -106,7 +103,7 @@ async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) 
         await runner.call(unload, publish=True)
     except LookupError as exc:
         raise APIError(
-            400, f"The lora adapter '{name}' cannot be found.", param="lora_name", err_type="NotFoundError"
+            404, f"The lora adapter '{name}' cannot be found.", param="lora_name", err_type="NotFoundError"
         ) from exc
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from lorafleet.worker.api.auth import is_admin, require_api_key
 from lorafleet.worker.api.errors import APIError, error_body
 from lorafleet.worker.api.protocol import ChatCompletionRequest, CompletionRequest
 from lorafleet.worker.api.serving import (
@@ -32,9 +33,10 @@ from lorafleet.worker.api.serving import (
 )
 from lorafleet.worker.api.settings import ApiSettings
 from lorafleet.worker.api.sse import SSE_DONE, EventStreamResponse, sse
+from lorafleet.worker.api.tokenization import encode, off_loop, render_chat, template_kwargs
 from lorafleet.worker.async_engine import AsyncEngineRunner, EngineDeadError, RequestStream
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_api_key)])
 
 CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it, the access log does
 
@@ -66,7 +68,7 @@ def _prepare(
     )
 
 
-def _tokenize_completion(
+async def _tokenize_completion(
     tokenizer: Any, body: CompletionRequest, settings: ApiSettings
 ) -> tuple[list[int], str | None]:
     try:
@@ -76,28 +78,29 @@ def _tokenize_completion(
     if isinstance(prompt, str):
         if len(prompt) > settings.max_prompt_chars:
             raise APIError(400, f"prompt is longer than {settings.max_prompt_chars} characters", param="prompt")
-        return list(tokenizer(prompt)["input_ids"]), prompt
+        return await off_loop(encode, tokenizer, prompt, what="tokenization"), prompt
     vocab = len(tokenizer)
     if any(t < 0 or t >= vocab for t in prompt):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     return list(prompt), None
 
 
-def _tokenize_chat(tokenizer: Any, body: ChatCompletionRequest, settings: ApiSettings) -> tuple[list[int], list]:
+async def _tokenize_chat(tokenizer: Any, body: ChatCompletionRequest, settings: ApiSettings) -> tuple[list[int], list]:
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if sum(len(m["content"]) for m in messages) > settings.max_prompt_chars:
         raise APIError(400, f"messages are longer than {settings.max_prompt_chars} characters", param="messages")
-    try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=body.add_generation_prompt,
-            **(body.chat_template_kwargs or {}),
-        )
-    except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are the client's
-        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+    kwargs = template_kwargs(body.chat_template_kwargs)
+    text = await off_loop(
+        render_chat,
+        tokenizer,
+        messages,
+        body.add_generation_prompt,
+        kwargs,
+        timeout_s=settings.chat_template_timeout_s,
+        what="the chat template",
+    )
     # The template already holds the special tokens (vLLM does the same: no second BOS).
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), messages
+    return await off_loop(encode, tokenizer, text, False, what="tokenization"), messages
 
 
 async def _respond(
@@ -142,7 +145,7 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
     runner, settings = _state(request)
     check_unsupported(body)
     check_serving(runner)
-    prompt_ids, prompt_text = _tokenize_completion(runner.engine.tokenizer, body, settings)
+    prompt_ids, prompt_text = await _tokenize_completion(runner.engine.tokenizer, body, settings)
     return await _respond(request, body, prompt_ids, "completion", {"prompt": prompt_text, "endpoint": "completions"})
 
 
@@ -151,7 +154,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     runner, settings = _state(request)
     check_unsupported(body)
     check_serving(runner)
-    prompt_ids, messages = _tokenize_chat(runner.engine.tokenizer, body, settings)
+    prompt_ids, messages = await _tokenize_chat(runner.engine.tokenizer, body, settings)
     return await _respond(request, body, prompt_ids, "chat", {"messages": messages, "endpoint": "chat"})
 
 
@@ -199,18 +202,21 @@ async def _stream_events(stream: RequestStream, prep: Prepared, include_usage: b
     yield SSE_DONE
 
 
-@router.get("/v1/models")
-async def models(request: Request) -> JSONResponse:
+async def _model_cards(request: Request) -> list[dict[str, Any]]:
+    """The base model and every loaded adapter; `root` is a host path for admin callers only (anyone else sees
+    the model's id there: where weights live on disk is nobody else's business)."""
     runner, settings = _state(request)
+    admin = is_admin(request)
     created = now_s()
     context = max_model_len(runner, settings)
+    base_root = (settings.model_path or settings.served_model_name) if admin else settings.served_model_name
     data: list[dict[str, Any]] = [
         {
             "id": settings.served_model_name,
             "object": "model",
             "created": created,
             "owned_by": "lorafleet",
-            "root": settings.model_path or settings.served_model_name,
+            "root": base_root,
             "parent": None,
             "max_model_len": context,
         }
@@ -222,9 +228,22 @@ async def models(request: Request) -> JSONResponse:
                 "object": "model",
                 "created": created,
                 "owned_by": "lorafleet",
-                "root": info.path,
+                "root": info.path if admin else info.name,
                 "parent": settings.served_model_name,
                 "max_model_len": context,
             }
         )
-    return JSONResponse({"object": "list", "data": data})
+    return data
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": await _model_cards(request)})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(request: Request, model_id: str) -> JSONResponse:
+    for card in await _model_cards(request):
+        if card["id"] == model_id:
+            return JSONResponse(card)
+    raise APIError(404, f"The model `{model_id}` does not exist.", param="model")

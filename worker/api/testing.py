@@ -77,9 +77,11 @@ def start_worker(
     max_adapter_labels: int = 64,
     engine_factory=None,
     wait_ready: bool = True,
+    api: dict | None = None,
     **engine_config,
 ) -> Worker:
-    """Starts the real engine (built from `EngineConfig(model_dir, **engine_config)`) behind the real app."""
+    """Starts the real engine (built from `EngineConfig(model_dir, **engine_config)`) behind the real app;
+    `api` sets further `ApiSettings` fields (api_key, feedback_adapters, max_body_bytes, ...)."""
     from pathlib import Path
 
     from lorafleet.worker.api.app import create_app
@@ -91,7 +93,7 @@ def start_worker(
     engine_config.setdefault("kv_cache_bytes", 8 << 20)
     cfg = EngineConfig(model=str(model_dir), **engine_config)
     served = served_model_name or Path(str(model_dir).rstrip("/")).name
-    settings = ApiSettings(served_model_name=served, model_path=str(model_dir), admin_token=admin_token)
+    settings = ApiSettings(served_model_name=served, model_path=str(model_dir), admin_token=admin_token, **(api or {}))
     metrics = WorkerMetrics(served, max_loras=cfg.max_loras, max_adapter_labels=max_adapter_labels)
 
     def build():

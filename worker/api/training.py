@@ -1,5 +1,9 @@
 """Continual-learning HTTP routes (`docs/training-api.md`): feedback, training jobs.
 
+Who may call them (`worker/api/auth.py`): the job routes need the admin token (a job publishes versions of a
+served adapter, writes checkpoints and can create an adapter); `/v1/feedback` takes the feedback key and is
+accepted only for an adapter that has a training job in this worker's pool, or that `--feedback-adapter` names.
+
 Why the thread pool: a feedback 2xx promises durability, so the handler fsyncs before answering; that disk wait
 (and every blocking wait on the engine thread) runs in Starlette's thread pool, off the event loop. Job creation/deletion run in the engine
 thread between iterations (`runner.call_threadsafe`), which is what makes version switches and job stops atomic
@@ -11,9 +15,11 @@ from __future__ import annotations
 import json
 import threading
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from lorafleet.worker.api.auth import require_admin, require_feedback_key
 from lorafleet.worker.api.errors import APIError
+from lorafleet.worker.names import InvalidName, adapter_name, job_name
 from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.service import JobConflict, TrainingService
 from lorafleet.worker.training.spec import FeedbackRequest, JobRequest
@@ -23,6 +29,9 @@ from starlette.concurrency import run_in_threadpool
 router = APIRouter()
 MAX_FEEDBACK_BODY = 256 << 10
 MAX_FEEDBACK_TOKENS = 4096
+MAX_JOB_BODY = 1 << 20
+BODY_LIMITS = {"/v1/feedback": MAX_FEEDBACK_BODY, "/v1/training/jobs": MAX_JOB_BODY}  # the app's body guard
+MAX_FEEDBACK_LABELS = 64  # adapters with their own `lorafleet_feedback_total` series; the rest count as "other"
 _attach_lock = threading.Lock()
 
 
@@ -59,8 +68,8 @@ def _body(raw: bytes, limit: int | None = None) -> dict:
         raise APIError(413, f"body is larger than {limit} bytes")
     try:
         data = json.loads(raw or b"null")
-    except ValueError as exc:
-        raise APIError(400, f"body is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise APIError(400, f"body is not valid JSON: {type(exc).__name__}") from exc
     if not isinstance(data, dict):
         raise APIError(400, "body must be a JSON object")
     return data
@@ -70,12 +79,34 @@ def _tokenize(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-@router.post("/v1/feedback", status_code=202)
+def _label(svc: TrainingService, adapter: object, accepted: bool) -> str:
+    """The `adapter` label of a feedback count: an adapter with a job, or one of the first MAX_FEEDBACK_LABELS
+    accepted ones; anything else (invented names in rejected posts) is "other", so labels stay bounded."""
+    seen: set[str] = svc.feedback_labels
+    if isinstance(adapter, str) and adapter in seen:
+        return adapter
+    if isinstance(adapter, str) and (svc.has_job_for(adapter) or accepted) and len(seen) < MAX_FEEDBACK_LABELS:
+        seen.add(adapter)
+        return adapter
+    return "other"
+
+
+def _allowed(request: Request, svc: TrainingService, adapter: str) -> None:
+    """Feedback is stored only for an adapter someone trains (a job in the pool) or that the operator allows."""
+    allow = request.app.state.settings.feedback_adapters
+    if "*" in allow or adapter in allow or svc.has_job_for(adapter):
+        return
+    raise APIError(
+        404, f"adapter {adapter!r} has no training job in this pool and is not in --feedback-adapter", param="adapter"
+    )
+
+
+@router.post("/v1/feedback", status_code=202, dependencies=[Depends(require_feedback_key)])
 async def post_feedback(request: Request) -> JSONResponse:
     svc = await run_in_threadpool(_service, request)
     cl = request.headers.get("content-length")
     if cl is not None and cl.isdigit() and int(cl) > MAX_FEEDBACK_BODY:
-        svc.metrics.feedback.labels("", "rejected").inc()
+        svc.metrics.feedback.labels("other", "rejected").inc()
         raise APIError(413, f"body is larger than {MAX_FEEDBACK_BODY} bytes")
     raw = await request.body()
     data: dict = {}
@@ -85,11 +116,13 @@ async def post_feedback(request: Request) -> JSONResponse:
             fb = FeedbackRequest.model_validate(data)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
-        sample = _resolve(svc, fb)
+        sample = await run_in_threadpool(_resolve, svc, fb)  # tokenizing is CPU work: off the event loop
+        _allowed(request, svc, sample.adapter)
     except APIError:
-        svc.metrics.feedback.labels(str(data.get("adapter", ""))[:64], "rejected").inc()
+        svc.metrics.feedback.labels(_label(svc, data.get("adapter"), False), "rejected").inc()
         raise
     stored = await run_in_threadpool(svc.add_feedback, sample)  # written + fsynced before we answer
+    svc.metrics.feedback.labels(_label(svc, stored.adapter, True), "accepted").inc()
     return JSONResponse(
         {"feedbackId": stored.feedback_id, "adapter": stored.adapter, "trainable": stored.trainable, "seq": stored.seq},
         status_code=202,
@@ -100,6 +133,10 @@ def _resolve(svc: TrainingService, fb: FeedbackRequest) -> FeedbackSample:
     tok = svc.runner.engine.tokenizer
     eos = getattr(tok, "eos_token_id", None)
     if fb.kind == "pair":
+        try:
+            adapter_name(fb.adapter)
+        except InvalidName as exc:
+            raise APIError(400, str(exc), param="adapter") from exc
         if fb.messages is not None:
             try:
                 text = tok.apply_chat_template(fb.messages, tokenize=False, add_generation_prompt=True)
@@ -151,10 +188,17 @@ def _version_number(v: str | None) -> int | None:
     return None
 
 
-@router.post("/v1/training/jobs", status_code=201)
+def _job_name(name: str) -> str:
+    try:
+        return job_name(name)
+    except InvalidName as exc:
+        raise APIError(400, str(exc), param="name") from exc
+
+
+@router.post("/v1/training/jobs", status_code=201, dependencies=[Depends(require_admin)])
 async def post_job(request: Request) -> JSONResponse:
     svc = await run_in_threadpool(_service, request)
-    data = _body(await request.body(), 1 << 20)
+    data = _body(await request.body(), MAX_JOB_BODY)
     try:
         req = JobRequest.model_validate(data)
     except ValidationError as exc:
@@ -168,21 +212,22 @@ async def post_job(request: Request) -> JSONResponse:
     return JSONResponse(job.status(), status_code=201)
 
 
-@router.get("/v1/training/jobs")
+@router.get("/v1/training/jobs", dependencies=[Depends(require_admin)])
 def list_jobs(request: Request) -> dict:
     return {"jobs": _service(request).list_status()}
 
 
-@router.get("/v1/training/jobs/{name}")
+@router.get("/v1/training/jobs/{name}", dependencies=[Depends(require_admin)])
 def get_job(request: Request, name: str) -> dict:
-    st = _service(request).job_status(name)
+    st = _service(request).job_status(_job_name(name))
     if st is None:
         raise APIError(404, f"training job {name!r} not found")
     return st
 
 
-@router.delete("/v1/training/jobs/{name}")
+@router.delete("/v1/training/jobs/{name}", dependencies=[Depends(require_admin)])
 async def delete_job(request: Request, name: str) -> dict:
+    _job_name(name)
     svc = await run_in_threadpool(_service, request)
     st = await svc.runner.call(lambda _e: svc.delete_job(name))
     if st is None:

@@ -63,6 +63,10 @@ def _read_config(d: Path) -> dict:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{cfg_file}: invalid JSON ({exc})") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise AdapterError(f"{cfg_file}: unreadable ({type(exc).__name__})") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_file}: must hold a JSON object")
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterError(f"{d}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key, bad in (("use_dora", True), ("rank_pattern", None), ("alpha_pattern", None), ("modules_to_save", None)):
@@ -89,14 +93,15 @@ def read_adapter(path: str | Path, shape: ModelShape, max_rank: int, dtype: torc
                 f"{d}: only pickle weights (adapter_model.bin) found; refusing to unpickle, need safetensors"
             )
         raise AdapterError(f"{d}: adapter_model.safetensors not found")
-    rank = int(cfg.get("r", 0))
-    if rank <= 0:
-        raise AdapterError(f"{d}: invalid rank r={cfg.get('r')!r}")
+    rank = cfg.get("r", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:  # 1e999 parses as inf, "8" as a string
+        raise AdapterError(f"{d}: invalid rank r={rank!r} (a positive integer)")
+    alpha = cfg.get("lora_alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{d}: invalid lora_alpha={alpha!r} (a positive finite number)")
     if rank > max_rank:
         raise AdapterError(f"{d}: rank {rank} exceeds this worker's max_lora_rank {max_rank}")
-    out = LoRAWeights(
-        rank=rank, alpha=float(cfg.get("lora_alpha", rank)), use_rslora=bool(cfg.get("use_rslora", False))
-    )
+    out = LoRAWeights(rank=rank, alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora", False)))
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     h = hashlib.sha256((d / "adapter_config.json").read_bytes())
     h.update(st.read_bytes())

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import torch
 from lorafleet.worker.lora.adapter import AdapterError, LoRAWeights, UnknownAdapterError, read_adapter
 from lorafleet.worker.models.llama import ModelShape
+from lorafleet.worker.paths import PathEscape, entries_within
 
 log = logging.getLogger(__name__)
 Resolver = Callable[[str], Path]
@@ -127,6 +128,11 @@ class AdapterStore:
         real = path.resolve()
         if not any(real.is_relative_to(r) for r in self.roots):
             raise AdapterError(f"{uri}: path is outside the allowed adapter roots {[str(r) for r in self.roots]}")
+        if real.is_dir():
+            try:
+                entries_within(self.roots, real)  # a file symlink inside the adapter leading out of the roots
+            except PathEscape as exc:
+                raise AdapterError(f"{uri}: {exc}") from exc
         return real
 
     def register(self, name: str, uri: str, version: str | None = None) -> AdapterVersion:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lorafleet.worker.paths import within
 
 FORMAT = 1
 TENSORS = "tensors.safetensors"
@@ -118,7 +119,7 @@ class CheckpointStore:
         from safetensors.torch import load_file
 
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            manifest = json.loads(within(path, path / MANIFEST).read_text())  # PathEscape is a ValueError
         except FileNotFoundError as exc:
             raise ValueError("manifest state.json missing") from exc
         except (ValueError, UnicodeDecodeError) as exc:
@@ -128,7 +129,7 @@ class CheckpointStore:
                 f"unknown checkpoint format {manifest.get('format') if isinstance(manifest, dict) else '?'}"
             )
         meta = manifest.get("tensors") or {}
-        tfile = path / str(meta.get("file", TENSORS))
+        tfile = within(path, path / str(meta.get("file", TENSORS)))  # a manifest cannot point out of its directory
         if not tfile.exists():
             raise ValueError("tensor file missing")
         size = tfile.stat().st_size
@@ -150,7 +151,7 @@ class CheckpointStore:
         res = LoadResult(None)
         for step, p in reversed(self.steps()):
             try:
-                ck = self.read(p)
+                ck = self.read(within(self.root, p))  # a step directory that links out of the store is refused
                 if accept is not None:
                     accept(ck)
                 res.checkpoint = ck

@@ -21,6 +21,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from lorafleet.worker.names import adapter_name, job_name
+from lorafleet.worker.paths import within
 from lorafleet.worker.training.coserve import coserve_iteration
 from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore, PeerFeedbackLogs
 from lorafleet.worker.training.job import ContinualLearningJob
@@ -59,6 +61,9 @@ class TrainingService:
         self.feedback: FeedbackStore | None = None
         self.peers: PeerFeedbackLogs | None = None  # the pool's other workers' feedback logs (shared adapter store)
         self._peers_polled = 0.0
+        self._peer_jobs_read = float("-inf")
+        self._peer_job_adapters: frozenset[str] = frozenset()
+        self.feedback_labels: set[str] = set()  # adapters with their own feedback metric series (the API caps it)
         self._replay_domains: dict[str, list[list[int]]] | None = None
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -154,9 +159,31 @@ class TrainingService:
     # ---- feedback (HTTP threads) ----
     def add_feedback(self, sample: FeedbackSample) -> FeedbackSample:
         assert self.feedback is not None
-        out = self.feedback.append(sample)
-        self.metrics.feedback.labels(sample.adapter, "accepted").inc()
-        return out
+        return self.feedback.append(sample)  # the API counts it (with a bounded adapter label)
+
+    def has_job_for(self, adapter: str) -> bool:
+        """Whether a job trains `adapter` here or on another worker of the pool (their persisted job specs in the
+        shared store, read at most every PEER_POLL_S): feedback for it is accepted by any replica."""
+        if self._job_for(adapter) is not None or any(j.spec.adapter == adapter for j in list(self.jobs.values())):
+            return True
+        if self.peers is None:
+            return False
+        now = time.monotonic()
+        if now - self._peer_jobs_read >= PEER_POLL_S:
+            self._peer_jobs_read = now
+            self._peer_job_adapters = self._read_peer_job_adapters()
+        return adapter in self._peer_job_adapters
+
+    def _read_peer_job_adapters(self) -> frozenset[str]:
+        assert self.peers is not None
+        found: set[str] = set()
+        for p in self.peers.dir.glob("*/jobs/*.json"):
+            try:
+                within(self.peers.dir, p)
+                found.add(str(json.loads(p.read_text()).get("adapter", "")))
+            except (OSError, ValueError, AttributeError):
+                continue  # being replaced, or not a job spec: the next read sees it
+        return frozenset(found)
 
     def _on_feedback(self, s: FeedbackSample) -> None:
         job = self._job_for(s.adapter)
@@ -187,7 +214,11 @@ class TrainingService:
             if any(j.spec.adapter == spec.adapter for j in self.jobs.values()):
                 raise JobConflict(f"adapter {spec.adapter!r} already has a job")
         assert self.versions_root is not None and self.feedback is not None and self._replay_domains is not None
-        assert self.data_dir is not None
+        assert self.data_dir is not None and self.checkpoint_dir is not None
+        adapter_name(spec.adapter)  # also checked by JobRequest: these names become directories
+        job_name(spec.name)
+        within(self.versions_root, self.versions_root / spec.adapter)  # a planted symlink must not lead out
+        within(self.checkpoint_dir, self.checkpoint_dir / spec.adapter)
         job = ContinualLearningJob(
             spec, self._engine, self.versions_root, self._replay_domains, self.metrics, self.checkpoint_dir
         )

@@ -6,16 +6,14 @@ persisted job specs when a worker restarts, so what resumes is exactly what was 
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
+from lorafleet.worker.names import adapter_name, job_name
 from lorafleet.worker.training.feedback import TRAINABLE_KINDS
 from lorafleet.worker.training.job import JobSpec
 from lorafleet.worker.training.trainer import OptimConfig
 from lorafleet.worker.training.versions import ATTN_PROJS, MLP_PROJS, PublishPolicy
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-_DNS = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class _Strict(BaseModel):
@@ -104,15 +102,12 @@ class JobRequest(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _DNS.match(v):
-            raise ValueError("name must be a DNS-1123 label (lowercase alphanumerics and '-', at most 63)")
-        return v
+        return job_name(v)  # lorafleet.worker.names: the one validator, also for the adapter
 
-    @model_validator(mode="after")
-    def _adapter(self) -> JobRequest:
-        if self.adapter.strip() != self.adapter or "/" in self.adapter:
-            raise ValueError("adapter must be a plain adapter name")
-        return self
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, v: str) -> str:
+        return adapter_name(v)
 
     def to_spec(self) -> JobSpec:
         o = self.optimizer
