@@ -26,7 +26,6 @@ from lorafleet.worker.async_engine import AsyncEngineRunner
 from lorafleet.worker.lora.sources.uri import is_remote
 from lorafleet.worker.names import InvalidName, adapter_name
 
-
 router = APIRouter(dependencies=[Depends(require_admin)])
 
 
