@@ -20,7 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN pip install \
       "kopf==1.45.2" \
-      "kubernetes==37.0.2" \
+      "kubernetes==36.0.3" \
       "ortools==9.15.6755" \
       "prometheus-client==0.26.0" \
       "pydantic==2.14.3" \
