@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:  # bench/ as a package (appended: the checkout's o
     sys.path.append(str(ROOT))
 
 import torch  # noqa: E402
+from lorafleet.worker.engine.plugin import IterationPlugin  # noqa: E402
 
 from bench import llama_shapes  # noqa: E402
 
@@ -184,11 +185,7 @@ def make_job(engine, root: Path, name: str, record: bool, tpot_ms: float = 50.0,
         stash_bytes=engine_stash_bytes(engine),
         max_seq_tokens=4096,
         graphs=getattr(engine, "_bench_graphs", "auto"),
-        graph_layers=getattr(engine, "_bench_graph_layers", None),
-        graph_launch=getattr(engine, "_bench_graph_launch", "autograd"),
-        train_stream=getattr(engine, "_bench_train_stream", "serving"),
-        ride_rows=getattr(engine, "_bench_ride_rows", 128),
-        ride_lora=getattr(engine, "_bench_ride_lora", "segments"),
+        placement=getattr(engine, "_bench_placement", "serving"),
         serving_sms=getattr(engine, "_bench_serving_sms", 16),
     )
     return ContinualLearningJob(spec, engine, root / "versions", {}, TrainingMetrics())
@@ -248,14 +245,7 @@ def run_load(
             arrivals.append(t)
     prompts = [[rng.randrange(10, vocab) for _ in range(cfg.inf_prompt)] for _ in arrivals]
     params = SamplingParams(temperature=0.0, max_tokens=cfg.inf_out, ignore_eos=True)
-    engine.iteration_hooks.clear()
-    engine.launch_hooks.clear()
     steps: list[tuple[int, int, int, float]] = []  # (seqs, prefill tokens, decode tokens, forward s) per step
-    engine.iteration_hooks.append(
-        lambda info: steps.append(
-            (info.num_seqs, info.num_prefill_tokens, info.num_decode_tokens, info.forward_seconds)
-        )
-    )
     preempt0 = engine.scheduler.num_preemptions
     gc_s = [0.0, 0.0, 0.0]  # seconds in Python's collector by generation (a big heap makes gen-2 passes long)
     gc_t0 = [0.0]
@@ -269,11 +259,6 @@ def run_load(
     gc.callbacks.append(gc_probe)
     train_s = 0.0  # wall time of the time-slicing loop's training pieces (and of idle fine-tuning)
     slices = 0  # time-slicing pieces run (trained or slept)
-    rider = engine.runner.rider  # a fused job's trainer: its rows ride serving steps only while co-serving
-    if rider is not None:
-        riding = mode == "coserve" and rider is getattr(job, "graphed", None)
-        rider.ride_enabled = riding
-        rider.serving_busy = engine.has_unfinished_requests if riding else (lambda: False)
     pieces: list[tuple[float, float]] = []  # (units, seconds) of every co-serving training piece
     hook_s = [0.0, 0]  # host seconds in the co-serving hook over every iteration (planning included), calls
 
@@ -286,8 +271,9 @@ def run_load(
         if used:
             pieces.append((used, dt))
 
-    if mode == "coserve" and job is not None:  # as the training service registers it
-        (engine.launch_hooks if job.graphed is not None else engine.iteration_hooks).append(hook)
+    coserving = mode == "coserve" and job is not None
+    plugin = _LoadPlugin(steps, hook if coserving else None, graphed=coserving and job.graphed is not None)
+    engine.add_plugin(plugin)  # as the training service co-serves: after each step is queued (graphed) or settled
     seqs: dict[str, dict] = {}
     log_cursor = engine.request_tpots.count  # the engine's own per-request TPOTs (what the guard steers by)
     ft0 = job.sequence_tokens if job is not None else 0
@@ -370,8 +356,7 @@ def run_load(
         job.graphed.synchronize()
         job.drain()
     ft_tokens = (job.sequence_tokens - ft0) if job is not None else 0
-    engine.iteration_hooks.clear()
-    engine.launch_hooks.clear()
+    engine.remove_plugin(plugin)
     print(
         f"[run_load] mode={mode} rate={rate} every={slice_every} elapsed={elapsed:.1f}s iters={iters} "
         f"tpot_p50={pct(tpot, 0.5)} tpot_p99={pct(tpot, 0.99)} ft_tok/s={ft_tokens / elapsed:.0f} "
@@ -405,6 +390,32 @@ def run_load(
         "hook_us_per_call": 1e6 * hook_s[0] / max(1, hook_s[1]),
         "cost_fit": job.scheduler.cost.fit() if job is not None else None,
     }
+
+
+class _LoadPlugin(IterationPlugin):
+    """The engine plugin of one load run: records each step's mix and, co-serving, runs the job's pieces where the
+    training service does (after the step is queued for graphed pieces, after it is settled for eager ones)."""
+
+    def __init__(self, steps: list, coserve, graphed: bool) -> None:
+        self.steps, self.coserve, self.graphed = steps, coserve, graphed
+
+    def after_launch(self, info) -> None:
+        if self.coserve is not None and self.graphed:
+            self.coserve(info)
+
+    def after_step(self, info) -> None:
+        self.steps.append((info.num_seqs, info.num_prefill_tokens, info.num_decode_tokens, info.forward_seconds))
+        if self.coserve is not None and not self.graphed:
+            self.coserve(info)
+
+
+def _recording(engine, stash):
+    """A plugin that records every prefill of adapter "ad" into `stash` (what a recording job does)."""
+    from lorafleet.worker.training.coserve import CoServePlugin
+    from lorafleet.worker.training.recorder import PrefillRecorder
+
+    lookup = PrefillRecorder(lambda name: (stash, lambda v: 0) if name == "ad" else None, engine.model.shape.num_layers)
+    return CoServePlugin([], recorder=lookup)
 
 
 def _mix(steps: list[tuple[int, int, int, float]]) -> dict:
@@ -460,7 +471,6 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
     from lorafleet.worker.engine.sequence import SamplingParams
     from lorafleet.worker.training.graphed import GraphedTrainer
     from lorafleet.worker.training.lora_context import TrainableLoRA
-    from lorafleet.worker.training.recorder import PrefillRecorder
     from lorafleet.worker.training.stash import ActivationStash
     from lorafleet.worker.training.trainer import LoRATrainer, OptimConfig, TrainSample
 
@@ -469,11 +479,10 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
     n = cfg.reuse_samples
     prompts = [[rng.randrange(10, vocab) for _ in range(cfg.ft_prompt)] for _ in range(n)]
     stash = ActivationStash(cfg.stash_bytes, engine.device)
-    engine.runner.capture_hook = PrefillRecorder(
-        lambda name: (stash, lambda v: 0) if name == "ad" else None, engine.model.shape.num_layers
-    )
+    rec = _recording(engine, stash)
+    engine.add_plugin(rec)
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), ["ad"] * n)
-    engine.runner.capture_hook = None
+    engine.remove_plugin(rec)
     completions = [[rng.randrange(10, vocab) for _ in range(cfg.ft_completion)] for _ in range(n)]
     group = cfg.reuse_group
     # taken once; loaded from the host arena inside every timed reuse step (nothing records meanwhile, so the
@@ -540,16 +549,14 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
 
 
 def bench_recording(engine, cfg: Cfg, root: Path, rate: float) -> dict:
-    from lorafleet.worker.training.recorder import PrefillRecorder
     from lorafleet.worker.training.stash import ActivationStash
 
     off = run_load(engine, cfg, rate, seed=11)
     stash = ActivationStash(cfg.stash_bytes, engine.device)
-    engine.runner.capture_hook = PrefillRecorder(
-        lambda name: (stash, lambda v: 0) if name == "ad" else None, engine.model.shape.num_layers
-    )
+    rec = _recording(engine, stash)
+    engine.add_plugin(rec)
     on = run_load(engine, cfg, rate, seed=11)
-    engine.runner.capture_hook = None
+    engine.remove_plugin(rec)
     return {
         "ttft_p50_off": pct(off["ttft"], 0.5),
         "ttft_p50_on": pct(on["ttft"], 0.5),
@@ -572,24 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         "--amortise", type=float, default=None, help="ShareConfig.amortise for the co-serving job (0 = greedy, A/B)"
     )
     ap.add_argument("--graphs", default="auto", help="co-serving pieces: auto (graphs on CUDA) | on | off (eager)")
-    ap.add_argument("--graph-layers", type=int, default=0, help="layers per graphed piece (0: whole micro-batch)")
-    ap.add_argument(
-        "--graph-launch", default="autograd", choices=("autograd", "raw"), help="how layer pieces launch (graphed.py)"
-    )
-    ap.add_argument(
-        "--train-stream",
-        default="serving",
-        help="serving | beside | partition (graphed pieces) | fused (rows in serving steps)",
-    )
-    ap.add_argument("--ride-rows", type=int, default=128, help="training rows per fused serving step")
-    ap.add_argument(
-        "--ride-lora",
-        default="segments",
-        choices=("segments", "own"),
-        help="fused: training rows' LoRA as a segment "
-        "of the serving shrink/expand over a claimed slot, or the rider's own GEMMs",
-    )
-    ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --train-stream partition")
+    ap.add_argument("--placement", default="serving", choices=("serving", "partition"), help="coServing.placement")
+    ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --placement partition")
     ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
     ap.add_argument("--async-scheduling", action="store_true", help="engine overlaps host work with the GPU step")
     ap.add_argument("--no-guard", action="store_true", help="co-serving without the TPOT guard (slo.py): an A/B")
@@ -628,11 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     engine, root = setup(cfg, work)
     engine._bench_stash_bytes = cfg.stash_bytes
     engine._bench_graphs = args.graphs
-    engine._bench_graph_layers = args.graph_layers or None
-    engine._bench_graph_launch = args.graph_launch
-    engine._bench_train_stream = args.train_stream
-    engine._bench_ride_rows = args.ride_rows
-    engine._bench_ride_lora = args.ride_lora
+    engine._bench_placement = args.placement
     engine._bench_serving_sms = args.serving_sms
     from lorafleet.worker.gpu import prioritise_serving_stream
     from lorafleet.worker.training.slo import GuardConfig
@@ -681,26 +668,11 @@ def main(argv: list[str] | None = None) -> int:
                 "min_share": job.scheduler.cfg.min_share,
                 "controller": type(job.scheduler).__name__,
                 "graphed": job.graphed is not None,
-                "graph_layers": job.graphed.layers_per_piece if job.graphed is not None else None,
-                "graph_launch": getattr(job.graphed, "piece_launch", None),
-                "ride_lora_slot": getattr(job.graphed, "slot", None),  # fused: the claimed store slot, or None (own)
-                "train_stream": job.graphed.stream_mode if job.graphed is not None else None,
+                "placement": job.graphed.stream_mode if job.graphed is not None else None,
             }
             feed(job, cfg, 256, seed=5)
             alone = finetune_alone(engine, job, cfg)
             raw = {"finetune_alone_tokens_per_s": alone, "share_config": raw_cfg}
-            if job.graphed is not None and job.graphed.stream_mode == "fused":
-                # retention is against the fastest way to fine-tune alone, not the fused trainer's standalone rows
-                engine._bench_train_stream = "serving"
-                ref_job = make_job(engine, root, "ft-alone", record=False)
-                engine._bench_train_stream = "fused"
-                feed(ref_job, cfg, 256, seed=5)
-                ref_alone = finetune_alone(engine, ref_job, cfg)
-                ref_job.stop()
-                raw["finetune_alone_fused_tokens_per_s"] = alone
-                raw["finetune_alone_graphed_tokens_per_s"] = ref_alone
-                alone = max(alone, ref_alone)
-                raw["finetune_alone_tokens_per_s"] = alone
             for load in (0.5, 0.9):
                 rate = load * r_max
                 inf = run_load(engine, cfg, rate, seed=20 + int(load * 10))

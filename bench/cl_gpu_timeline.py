@@ -2,7 +2,7 @@
 
 Per engine step: host time before the launch (schedule + inputs), the launch itself, the launch hook (co-serving),
 the wait for the step's tokens, and the rest; GPU time of the serving step and of the training queued by the hook
-(CUDA events on the serving stream, so only meaningful with --train-stream serving). `python
+(CUDA events on the serving stream, so only meaningful with --placement serving). `python
 bench/cl_gpu_timeline.py --out DIR` on the GPU machine."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--train-stream", default="serving")
+    ap.add_argument("--placement", default="serving", choices=("serving", "partition"))
     ap.add_argument("--load", type=float, default=0.5)
     ap.add_argument("--duration", type=float, default=8.0)
     args = ap.parse_args()
@@ -34,7 +34,7 @@ def main() -> int:
     cfg.duration = args.duration
     work = Path(tempfile.mkdtemp())
     engine, root = cl_gpu.setup(cfg, work)
-    engine._bench_train_stream = args.train_stream
+    engine._bench_placement = args.placement
     prioritise_serving_stream(engine.device)
     stream = torch.cuda.current_stream()
     rec: list[dict] = []
@@ -129,7 +129,7 @@ def main() -> int:
         res[mode] = summ
         print(mode, json.dumps(summ, indent=1), file=sys.stderr, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"cl_gpu_timeline_{args.train_stream}.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / f"cl_gpu_timeline_{args.placement}.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -54,6 +54,7 @@ _shim()
 
 import torch  # noqa: E402
 
+from bench.common import StepLog  # noqa: E402
 from bench.llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -182,8 +183,9 @@ def measure(engine, reqs: list[tuple[int, int, int]], tag: str, async_scheduling
     cuda = engine.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
-    infos: list = []
-    engine.iteration_hooks.append(infos.append)
+    log = StepLog()
+    engine.add_plugin(log)
+    infos = log.infos
     preempted = engine.scheduler.num_preemptions
     t = time.perf_counter()
     for i, (_, olen, _) in enumerate(reqs):
@@ -198,7 +200,7 @@ def measure(engine, reqs: list[tuple[int, int, int]], tag: str, async_scheduling
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
-    engine.iteration_hooks.remove(infos.append)
+    engine.remove_plugin(log)
     planned = sum(o for _, o, _ in reqs)
     prefill = [i for i in infos if i.num_prefill_tokens]
     decode = [i for i in infos if not i.num_prefill_tokens and i.num_seqs]

@@ -251,7 +251,7 @@ class LatencyTarget(_Model):
 
 
 class CoServing(_Model):
-    placement: Literal["serving", "beside", "partition", "fused"] = "serving"
+    placement: Literal["serving", "partition"] = "serving"  # beside / fused: refused by the CRD's CEL rule
     serving_sms: Annotated[int, Field(ge=1, le=1024, alias="servingSMs")] = 16
 
 

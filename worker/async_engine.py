@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorafleet.worker.engine.plugin import FinishedRequest, IterationPlugin
 from lorafleet.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -48,22 +49,6 @@ class OverloadedError(RuntimeError):
 
 class DuplicateRequestError(ValueError):
     """A request with this id is already in flight."""
-
-
-@dataclass
-class FinishedRequest:
-    """What a finished request looked like; given to `finish_hooks` (the feedback API keeps a log of these)."""
-
-    request_id: str
-    lora_name: str | None
-    lora_version: str | None
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    arrival_time: float
-    finish_time: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,7 +171,7 @@ class AsyncEngineRunner:
         self.retry_after_s = retry_after_s
         self.snapshot_interval_s = snapshot_interval_s
         self.idle_wait_s = idle_wait_s
-        self.finish_hooks: list[Callable[[FinishedRequest], None]] = []
+        self._plugins: list[IterationPlugin] = []
         self._engine: Any = None
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -202,6 +187,13 @@ class AsyncEngineRunner:
         self._last_snapshot = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
+    def add_plugin(self, plugin: IterationPlugin) -> None:
+        """Registers work that rides the serving loop (engine/plugin.py). Before `start()` it is attached as soon as
+        the engine is built, before the worker reports ready; later, between two iterations."""
+        self._plugins.append(plugin)
+        if self._engine is not None:
+            self.call_threadsafe(lambda engine: engine.add_plugin(plugin))
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("runner already started")
@@ -336,6 +328,11 @@ class AsyncEngineRunner:
             self._die(f"engine failed to start: {exc!r}")
             return
         self._engine = engine
+        for plugin in list(self._plugins):
+            try:
+                engine.add_plugin(plugin)
+            except Exception:  # noqa: BLE001 - a plugin must never take serving down
+                log.exception("plugin %r failed to attach", plugin)
         from lorafleet.worker.gpu import prioritise_serving_stream
 
         prioritise_serving_stream(
@@ -453,7 +450,7 @@ class AsyncEngineRunner:
                         self._do_abort(request_id)
 
     def _run_finish_hooks(self, t: _Tracked, out: Any, now: float, reason: str | None = None) -> None:
-        if not self.finish_hooks:
+        if not self._plugins:
             return
         record = FinishedRequest(
             request_id=t.request_id,
@@ -467,11 +464,11 @@ class AsyncEngineRunner:
             finish_time=now,
             extra=t.extra,
         )
-        for hook in list(self.finish_hooks):
+        for plugin in list(self._plugins):
             try:
-                hook(record)
-            except Exception:  # noqa: BLE001 - a hook must never take serving down
-                log.exception("finish hook %r failed", hook)
+                plugin.on_finish(record)
+            except Exception:  # noqa: BLE001 - a plugin must never take serving down
+                log.exception("plugin %r failed on a finished request", plugin)
 
     def _refresh_counts(self) -> None:
         """The waiting count the 429 check uses, every step; cheap (full stats walk every adapter version)."""

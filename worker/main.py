@@ -239,9 +239,12 @@ def build_worker(args: argparse.Namespace):
         freeze_startup_heap()
         return engine
 
+    from lorafleet.worker.training.service import register
+
     runner = AsyncEngineRunner(factory, metrics=metrics, max_waiting=args.max_waiting)
+    training = register(runner, metrics.registry)  # co-serving fine-tuning: the engine's one plugin (plugin.py)
     runner.start()
-    app = create_app(runner, settings)
+    app = create_app(runner, settings, training=training)
     app.state.sources = sources
     return app, runner
 

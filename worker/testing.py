@@ -143,3 +143,28 @@ def build_peft_adapter(
     meta["base_model_name_or_path"] = str(base_dir)
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+class StepLog:
+    """An engine plugin (engine/plugin.py) for tests and benchmarks: keeps every step's `IterationInfo` after the
+    step is settled, and, with `on_launch`, calls it with each step's info while its tokens are still in flight."""
+
+    def __init__(self, on_launch=None) -> None:
+        self.infos: list = []
+        self.on_launch = on_launch
+
+    def attach(self, engine) -> None:
+        return None
+
+    def on_prefill(self, batch, inputs):
+        return None
+
+    def after_launch(self, info) -> None:
+        if self.on_launch is not None:
+            self.on_launch(info)
+
+    def after_step(self, info) -> None:
+        self.infos.append(info)
+
+    def on_finish(self, request) -> None:
+        return None

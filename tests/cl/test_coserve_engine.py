@@ -7,7 +7,7 @@ from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine.llm_engine import LLMEngine
 from lorafleet.worker.engine.sequence import SamplingParams
 from lorafleet.worker.testing import build_peft_adapter
-from lorafleet.worker.training.coserve import coserve_iteration
+from lorafleet.worker.training.coserve import CoServePlugin
 from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
 from lorafleet.worker.training.metrics import TrainingMetrics
@@ -45,12 +45,9 @@ def test_coserve_on_engine_respects_budget_and_trains(tmp_path, tiny_dir):
     for i in range(4):
         job.offer(FeedbackSample("ad", "pair", list(range(30, 50)), list(range(60, 70)), feedback_id=f"f{i}", seq=i))
     per_iter = []
-
-    def hook(info):
-        used = coserve_iteration(eng, [job], info)
-        per_iter.append((info.num_scheduled_tokens, used))
-
-    eng.iteration_hooks.append(hook)
+    eng.add_plugin(
+        CoServePlugin([job], on_iteration=lambda info, used: per_iter.append((info.num_scheduled_tokens, used)))
+    )
     served = [o.output_token_ids for o in eng.generate(prompts, params, ["ad"] * 6)]
     assert served == reference  # training between iterations does not disturb serving (no publish configured)
     assert per_iter and all(inf + used <= BUDGET for inf, used in per_iter)

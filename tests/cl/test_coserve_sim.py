@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from lorafleet.worker.training.coserve import CoServeScheduler, ShareConfig
 from lorafleet.worker.training.slo import GuardConfig
 
@@ -166,41 +165,6 @@ def test_overlap_controller_fills_the_gap_and_never_starves():
     assert sum(1 for g in gpu3 if g > 0) >= 20
     # nothing decoding: the whole leftover, no credit needed
     assert c.plan(2048, 0, False) == 2048 and c.may_launch(1.0)
-
-
-def test_fused_rides_follow_the_latency_target_in_a_simulated_clock():
-    """Fused placement: a serving step that carries training rows takes longer. The controller learns by how much
-    and lets rows ride only on the steps its credit pays for: every step while the TPOT is far under the target,
-    as many as the slack pays for near it, and never fewer than the min share."""
-    from lorafleet.worker.training.coserve import OverlapController, ShareConfig
-
-    target = 0.012
-
-    def run(base, ride_cost, iters=800, min_share=0.1):
-        c = OverlapController(ShareConfig(tpot_target_s=target, min_share=min_share, guard=FIXED_AIM))
-        its, rides = [], []
-        for _ in range(iters):
-            c.plan(2048, 64, True)
-            rode = c.may_ride()
-            it = base + (ride_cost if rode else 0.0)
-            its.append(it)
-            rides.append(rode)
-            c.observe(2048, 64, 0, it, 0.0, True, it, 128 if rode else 0)
-        tail = iters // 2
-        return c, sum(its[-tail:]) / tail, sum(rides[-tail:]) / tail
-
-    c, mean_it, ridden = run(base=0.005, ride_cost=0.002)  # light load: rows ride (almost) every step
-    assert ridden >= 0.9 and mean_it <= target * 0.95
-    assert c.share > 0.0  # ridden rows count as fine-tuning in the reported share
-    c, mean_it, ridden = run(base=0.010, ride_cost=0.004)  # riding every step would make it 14 ms > 12
-    assert mean_it <= target * 0.96 and 0.1 * 0.7 <= ridden <= 0.6
-    assert c.ride_price == pytest.approx(0.004, rel=0.2)  # learned from steps with and without rows
-    c, mean_it, ridden = run(base=0.010, ride_cost=0.030)  # one riding step alone misses the target
-    assert 0.1 * 0.7 <= ridden <= 0.1 * 1.5  # the min share, no more
-    # nothing decoding: every step may carry rows, no credit spent
-    c.plan(2048, 0, False)
-    credit = c.credit
-    assert c.may_ride() and c.credit == credit
 
 
 def test_min_share_runs_a_first_piece_larger_than_any_credit_when_inference_alone_misses_the_target():

@@ -52,21 +52,10 @@ def test_packing_buckets_padding_and_limits():
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("split", "launch"), [(None, "autograd"), (1, "autograd"), (1, "raw")])
-def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model, split, launch):
-    """split=1: every layer is its own forward piece and backward piece (top first), the head one more. `raw`: the
-    pieces chain plain forward / backward runs (graphed_pieces.py) instead of autograd calls."""
+def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model):
     optim = OptimConfig(lr=5e-3, grad_accumulation=4, max_grad_norm=0.05)  # small clip: clipping really acts
     ref, t = _pair(adapter_dir, tiny_model, optim)
-    g = GraphedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=split, piece_launch=launch)
-    if split:
-        g.begin(g.pack(_samples(ref)[:1], 1)[0])
-        n = tiny_model.shape.num_layers
-        pieces = 2 * -(-n // split) + 1
-        assert (
-            len(g._active.costs) == pieces and g._active.costs[: pieces // 2] == g._active.costs[-(pieces // 2) :][::-1]
-        )
-        g.reset()
+    g = GraphedTrainer(t, max_tokens=40, max_prefix=64)
     norms = []
     for _ in range(3):
         samples = _samples(ref)
@@ -92,8 +81,6 @@ def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model, split, launc
         LoRATrainer(tiny_model, ref.lora, optim),
         max_tokens=4096,
         max_prefix=4096,
-        layers_per_piece=split,
-        piece_launch=launch,
     )
     (mb,) = g2.pack(samples, 1)
     p = g2.launch(mb)
@@ -125,28 +112,16 @@ def test_non_finite_step_is_skipped_on_the_device(adapter_dir, tiny_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    ("split", "stream", "launch"),
-    [
-        (None, "serving", "autograd"),
-        (1, "serving", "autograd"),
-        (1, "serving", "raw"),
-        (1, "beside", "raw"),
-        (None, "beside", "autograd"),
-        (None, "partition", "autograd"),
-    ],
-)
-def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, split, stream, launch):
+@pytest.mark.parametrize("stream", ["serving", "partition"])
+def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, stream):
     from lorafleet.worker.loader import load_model
 
     model, _ = load_model(tiny_dir, torch.device("cuda"), torch.float32)
     optim = OptimConfig(lr=5e-3)
     ref = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, adapter_dir, device="cuda"), optim)
     t = LoRATrainer(model, TrainableLoRA.from_peft(model.shape, adapter_dir, device="cuda"), optim)
-    # partition: 8 SMs left to serving (falls back to "beside" where green contexts are unavailable)
-    g = GraphedTrainer(
-        t, max_tokens=64, max_prefix=64, layers_per_piece=split, stream=stream, serving_sms=8, piece_launch=launch
-    )
+    # partition: 8 SMs left to serving (falls back to "serving" where green contexts are unavailable)
+    g = GraphedTrainer(t, max_tokens=64, max_prefix=64, stream=stream, serving_sms=8)
     for _ in range(4):
         samples = _samples(ref)
         tokens = sum(s.loss_tokens for s in samples)
@@ -159,7 +134,7 @@ def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, split, stream, la
     _assert_same_weights(ref.lora, t.lora, tol=1e-4)
 
 
-def _job(tmp_path, tiny_dir, graphs: str, tag: str, layers: int | None = None):
+def _job(tmp_path, tiny_dir, graphs: str, tag: str):
     from lorafleet.worker.config import EngineConfig
     from lorafleet.worker.engine.llm_engine import LLMEngine
     from lorafleet.worker.testing import build_peft_adapter
@@ -193,7 +168,6 @@ def _job(tmp_path, tiny_dir, graphs: str, tag: str, layers: int | None = None):
         record_activations=False,
         graphs=graphs,
         graph_tokens=40,
-        graph_layers=layers,
         checkpoint_every=1,
     )
     job = ContinualLearningJob(spec, eng, tmp_path / f"v-{tag}", {}, TrainingMetrics(), state_dir=tmp_path / f"s-{tag}")
@@ -206,20 +180,21 @@ def _job(tmp_path, tiny_dir, graphs: str, tag: str, layers: int | None = None):
 @pytest.mark.timeout(300)
 def test_job_on_graphed_path_trains_publishes_and_checkpoints_like_eager(tmp_path, tiny_dir):
     from lorafleet.worker.engine.sequence import SamplingParams
-    from lorafleet.worker.training.coserve import OverlapController, coserve_iteration
+    from lorafleet.worker.training.coserve import CoServePlugin, OverlapController
 
     results = {}
-    for graphs, layers in (("off", None), ("on", None), ("split", 1)):
-        eng, job = _job(tmp_path, tiny_dir, "off" if graphs == "off" else "on", graphs, layers)
+    for graphs in ("off", "on"):
+        eng, job = _job(tmp_path, tiny_dir, graphs, graphs)
         assert (job.graphed is not None) == (graphs != "off")
         assert isinstance(job.scheduler, OverlapController) == (graphs != "off")
         per_iter = []
 
-        def hook(info, eng=eng, job=job, per_iter=per_iter):
-            per_iter.append((info.num_scheduled_tokens, coserve_iteration(eng, [job], info)))
-
-        # as the training service registers them: graphed pieces right after each step is queued, eager ones after
-        (eng.launch_hooks if job.graphed is not None else eng.iteration_hooks).append(hook)
+        # as the training service does: graphed pieces right after each step is queued, eager ones after
+        eng.add_plugin(
+            CoServePlugin(
+                [job], on_iteration=lambda info, used, p=per_iter: p.append((info.num_scheduled_tokens, used))
+            )
+        )
         prompts = [list(range(5 + i, 25 + i)) for i in range(4)]
         eng.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), ["ad"] * 4)
         for _ in range(200):  # idle: the rest of the job
@@ -236,7 +211,7 @@ def test_job_on_graphed_path_trains_publishes_and_checkpoints_like_eager(tmp_pat
     off = results["off"]
     assert off.status()["coServing"] == {"placement": "serving", "effective": "eager"}
     assert results["on"].status()["coServing"] == {"placement": "serving", "effective": "cpu"}
-    for on in (results["on"], results["split"]):
+    for on in (results["on"],):
         assert on.trainer.step == off.trainer.step == 3
         assert on.tokens_trained == off.tokens_trained and on.sequence_tokens == off.sequence_tokens
         assert on.last_loss == pytest.approx(off.last_loss, rel=1e-4)
@@ -293,28 +268,3 @@ def test_prefix_buffers_are_shared_between_buckets_of_one_prefix_size(adapter_di
         g.launch(g.pack([s], s.loss_tokens)[0])
     a, b = list(g._static.values())
     assert a.pk is b.pk and a.pv is b.pv and len(g._prefix_bufs) == 1 and a.ids is not b.ids
-
-
-@pytest.mark.timeout(120)
-def test_raw_pieces_that_fail_to_capture_fall_back_to_autograd_pieces(adapter_dir, tiny_model, monkeypatch, caplog):
-    """`piece_launch="raw"` is opt-in and young: a capture error must leave a job training the proven way."""
-    from lorafleet.worker.training.graphed_pieces import RawPieces
-
-    def broken(*_a, **_k):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(RawPieces, "__init__", broken)
-    optim = OptimConfig(lr=5e-3, grad_accumulation=1)
-    ref, t = _pair(adapter_dir, tiny_model, optim)
-    g = GraphedTrainer(t, max_tokens=40, max_prefix=64, layers_per_piece=1, piece_launch="raw")
-    samples = _samples(ref)
-    tokens = sum(s.loss_tokens for s in samples)
-    want = ref.train_step(samples).grad_norm
-    with caplog.at_level("WARNING"):
-        for mb in g.pack(samples, tokens):
-            g.launch(mb)
-        step = g.launch_step()
-    assert float(step.host[0]) == pytest.approx(want, rel=1e-5)
-    _assert_same_weights(ref.lora, t.lora)
-    assert g.piece_launch == "autograd" and "failed to capture" in g.fallback
-    assert "back to autograd-launched pieces" in caplog.text

@@ -10,6 +10,7 @@ from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine.llm_engine import LLMEngine
 from lorafleet.worker.engine.sequence import SamplingParams
 from lorafleet.worker.testing import build_peft_adapter
+from lorafleet.worker.training.coserve import CoServePlugin
 from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
 from lorafleet.worker.training.lora_context import TrainableLoRA
@@ -40,13 +41,21 @@ def engine(tmp_path, tiny_dir):
     return eng
 
 
+def _recording(engine, lookup):
+    """Serves the mixed batch below with a plugin that records the prompts `lookup` asks for (as a job's does)."""
+    plugin = CoServePlugin([], recorder=PrefillRecorder(lookup, engine.model.shape.num_layers))
+    engine.add_plugin(plugin)
+    try:
+        return engine.generate(
+            [PROMPT_B, PROMPT_A, PROMPT_B], SamplingParams(temperature=0.0, max_tokens=3), ["other", "ad", "ad"]
+        )
+    finally:
+        engine.remove_plugin(plugin)
+
+
 def _serve(engine, stash):
-    engine.runner.capture_hook = PrefillRecorder(
-        lambda name: (stash, lambda v: 0) if name == "ad" else None, engine.model.shape.num_layers
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=3)
     # a mixed batch: the recorded adapter's prompt shares chunked-prefill steps with another adapter's request
-    return engine.generate([PROMPT_B, PROMPT_A, PROMPT_B], params, ["other", "ad", "ad"])
+    return _recording(engine, lambda name: (stash, lambda v: 0) if name == "ad" else None)
 
 
 def test_recorded_prompt_state_equals_recomputation_and_gives_same_grads(engine, tmp_path):
@@ -110,12 +119,7 @@ def test_stale_stash_is_recomputed_or_dropped_and_counted(engine, tmp_path, poli
 
 
 def _serve_with_job(engine, job):
-    engine.runner.capture_hook = PrefillRecorder(
-        lambda name: (job.stash, job.version_step) if name == "ad" else None, engine.model.shape.num_layers
-    )
-    return engine.generate(
-        [PROMPT_B, PROMPT_A, PROMPT_B], SamplingParams(temperature=0.0, max_tokens=3), ["other", "ad", "ad"]
-    )
+    return _recording(engine, lambda name: (job.stash, job.version_step) if name == "ad" else None)
 
 
 def _fb(out):

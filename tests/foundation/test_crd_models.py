@@ -14,6 +14,7 @@ from lorafleet.controlplane import ControlPlane
 
 _BOUNDS = ("minLength", "maxLength", "minItems", "maxItems", "pattern", "enum")
 _CEL_MATCHES = re.compile(r'^self\.matches\(r"(.*)"\)$')
+_CEL_IN = re.compile(r"^self in \[(.*)\]$")  # an enum whose refusal message says why (placement)
 
 
 def crd_doc(kind: str) -> dict[str, Any]:
@@ -37,6 +38,8 @@ def norm_crd(node: dict[str, Any]) -> dict[str, Any]:
     for rule in node.get("x-kubernetes-validations", []):
         if m := _CEL_MATCHES.match(rule["rule"]):
             out["pattern"] = m.group(1)
+        elif m := _CEL_IN.match(rule["rule"]):
+            out["enum"] = [v.strip().strip("'") for v in m.group(1).split(",")]
     if "default" in node and node["type"] != "object":
         out["default"] = node["default"]
     if node["type"] == "object":

@@ -96,6 +96,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("ContinualLearningJob", patched(JOB, "publish", {"everySteps": 0}), "spec.publish.everySteps"),
     ("ContinualLearningJob", patched(JOB, "coServing", {"placement": "gpu0"}), "spec.coServing.placement"),
+    ("ContinualLearningJob", patched(JOB, "coServing", {"placement": "fused"}), "fused are not offered"),
     ("ContinualLearningJob", patched(JOB, "coServing", {"servingSMs": 0}), "spec.coServing.servingSMs"),
 ]
 

@@ -37,8 +37,8 @@ def test_sample_job_translates_to_the_worker_api() -> None:
     co = training.job_request("j", {"adapter": "a", "coServing": {"placement": "partition", "servingSMs": 24}})
     assert co["coServing"] == {"placement": "partition", "servingSMs": 24}
     spec = JobRequest.model_validate(co).to_spec()
-    assert (spec.train_stream, spec.serving_sms) == ("partition", 24)
-    assert JobRequest.model_validate(req).to_spec().train_stream == "serving"  # the default: never overlap serving
+    assert (spec.placement, spec.serving_sms) == ("partition", 24)
+    assert JobRequest.model_validate(req).to_spec().placement == "serving"  # the default: never overlap serving
     assert JobRequest.model_validate(req).to_spec().tpot_percentile == 99.0  # the default percentile
     lat = training.job_request("j", {"adapter": "a", "latencyTarget": {"tpotMillis": 40, "percentile": 95}})
     assert lat["latencyTarget"] == {"tpotMs": 40.0, "percentile": 95.0}
@@ -97,7 +97,14 @@ def test_crd_bounds_are_what_the_worker_accepts() -> None:
     assert spec["checkpoint"]["properties"]["keep"]["maximum"] == ckpt["keep"]["maximum"]
     assert spec["checkpoint"]["properties"]["everySteps"]["minimum"] == ckpt["everySteps"]["minimum"]
     co, wco = spec["coServing"]["properties"], worker["$defs"]["CoServingSpec"]["properties"]
-    assert co["placement"]["enum"] == wco["placement"]["enum"] == ["serving", "beside", "partition", "fused"]
+    from lorafleet.worker.training.graphed import PLACEMENTS
+    from lorafleet.worker.training.spec import NOT_OFFERED
+
+    # the CRD admits exactly the placements the worker runs; the ones it refuses, it refuses with a reason
+    (rule,) = co["placement"]["x-kubernetes-validations"]
+    assert rule["rule"] == "self in [" + ", ".join(f"'{p}'" for p in PLACEMENTS) + "]"
+    assert PLACEMENTS == ("serving", "partition") and all(p in rule["message"] for p in NOT_OFFERED)
+    assert wco["placement"]["default"] == co["placement"]["default"] == "serving"
     assert (co["servingSMs"]["minimum"], co["servingSMs"]["maximum"]) == (wco["servingSMs"]["minimum"], 1024)
     assert wco["servingSMs"]["maximum"] == 1024
     gate, wgate = spec["publish"]["properties"]["minImprovement"], worker["$defs"]["PublishSpec"]["properties"]

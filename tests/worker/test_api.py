@@ -16,6 +16,7 @@ import httpx
 import pytest
 from lorafleet.worker.api.testing import assert_openai_error as assert_error
 from lorafleet.worker.api.testing import wait_for
+from lorafleet.worker.engine.plugin import IterationPlugin
 
 TOKEN = "s3cret-token"
 SERVED = "tiny"
@@ -38,7 +39,12 @@ def worker(tiny_model, adapter_root, adapters):
         num_kv_blocks=512,
     )
     finished: dict[str, object] = {}
-    w.runner.finish_hooks.append(lambda rec: finished.__setitem__(rec.request_id, rec))
+
+    class FinishLog(IterationPlugin):
+        def on_finish(self, request) -> None:
+            finished[request.request_id] = request
+
+    w.runner.add_plugin(FinishLog())
     w.finished = finished
     yield w
     w.close()

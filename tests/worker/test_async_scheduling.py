@@ -12,6 +12,7 @@ import pytest
 import torch
 from lorafleet.worker.engine import model_runner
 from lorafleet.worker.engine.sequence import SamplingParams
+from lorafleet.worker.testing import StepLog
 
 NAMES = ["ad-r4", "ad-r8", "ad-r16rs", "ad-r2qv", None]
 
@@ -43,8 +44,9 @@ def _drive(eng, requests, abort_after=None):
     tokens have been *reported* (what a client sees, so both modes abort at the same point of the stream), and
     returns {id: (output ids, finish reason)} plus every IterationInfo."""
     abort_after = dict(abort_after or {})
-    infos = []
-    eng.iteration_hooks.append(infos.append)
+    log = StepLog()
+    eng.add_plugin(log)
+    infos = log.infos
     queue = list(requests)
     final = {}
     while queue or eng.has_unfinished_requests():

@@ -7,6 +7,7 @@ import torch
 from lorafleet.worker.engine.sampler import Sampler
 from lorafleet.worker.engine.sequence import SamplingParams
 from lorafleet.worker.lora.adapter import UnknownAdapterError
+from lorafleet.worker.testing import StepLog
 
 PROMPT = [12, 40, 77, 301, 5, 64, 200]
 
@@ -133,11 +134,12 @@ def test_abort_frees_blocks_immediately_and_reports(make_engine):
     assert eng.stats().kv_blocks_used == 0 and not eng.has_unfinished_requests()
 
 
-def test_iteration_hooks_and_stats(make_engine, adapters):
+def test_plugin_step_infos_and_stats(make_engine, adapters):
     eng = make_engine(max_num_batched_tokens=32, max_loras=2)
     eng.load_adapter("ad-r4", str(adapters["ad-r4"]))
-    seen = []
-    eng.iteration_hooks.append(seen.append)
+    log = StepLog()
+    eng.add_plugin(log)
+    seen = log.infos
     eng.add_request("a", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True), "ad-r4")
     eng.add_request("b", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True))
     st = eng.stats()
@@ -184,22 +186,23 @@ def test_penalties_match_their_definitions_and_change_generation(make_engine):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_launch_hooks_run_before_the_steps_tokens_reach_the_host(make_engine, adapters, async_scheduling):
-    """Launch hooks see each step (same info as the iteration hook) after its forward is queued and before its tokens
-    are appended to any sequence; registering one changes no output."""
+def test_plugins_after_launch_runs_before_the_steps_tokens_reach_the_host(make_engine, adapters, async_scheduling):
+    """A plugin's `after_launch` sees each step (same info as `after_step`) after its forward is queued and before
+    its tokens are appended to any sequence; registering one changes no output."""
 
     def run(with_hook: bool):
         eng = make_engine(max_num_batched_tokens=32, max_loras=2, async_scheduling=async_scheduling)
         eng.load_adapter("ad-r4", str(adapters["ad-r4"]))
-        launched, ended = [], []
+        launched = []
+
+        def on_launch(info):
+            # this step's tokens are not on the host yet: no sequence has grown since it was scheduled
+            launched.append((info, {r: len(s.token_ids) for r, s in eng._requests.items()}))
+
+        log = StepLog(on_launch if with_hook else None)
+        ended = log.infos
         if with_hook:
-
-            def on_launch(info):
-                # this step's tokens are not on the host yet: no sequence has grown since it was scheduled
-                launched.append((info, {r: len(s.token_ids) for r, s in eng._requests.items()}))
-
-            eng.launch_hooks.append(on_launch)
-        eng.iteration_hooks.append(ended.append)
+            eng.add_plugin(log)
         eng.add_request("a", PROMPT, SamplingParams(max_tokens=4, ignore_eos=True), "ad-r4")
         eng.add_request("b", PROMPT[:5], SamplingParams(max_tokens=3, ignore_eos=True))
         outs = {}

@@ -8,6 +8,7 @@ from collections import Counter
 
 import torch
 from lorafleet.worker.engine.sequence import SamplingParams
+from lorafleet.worker.testing import StepLog
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -140,8 +141,9 @@ def test_prefix_caching_skips_shared_prompt_blocks_with_identical_outputs(make_e
     eng.load_adapter("ad-r4", str(adapters["ad-r4"]))
     first = eng.generate(prompts[:2], GREEDY, names[:2])  # fills the cache for base and for ad-r4
     assert eng.stats().prefix_cache_hit_tokens == 0
-    seen = []
-    eng.iteration_hooks.append(seen.append)
+    log = StepLog()
+    eng.add_plugin(log)
+    seen = log.infos
     rest = eng.generate(prompts[2:], GREEDY, names[2:])
     reused = (len(system) + 2) // 4 * 4
     assert eng.stats().prefix_cache_hit_tokens == 2 * reused

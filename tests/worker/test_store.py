@@ -44,29 +44,6 @@ def test_lru_eviction_over_two_slots(make_engine, adapters):
     st.unpin(c)
 
 
-def test_claimed_slot_is_pinned_zeroed_counted_and_given_back(make_engine, adapters, hf_greedy):
-    """A slot held outside the registry (fused co-serving's training rows): it evicts an unused adapter, is never
-    evicted itself, starts zeroed with the claimer's scale, counts its projections as used, and goes back clean."""
-    eng = make_engine(max_loras=2)
-    st = eng.store
-    a, b = (eng.load_adapter(n, str(adapters[n])) for n in ("ad-r4", "ad-r8"))
-    assert st.ensure_slot(a) == 0 and st.ensure_slot(b) == 1
-    st.pin(b)
-    slot = st.claim_slot({"q_proj", "v_proj"}, 0.25)
-    assert slot == 0 and a.tier == "host" and st.counters["slot_evictions"] == 1  # the unused one made room
-    la, lb = st.slot_views(0, "q_proj", slot)
-    assert not la.any() and not lb.any() and st.scales[slot].item() == 0.25
-    assert la.data_ptr() == st.stacked(0, "q_proj")[0][slot].data_ptr()  # views into what the kernels read
-    assert st.stats()["slots_pinned"] == 2 and st.claim_slot({"q_proj"}, 1.0) is None  # all pinned now
-    assert st.ensure_slot(a) is None  # a claimed slot is never evicted
-    assert st._proj_users["v_proj"] == 1 + ("v_proj" in b.targets)
-    with pytest.raises(ValueError, match="not claimed"):
-        st.release_slot(1)  # b's slot belongs to the registry
-    st.release_slot(slot)
-    assert st.stats()["slots_pinned"] == 1 and st._proj_users["v_proj"] == ("v_proj" in b.targets)
-    assert st.scales[slot].item() == 0.0 and st.ensure_slot(a) == slot
-    st.unpin(b)
-    assert eng.generate([PROMPT], GREEDY, ["ad-r4"])[0].output_token_ids == hf_greedy(PROMPT, 10, "ad-r4")
 
 
 def test_host_tier_evicts_and_reloads_from_disk(make_engine, adapters, hf_greedy):

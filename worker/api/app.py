@@ -3,7 +3,7 @@
 The continual-learning routes live in `worker/api/training.py` (an `APIRouter` named `router`), included here when
 that module exists, and its `attach(app)` is called once (the training service then sees all traffic); they reach the
 engine through `request.app.state.runner` (an `AsyncEngineRunner`: `call()` runs a function in the engine thread
-between iterations, `finish_hooks` see every finished or aborted request) and register their metrics on
+between iterations; the training service is the engine's plugin, engine/plugin.py) and register their metrics on
 `app.state.metrics.registry`. `app.state.shutdown_hooks` run when the worker stops (`lorafleet worker`, tests).
 Who may call which route is decided in `auth.py` (table: docs/worker-api.md); `BodyGuard` bounds and checks every
 request body; CORS follows vLLM's options (`--allowed-origins`, ...).
@@ -37,10 +37,13 @@ def _training_module():
     return training
 
 
-def create_app(runner: AsyncEngineRunner, settings: ApiSettings, *, gpu_metrics: bool = True) -> FastAPI:
-    """Builds the app around a started (or starting) runner; the runner's `metrics` become `/metrics`."""
+def create_app(runner: AsyncEngineRunner, settings: ApiSettings, *, gpu_metrics: bool = True, training=None) -> FastAPI:
+    """Builds the app around a started (or starting) runner; the runner's `metrics` become `/metrics`. `training`:
+    the training service already registered as the runner's plugin (`training.service.register`)."""
     app = FastAPI(title="lorafleet worker", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runner = runner
+    if training is not None:
+        app.state.training = training
     app.state.settings = settings
     app.state.metrics = runner.metrics
     if runner.metrics is not None and gpu_metrics:

@@ -101,12 +101,15 @@ def start_worker(
 
         return LLMEngine(cfg)
 
+    from lorafleet.worker.training.service import register
+
     runner = AsyncEngineRunner(engine_factory or build, metrics=metrics, max_waiting=max_waiting)
+    training = register(runner, metrics.registry)  # as worker/main.py does
     runner.start()
     if wait_ready and not runner.wait_ready(120):
         runner.stop()
         raise RuntimeError(f"engine did not start: {runner.error}")
-    app = create_app(runner, settings)
+    app = create_app(runner, settings, training=training)
     server = ServerThread(app).start()
     return Worker(runner, server, app)
 

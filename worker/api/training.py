@@ -21,7 +21,7 @@ from lorafleet.worker.api.auth import require_admin, require_feedback_key
 from lorafleet.worker.api.errors import APIError
 from lorafleet.worker.names import InvalidName, adapter_name, job_name
 from lorafleet.worker.training.feedback import FeedbackSample
-from lorafleet.worker.training.service import JobConflict, TrainingService
+from lorafleet.worker.training.service import JobConflict, TrainingService, register
 from lorafleet.worker.training.spec import FeedbackRequest, JobRequest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -36,12 +36,13 @@ _attach_lock = threading.Lock()
 
 
 def attach(app, data_dir=None) -> TrainingService:
-    """Creates the app's training service (idempotent); call at app creation so the request log sees all traffic."""
+    """The app's training service: the one `worker/main.py` registered (`create_app(training=)`), else one
+    registered now (idempotent; call at app creation so the request log sees all traffic)."""
     with _attach_lock:
         svc = getattr(app.state, "training", None)
         if svc is None:
             metrics = getattr(app.state, "metrics", None)
-            svc = TrainingService(app.state.runner, getattr(metrics, "registry", None), data_dir)
+            svc = register(app.state.runner, getattr(metrics, "registry", None), data_dir)
             app.state.training = svc
         return svc
 

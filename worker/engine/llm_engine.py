@@ -2,10 +2,9 @@
 
 Why single-threaded: every mutation of scheduler, block manager and adapter store happens inside `step()` or the
 calls around it on one thread, so none of them needs locks; the HTTP layer feeds the engine through queues.
-`iteration_hooks` run at the end of each step with the leftover token budget, which is where co-serving
-fine-tuning (FlexLLM-style) takes its share of the GPU. `launch_hooks` run earlier, right after a step's kernels
-are queued and before the host waits for its tokens: asynchronous co-serving launches its CUDA-graph pieces there,
-so on a host-bound loop they run while the host finishes the step and prepares the next, not after.
+Work that rides the loop (co-serving fine-tuning) joins through one typed seam, `IterationPlugin` (plugin.py):
+`add_plugin` attaches it, and each step calls it back after its kernels are queued (asynchronous CUDA-graph pieces
+run while the host settles the step) and once the step is settled (eager pieces, within the leftover budget).
 
 Why async scheduling (`EngineConfig.async_scheduling`, vLLM-style): synchronously, each step launches the forward,
 waits for the sampled tokens, then appends them, checks stops, detokenizes and schedules the next step while the GPU
@@ -25,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,7 +31,8 @@ import torch
 from lorafleet.worker.config import EngineConfig, resolve_async_scheduling, resolve_device, resolve_dtype
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.detokenizer import IncrementalDetokenizer
-from lorafleet.worker.engine.model_runner import PLACEHOLDER, ModelRunner, SampledTokens, kv_block_bytes
+from lorafleet.worker.engine.model_runner import PLACEHOLDER, ModelRunner, SampledTokens, StepInputs, kv_block_bytes
+from lorafleet.worker.engine.plugin import IterationInfo, IterationPlugin, PrefillRecord
 from lorafleet.worker.engine.request_log import RequestTpotLog
 from lorafleet.worker.engine.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
@@ -44,19 +43,6 @@ from lorafleet.worker.lora.store import AdapterStore, AdapterVersion
 
 log = logging.getLogger(__name__)
 __all__ = ["LLMEngine", "EngineStats", "IterationInfo", "AdapterError", "UnknownAdapterError"]
-
-
-@dataclass
-class IterationInfo:
-    step: int
-    num_scheduled_tokens: int
-    leftover_tokens: int  # max_num_batched_tokens - tokens scheduled this step
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    num_seqs: int
-    step_seconds: float
-    forward_seconds: float
-    kv_usage: float
 
 
 @dataclass
@@ -116,9 +102,7 @@ class LLMEngine:
             enforce_eager=config.enforce_eager,
             max_num_batched_tokens=config.max_num_batched_tokens if config.prefill_graphs else None,
         )
-        self.runner.token_budget = config.max_num_batched_tokens  # riding training rows fill it (training/fused.py)
-        self.iteration_hooks: list[Callable[[IterationInfo], None]] = []
-        self.launch_hooks: list[Callable[[IterationInfo], None]] = []
+        self._plugins: list[IterationPlugin] = []
         self.request_tpots = RequestTpotLog()  # finished requests' TPOT: co-serving steers by its percentile
         self._requests: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # abort notices delivered by the next step()
@@ -220,10 +204,10 @@ class LLMEngine:
         forward_s = 0.0
         decode_tokens = self._decode_tokens(batch)
         if batch.seqs:
-            if self.launch_hooks:  # queue the step, let the hooks queue theirs, then wait for this step's tokens
+            if self._plugins:  # queue the step, let the plugins queue theirs, then wait for this step's tokens
                 t_fwd = time.perf_counter()
                 launched = self.runner.launch(batch)
-                self._run_launch_hooks(t0, batch, decode_tokens, self.runner.last_forward_seconds)
+                self._after_launch(t0, batch, decode_tokens, self.runner.last_forward_seconds)
                 sampled = dict(zip(launched.seqs, launched.tolist(), strict=True))
                 forward_s = time.perf_counter() - t_fwd  # as execute(): until the tokens are on the host
             else:
@@ -272,7 +256,7 @@ class LLMEngine:
             forward_s = self.runner.last_forward_seconds
             for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
                 seq.num_computed_tokens += n
-            self._run_launch_hooks(t0, batch, decode_tokens, forward_s)
+            self._after_launch(t0, batch, decode_tokens, forward_s)
         if prev is not None:
             outputs += self._settle(prev, closing)
         if batch.seqs:
@@ -326,18 +310,54 @@ class LLMEngine:
             kv_usage=self.block_manager.num_used / self.block_manager.num_blocks,
         )
 
-    def _run_launch_hooks(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
-        if self.launch_hooks:
+    def _after_launch(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
+        if self._plugins:
             info = self._info(t0, batch, decode_tokens, forward_s, self._step + 1)
-            for hook in list(self.launch_hooks):
-                hook(info)
+            for plugin in list(self._plugins):
+                self._guarded(plugin.after_launch, info)
 
     def _finish_step(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
         self._last_tokens = batch.total_tokens
         self._step += 1
-        info = self._info(t0, batch, decode_tokens, forward_s, self._step)
-        for hook in list(self.iteration_hooks):
-            hook(info)
+        if self._plugins:
+            info = self._info(t0, batch, decode_tokens, forward_s, self._step)
+            for plugin in list(self._plugins):
+                self._guarded(plugin.after_step, info)
+
+    # ---- plugins (plugin.py) -------------------------------------------------------------------------------------
+    def add_plugin(self, plugin: IterationPlugin) -> None:
+        """Attaches `plugin` to this engine (engine thread); its callbacks run from the next step on."""
+        if plugin in self._plugins:
+            return
+        plugin.attach(self)
+        self._plugins.append(plugin)
+        self.runner.prefill_observer = self._on_prefill
+
+    def remove_plugin(self, plugin: IterationPlugin) -> None:
+        if plugin in self._plugins:
+            self._plugins.remove(plugin)
+        if not self._plugins:
+            self.runner.prefill_observer = None
+
+    def _on_prefill(self, batch: ScheduledBatch, inputs: StepInputs) -> PrefillRecord | None:
+        records = [r for p in list(self._plugins) if (r := self._guarded(p.on_prefill, batch, inputs)) is not None]
+        if len(records) <= 1:
+            return records[0] if records else None
+
+        def record_all(kv_caches, slot_mapping) -> None:
+            for r in records:
+                self._guarded(r, kv_caches, slot_mapping)
+
+        return record_all
+
+    @staticmethod
+    def _guarded(fn, *args):
+        """Calls a plugin callback; one that raises is logged and skipped (serving never fails for a plugin)."""
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("plugin callback %r failed", fn)
+            return None
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from lorafleet.worker.engine.block_table import DeviceBlockTables
+from lorafleet.worker.engine.plugin import PrefillRecord
 from lorafleet.worker.engine.sampler import Sampler, to_device
 from lorafleet.worker.engine.scheduler import ScheduledBatch
 from lorafleet.worker.engine.sequence import Sequence
@@ -248,16 +250,9 @@ class ModelRunner:
         self.graph_runner_lora = None  # ... and with the batched-LoRA ops over every slot
         self.mixed_runner = None  # graphs for steps with prefill tokens (cuda_graph.MixedGraphRunner), no LoRA
         self.mixed_runner_lora = None
-        # Activation recording (worker/training/recorder.py): `capture_hook(batch, inputs)` returns a callable
-        # for this step, or None, called with the KV caches and slot mapping once the forward is queued. Only
-        # consulted for batches with prefill tokens; it never changes how the forward runs (graphs included).
-        self.capture_hook = None
-        # Fused co-serving (worker/training/fused.py): a rider's armed training rows fill the step's leftover token
-        # budget; they share the step's GEMMs, never touch the KV cache and are never sampled.
-        self.rider = None
-        self.fused_runner = None  # graphs of steps that carry training rows (attach_rider)
-        self.fused_runner_lora = None
-        self.token_budget = max_num_batched_tokens or 2048
+        # set by the engine while a plugin is attached (plugin.py): asked once per step with prefill tokens, after
+        # the forward is queued, for what to read from the KV cache; it never changes how the forward runs
+        self.prefill_observer: Callable[[ScheduledBatch, StepInputs], PrefillRecord | None] | None = None
         self.last_forward_seconds = 0.0
         self._copy_stream = None  # side stream for sampled-token copies to the host (async scheduling, CUDA only)
         if self.use_triton and not enforce_eager:
@@ -281,10 +276,7 @@ class ModelRunner:
             self.device_tables,
         )
 
-    def _graph_forward(
-        self, inputs: dict[str, torch.Tensor], with_lora: bool, max_q_len: int = 1, rider=None
-    ) -> torch.Tensor:
-        """`rider`: the step also carries `rider.ride_idx` training rows after its own (fused co-serving)."""
+    def _graph_forward(self, inputs: dict[str, torch.Tensor], with_lora: bool, max_q_len: int = 1) -> torch.Tensor:
         attn = TritonPagedAttentionContext(
             self.kv_caches,
             inputs["slot_mapping"],
@@ -299,14 +291,7 @@ class ModelRunner:
             if with_lora
             else None
         )
-        if rider is None:
-            return self.model(inputs["input_ids"], inputs["positions"], attn, lora)
-        n = inputs["input_ids"].shape[0]
-        idx = rider.ride_idx
-        ids, pos = rider.rows(idx)
-        attn, lora, capture = rider.contexts(attn, lora, n, idx)
-        ids, pos = torch.cat([inputs["input_ids"], ids]), torch.cat([inputs["positions"], pos])
-        return self.model(ids, pos, attn, lora, capture)[:n]
+        return self.model(inputs["input_ids"], inputs["positions"], attn, lora)
 
     def _capture_graphs(self, max_num_seqs: int, max_tokens: int | None = None) -> None:
         """Captures decode graphs for batch sizes up to max_num_seqs (pads to the next captured size), and graphs
@@ -371,7 +356,6 @@ class ModelRunner:
         t0 = time.perf_counter()
         buckets = mixed_buckets(max_tokens)
         pool = self.graph_runner.pool
-        self._mixed_capture = (specs, buckets, max_num_seqs, mixed_example, pool)  # for attach_rider
         with torch.inference_mode():
             self.mixed_runner = MixedGraphRunner(
                 lambda x, q: self._graph_forward(x, False, q), specs, buckets, max_num_seqs, mixed_example, pool
@@ -382,58 +366,10 @@ class ModelRunner:
         n = sum(len(q) for q in buckets.values())
         log.info("captured %d prefill/mixed CUDA graphs in %.1f s", 2 * n, time.perf_counter() - t0)
 
-    def attach_rider(self, rider) -> None:
-        """Makes `rider` (training/fused.py) the source of training rows for serving steps (None: detach). With
-        prefill graphs on, also captures steps that carry `rider.ride_rows` rows (they hold the rider's buffers
-        and LoRA parameters, so they are captured per rider, in the engine thread; serving waits meanwhile).
-        The rider gets a slot of the adapter store for the job's LoRA if one is free (`FusedTrainer.bind_slot`):
-        its rows then ride the step's own shrink/expand; a detached rider gives the slot back."""
-        if self.rider is not None and self.rider is not rider:
-            self.rider.release_slot()
-        self.rider = rider
-        self.fused_runner = self.fused_runner_lora = None
-        if rider is not None:
-            rider.bind_slot(self.store)
-        if rider is None or getattr(self, "_mixed_capture", None) is None:
-            return
-        from lorafleet.worker.engine.cuda_graph import MixedGraphRunner
-
-        specs, buckets, max_num_seqs, example, pool = self._mixed_capture
-        rider.chunk_tokens = min(rider.chunk_tokens or rider.ride_rows, rider.ride_rows)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            self.fused_runner = MixedGraphRunner(
-                lambda x, q: self._graph_forward(x, False, q, rider), specs, buckets, max_num_seqs, example, pool
-            )
-            self.fused_runner_lora = MixedGraphRunner(
-                lambda x, q: self._graph_forward(x, True, q, rider), specs, buckets, max_num_seqs, example, pool
-            )
-        n = sum(len(q) for q in buckets.values())
-        log.info("captured %d fused co-serving CUDA graphs in %.1f s", 2 * n, time.perf_counter() - t0)
-
-    def _fused_graph(self, inp: StepInputs, rider, riding: int) -> torch.Tensor | None:
-        """Hidden states of the sampled rows from a graph that carries the training rows, or None (eager)."""
-        graph = self.fused_runner_lora if inp.has_lora else self.fused_runner
-        if graph is None or riding > rider.ride_rows:
-            return None
-        total = inp.input_ids.shape[0]
-        key = graph.key_for(total, inp.num_seqs, inp.max_q_len)
-        if key is None:
-            return None
-        rider.index(riding, pad_to=rider.ride_rows)
-        out = graph(inp.graph_inputs(), key, total)[inp.sample_rows]
-        rider.advance(riding)
-        return out
-
     def _forward(self, inp: StepInputs) -> torch.Tensor:
         """Hidden states of the sampled rows [N, H]."""
         if inp.has_lora:
             self.store.wait_ready([s for s in inp.seg_slot_list if s >= 0])
-        rider = self.rider
-        riding = rider.take(int(inp.input_ids.shape[0]), self.token_budget) if rider is not None else 0
-        if riding:
-            out = self._fused_graph(inp, rider, riding)
-            return out if out is not None else self._eager_forward(inp, rider, riding)
         graph = self.graph_runner_lora if inp.has_lora else self.graph_runner
         if graph is not None and inp.is_decode and graph.size_for(inp.num_seqs) is not None:
             return graph(inp.graph_inputs(), inp.num_seqs)  # decode: every row samples, in order
@@ -445,7 +381,7 @@ class ModelRunner:
                 return mixed(inp.graph_inputs(), key, total)[inp.sample_rows]
         return self._eager_forward(inp)
 
-    def _eager_forward(self, inp: StepInputs, rider=None, riding: int = 0) -> torch.Tensor:
+    def _eager_forward(self, inp: StepInputs) -> torch.Tensor:
         if self.use_triton:
             attn = TritonPagedAttentionContext(
                 self.kv_caches,
@@ -467,19 +403,11 @@ class ModelRunner:
                 self.model.shape.sliding_window,
             )
         lora = SegmentLoRAContext(self.store, inp.seg_indptr, inp.seg_slots) if inp.has_lora else None
-        if not riding:
-            return self.model(inp.input_ids, inp.positions, attn, lora, None)[inp.sample_rows]
-        n = int(inp.input_ids.shape[0])
-        idx = rider.index(riding)
-        ids, pos = rider.rows(idx)
-        attn, lora, capture = rider.contexts(attn, lora, n, idx)
-        hidden = self.model(torch.cat([inp.input_ids, ids]), torch.cat([inp.positions, pos]), attn, lora, capture)
-        rider.advance(riding)
-        return hidden[inp.sample_rows]
+        return self.model(inp.input_ids, inp.positions, attn, lora, None)[inp.sample_rows]
 
     def _record(self, batch: ScheduledBatch, inp: StepInputs) -> None:
-        if self.capture_hook is not None and not inp.is_decode:
-            record = self.capture_hook(batch, inp)
+        if self.prefill_observer is not None and not inp.is_decode:
+            record = self.prefill_observer(batch, inp)
             if record is not None:
                 record(self.kv_caches, inp.slot_mapping)
 

@@ -31,10 +31,7 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, lora: LoRAContext | None = None) -> torch.Tensor:
-        # a context with `base` supplies the frozen product itself: the fused co-serving backward replays a layer
-        # from the outputs its serving step already computed instead of redoing the GEMM (training/fused.py)
-        base = getattr(lora, "base", None)
-        y = F.linear(x, self.weight, self.bias) if base is None else base(self.layer_idx, self.proj, x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if lora is not None:
             y = lora.apply(self.layer_idx, self.proj, x, y)
         return y

@@ -107,6 +107,13 @@ class AdapterStore:
         self.last_slot_load_seconds = 0.0
 
     # ---- registry tier -------------------------------------------------------------------------------------------
+    def allow_root(self, root: str | Path) -> None:
+        """Lets adapters load from `root` too (resolved once, here): the training service's own versions directory on
+        a worker without a shared adapter root."""
+        real = Path(root).resolve()
+        if real not in self.roots:
+            self.roots.append(real)
+
     def resolve_uri(self, uri: str) -> Path:
         """Maps an adapter location to a local directory, enforcing the allowed roots and schemes."""
         parsed = urlparse(uri)
@@ -280,41 +287,6 @@ class AdapterStore:
         self._free_slot(victim)
         self.counters["slot_evictions"] += 1
         return slot
-
-    # ---- slots held outside the registry ----------------------------------------------------------------------
-    def claim_slot(self, targets: Collection[str], scale: float) -> int | None:
-        """A GPU slot for weights that are not a registered adapter: fused co-serving's training rows
-        (training/fused.py) ride the serving step's shrink/expand as one more segment, over a slot that holds the
-        job's current LoRA. Zeroed, with `scale`, pinned until `release_slot`; the caller writes it through
-        `slot_views`. Evicts an unused adapter if none is free; None when every slot is pinned by running requests.
-        """
-        slot = self._vacant_slot()
-        if slot is None:
-            return None
-        holder = AdapterVersion(
-            name="", version="", path=Path(), uri="", rank=0, scale=scale, digest="", running=1, targets=set(targets)
-        )
-        if self._copy_stream is not None:  # an evicted adapter's upload into this slot may still be in flight
-            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
-        with torch.no_grad():
-            for a_stack, b_stack, _ in self._groups.values():
-                a_stack[slot].zero_()
-                b_stack[slot].zero_()
-            self.scales[slot] = scale
-        self._occupy(holder, slot)
-        self.counters["slot_claims"] += 1
-        return slot
-
-    def slot_views(self, layer_idx: int, proj: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [max_rank, in], B [out, max_rank]) of one projection in `slot`, views into the stacked tensors."""
-        return self._a[(layer_idx, proj)][slot], self._b[(layer_idx, proj)][slot]
-
-    def release_slot(self, slot: int) -> None:
-        """Gives back a slot from `claim_slot`; its contents are overwritten by the next upload into it."""
-        holder = self._slots[slot]
-        if holder is None or holder.name:
-            raise ValueError(f"slot {slot} was not claimed")
-        self._free_slot(holder)
 
     def pin(self, av: AdapterVersion) -> int:
         slot = self.ensure_slot(av)

@@ -115,8 +115,7 @@ class FusedLinear:
             lo += n
 
     def __call__(self, x, lora, group: str, members: tuple[LoRALinear, ...]) -> tuple[torch.Tensor, ...]:
-        base = getattr(lora, "base", None)  # see LoRALinear.forward
-        y = F.linear(x, self.weight, self.bias) if base is None else base(members[0].layer_idx, group, x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if lora is not None and hasattr(lora, "apply_group"):
             y = lora.apply_group(members[0].layer_idx, group, x, y)
             return tuple(y.split(self.sizes, dim=-1))

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from lorafleet.worker.engine.plugin import IterationInfo, IterationPlugin
 from lorafleet.worker.training.slo import GuardConfig, TpotGuard
 
 
@@ -192,7 +193,7 @@ class OverlapController:
     under `(aim - 0.05) x target` and halves once they pass `aim x target` (aim: `high_water`, moved by the TPOT
     guard), so it settles where training fills the gaps and stops where it starts to slow serving. `min_share` is a
     share of *time*, as in `CoServeScheduler`: a second credit earns `min_share x` the iteration time every decoding
-    iteration and launches a piece (or a ride) once it covers one, whatever the first credit says, so fine-tuning
+    iteration and launches a piece once it covers one, whatever the first credit says, so fine-tuning
     never starves and slows serving by about that factor at most (counting pieces instead would let a 15 ms graphed
     micro-batch every 20 iterations of 7 ms take 11% at a 5% floor). Any training spends both credits.
     With nothing decoding: the whole leftover, no credit needed.
@@ -217,17 +218,10 @@ class OverlapController:
         self._last_end: float | None = None
         self._win: deque[tuple[int, int]] = deque(maxlen=cfg.window)
         self.history: deque[tuple[int, int, int, float]] = deque(maxlen=4096)
-        # fused placement: what a serving step carrying training rows adds to the iteration time (learned from
-        # decoding iterations with and without rows; floored so that riding always spends credit). It starts
-        # pessimistic: priced too low, rows would ride every step and no plain step would be left to learn from
-        self.ride_price = 0.5 * cfg.tpot_target_s
-        self._it_ride: float | None = None
-        self._it_plain: float | None = None
-        self._rider = False
 
     def retarget(self, tpot_target_s: float) -> None:
         """A new latency target: the GPU budget, credit, iteration-time average and aim start over as for a new
-        job (a budget learned against a looser target would burst the new one); what a ride costs is kept."""
+        job (a budget learned against a looser target would burst the new one)."""
         self.cfg.tpot_target_s = tpot_target_s
         self.gpu_budget = 0.1 * tpot_target_s
         self.credit = 0.0
@@ -243,12 +237,12 @@ class OverlapController:
         leftover = max(0, budget - inference_tokens)
         self._idle = not decoding
         if decoding:
-            # never capped below the largest piece (or riding step) so one longer than an iteration's budget still runs
-            cap = max(self.cfg.burst_iters * self.gpu_budget, self._largest, self.ride_price if self._rider else 0.0)
+            # never capped below the largest piece so one longer than an iteration's budget still runs
+            cap = max(self.cfg.burst_iters * self.gpu_budget, self._largest)
             self.credit = min(cap, self.credit + self.gpu_budget)
             # enough for one piece, no bursts: the largest run so far, or the one waiting (a job that has run none
             # yet while inference alone misses the target would otherwise never get its first piece)
-            floor_cap = max(self._largest, self._waiting, self.ride_price if self._rider else 0.0)
+            floor_cap = max(self._largest, self._waiting)
             self.floor = min(max(floor_cap, 1e-9), self.floor + self.cfg.min_share * (self.ema or 0.0))
         return leftover
 
@@ -275,16 +269,6 @@ class OverlapController:
         self._waiting = 0.0 if ok else predicted_s
         return ok
 
-    def may_ride(self) -> bool:
-        """Fused placement: whether the next serving step carries training rows. Riding is paid from the same
-        credit as pieces, at `ride_price` a step, so rows ride every step while TPOT is far under the target and on
-        fewer steps as it nears it; the min share's credit still pays for a ride every so often."""
-        self._rider = True
-        if self.may_launch(self.ride_price):
-            self._pay(self.ride_price)
-            return True
-        return False
-
     def spend(self, predicted_s: float) -> None:
         self._largest = max(0.9 * self._largest, predicted_s)
         self._pay(predicted_s)
@@ -304,27 +288,16 @@ class OverlapController:
         finetune_seconds: float,
         decoding: bool,
         iteration_seconds: float | None = None,
-        ride_rows: int | None = None,
     ) -> None:
-        """`ride_rows` (fused placement): training rows this iteration's serving step carried (None: no rider)."""
         c = self.cfg
-        rode = None if ride_rows is None else ride_rows > 0
         if finetune_units > 0:
             self.cost.add(finetune_units, finetune_seconds)
         it = iteration_seconds if iteration_seconds is not None else inference_seconds + finetune_seconds
         self.history.append((budget, inference_tokens, finetune_units, it))
         if not decoding:
             return
-        self._win.append((max(0, budget - inference_tokens), finetune_units + (ride_rows or 0)))
+        self._win.append((max(0, budget - inference_tokens), finetune_units))
         self.ema = it if self.ema is None else 0.8 * self.ema + 0.2 * it
-        if rode is not None:
-            if rode:
-                self._it_ride = it if self._it_ride is None else 0.9 * self._it_ride + 0.1 * it
-            else:
-                self._it_plain = it if self._it_plain is None else 0.9 * self._it_plain + 0.1 * it
-            if self._it_ride is not None and self._it_plain is not None:
-                lo, hi = 0.02 * c.tpot_target_s, c.tpot_target_s
-                self.ride_price = min(hi, max(lo, self._it_ride - self._it_plain))
         aim = self.guard.aim
         if self.ema > c.tpot_target_s * aim:
             self.gpu_budget *= c.decrease_factor
@@ -338,7 +311,7 @@ class OverlapController:
 def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
     """FlexLLM step, run at the end of a serving iteration: each job plans its tokens from the leftover budget,
     runs (eager pieces) or launches (asynchronous graphs) that much training, and feeds the iteration's time back
-    to its controller. Shared by the service's iteration hook and the GPU benchmarks. Returns the units used."""
+    to its controller. Shared by the service's engine plugin and the GPU benchmarks. Returns the units used."""
     budget = engine.config.max_num_batched_tokens
     inference = info.num_scheduled_tokens
     decoding = info.num_seqs > 0
@@ -363,9 +336,7 @@ def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
             sched = job.scheduler
             last, sched._last_end = sched._last_end, now
             it = (now - last) if last is not None and now - last < 1.0 else info.step_seconds
-            rider = getattr(job, "graphed", None)
-            rode = int(rider.last_ride) if hasattr(rider, "last_ride") else None
-            sched.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding, it, rode)
+            sched.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding, it)
         else:
             job.scheduler.observe(budget, inference, int(used), info.step_seconds, dt if used else 0.0, decoding)
         if metrics is not None:
@@ -376,3 +347,34 @@ def coserve_iteration(engine, jobs, info, metrics=None, work=None) -> float:
         inference += int(used)
         total += used
     return total
+
+
+class CoServePlugin(IterationPlugin):
+    """An engine plugin (engine/plugin.py) that co-serves a fixed list of jobs: graphed ones after each step is
+    queued, eager ones after it is settled, as the worker's training service does. For benchmarks and tests,
+    which drive jobs without the HTTP service; `on_iteration(info, units)` sees what each step trained."""
+
+    def __init__(self, jobs: list, recorder=None, on_iteration=None) -> None:
+        self.jobs = list(jobs)
+        self.recorder = recorder  # a PrefillRecorder (recorder.py), or None: nothing is recorded
+        self.on_iteration = on_iteration
+        self.engine = None
+
+    def attach(self, engine) -> None:
+        self.engine = engine
+
+    def on_prefill(self, batch, inputs):
+        return self.recorder(batch, inputs) if self.recorder is not None else None
+
+    def after_launch(self, info: IterationInfo) -> None:
+        self._run(info, graphed=True)
+
+    def after_step(self, info: IterationInfo) -> None:
+        self._run(info, graphed=False)
+
+    def _run(self, info, graphed: bool) -> None:
+        jobs = [j for j in self.jobs if j.phase == "Running" and (j.graphed is not None) == graphed]
+        if jobs:
+            used = coserve_iteration(self.engine, jobs, info)
+            if self.on_iteration is not None:
+                self.on_iteration(info, used)

@@ -3,9 +3,9 @@
 Why: the serving loop leaves the GPU idle between and inside steps, and the eager layer-wise pieces
 (`pipeline.py`) pay tens of ms of *host* time each, which lands directly on TPOT. Here one micro-batch (forward,
 masked CE, LoRA-only backward, gradient accumulation) is one CUDA graph: launching it costs microseconds of host
-time. The engine's launch hooks queue it right behind a serving step's kernels, before the host waits for that
-step's tokens. Where it runs is the job's placement (STREAM_MODES): on the serving stream itself by default, so it
-never overlaps a serving kernel, or on a lowest-priority stream beside serving (optionally on an SM partition).
+time. The engine plugin queues it right behind a serving step's kernels (`after_launch`), before the host waits for
+that step's tokens. Where it runs is the job's placement (PLACEMENTS): on the serving stream itself by default, so
+it never overlaps a serving kernel, or, experimentally, on a lowest-priority stream confined to an SM partition.
 Nothing here waits on the GPU: losses and gradient norms come back through pinned host buffers and events, and the
 job reads them once they are done.
 
@@ -28,19 +28,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from lorafleet.worker.sm_partition import PartitionUnavailable, sm_partition
-from lorafleet.worker.training.graphed_pieces import RawPieces
 from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
-from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Where pieces run on a GPU:
+# Where pieces run on a GPU (docs/coserving.md has the measurements that chose them):
 # - serving: queued on the serving stream between serving steps, so a piece never overlaps a serving kernel; a
 #   piece that outlasts the host's gap delays the next step by the overrun (the controller sizes pieces to the gap)
-# - beside: a stream of the lowest priority; pieces overlap serving kernels and slow them (blocks hold SMs)
-# - partition: a lowest-priority stream on an SM partition (green context) that leaves `serving_sms` SMs to serving
-STREAM_MODES = ("serving", "beside", "partition")
-PIECE_LAUNCH = ("autograd", "raw")
+# - partition (experimental): a lowest-priority stream on an SM partition (green context) that leaves
+#   `serving_sms` SMs to serving; where the driver cannot make one, pieces run on the serving stream
+PLACEMENTS = ("serving", "partition")
 TOKEN_ALIGN = 128
 PREFIX_ALIGN = 512
 
@@ -214,41 +211,6 @@ class _Static:
     ppos: torch.Tensor
     graph: object | None = None
     runs: int = 0
-    parts: tuple | RawPieces | None = None  # layer-split mode: (segments..., head) as (graphed) callables, or raw
-
-
-class _Segment(nn.Module):
-    """Layers [lo, hi) of the model over a bucket's static batch: one graphed callable (forward + backward graphs).
-    Only the LoRA tensors of these layers are registered (the trainable inputs of the backward graph)."""
-
-    def __init__(self, gt: GraphedTrainer, st: _Static, lo: int, hi: int) -> None:
-        super().__init__()
-        self.gt, self.st, self.lo, self.hi = gt, st, lo, hi
-        lora = gt.t.lora
-        self.lora = nn.ParameterList(
-            [p for li in range(lo, hi) for proj in lora.targets for p in (lora.pair(li, proj) or ())]
-        )
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        m = self.gt.t.model
-        attn = MaskedPackedAttention(self.st, m.attn_scale, m.shape.sliding_window, repeat_kv=self.gt.cuda)
-        for layer in m.model.layers[self.lo : self.hi]:
-            h = layer(h, self.st.pos, attn, self.gt.t.ctx, None)
-        return h
-
-
-class _Head(nn.Module):
-    """Final norm, logits of the loss rows, weighted CE; the per-row losses go to a static buffer."""
-
-    def __init__(self, gt: GraphedTrainer, st: _Static) -> None:
-        super().__init__()
-        self.gt, self.st = gt, st
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        m, st = self.gt.t.model, self.st
-        tok = F.cross_entropy(m.compute_logits(m.model.norm(h).index_select(0, st.rows)), st.targets, reduction="none")
-        st.row_loss.copy_(tok.detach())
-        return (tok * st.row_w).sum()
 
 
 @dataclass
@@ -276,17 +238,9 @@ class GraphedTrainer:
         max_prefix: int = 4096,
         use_graphs: bool | None = None,
         max_graphs: int = 12,
-        layers_per_piece: int | None = None,
         stream: str = "serving",
         serving_sms: int = 16,
-        piece_launch: str = "autograd",
     ) -> None:
-        """`piece_launch` (layer-split pieces only): "autograd" launches each piece through
-        `make_graphed_callables` (an autograd call per piece); "raw" replays plain forward / backward graphs
-        (graphed_pieces.py: no autograd on the launch path; not yet measured on a GPU)."""
-        if piece_launch not in PIECE_LAUNCH:
-            raise ValueError(f"piece_launch must be one of {PIECE_LAUNCH}, got {piece_launch!r}")
-        self.piece_launch = piece_launch
         self.t = trainer
         self.dev = trainer.device
         self.cuda = self.dev.type == "cuda"
@@ -300,8 +254,8 @@ class GraphedTrainer:
         self.pool = None
         self.stream_mode = stream if self.cuda else "cpu"
         self.fallback = ""  # why stream_mode is not the placement asked for (a partition the driver cannot make)
-        if stream not in STREAM_MODES:
-            raise ValueError(f"stream must be one of {STREAM_MODES}, got {stream!r}")
+        if stream not in PLACEMENTS:
+            raise ValueError(f"stream must be one of {PLACEMENTS}, got {stream!r}")
         if self.cuda:
             self.stream = self._make_stream(stream, serving_sms)
             self.pool = torch.cuda.graph_pool_handle()
@@ -310,23 +264,15 @@ class GraphedTrainer:
         self.pending: deque[Pending] = deque()
         self.graph_replays = 0
         self.eager_runs = 0
-        L = trainer.model.shape.num_layers
-        self.layers_per_piece = None if not layers_per_piece or layers_per_piece >= L else layers_per_piece
         self._active: _Active | None = None
         self._piece_events: deque = deque()
         self._timings: deque = deque()  # (start event, end event, units) of launched pieces, for predict_seconds
         self.seconds_per_unit: float | None = None  # measured GPU seconds per token unit (EMA)
-        p_layer = sum(p.numel() for p in trainer.model.model.layers[0].parameters())
-        p_head = trainer.model.lm_head.weight.numel()
-        self._layer_unit = p_layer / (L * p_layer + p_head)
-        self._head_unit = 2.0 * p_head / (L * p_layer + p_head)
         if not trainer.fused:
             raise ValueError("the graphed trainer needs the fused AdamW (device-side skip of non-finite steps)")
 
     def _make_stream(self, mode: str, serving_sms: int):
-        """Where pieces run (see STREAM_MODES). Built in the engine thread, whose current stream serves."""
-        if mode == "serving":
-            return torch.cuda.current_stream(self.dev)
+        """Where pieces run (see PLACEMENTS). Built in the engine thread, whose current stream serves."""
         if mode == "partition":
             total = torch.cuda.get_device_properties(self.dev).multi_processor_count
             try:
@@ -334,11 +280,10 @@ class GraphedTrainer:
                 log.info("co-serving pieces on %d of %d SMs", part.sms, part.total_sms)
                 return part.stream
             except (PartitionUnavailable, ValueError) as exc:
-                log.warning("no SM partition for training (%s): its pieces run beside serving", exc)
-                self.stream_mode = "beside"
-                self.fallback = f"no SM partition ({exc}): pieces run beside serving"
-        lo, _hi = torch.cuda.Stream.priority_range()
-        return torch.cuda.Stream(device=self.dev, priority=lo)  # lo = the least urgent
+                log.warning("no SM partition for training (%s): its pieces run on the serving stream", exc)
+                self.stream_mode = "serving"
+                self.fallback = f"no SM partition ({exc}): pieces run on the serving stream"
+        return torch.cuda.current_stream(self.dev)
 
     # ---- the work ----
     def pack(self, samples: list[TrainSample], denom: int) -> list[MicroBatch]:
@@ -422,8 +367,8 @@ class GraphedTrainer:
         return self._active is not None
 
     def begin(self, mb: MicroBatch, tag: object = None) -> None:
-        """Copies the micro-batch into its bucket's buffers on the training stream and plans its pieces: one
-        (forward + backward) graph, or - layer-split - forward segments, the head, backward segments top first."""
+        """Copies the micro-batch into its bucket's buffers on the training stream; it launches as one (forward +
+        backward) graph."""
         if self._active is not None:
             raise RuntimeError("a micro-batch is still being launched")
         st = self._buffers(mb.bucket)
@@ -455,14 +400,7 @@ class GraphedTrainer:
                         st.pv[li, at : at + n].copy_(v, non_blocking=nb)
                     at += n
                     keep.append(kv)
-        T = mb.tokens
-        if self.layers_per_piece is None:
-            costs = [mb.cost]
-        else:
-            L, k = self.t.model.shape.num_layers, self.layers_per_piece
-            seg = [T * self._layer_unit * min(k, L - lo) for lo in range(0, L, k)]
-            costs = [*seg, self._head_unit * len(mb.owners), *reversed(seg)]
-        self._active = _Active(mb, st, tag, keep, costs)
+        self._active = _Active(mb, st, tag, keep, [mb.cost])
 
     def next_piece_cost(self) -> float:
         return self._active.costs[self._active.next] if self._active is not None else 0.0
@@ -476,10 +414,7 @@ class GraphedTrainer:
             if self.cuda:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(self.stream)
-            if self.layers_per_piece is None:
-                self._whole(a.st)
-            else:
-                self._split_piece(a)
+            self._whole(a.st)
             a.next += 1
             if self.cuda:
                 ev = torch.cuda.Event(enable_timing=True)
@@ -505,70 +440,6 @@ class GraphedTrainer:
             self.graph_replays += 1
         else:
             self._forward_backward(st)
-            self.eager_runs += 1
-
-    def _parts(self, st: _Static) -> tuple | RawPieces:
-        if st.parts is None:
-            L, k = self.t.model.shape.num_layers, self.layers_per_piece
-            mods = (*[_Segment(self, st, lo, min(L, lo + k)) for lo in range(0, L, k)], _Head(self, st))
-            graphs = self.use_graphs and sum(1 for x in self._static.values() if x.graph) < self.max_graphs
-            if self.piece_launch == "raw":
-                cap = self._capture_stream() if graphs else None
-                try:
-                    with self._ctx():
-                        st.parts = RawPieces(self, st, list(mods[:-1]), mods[-1], graphs, stream=cap, pool=self.pool)
-                    st.graph = "raw" if st.parts.captured else None
-                    return st.parts
-                except RuntimeError as exc:  # not yet proven on every GPU / torch: keep training the proven way
-                    log.warning("raw graph pieces failed to capture (%s): back to autograd-launched pieces", exc)
-                    self.fallback = self.fallback or f"raw graph pieces failed to capture ({exc})"
-                    self.piece_launch = "autograd"  # the same segment modules serve the autograd path below
-            if graphs:
-                h = self.t.model.shape.hidden_size
-                args = [(torch.zeros(st.ids.shape[0], h, dtype=self.t.dtype, device=self.dev),)]
-                args += [
-                    (torch.zeros(st.ids.shape[0], h, dtype=self.t.dtype, device=self.dev, requires_grad=True),)
-                    for _ in mods[1:]
-                ]
-                saved = st.row_w.clone()
-                st.row_w.zero_()  # warm-up runs inside make_graphed_callables: zero-weight rows
-                mods = torch.cuda.make_graphed_callables(mods, tuple(args), num_warmup_iters=2, pool=self.pool)
-                st.row_w.copy_(saved)
-                st.graph = "parts"
-            st.parts = mods
-        return st.parts
-
-    def _split_piece(self, a: _Active) -> None:
-        parts = self._parts(a.st)
-        if isinstance(parts, RawPieces):
-            parts.run(a.next)
-            if parts.captured:
-                self.graph_replays += 1
-            else:
-                self.eager_runs += 1
-            return
-        nseg = len(parts) - 1
-        i = a.next
-        for p, acc in zip(self.params, self.acc, strict=True):
-            if p.grad is not acc:  # backward accumulates in place into the accumulators
-                p.grad = acc
-        if i == 0:
-            a.inputs = [self.t.model.model.embed_tokens(a.st.ids)]
-            a.outputs = []
-        if i < nseg:  # forward segment i
-            out = parts[i](a.inputs[i])
-            a.outputs.append(out)
-            a.inputs.append(out.detach().requires_grad_(True))
-        elif i == nseg:  # head: forward and backward
-            parts[nseg](a.inputs[nseg]).backward()
-        else:  # backward segment j, top first
-            j = 2 * nseg - i
-            grad = a.inputs[j + 1].grad
-            torch.autograd.backward(a.outputs[j], grad)
-            a.outputs[j] = a.inputs[j + 1] = None
-        if a.st.graph is not None:
-            self.graph_replays += 1
-        else:
             self.eager_runs += 1
 
     def launch_step(self, tag: object = None) -> Pending:
@@ -622,7 +493,7 @@ class GraphedTrainer:
 
     @property
     def inflight(self) -> int:
-        """Pieces launched and not finished (one micro-batch = one piece unless layer-split)."""
+        """Pieces launched and not finished (one micro-batch = one piece)."""
         if not self.cuda:
             return 0
         while self._piece_events and self._piece_events[0].query():
@@ -654,8 +525,6 @@ class _Active:
     keep: list
     costs: list[float]
     next: int = 0
-    inputs: list = field(default_factory=list)
-    outputs: list = field(default_factory=list)
 
 
 class _Null:

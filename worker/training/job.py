@@ -36,7 +36,6 @@ from lorafleet.worker.training.checkpoint import (
 )
 from lorafleet.worker.training.coserve import CoServeScheduler, OverlapController, ShareConfig
 from lorafleet.worker.training.feedback import FeedbackSample
-from lorafleet.worker.training.fused import FusedTrainer, buffer_bytes, tokens_that_fit
 from lorafleet.worker.training.graphed import GraphedTrainer, MicroBatch, sample_tokens
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
@@ -82,21 +81,8 @@ class JobSpec:
     graphs: str = "auto"  # auto (CUDA) | on | off: asynchronous CUDA-graph micro-batches instead of eager pieces
     graph_tokens: int = 1024  # tokens per graphed micro-batch (a longer sample takes the eager layer-wise path)
     graph_prefix: int = 4096  # stashed prefix keys per graphed micro-batch
-    # layers per graphed piece; None: one forward+backward graph per micro-batch. One-layer pieces fit the host's
-    # gaps between serving steps: on an H200 (session 9, 1B, fixed arrivals) they trained 1.3-3.5x the tokens of
-    # whole micro-batches, at p99 TPOT ratios of 1.06-1.17 against 1.09-1.10 (bench/results/cl_gpu_s9_gl*.json)
-    graph_layers: int | None = None
-    # how layer pieces launch: autograd (make_graphed_callables) | raw (plain graph replays, graphed_pieces.py;
-    # not yet measured on a GPU, so not the default)
-    graph_launch: str = "autograd"
-    # serving | beside | partition: where graphed pieces run (graphed.STREAM_MODES); fused: training rows ride the
-    # serving steps themselves (fused.py)
-    train_stream: str = "serving"
-    ride_rows: int = 128  # fused: training rows a graphed serving step carries (the runner captures that shape)
-    # fused: the training rows' LoRA as one more segment of the serving step's shrink/expand over a claimed adapter
-    # slot (segments), or as the rider's own GEMMs (own; also what runs when no slot is free)
-    ride_lora: str = "segments"
-    serving_sms: int = 16  # SMs left to serving alone when train_stream is partition
+    placement: str = "serving"  # where graphed micro-batches run (graphed.PLACEMENTS); partition is experimental
+    serving_sms: int = 16  # SMs left to serving alone with the partition placement
 
 
 @dataclass
@@ -124,27 +110,6 @@ class _Item:
     sample: TrainSample
     prompt_to_recompute: bool = False
     feedback: FeedbackSample | None = None
-
-
-FUSED_MEMORY_SHARE = 0.5  # of the device's free memory, for the fused trainer's fixed buffers; the rest is left to
-# the backward pieces' temporaries, their graph pools and serving's own workspace
-
-
-def _fused_tokens(model, dtype: torch.dtype, want: int, spec: JobSpec, free_bytes: int | None) -> tuple[int, str]:
-    """Micro-batch tokens for the fused placement within the memory serving left (`free_bytes`: None on a CPU, where
-    nothing is sized up front) and why it differs from `want` (0 tokens: the job runs between serving steps)."""
-    want = max(1, want)
-    if free_bytes is None:
-        return want, ""
-    allowed = int(free_bytes * FUSED_MEMORY_SHARE)
-    n = tokens_that_fit(model, want, spec.graph_prefix, dtype, allowed)
-    need = buffer_bytes(model, want, spec.graph_prefix, dtype)
-    gib = f"{need / 2**30:.2f} GiB for {want}-token micro-batches, {allowed / 2**30:.2f} GiB allowed"
-    if n == 0:
-        return 0, f"fused placement needs {gib}: running between serving steps"
-    if n < want:
-        return n, f"fused micro-batches shrunk to {n} tokens ({gib})"
-    return n, ""
 
 
 class ContinualLearningJob:
@@ -234,51 +199,20 @@ class ContinualLearningJob:
         self._pipe_gs = self._gs
         # asynchronous co-serving (CUDA graphs on a low-priority stream; see graphed.py)
         self.graphed: GraphedTrainer | None = None
-        runner = getattr(engine, "runner", None)
-        fused = spec.train_stream == "fused"
         self.fallback = ""  # why the placement in effect is not the one asked for (status coServing.reason)
-        if fused and not (self.trainer.fused and hasattr(runner, "rider")):
-            self.fallback = f"this worker's engine cannot carry training rows ({device.type}): running between steps"
-            fused = False
-        elif fused and runner.rider is not None:
-            self.fallback = "another job's training rows ride this worker's serving steps: running between them"
-            fused = False
-        if fused:
-            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-            want = min(spec.graph_tokens, int(engine.config.max_num_batched_tokens))
-            tokens, self.fallback = _fused_tokens(self.trainer.model, self.trainer.dtype, want, spec, free)
-            fused = tokens > 0
-        if self.fallback:
-            log.warning("job %s: %s", spec.name, self.fallback)
-        if fused:
-            self.graphed = FusedTrainer(
-                self.trainer,
-                max_tokens=tokens,
-                max_prefix=spec.graph_prefix,
-                layers_per_piece=spec.graph_layers or 2,
-                serving_busy=engine.has_unfinished_requests,
-                ride_rows=spec.ride_rows,
-                ride_lora=spec.ride_lora,
-            )
-            runner.attach_rider(self.graphed)
-            self.scheduler = OverlapController(self.scheduler.cfg)
-            if spec.mode != "standalone":  # co-serving: the latency controller decides which steps carry rows
-                self.graphed.gate = self.scheduler.may_ride
-        elif spec.graphs == "on" or (spec.graphs == "auto" and device.type == "cuda" and self.trainer.fused):
+        if spec.graphs == "on" or (spec.graphs == "auto" and device.type == "cuda" and self.trainer.fused):
             # a micro-batch costs 2 x its tokens: it must fit an iteration's whole budget to ever run
-            budget = int(getattr(getattr(engine, "config", None), "max_num_batched_tokens", 2 * spec.graph_tokens))
-            cap = max(1, min(spec.graph_tokens, budget // 2))
-            stream = "serving" if spec.train_stream == "fused" else spec.train_stream
+            cap = max(1, min(spec.graph_tokens, int(engine.config.max_num_batched_tokens) // 2))
             self.graphed = GraphedTrainer(
                 self.trainer,
                 max_tokens=cap,
                 max_prefix=spec.graph_prefix,
-                layers_per_piece=spec.graph_layers,
-                stream=stream,
+                stream=spec.placement,
                 serving_sms=spec.serving_sms,
-                piece_launch=spec.graph_launch,
             )
-            self.fallback = self.fallback or self.graphed.fallback
+            self.fallback = self.graphed.fallback
+            if self.fallback:
+                log.warning("job %s: %s", spec.name, self.fallback)
             self.scheduler = OverlapController(self.scheduler.cfg)
         self._mbs: deque[MicroBatch] = deque()  # launched-in-order micro-batches of the current graphed group
         self._run: _GraphedRun | None = None
@@ -579,7 +513,6 @@ class ContinualLearningJob:
             self._checkpoint()
         if last:
             self.phase = "Succeeded"
-            self._detach_rider()  # it rides no more steps: its graphs and adapter slot go back to serving
 
     # ---- checkpoints ----
     def _lora_from_checkpoint(self, c: Checkpoint, shape, device) -> TrainableLoRA:
@@ -781,7 +714,7 @@ class ContinualLearningJob:
             self.lora.rank,
             self.lora.alpha,
             self.lora.targets,
-            str(getattr(self.engine.config, "model", "")),
+            str(self.engine.config.model),
             self.lora.use_rslora,
             {"job": self.spec.name, "step": step, "loss": self.last_loss, "heldoutLoss": heldout},
         )
@@ -793,12 +726,6 @@ class ContinualLearningJob:
         self.publisher.record(step, n, self.last_loss, heldout, path)
         self.metrics.published_version.labels(self.spec.adapter).set(n)
         self._good = self._snapshot()
-
-    def _detach_rider(self) -> None:
-        """No more training rows in serving steps: the runner drops their graphs, the rider its adapter slot."""
-        runner = getattr(self.engine, "runner", None)
-        if self.graphed is not None and getattr(runner, "rider", None) is self.graphed:
-            runner.attach_rider(None)
 
     def version_step(self, version: str | None) -> int:
         return self.version_steps.get(version or "", 0)
@@ -813,7 +740,6 @@ class ContinualLearningJob:
             self._mbs.clear()
             self._run = None
             self._steps_undrained = 0
-            self._detach_rider()
         self.trainer.opt.zero_grad(set_to_none=True)
 
     # ---- status ----
@@ -837,17 +763,11 @@ class ContinualLearningJob:
                 "observedRatio": self.scheduler.guard.last_quantile,
             },
             # where pieces run: `eager` without graphs (CPU; long samples), else the placement in effect (a partition
-            # the driver cannot make falls back to `beside`)
+            # the driver cannot make falls back to `serving`)
             "coServing": {
-                "placement": self.spec.train_stream,
+                "placement": self.spec.placement,
                 "effective": self.graphed.stream_mode if self.graphed is not None else "eager",
                 **({"reason": self.fallback} if self.fallback else {}),
-                # fused: the training rows' LoRA rides serving's shrink/expand (segments) or runs on its own GEMMs
-                **(
-                    {"rideLora": "segments" if self.graphed.slot is not None else "own"}
-                    if isinstance(self.graphed, FusedTrainer)
-                    else {}
-                ),
             },
             "currentVersion": int(self.current_version[1:])
             if self.current_version and self.current_version[1:].isdigit()

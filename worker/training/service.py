@@ -1,16 +1,16 @@
-"""The worker's training service: feedback intake, the served-request log, jobs, and their engine hooks.
+"""The worker's training service: feedback intake, the served-request log, jobs, and their engine plugin.
 
-Why one object per worker: it owns the durable feedback log and the jobs, and it is the only thing that installs
-hooks into the engine (iteration hook for co-serving, capture hook for the activation stash). All training runs in
-the engine thread: during traffic from the iteration hook (leftover budget, FlexLLM), when idle from a driver
-thread that asks the engine thread (`runner.call`) for a slice of the whole budget. Job specs are persisted next to
+Why one object per worker: it owns the durable feedback log and the jobs, and it is the worker's one
+`IterationPlugin` (engine/plugin.py, registered by `worker/main.py`): it records prompt K/V after prefill steps
+for the activation stash, and runs co-serving pieces after each step. All training runs in the engine thread:
+during traffic from those callbacks (leftover budget, FlexLLM), when idle from a driver thread that asks the
+engine thread (`runner.call`) for a slice of the whole budget. Job specs are persisted next to
 the feedback log, so a restarted worker resumes its jobs and retrains nothing it already lost: every accepted
 feedback sample is in the log (written and fsynced before the 2xx).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from lorafleet.worker.engine.plugin import IterationInfo, IterationPlugin
 from lorafleet.worker.names import adapter_name, job_name
 from lorafleet.worker.paths import within
 from lorafleet.worker.training.coserve import coserve_iteration
@@ -46,7 +47,7 @@ def worker_id() -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", raw)[:253].lstrip(".") or "worker"
 
 
-class TrainingService:
+class TrainingService(IterationPlugin):
     def __init__(self, runner, registry=None, data_dir: str | Path | None = None, request_log_size: int = 50_000):
         self.runner = runner
         self.metrics = TrainingMetrics(registry)
@@ -66,20 +67,22 @@ class TrainingService:
         self.feedback_labels: set[str] = set()  # adapters with their own feedback metric series (the API caps it)
         self._replay_domains: dict[str, list[list[int]]] | None = None
         self._ready = threading.Event()
+        self._attached = threading.Event()
         self._stop = threading.Event()
         self._work = threading.Event()
         self.setup_error: str | None = None
-        runner.finish_hooks.append(self._on_finished)
+        self._recorder: PrefillRecorder | None = None
         self._thread = threading.Thread(target=self._main, name="lorafleet-training", daemon=True)
         self._thread.start()
 
     # ---- setup ----
     def _main(self) -> None:
         try:
-            while not self.runner.wait_ready(1.0):
+            while not self._attached.wait(1.0):
                 if self._stop.is_set() or (self.runner.error is not None):
                     return
-            self.runner.call_threadsafe(self._install).result()
+            if self.setup_error is not None:
+                return
             self._resume_jobs()
         except Exception as exc:  # noqa: BLE001 - training must never take serving down
             log.exception("training service failed to start")
@@ -88,6 +91,28 @@ class TrainingService:
         finally:
             self._ready.set()
         self._idle_driver()
+
+    # ---- the engine plugin (engine/plugin.py; engine thread) ----
+    def attach(self, engine) -> None:
+        try:
+            self._install(engine)
+        except Exception as exc:
+            self.setup_error = repr(exc)
+            raise
+        finally:
+            self._attached.set()
+
+    def on_prefill(self, batch, inputs):
+        return self._recorder(batch, inputs) if self._recorder is not None else None
+
+    def after_launch(self, info: IterationInfo) -> None:
+        self._coserve(info, graphed=True)
+
+    def after_step(self, info: IterationInfo) -> None:
+        self._coserve(info, graphed=False)
+
+    def on_finish(self, request) -> None:
+        self._on_finished(request)
 
     def _install(self, engine) -> None:
         cfg = engine.config
@@ -114,7 +139,7 @@ class TrainingService:
         else:
             versions = data / "adapters"
             versions.mkdir(exist_ok=True)
-            engine.store.roots.append(versions.resolve())
+            engine.store.allow_root(versions)
         self.data_dir, self.versions_root = data, versions
         self.checkpoint_dir = self.checkpoint_dir or data / "checkpoints"
         self.feedback = FeedbackStore(data / "feedback.jsonl")
@@ -127,9 +152,7 @@ class TrainingService:
             for d, text in builtin_general_text().items()
         }
         self._engine = engine
-        engine.iteration_hooks.append(functools.partial(self._coserve, graphed=False))
-        engine.launch_hooks.append(functools.partial(self._coserve, graphed=True))
-        engine.runner.capture_hook = PrefillRecorder(self._record_lookup, engine.model.shape.num_layers)
+        self._recorder = PrefillRecorder(self._record_lookup, engine.model.shape.num_layers)
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
         return self._ready.wait(timeout) and self.setup_error is None
@@ -261,10 +284,9 @@ class TrainingService:
 
     # ---- co-serving (engine thread) ----
     def _coserve(self, info, graphed: bool) -> None:
-        """Runs the co-serving jobs of one kind for a serving step. Graphed pieces come from the launch hook: queued
+        """Runs the co-serving jobs of one kind for a serving step. Graphed pieces come from `after_launch`: queued
         right behind the step's kernels, the GPU runs them while the host settles the step and prepares the next.
-        Eager pieces come from the iteration hook, after the step: they block the host, so earlier they would delay
-        the step's tokens."""
+        Eager pieces come from `after_step`: they block the host, so earlier they would delay the step's tokens."""
         jobs = [j for j in list(self.jobs.values()) if j.phase == "Running" and (j.graphed is not None) == graphed]
         if jobs:
             coserve_iteration(self._engine, jobs, info, self.metrics, self._safe_work)
@@ -283,7 +305,7 @@ class TrainingService:
 
     def _idle_slice(self, engine) -> float:
         if engine.has_unfinished_requests():
-            return -1.0  # traffic: the iteration hook does the work
+            return -1.0  # traffic: the plugin callbacks of each step do the work
         used = 0.0
         for job in [j for j in list(self.jobs.values()) if j.phase == "Running"]:
             used += self._safe_work(job, engine.config.max_num_batched_tokens)
@@ -351,6 +373,14 @@ class TrainingService:
             "peerFeedbackLogs": len(self.peers.logs()) if self.peers is not None else 0,
             "peerFeedbackBadLines": self.peers.bad_lines if self.peers is not None else 0,
         }
+
+
+def register(runner, registry=None, data_dir: str | Path | None = None) -> TrainingService:
+    """The worker's training service, registered as its runner's engine plugin (call before `runner.start()` so
+    it sees every request)."""
+    svc = TrainingService(runner, registry, data_dir)
+    runner.add_plugin(svc)
+    return svc
 
 
 def load_job_file(path: Path) -> JobRequest:

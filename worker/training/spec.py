@@ -10,6 +10,7 @@ from typing import Literal
 
 from lorafleet.worker.names import adapter_name, job_name
 from lorafleet.worker.training.feedback import TRAINABLE_KINDS
+from lorafleet.worker.training.graphed import PLACEMENTS
 from lorafleet.worker.training.job import JobSpec
 from lorafleet.worker.training.trainer import OptimConfig
 from lorafleet.worker.training.versions import ATTN_PROJS, MLP_PROJS, PublishPolicy
@@ -73,12 +74,29 @@ class LatencyTarget(_Strict):
     percentile: float = Field(99.0, ge=50.0, le=100.0)  # of per-request TPOT (training/slo.py steers by it)
 
 
-class CoServingSpec(_Strict):
-    """Where co-served fine-tuning runs: between serving steps (graphed.STREAM_MODES; on a GPU) or, `fused`, as
-    extra rows of the serving steps themselves (fused.py; GPU and CPU)."""
+# placements that are not offered, and why: a job asking for one is refused (422) with this reason, not run as
+# something else (docs/coserving.md has the measurements)
+NOT_OFFERED = {
+    "beside": "a low-priority stream slowed serving kernels past the latency target",
+    "fused": "training rows riding serving steps retained at most what `serving` did on every measured shape",
+}
 
-    placement: Literal["serving", "beside", "partition", "fused"] = "serving"
+
+class CoServingSpec(_Strict):
+    """Where co-served fine-tuning runs on a GPU: `serving` (between serving steps on the serving stream) or the
+    experimental `partition` (a low-priority stream on an SM partition that leaves `servingSMs` to serving)."""
+
+    placement: str = "serving"
     servingSMs: int = Field(16, ge=1, le=1024)
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, v: str) -> str:
+        if v in NOT_OFFERED:
+            raise ValueError(f"placement {v!r} is not offered ({NOT_OFFERED[v]}); use 'serving' or 'partition'")
+        if v not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {v!r}")
+        return v
 
 
 class JobRequest(_Strict):
@@ -150,7 +168,7 @@ class JobRequest(_Strict):
             stash_bytes=self.stashBytes,
             checkpoint_every=self.checkpoint.everySteps,
             checkpoint_keep=self.checkpoint.keep,
-            train_stream=self.coServing.placement,
+            placement=self.coServing.placement,
             serving_sms=self.coServing.servingSMs,
         )
 
