@@ -411,7 +411,7 @@ class AsyncEngineRunner:
         except KeyError:
             pass
         # Hooks see aborted requests too (finish_reason "abort"), e.g. to drop activations stashed for them.
-        self._run_finish_hooks(t, t.last_output, time.monotonic(), reason="abort")
+        self._notify_finished(t, t.last_output, time.monotonic(), reason="abort")
 
     def _dispatch(self, outputs: list[Any]) -> None:
         now = time.monotonic()
@@ -439,7 +439,7 @@ class AsyncEngineRunner:
                 self._tracked.pop(out.request_id, None)
                 if m is not None:
                     m.on_finished(t.lora_name, now - t.arrival)
-                self._run_finish_hooks(t, out, now)
+                self._notify_finished(t, out, now)
             batches.setdefault(t.loop, []).append((t.queue, out, out.request_id))
         for loop, items in batches.items():
             try:
@@ -449,7 +449,7 @@ class AsyncEngineRunner:
                     if not out.finished:
                         self._do_abort(request_id)
 
-    def _run_finish_hooks(self, t: _Tracked, out: Any, now: float, reason: str | None = None) -> None:
+    def _notify_finished(self, t: _Tracked, out: Any, now: float, reason: str | None = None) -> None:
         if not self._plugins:
             return
         record = FinishedRequest(
