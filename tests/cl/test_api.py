@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 from lorafleet.worker.testing import build_peft_adapter
+from lorafleet.worker.training.feedback_log import scan
 
 
 @pytest.mark.slow
@@ -38,8 +39,8 @@ def test_crash_after_2xx_loses_no_feedback(tmp_path, tiny_dir, worker_process, w
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines = (train / "feedback.jsonl").read_text().splitlines()
-    assert [json.loads(x)["feedback_id"] for x in lines] == ids
+    records = scan((train / "feedback.log").read_bytes()).records
+    assert [json.loads(payload)["feedback_id"] for _, _, payload in records] == ids
 
     proc, url = worker_process(tiny_dir, root, train)
     try:
@@ -147,8 +148,8 @@ def test_feedback_4xx_is_never_stored(worker, tmp_path):
     assert c.post("/v1/feedback", json={"kind": "accept", "requestId": out["id"]}).status_code == 400
     ok = c.post("/v1/feedback", json={"kind": "pair", "adapter": "ad", "prompt": "p", "completion": " x"})
     assert ok.status_code == 202 and ok.json()["seq"] == 0  # nothing before it was stored
-    log = tmp_path / "train" / "feedback.jsonl"
-    assert len(log.read_text().splitlines()) == 1
+    log = tmp_path / "train" / "feedback.log"
+    assert len(scan(log.read_bytes()).records) == 1
     metrics = c.get("/metrics").text
     assert 'lorafleet_feedback_total{adapter="ad",result="accepted"} 1.0' in metrics
     # job API errors

@@ -1,13 +1,15 @@
-"""The feedback log is durable, replayed on start, and survives a torn (never acknowledged) last line."""
+"""The feedback log is durable, replayed on start, and survives a torn (never acknowledged) last record; peers read
+every complete record once (recovery cases in depth: test_feedback_log.py)."""
 
 from __future__ import annotations
 
 from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore, PeerFeedbackLogs
+from lorafleet.worker.training.feedback_log import frame
 from lorafleet.worker.training.replay import ReplayMixer, chunk_tokens
 
 
 def test_append_replay_and_torn_tail(tmp_path):
-    path = tmp_path / "fb" / "feedback.jsonl"
+    path = tmp_path / "fb" / "feedback.log"
     st = FeedbackStore(path)
     seen = []
     st.subscribe(seen.append)
@@ -18,7 +20,7 @@ def test_append_replay_and_torn_tail(tmp_path):
     assert not b.trainable and a.trainable
     st.close()
     with open(path, "ab") as fh:
-        fh.write(b'{"adapter":"ad","kind":"pa')  # a crash in the middle of a write
+        fh.write(frame(b'{"adapter":"ad","kind":"pair"}')[:-3])  # a crash in the middle of a write
     st2 = FeedbackStore(path)
     assert st2.recovered_torn_bytes > 0
     assert [s.feedback_id for s in st2.samples()] == [a.feedback_id, b.feedback_id, c.feedback_id]
@@ -35,9 +37,9 @@ def test_peer_logs_give_every_complete_line_once_and_never_a_torn_one(tmp_path):
     never its own log, never a torn last line (until its writer completes it), never a line twice; a worker that
     appears later is read from its start."""
     workers = tmp_path / "workers"
-    me = FeedbackStore(workers / "me" / "feedback.jsonl")
+    me = FeedbackStore(workers / "me" / "feedback.log")
     me.append(FeedbackSample("ad", "pair", [1], [2]))
-    b = FeedbackStore(workers / "b" / "feedback.jsonl")
+    b = FeedbackStore(workers / "b" / "feedback.log")
     b0 = b.append(FeedbackSample("ad", "pair", [1, 2], [3]))
     b.append(FeedbackSample("other", "pair", [4], [5]))
     peers = PeerFeedbackLogs(workers, workers / "me")
@@ -45,16 +47,22 @@ def test_peer_logs_give_every_complete_line_once_and_never_a_torn_one(tmp_path):
     assert [s.feedback_id for s in peers.read_all("ad")] == [b0.feedback_id]  # a job starting now
     assert peers.poll() == []  # nothing new
     b1 = b.append(FeedbackSample("ad", "pair", [6], [7]))
+    late = frame(b'{"adapter":"ad","kind":"pair","prompt_ids":[8],"completion_ids":[9],"feedback_id":"fb-late"}')
     with open(b.path, "ab") as fh:  # b's next write, torn (never acknowledged)
-        fh.write(b'{"adapter":"ad","kind":"pa')
+        fh.write(late[:20])
     got = peers.poll()
     assert [(s.feedback_id, s.seq) for s in got] == [(b1.feedback_id, 2)]
     assert peers.poll() == []
-    with open(b.path, "ab") as fh:  # ... completed: a whole line now
-        fh.write(b'ir","prompt_ids":[8],"completion_ids":[9],"feedback_id":"fb-late"}\n')
-        fh.write(b"not json\n")
+    with open(b.path, "ab") as fh:  # ... completed: a whole record now, then one that verifies but does not parse
+        fh.write(late[20:])
+        fh.write(frame(b"not json"))
     assert [(s.feedback_id, s.seq) for s in peers.poll()] == [("fb-late", 3)] and peers.bad_lines == 1
-    c = FeedbackStore(workers / "c" / "feedback.jsonl")  # a worker started after the trainer
+    legacy = workers / "old" / "feedback.jsonl"  # a peer that still writes JSON lines is read too
+    legacy.parent.mkdir()
+    legacy.write_text(FeedbackSample("ad", "pair", [1], [2], feedback_id="fb-old").to_json() + "\n")
+    assert [s.feedback_id for s in peers.poll()] == ["fb-old"]
+    legacy.unlink()
+    c = FeedbackStore(workers / "c" / "feedback.log")  # a worker started after the trainer
     c0 = c.append(FeedbackSample("ad", "pair", [1], [2]))
     assert [s.feedback_id for s in peers.poll()] == [c0.feedback_id]
     assert len(peers.logs()) == 2  # b and c, not this worker's own

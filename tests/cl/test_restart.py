@@ -66,7 +66,7 @@ def test_sigkill_restart_equals_uninterrupted_run(tmp_path, tiny_dir, worker_pro
     ref_root, ref_train = tmp_path / "a-adapters", tmp_path / "a-train"
     ref_root.mkdir()
     ref_train.mkdir()
-    shutil.copy(train / "feedback.jsonl", ref_train / "feedback.jsonl")
+    shutil.copy(train / "feedback.log", ref_train / "feedback.log")
     rproc, rurl = worker_process(tiny_dir, ref_root, ref_train)
     rc = httpx.Client(base_url=rurl, timeout=60)
     assert rc.post("/v1/training/jobs", json=JOB).status_code == 201

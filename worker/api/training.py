@@ -122,7 +122,11 @@ async def post_feedback(request: Request) -> JSONResponse:
     except APIError:
         svc.metrics.feedback.labels(_label(svc, data.get("adapter"), False), "rejected").inc()
         raise
-    stored = await run_in_threadpool(svc.add_feedback, sample)  # written + fsynced before we answer
+    try:
+        stored = await run_in_threadpool(svc.add_feedback, sample)  # written + fsynced before we answer
+    except OSError as exc:  # a full or failing disk: not stored, so not acknowledged; the client retries
+        svc.metrics.feedback.labels(_label(svc, sample.adapter, False), "rejected").inc()
+        raise APIError(503, f"feedback cannot be stored now ({exc.strerror or type(exc).__name__})") from exc
     svc.metrics.feedback.labels(_label(svc, stored.adapter, True), "accepted").inc()
     return JSONResponse(
         {"feedbackId": stored.feedback_id, "adapter": stored.adapter, "trainable": stored.trainable, "seq": stored.seq},

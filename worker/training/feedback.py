@@ -1,29 +1,37 @@
 """Durable, append-only feedback store.
 
 Why: a 2xx on `POST /v1/feedback` is a promise that the sample will be trained on. The sample is fully resolved
-(prompt and completion token ids, not just a request id that may expire) and appended to a JSONL file that is
-`fsync`ed before the caller returns, so a crash at any point after the 2xx loses nothing; on start the file is
-replayed. A torn last line (a crash in the middle of a write, which was never acknowledged) is truncated away.
+(prompt and completion token ids, not just a request id that may expire) and appended to a framed log
+(`feedback_log.py`: length + CRC-32 per record) that is `fsync`ed before the caller returns, so a crash at any point
+after the 2xx loses nothing; on start the log is replayed, keeping every record that verifies wherever damage is.
+A log of JSON lines (`feedback.jsonl`, what earlier workers wrote) is migrated on open, line by line, without
+dropping a line that parses; it is kept as `feedback.jsonl.migrated`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from lorafleet.worker.training.feedback_log import FramedLog, fsync_dir, fsync_file, scan
+
+log = logging.getLogger(__name__)
 TRAINABLE_KINDS = ("accept", "correction", "pair", "reward")
 ALL_KINDS = (*TRAINABLE_KINDS, "reject")
+RECORD_VERSION = 1
 
 
 @dataclass
 class FeedbackSample:
-    """One resolved feedback sample; `weight` scales its loss (0 = recorded but never trained on)."""
+    """One resolved feedback sample; `weight` scales its loss (0 = recorded but never trained on). `extra` holds the
+    fields of a record that this version does not know (written by a newer worker): kept, written back unchanged."""
 
     adapter: str
     kind: str
@@ -35,78 +43,125 @@ class FeedbackSample:
     feedback_id: str = field(default_factory=lambda: f"fb-{uuid.uuid4().hex[:16]}")
     created_at: float = field(default_factory=time.time)
     seq: int = -1
+    extra: dict = field(default_factory=dict)
 
     @property
     def trainable(self) -> bool:
         return self.kind in TRAINABLE_KINDS and self.weight > 0 and len(self.completion_ids) > 0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        d = asdict(self)
+        extra = d.pop("extra")
+        return json.dumps({**extra, **d, "v": max(RECORD_VERSION, int(extra.get("v", 0) or 0))}, separators=(",", ":"))
 
     @staticmethod
-    def from_json(line: str) -> FeedbackSample:
-        return FeedbackSample(**json.loads(line))
+    def from_json(line: str | bytes) -> FeedbackSample:
+        """Parses a record; unknown fields go to `extra`; a record without the fields training needs (or with the
+        wrong types) raises ValueError."""
+        d = json.loads(line)
+        if not isinstance(d, dict):
+            raise ValueError("a feedback record is a JSON object")
+        known = {f.name for f in fields(FeedbackSample)} - {"extra"}
+        extra = {k: v for k, v in d.items() if k not in known}
+        sample = FeedbackSample(**{k: v for k, v in d.items() if k in known}, extra=extra)
+        if not (isinstance(sample.adapter, str) and isinstance(sample.kind, str)):
+            raise ValueError("adapter and kind are strings")
+        for ids in (sample.prompt_ids, sample.completion_ids):
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("token ids are lists of integers")
+        if isinstance(sample.weight, bool) or not isinstance(sample.weight, int | float):
+            raise ValueError("weight is a number")
+        return sample
+
+
+def _decode(payload: bytes) -> FeedbackSample | None:
+    try:
+        return FeedbackSample.from_json(payload)
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def scan_lines(data: bytes) -> Iterator[tuple[int, FeedbackSample | None]]:
-    """The complete lines of a feedback log: (offset just past the line, its sample, or None where it does not
-    parse). A last line without its newline is never given: it is a torn or still-running append, and the 2xx of
-    a sample follows the fsync of its whole line. The owner and the peer readers differ only in what a bad line
-    means: the owner cuts its log there, a reader skips it."""
+    """The complete lines of a legacy JSON-lines log: (offset just past the line, its sample, or None where it does
+    not parse). A last line without its newline is never given: it is a torn or still-running append."""
     pos = 0
     while (nl := data.find(b"\n", pos)) >= 0:
-        try:
-            sample: FeedbackSample | None = FeedbackSample.from_json(data[pos:nl].decode())
-        except (ValueError, TypeError):
-            sample = None
+        sample = _decode(data[pos:nl])
         pos = nl + 1
         yield pos, sample
 
 
+def migrate_jsonl(legacy: Path, target: Path) -> int:
+    """Writes every parseable complete line of `legacy` as a framed record to `target` (atomically: a temporary file,
+    fsynced, renamed), then renames `legacy` to `<name>.migrated`. Lines that do not parse are kept in the migrated
+    copy and counted; none is dropped silently. Returns how many records were written."""
+    data = legacy.read_bytes()
+    tmp = target.with_name(target.name + ".migrating")
+    good = bad = 0
+    log_tmp = FramedLog(tmp.with_suffix(".new"), fsync=False)
+    try:
+        for _, sample in scan_lines(data):
+            if sample is None:
+                bad += 1
+                continue
+            log_tmp.append(sample.to_json().encode())
+            good += 1
+    finally:
+        log_tmp.close()
+    os.replace(tmp.with_suffix(".new"), tmp)
+    fsync_file(tmp)
+    os.replace(tmp, target)
+    os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
+    fsync_dir(target.parent)
+    torn = len(data) - (data.rfind(b"\n") + 1)
+    log.warning(
+        "feedback log %s: migrated %d records from %s (%d unparseable lines and a %d-byte unterminated tail left in "
+        "%s.migrated)",
+        target,
+        good,
+        legacy.name,
+        bad,
+        torn,
+        legacy.name,
+    )
+    return good
+
+
 class FeedbackStore:
-    """Append-only JSONL log of feedback; thread-safe; subscribers see every new sample after it is durable."""
+    """Append-only framed log of feedback; thread-safe; subscribers see every new sample after it is durable."""
 
     def __init__(self, path: str | Path, fsync: bool = True) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fsync = fsync
+        legacy = self.path.with_suffix(".jsonl")
+        if legacy != self.path and legacy.exists():
+            if self.path.exists():  # migrated, then stopped before the old file was renamed
+                os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
+            else:
+                migrate_jsonl(legacy, self.path)
         self._lock = threading.Lock()
         self._samples: list[FeedbackSample] = []
         self._subscribers: list[Callable[[FeedbackSample], None]] = []
-        self.recovered_torn_bytes = 0
-        self._replay()
-        new = not self.path.exists()
-        self._fh = open(self.path, "ab")  # noqa: SIM115 - held open for the store's lifetime
-        if new and fsync:
-            _fsync_dir(self.path.parent)
-
-    def _replay(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        good_end = 0
-        for end, sample in scan_lines(data):
-            if sample is None:  # the owner cuts its log at the first bad line (a reader skips it)
-                break
+        self._log = FramedLog(self.path, fsync=fsync)
+        self.recovered_torn_bytes = self._log.torn_bytes
+        self.skipped_garbage_bytes = self._log.garbage_bytes
+        self.unreadable_records = 0
+        for payload in self._log.records:
+            sample = _decode(payload)
+            if sample is None:  # verified bytes this version cannot read: kept on disk, skipped here
+                self.unreadable_records += 1
+                continue
             sample.seq = len(self._samples)
             self._samples.append(sample)
-            good_end = end
-        if good_end < len(data):
-            # Never acknowledged (the 2xx follows the fsync of a complete line): cut it so appends stay parseable.
-            self.recovered_torn_bytes = len(data) - good_end
-            with open(self.path, "r+b") as fh:
-                fh.truncate(good_end)
-                fh.flush()
-                os.fsync(fh.fileno())
+        if self.unreadable_records:
+            log.warning("feedback log %s: %d records this version cannot read", self.path, self.unreadable_records)
 
     def append(self, sample: FeedbackSample) -> FeedbackSample:
-        """Writes and fsyncs the sample, then notifies subscribers; returns it with its sequence number."""
+        """Writes and fsyncs the sample, then notifies subscribers; returns it with its sequence number. Raises
+        OSError (nothing stored, nothing acknowledged) when the disk refuses the write."""
         with self._lock:
+            self._log.append(sample.to_json().encode())
             sample.seq = len(self._samples)
-            self._fh.write(sample.to_json().encode() + b"\n")
-            self._fh.flush()
-            if self._fsync:
-                os.fsync(self._fh.fileno())
             self._samples.append(sample)
             subs = list(self._subscribers)
         for fn in subs:
@@ -131,26 +186,19 @@ class FeedbackStore:
 
     def close(self) -> None:
         with self._lock:
-            self._fh.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            self._log.close()
 
 
 class PeerFeedbackLogs:
     """The feedback logs of the pool's other workers, read-only, in the shared adapter store
-    (`<root>/.lorafleet-training/workers/<worker id>/feedback.jsonl`, one writer each).
+    (`<root>/.lorafleet-training/workers/<worker id>/feedback.log`, one writer each; a peer that still writes JSON
+    lines, `feedback.jsonl`, is read too).
 
     Why: feedback is accepted by whichever replica served the request (a request id is only known there), but an
     adapter's job trains on one worker, and after a failover on another one. A 2xx is a promise that the sample
     is trained on, so the trainer reads every peer's log too: all of it when a job starts (or moves here), then what
-    was appended since, on every `poll`. Only complete lines are read (a torn last line was never acknowledged, and
-    its owner cuts it on restart); a complete line that does not parse is skipped and counted. A sample may be
+    was appended since, on every `poll`. Only complete records are read (a torn last one was never acknowledged, and
+    its owner cuts it on restart); damage in the middle, or a record that does not parse, is skipped and counted. A sample may be
     offered twice (a job started while a poll was reading): the job ignores a feedback id it has seen."""
 
     def __init__(self, workers_dir: str | Path, own_dir: str | Path) -> None:
@@ -163,7 +211,20 @@ class PeerFeedbackLogs:
     def logs(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        return [p for p in sorted(self.dir.glob("*/feedback.jsonl")) if p.parent.resolve() != self.own]
+        found = sorted([*self.dir.glob("*/feedback.log"), *self.dir.glob("*/feedback.jsonl")])
+        return [p for p in found if p.parent.resolve() != self.own]
+
+    def _parse(self, path: Path, data: bytes) -> tuple[list[FeedbackSample | None], int]:
+        """The records of `data` (None: unreadable) and the offset just past the last complete one."""
+        if path.suffix == ".jsonl":
+            out: list[FeedbackSample | None] = []
+            end = 0
+            for end, sample in scan_lines(data):  # noqa: B007 - end is read after the loop
+                out.append(sample)
+            return out, end
+        found = scan(data)
+        self.bad_lines += len(found.garbage)
+        return [_decode(payload) for _, _, payload in found.records], found.tail
 
     def _read(self, path: Path, offset: int, seq: int) -> tuple[list[FeedbackSample], int, int]:
         try:
@@ -176,15 +237,15 @@ class PeerFeedbackLogs:
         except OSError:
             return [], offset, seq
         out: list[FeedbackSample] = []
-        pos = 0
-        for pos, s in scan_lines(data):  # noqa: B007 - pos is read after the loop: the end of the last whole line
+        records, end = self._parse(path, data)
+        for s in records:
             if s is None:
                 self.bad_lines += 1
             else:
                 s.seq = seq
                 out.append(s)
             seq += 1
-        return out, offset + pos, seq
+        return out, offset + end, seq
 
     def read_all(self, adapter: str | None = None) -> list[FeedbackSample]:
         """Every complete sample of every peer log (for a job that starts here), oldest log first."""
@@ -202,8 +263,12 @@ class PeerFeedbackLogs:
                 data = p.read_bytes()
             except OSError:
                 continue  # unreadable now: `poll` reads it from its start once it can
-            end = data.rfind(b"\n") + 1  # complete lines only; no need to parse what no job asked for yet
-            self._pos[p] = (end, data.count(b"\n", 0, end))
+            if p.suffix == ".jsonl":
+                end = data.rfind(b"\n") + 1  # complete lines only; no need to parse what no job asked for yet
+                self._pos[p] = (end, data.count(b"\n", 0, end))
+            else:
+                found = scan(data)
+                self._pos[p] = (found.tail, len(found.records))
         self._primed = True
 
     def poll(self) -> list[FeedbackSample]:

@@ -142,7 +142,7 @@ class TrainingService(IterationPlugin):
             engine.store.allow_root(versions)
         self.data_dir, self.versions_root = data, versions
         self.checkpoint_dir = self.checkpoint_dir or data / "checkpoints"
-        self.feedback = FeedbackStore(data / "feedback.jsonl")
+        self.feedback = FeedbackStore(data / "feedback.log")  # migrates a feedback.jsonl found there
         self.feedback.subscribe(self._on_feedback)
         if self.peers is not None:
             self.peers.prime()  # before any job: jobs read what is there, polls what comes after
