@@ -343,6 +343,14 @@ def run_load(
     while engine.has_unfinished_requests():
         engine.step()
     ttft = [s["times"][0] - s["arr"] for s in seqs.values() if s["times"]]
+    # per request (TTFT, TPOT; 0 for a single token; None: never started) for attainment of an absolute SLO
+    slo_pairs = [
+        (
+            s["times"][0] - s["arr"] if s["times"] else None,
+            (s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1) if len(s["times"]) > 1 else 0.0,
+        )
+        for s in seqs.values()
+    ]
     # (seconds from the start when the request ended, its TPOT) in end order: where in a run the misses are
     ended = sorted(
         (s["times"][-1] - t0, (s["times"][-1] - s["times"][0]) / (len(s["times"]) - 1))
@@ -370,6 +378,7 @@ def run_load(
         "req_per_s": len(seqs) / elapsed,
         "ttft": ttft,
         "tpot": tpot,
+        "slo_pairs": slo_pairs,
         "engine_tpot": engine_tpot,
         "tpot_by_end": tpot_by_end,
         "ft_tokens": ft_tokens,
@@ -428,6 +437,66 @@ def _mix(steps: list[tuple[int, int, int, float]]) -> dict:
         "forward_seconds_mean": sum(s[3] for s in steps) / n,
         "steps_with_prefill": sum(1 for s in steps if s[1]) / n,
     }
+
+
+def slo_attainment(pairs: list, tpot_s: float, ttft_s: float) -> float:
+    """The share of requests that met both parts of an absolute SLO (a request that never started missed it)."""
+    ok = sum(1 for ttft, tpot in pairs if ttft is not None and ttft <= ttft_s and tpot <= tpot_s)
+    return ok / max(1, len(pairs))
+
+
+def meets_slo(r: dict, tpot_s: float, ttft_s: float) -> bool:
+    """p99 TPOT and p99 TTFT of a run within the SLO, and every request served."""
+    started = [t for t, _ in r["slo_pairs"] if t is not None]
+    return len(started) == len(r["slo_pairs"]) > 0 and pct(r["tpot"], 0.99) <= tpot_s and pct(started, 0.99) <= ttft_s
+
+
+def bench_slo(engine, cfg: Cfg, job, alone: float, r_closed: float, tpot_s: float, ttft_s: float) -> dict:
+    """Co-serving under an absolute interactive SLO (FlexLLM's terms): the max load inference alone serves within
+    p99 TPOT <= `tpot_s` and p99 TTFT <= `ttft_s` (bisection below the closed-loop rate), then at 50% and 90% of
+    it inference alone and co-serving on the same arrivals. The job's own target is the strict relative one,
+    1.10 x inference alone's p99 TPOT at that load (capped at the SLO's TPOT)."""
+    out: dict = {"slo": {"tpot_p99_s": tpot_s, "ttft_p99_s": ttft_s}, "closed_loop_req_per_s": r_closed, "search": []}
+    lo, hi = 0.0, r_closed
+    for i in range(5):  # the closed-loop rate first, then halvings of the bracket
+        rate = hi if i == 0 else (lo + hi) / 2
+        r = run_load(engine, cfg, rate, seed=40 + i)
+        ok = meets_slo(r, tpot_s, ttft_s)
+        started = [t for t, _ in r["slo_pairs"] if t is not None]
+        out["search"].append(
+            {"rate": rate, "meets": ok, "tpot_p99": pct(r["tpot"], 0.99), "ttft_p99": pct(started, 0.99)}
+        )
+        if ok:
+            lo = rate
+            if i == 0:
+                break
+        else:
+            hi = rate
+    r_slo = lo if lo > 0 else out["search"][-1]["rate"]
+    out["max_load_req_per_s"] = r_slo
+    out["max_load_found"] = lo > 0
+    for load in (0.5, 0.9):
+        rate = load * r_slo
+        key = f"{int(load * 100)}"
+        inf = run_load(engine, cfg, rate, seed=60 + int(load * 10))
+        target = min(tpot_s, 1.10 * pct(inf["tpot"], 0.99))
+        job.scheduler.retarget(target)
+        co = run_load(engine, cfg, rate, seed=60 + int(load * 10), job=job, mode="coserve")
+        att_inf = slo_attainment(inf["slo_pairs"], tpot_s, ttft_s)
+        att_co = slo_attainment(co["slo_pairs"], tpot_s, ttft_s)
+        out[key] = {
+            "rate": rate,
+            "job_tpot_target_s": target,
+            "inference_alone": _summ(inf),
+            "coserve": _summ(co),
+            "slo_attainment_alone": att_inf,
+            "slo_attainment_coserve": att_co,
+            "guard_aim": job.scheduler.guard.aim,
+        }
+        out[f"coserve_slo_retention_{key}"] = co["ft_tokens_per_s"] / alone
+        out[f"coserve_slo_attainment_ratio_{key}"] = att_co / att_inf if att_inf > 0 else None
+        out[f"coserve_slo_p99_tpot_ratio_{key}"] = pct(co["tpot"], 0.99) / pct(inf["tpot"], 0.99)
+    return out
 
 
 def attainment(tpots: list[float], target_s: float) -> float:
@@ -573,7 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--phase", action="append", default=None, help="reuse | recording | coserve (default: all)")
+    ap.add_argument(
+        "--phase", action="append", default=None, help="reuse | recording | coserve | slo (default: all but slo)"
+    )
+    ap.add_argument("--slo-tpot-ms", type=float, default=50.0, help="slo phase: p99 TPOT bound (ms)")
+    ap.add_argument("--slo-ttft-s", type=float, default=1.0, help="slo phase: p99 TTFT bound (s)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per load run")
     ap.add_argument(
         "--amortise", type=float, default=None, help="ShareConfig.amortise for the co-serving job (0 = greedy, A/B)"
@@ -591,6 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="1b", choices=tuple(SHAPES), help="Llama-3.2-1B or Llama-3.1-8B shape")
     args = ap.parse_args(argv)
     phases = args.phase or ["reuse", "recording", "coserve"]
+    if args.tiny and "slo" in phases:
+        cfg_note = "tiny CPU smoke: the SLO is the bounds given, not an interactive one"
+    else:
+        cfg_note = None
     if args.device == "cpu":
         torch.set_num_threads(2)
     cfg = Cfg(args.tiny, args.device, args.shape)
@@ -607,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _commit(),
         "config": {k: v for k, v in vars(cfg).items()},
         "metrics": {},
+        "note": cfg_note,
         "raw": {},
         "errors": {},
     }
@@ -656,6 +734,24 @@ def main(argv: list[str] | None = None) -> int:
             m["recording_ttft_ratio"] = r["ratio"]
         except Exception:  # noqa: BLE001
             result["errors"]["recording"] = traceback.format_exc()
+        save()
+
+    if "slo" in phases:
+        try:
+            job = make_job(engine, root, "ft-slo", record=False)
+            feed(job, cfg, 256, seed=5)
+            alone = finetune_alone(engine, job, cfg)
+            r = bench_slo(engine, cfg, job, alone, closed["req_per_s"], args.slo_tpot_ms / 1000.0, args.slo_ttft_s)
+            r["finetune_alone_tokens_per_s"] = alone
+            result["raw"]["slo"] = r
+            for key in ("50", "90"):
+                m[f"coserve_slo_retention_{key}"] = r[f"coserve_slo_retention_{key}"]
+                m[f"coserve_slo_attainment_ratio_{key}"] = r[f"coserve_slo_attainment_ratio_{key}"]
+                m[f"coserve_slo_p99_tpot_ratio_{key}"] = r[f"coserve_slo_p99_tpot_ratio_{key}"]
+            m["coserve_slo_max_load_req_per_s"] = r["max_load_req_per_s"]
+            job.stop()
+        except Exception:  # noqa: BLE001
+            result["errors"]["slo"] = traceback.format_exc()
         save()
 
     if "coserve" in phases:
@@ -759,6 +855,7 @@ def _summ(r: dict) -> dict:
         "ttft_p50": pct(r["ttft"], 0.5),
         "tpot_p50": pct(r["tpot"], 0.5),
         "tpot_p99": pct(r["tpot"], 0.99),
+        "ttft_p99": pct(r["ttft"], 0.99),
         "engine_tpot_p99": pct(r["engine_tpot"], 0.99),
         "engine_tpot_count": len(r["engine_tpot"]),
         "tpot_by_end": r["tpot_by_end"],
