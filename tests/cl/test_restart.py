@@ -91,7 +91,9 @@ def test_sigkill_restart_equals_uninterrupted_run(tmp_path, tiny_dir, worker_pro
     assert ck["restoredStep"] == steps[-2], ck
     assert [b["step"] for b in ck["corrupt"]] == [steps[-1]] and "SHA-256" in ck["corrupt"][0]["reason"], ck
     assert "corrupt" in st["message"]
-    assert not torn.exists() and not newest.exists()  # the torn write is removed, the corrupt one moved aside
+    assert not torn.exists()  # the torn write is removed
+    # the corrupt one is moved aside; the resumed job may already have written a fresh checkpoint of that step
+    assert not newest.exists() or (newest / "tensors.safetensors").read_bytes() != bytes(data)
     metrics = c.get("/metrics").text
     assert 'lorafleet_training_checkpoints_total{adapter="rs",result="corrupt"} 1.0' in metrics
     assert 'lorafleet_training_checkpoints_total{adapter="rs",result="restored"} 1.0' in metrics

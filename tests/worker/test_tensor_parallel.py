@@ -59,6 +59,9 @@ loss = torch.nn.functional.cross_entropy(tl[:-1], train[1:])
 loss.backward()
 torch.save({"logits": logits, "loss": loss.detach(), "slot_bytes": slots.nbytes,
             "grads": {k: (a.grad, b.grad) for k, (a, b) in w.items()}}, f"{out}/rank{g.rank}.pt")
+if g.world > 1:  # leave the group together: a process exiting inside gloo's threads aborts
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
@@ -196,8 +199,13 @@ model, _ = load_model(model_dir, torch.device("cpu"), torch.float32)
 shard_llama(model, g)
 BS = 4
 engine = RankEngine(model, g, num_blocks=16, block_size=BS, num_slots=2, max_rank=8)
+def leave():
+    if g.world > 1:  # leave the group together: a process exiting inside gloo's threads aborts
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 if g.rank:
     follow(engine)
+    leave()
     sys.exit(0)
 lead = Leader(engine)
 lead.load(0, adapters[0])
@@ -238,6 +246,7 @@ for it in range(7):
         seqs[i].append(int(logits[row].argmax()))
 lead.stop()
 torch.save({"steps": steps, "seqs": seqs}, f"{out}/rank0.pt")
+leave()
 """
 
 
