@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "worker": ("lorafleet.worker.main", "main", "run a worker engine (OpenAI + vLLM dynamic-LoRA API)"),
     "operator": ("lorafleet.operator.main", "main", "run the kopf operator"),
+    "drain-wait": ("lorafleet.prestop", "main", "preStop hook: wait until the operator has drained this worker"),
     "up": ("lorafleet.local.up", "up_main", "bring up a local fleet: control plane, operator, CPU workers, samples"),
     "down": ("lorafleet.local.up", "down_main", "tear down the local fleet started by `lorafleet up`"),
     "cluster": ("lorafleet.controlplane", "main", "run only the local control plane (etcd, kube-apiserver, ...)"),

@@ -150,6 +150,7 @@ class BaseModelStatus(_Model):
     workers: Annotated[list[WorkerStatus], Field(max_length=MAX_REPLICAS)] | None = None
     conditions: Conditions | None = None
     observed_generation: Annotated[int, Field(ge=0)] | None = None
+    message: Annotated[str, Field(max_length=1024)] | None = None
     kopf: dict[str, Any] | None = None  # kopf's own bookkeeping (status.kopf.progress); preserved as-is
 
 
@@ -161,7 +162,7 @@ class AdapterSource(_Model):
 class AdapterReplicas(_Model):
     """`auto: false` keeps `min` replicas; `auto: true` scales between `min` and `max` with measured load."""
 
-    min: Annotated[int, Field(ge=0, le=MAX_REPLICAS)] = 1
+    min: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] = 1
     max: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] | None = None
     auto: bool = False
 
@@ -257,7 +258,7 @@ class CoServing(_Model):
 
 class ContinualLearningJobSpec(_Model):
     adapter: Name
-    mode: Literal["colocated", "dedicated"] = "colocated"
+    mode: Annotated[Literal["colocated"], Field(json_schema_extra={"enum": ["colocated"]})] = "colocated"
     feedback: FeedbackSelector = Field(default_factory=FeedbackSelector)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     lora: LoRAHyperparameters = Field(default_factory=LoRAHyperparameters)
@@ -269,12 +270,6 @@ class ContinualLearningJobSpec(_Model):
     latency_target: LatencyTarget | None = None
     min_finetune_share: Annotated[float, Field(ge=0, le=1)] = 0.05
     co_serving: CoServing | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ContinualLearningJobSpec:
-        if self.mode != "colocated" and self.latency_target is not None:
-            raise ValueError("spec.latencyTarget applies only to spec.mode colocated")
-        return self
 
 
 class PublishedVersion(_Model):

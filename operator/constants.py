@@ -26,6 +26,7 @@ ANNOT_LOCAL_ENDPOINT = "lorafleet.io/local-endpoint"
 # Continual learning, on the LoRAAdapter: newest published version (source path + number) and the training pod.
 ANNOT_PUBLISHED_SOURCE = "lorafleet.io/published-source"
 ANNOT_PUBLISHED_VERSION = "lorafleet.io/published-version"
+ANNOT_PUBLISHED_VERSIONS = "lorafleet.io/published-versions"  # JSON {version: path}, newest 20 (spec.version pins)
 ANNOT_TRAINER_POD = "lorafleet.io/trainer-pod"
 ANNOT_JOB_TRAINER = "lorafleet.io/trainer"  # on the ContinualLearningJob: the pod it trains on
 # Prefix for kopf's own progress/diff-base annotations so they live under our domain.

@@ -16,15 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
-from lorafleet.operator import assign, conditions, migration
+from lorafleet.operator import assign, children, conditions, migration, podhealth, scaledown
 from lorafleet.operator import constants as c
 from lorafleet.operator import resources as res
 from lorafleet.operator.autoscale import AutoScaler
 from lorafleet.operator.capacity import adapter_sizes, worker_capacity
 from lorafleet.operator.scrape import WorkerLoad
 from lorafleet.operator.state import Runtime, sleep_or_wake
-from lorafleet.operator.validation import Problem, adapter_path, adapter_rank, validate_adapter
+from lorafleet.operator.validation import Problem, adapter_path, adapter_rank, published_versions, validate_adapter
 from lorafleet.operator.workerclient import AdapterInfo, WorkerClient, WorkerError, make_client
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,7 @@ class Worker:
     adapters: dict[str, AdapterInfo] | None = None  # None: not reachable this cycle
     load: WorkerLoad | None = None
     stale: bool = False  # adapters are the last known ones (the latest probe timed out)
+    retiring: bool = False  # picked by the scale-down plan: emptied, then removed by the ReplicaSet
 
     @property
     def reachable(self) -> bool:
@@ -106,14 +106,39 @@ class BaseModelFleet:
         self._gone: dict[str, asyncio.Event] = {}
         self._last_seen: dict[str, tuple[float, dict[str, AdapterInfo]]] = {}
         self._reload_tried: dict[tuple[str, str], float] = {}
+        self._ranks: dict[tuple[str, str], int] = {}  # (adapter, source path) -> rank a worker reported
         self.workers: list[Worker] = []
         self.cycles = 0
         self.moves_pending: list[tuple[str, str, str]] = []  # rebalancer moves (adapter, source, target)
+        # owned children: applied when dirty (a watch event, a spec change, a new replica count) or on resync
+        self._children_dirty = True
+        self._children_due = 0.0
+        self._children_key: tuple[Any, ...] | None = None
+        self._child_rv: dict[tuple[str, str], str] = {}
+        self.child_failures: list[children.ChildFailure] = []
+        self._route_rv: dict[str, str] = {}  # adapter -> resourceVersion of the slice we last wrote
+        self._retiring: set[str] = set()
+        self.scale = scaledown.ScalePlan(0, ())
         self.last_solve: str | None = None  # short text of the last OR-Tools rebalance, shown in status
 
     # ---------------------------------------------------------------- loop control
     def wake(self) -> None:
         self._wake.set()
+
+    def child_changed(self, kind: str, name: str, resource_version: str | None, deleted: bool) -> None:
+        """A watch event on a child: re-apply unless it is the version our own last apply left."""
+        if deleted or self._child_rv.get((kind, name)) != resource_version:
+            self._children_dirty = True
+            self.wake()
+
+    def route_changed(self, adapter: str, kind: str, resource_version: str | None, deleted: bool) -> None:
+        """A watch event on an adapter's Service or EndpointSlice: rewrite it unless we wrote this version."""
+        if adapter not in self._routes and adapter not in self._services:
+            return
+        if kind == "Service" or deleted or self._route_rv.get(adapter) != resource_version:
+            self._routes.pop(adapter, None)
+            self._services.discard(adapter)
+            self.wake()
 
     async def run(self, get_view: Any, stopped: Any) -> None:
         """The daemon body: cycle, then sleep until woken or the interval passes."""
@@ -182,7 +207,9 @@ class BaseModelFleet:
                 node=(pod.get("spec") or {}).get("nodeName"),
                 endpoint=endpoint,
                 draining=bool(meta.get("deletionTimestamp"))
-                or (meta.get("annotations") or {}).get(ANNOT_DRAIN) == "true",
+                or (meta.get("annotations") or {}).get(ANNOT_DRAIN) == "true"
+                or meta["name"] in self._retiring,
+                retiring=meta["name"] in self._retiring,
             )
             if endpoint:
                 w.client = self._client(engine, w.pod, endpoint, token)
@@ -229,6 +256,7 @@ class BaseModelFleet:
     ) -> None:
         self.cycles += 1
         workers = await self.observe(bm, pods)
+        await self._scale(bm, pods, workers)
         self.workers = workers
         usable = [w for w in workers if w.reachable and not w.draining]
         by_pod = {w.pod: w for w in workers}
@@ -245,6 +273,7 @@ class BaseModelFleet:
                 bm,
                 workers=int((bm.get("spec") or {}).get("replicas", 1)),
                 check_local_sources=self.rt.config.check_sources,
+                observed_rank=self._observed_rank(view, workers),
             )
             if not view.deleting and view.fatal is None:
                 view.desired, view.asked = self.autoscaler.decide(
@@ -375,15 +404,100 @@ class BaseModelFleet:
             self._drains[(a, pod)] = asyncio.create_task(self._drain(a, w, reason, views[a].body))
 
         await self._write_adapter_statuses(bm, views, by_pod, plan)
-        await self._write_basemodel_status(bm, workers, views)
+        await self._write_basemodel_status(bm, workers, views, pods)
         for name, ev in list(self._gone.items()):
             if self.is_gone(name):
                 ev.set()
 
+    # ---------------------------------------------------------------- owned children and scale
+    async def _scale(self, bm: Mapping[str, Any], pods: list[Mapping[str, Any]], workers: list[Worker]) -> None:
+        """Decides the Deployment's replica count (a scale-down empties its victims first), marks the victims with
+        the lowest pod-deletion-cost so the ReplicaSet removes exactly those, and applies the children."""
+        target = int((bm.get("spec") or {}).get("replicas", 1))
+        by_pod = {w.pod: w for w in workers}
+        busy: dict[str, int] = {}
+        for _, pod in self._drains:
+            busy[pod] = busy.get(pod, 0) + 1
+        states = []
+        for pod in pods:
+            meta = pod["metadata"]
+            w = by_pod.get(meta["name"])
+            states.append(
+                scaledown.PodState(
+                    name=meta["name"],
+                    ready=w is not None and w.reachable and pod_is_running(pod),
+                    adapters=len((w.adapters or {}) if w else {}) + busy.get(meta["name"], 0),
+                    load=w.load.total_rate if w is not None and w.load else 0.0,
+                    template_hash=(meta.get("labels") or {}).get("pod-template-hash"),
+                    terminating=bool(meta.get("deletionTimestamp")),
+                    marked=(meta.get("annotations") or {}).get(scaledown.DELETION_COST) == scaledown.VICTIM_COST,
+                )
+            )
+        plan = scaledown.plan_scale(target, states, self._retiring)
+        victims = set(plan.victims)
+        for w in workers:
+            if w.pod in victims:
+                w.retiring = w.draining = True
+        for st in states:
+            mark = scaledown.VICTIM_COST if st.name in victims else None
+            if st.terminating or (mark is not None) == st.marked:
+                continue
+            try:
+                await self.rt.kube.patch_pod_annotations(self.ns, st.name, {scaledown.DELETION_COST: mark})
+            except Exception as exc:  # noqa: BLE001 - retried next cycle
+                log.warning("marking pod %s for scale-down failed: %s", st.name, exc)
+        if victims - self._retiring:
+            self._event(
+                bm,
+                "Normal",
+                "ScalingDown",
+                f"emptying {', '.join(sorted(victims - self._retiring))} before removal ({target} workers wanted)",
+            )
+        self._retiring = victims
+        self.scale = plan
+        await self._reconcile_children(bm, plan.replicas)
+
+    async def _reconcile_children(self, bm: Mapping[str, Any], replicas: int) -> None:
+        """Applies the Secret, Deployment, Service and PDB when something may have drifted (see children.py)."""
+        now = time.monotonic()
+        key = (bm["metadata"].get("uid"), bm["metadata"].get("generation"), replicas)
+        if not self._children_dirty and key == self._children_key and now < self._children_due:
+            return
+        self._children_dirty = False
+        self._children_key = key
+        result = await children.reconcile(self.rt.kube, bm, adapter_root=self.rt.config.adapter_root, replicas=replicas)
+        self._children_due = now + (5.0 if result.failures else self.rt.config.resync_interval)
+        self._child_rv.update(result.versions)
+        if result.token and result.token != self._token:
+            self._token = result.token
+            for client in self._clients.values():
+                client.token = result.token
+        keys = {f"ChildRejected:{f.kind}/{f.name}" for f in result.failures}
+        for stale in [k for k in self._last_events if k[0] == self.name and k[1].startswith("ChildRejected:")]:
+            if stale[1] not in keys:
+                del self._last_events[stale]
+        for f in result.failures:
+            log.warning("BaseModel %s/%s: %s", self.ns, self.name, f.describe())
+            self._event(bm, "Warning", "ChildRejected", f.describe(), key=f"ChildRejected:{f.kind}/{f.name}")
+        self.child_failures = result.failures
+
     # ---------------------------------------------------------------- actions
+    def _observed_rank(self, view: AdapterView, workers: list[Worker]) -> int | None:
+        """The rank a worker reported for this adapter's current source, remembered per source so an adapter
+        unloaded for a wrong rank is not loaded again just to find out once more."""
+        path = self._source_path(view)
+        for w in workers:
+            info = (w.adapters or {}).get(view.name)
+            if info is not None and info.rank and (not info.path or info.path == path):
+                self._ranks[(view.name, path)] = int(info.rank)
+        return self._ranks.get((view.name, path))
+
     def _source_path(self, view: AdapterView) -> str:
-        """Where this adapter's weights come from now: the newest version a ContinualLearningJob published, else
-        the spec's source."""
+        """Where this adapter's weights come from now: a pinned published version (`spec.version`), else the
+        newest version a ContinualLearningJob published, else the spec's source."""
+        pin = (view.body.get("spec") or {}).get("version")
+        if pin:
+            return published_versions(view.body).get(str(pin), "")
         published = (view.body["metadata"].get("annotations") or {}).get(c.ANNOT_PUBLISHED_SOURCE)
         if published:
             return published
@@ -429,14 +543,15 @@ class BaseModelFleet:
             return
         port = res.worker_port(bm)
         if name not in self._services:
-            await self.rt.kube.apply(res.adapter_service(view.body, port), patch=False)
+            await self.rt.kube.apply(res.adapter_service(view.body, port))
             self._services.add(name)
         slice_body = res.adapter_endpointslice(
             view.body,
             port,
             [res.RouteTarget(pod=w.pod, ip=w.ip or "", node=w.node, uid=w.uid) for w in targets if w.ip],
         )
-        await self.rt.kube.replace_endpointslice(slice_body)
+        written = await self.rt.kube.apply(slice_body)
+        self._route_rv[name] = str((written.get("metadata") or {}).get("resourceVersion", ""))
         before = self._routes.get(name)
         self._routes[name] = pods
         if before is not None:
@@ -492,23 +607,22 @@ class BaseModelFleet:
         await self.rt.kube.delete("EndpointSlice", self.ns, route)
         await self.rt.kube.delete("Service", self.ns, route)
         self._routes.pop(adapter, None)
+        self._route_rv.pop(adapter, None)
         self._services.discard(adapter)
         self._last_status.pop(adapter, None)
         self._load_errors.pop(adapter, None)
 
-    def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        key = (body["metadata"]["name"], reason)
-        if reason in {"Loaded", "Unloaded", "Routed", "Reloaded"}:
-            key = (body["metadata"]["name"], f"{reason}:{message}:{time.monotonic()}")
-        if self._last_events.get(key) == message:
-            return
-        self._last_events[key] = message
-        if len(self._last_events) > 10000:
-            self._last_events.clear()
-        try:
-            kopf.event(dict(body), type=type_, reason=reason, message=message[:1000])
-        except Exception:  # events are best effort (e.g. outside a running operator)
-            log.debug("event %s/%s not posted", reason, message)
+    def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str, *, key: str | None = None) -> None:
+        """One aggregated Event (events.py) per distinct message; a state re-asserted every cycle (a failure that
+        persists) is posted once, not once per cycle."""
+        k = (body["metadata"]["name"], key or reason)
+        if reason not in {"Loaded", "Unloaded", "Routed", "Reloaded"}:
+            if self._last_events.get(k) == message:
+                return
+            self._last_events[k] = message
+            if len(self._last_events) > 10000:
+                self._last_events.clear()
+        self.rt.event(body, type_, reason, message)
 
     # ---------------------------------------------------------------- status
     async def _write_adapter_statuses(
@@ -604,7 +718,11 @@ class BaseModelFleet:
         )
 
     async def _write_basemodel_status(
-        self, bm: Mapping[str, Any], workers: list[Worker], views: dict[str, AdapterView]
+        self,
+        bm: Mapping[str, Any],
+        workers: list[Worker],
+        views: dict[str, AdapterView],
+        pods: list[Mapping[str, Any]],
     ) -> None:
         spec = bm.get("spec") or {}
         meta = bm["metadata"]
@@ -636,13 +754,15 @@ class BaseModelFleet:
             )
         else:
             conds = conditions.set_condition(conds, "Ready", False, "NoReadyWorkers", f"0/{want} workers ready", gen)
-        short = len(ready) < want
+        degraded = self._basemodel_problem(want, ready, pods)
+        if degraded is not None and degraded.reason not in ("WorkersMissing", "ChildRejected"):
+            self._event(bm, "Warning", degraded.reason, degraded.message)
         conds = conditions.set_condition(
             conds,
             "Degraded",
-            short,
-            "WorkersMissing" if short else "AsExpected",
-            f"{want - len(ready)} worker(s) not ready" if short else "",
+            degraded is not None,
+            degraded.reason if degraded else "AsExpected",
+            degraded.message if degraded else "",
             gen,
         )
         live = [v for v in views.values() if not v.deleting and not v.fatal]
@@ -653,7 +773,13 @@ class BaseModelFleet:
         conds = conditions.set_condition(
             conds, "Placed", placed == len(live), "AllPlaced" if placed == len(live) else "Placing", msg, gen
         )
-        status = {"observedGeneration": gen, "readyWorkers": len(ready), "workers": per_worker, "conditions": conds}
+        status = {
+            "observedGeneration": gen,
+            "readyWorkers": len(ready),
+            "workers": per_worker,
+            "conditions": conds,
+            "message": (degraded.message if degraded else f"{len(ready)}/{want} workers ready; {msg}")[:1024],
+        }
         compare = {k: v for k, v in status.items() if k not in {"conditions", "workers"}}
         compare["workers"] = [{k: v for k, v in w.items() if k != "load"} for w in per_worker]
         last = self._last_status.get(f"\0bm:{self.name}")
@@ -662,3 +788,17 @@ class BaseModelFleet:
                 return
         await self.rt.kube.patch_status(c.BASEMODELS, self.ns, self.name, status)
         self._last_status[f"\0bm:{self.name}"] = {"cmp": compare, "conds": conds, "t": time.monotonic()}
+
+    def _basemodel_problem(self, want: int, ready: list[Worker], pods: list[Mapping[str, Any]]) -> Problem | None:
+        """What the BaseModel's Degraded condition says, most actionable first: a child the API server refused,
+        then a worker pod that cannot start (unschedulable, image pull, crash loop), then missing workers."""
+        if self.child_failures:
+            first = self.child_failures[0]
+            more = f" (+{len(self.child_failures) - 1} more)" if len(self.child_failures) > 1 else ""
+            return Problem("ChildRejected", first.describe() + more, fatal=False)
+        pod_issues = podhealth.pod_problems(pods)
+        if pod_issues:
+            return pod_issues[0]
+        if len(ready) < want:
+            return Problem("WorkersMissing", f"{want - len(ready)} worker(s) not ready", fatal=False)
+        return None

@@ -18,6 +18,7 @@ from kubernetes.client.rest import ApiException
 from lorafleet.operator import constants as c
 
 JSON = dict[str, Any]
+APPLY_PATCH = "application/apply-patch+yaml"
 
 
 def load_config(kubeconfig: str | None = None) -> client.ApiClient:
@@ -59,37 +60,56 @@ class Kube:
 
         return await asyncio.to_thread(run)
 
-    # --- generic create-or-patch for owned children ---
-    async def apply(self, body: JSON, *, patch: bool = True) -> JSON:
-        """Creates `body`; if it exists, merge-patches it (or leaves it alone when `patch` is False)."""
-        kind = body["kind"]
+    # --- owned children: server-side apply under one field manager ---
+    async def apply(self, body: JSON) -> JSON:
+        """Server-side applies `body` as field manager `lorafleet-operator`, forcing conflicts.
+
+        The body is the whole desired state of the fields the operator owns: a field that leaves it is removed from
+        the object (we stop managing it), and a field someone else changed is taken back (force). Fields other
+        managers own alone (a Deployment's status, defaults) stay theirs.
+        """
         ns = body["metadata"].get("namespace")
         name = body["metadata"]["name"]
-        create, patcher = self._verbs(kind)
+        patcher = self._patchers()[body["kind"]]
+        return await self._call(patcher, name, ns, body, field_manager=c.MANAGER, force=True, _content_type=APPLY_PATCH)
+
+    async def create_once(self, body: JSON) -> tuple[JSON, bool]:
+        """Creates `body` unless it exists; never changes an existing object. Returns (object, created)."""
+        kind = body["kind"]
+        ns = body["metadata"].get("namespace")
         try:
-            return await self._call(create, ns, body)
+            return await self._call(self._creators()[kind], ns, body), True
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        if not patch:
-            return await self.get(kind, ns, name)
-        return await self._call(patcher, name, ns, body)
+        return await self.get(kind, ns, body["metadata"]["name"]), False
 
-    def _verbs(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        table = {
-            "Deployment": (self.apps.create_namespaced_deployment, self.apps.patch_namespaced_deployment),
-            "Service": (self.core.create_namespaced_service, self.core.patch_namespaced_service),
-            "Secret": (self.core.create_namespaced_secret, self.core.patch_namespaced_secret),
-            "PodDisruptionBudget": (
-                self.policy.create_namespaced_pod_disruption_budget,
-                self.policy.patch_namespaced_pod_disruption_budget,
-            ),
-            "EndpointSlice": (
-                self.discovery.create_namespaced_endpoint_slice,
-                self.discovery.patch_namespaced_endpoint_slice,
-            ),
+    def _patchers(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "Deployment": self.apps.patch_namespaced_deployment,
+            "Service": self.core.patch_namespaced_service,
+            "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget,
+            "EndpointSlice": self.discovery.patch_namespaced_endpoint_slice,
         }
-        return table[kind]
+
+    def _creators(self) -> dict[str, Callable[..., Any]]:
+        return {"Secret": self.core.create_namespaced_secret, "Event": self.core.create_namespaced_event}
+
+    async def record_event(self, body: JSON, delta: int) -> None:
+        """Creates the Event, or adds `delta` to the count of the one with the same name (aggregation)."""
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        try:
+            await self._call(self.core.create_namespaced_event, ns, body)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        current = await self._call(self.core.read_namespaced_event, name, ns)
+        patch = {
+            "count": int(current.get("count") or 1) + delta,
+            "lastTimestamp": body["lastTimestamp"],
+        }
+        await self._call(self.core.patch_namespaced_event, name, ns, patch)
 
     async def get(self, kind: str, ns: str, name: str) -> JSON:
         getter = {
@@ -121,25 +141,6 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-
-    async def replace_endpointslice(self, body: JSON) -> JSON:
-        """Writes the whole slice (endpoints is a list: a merge patch would not remove stale entries safely)."""
-        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        try:
-            return await self._call(self.discovery.create_namespaced_endpoint_slice, ns, body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        for _ in range(5):
-            current = await self.get("EndpointSlice", ns, name)
-            new = dict(body)
-            new["metadata"] = dict(body["metadata"], resourceVersion=current["metadata"]["resourceVersion"])
-            try:
-                return await self._call(self.discovery.replace_namespaced_endpoint_slice, name, ns, new)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-        raise RuntimeError(f"could not replace EndpointSlice {ns}/{name}: conflicts")
 
     async def list_pods(self, ns: str, selector: str) -> list[JSON]:
         return (await self._call(self.core.list_namespaced_pod, ns, label_selector=selector)).get("items", [])

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the rate of a replicas.auto adapter must stay below 80%% of the per-replica rate of one replica "
         "fewer before that replica is removed (scale-up is immediate)",
     )
+    p.add_argument(
+        "--resync-interval",
+        type=float,
+        default=30.0,
+        help="seconds between full re-applies of every owned child; watches repair drift within a cycle",
+    )
     p.add_argument("--adapter-root", default="/var/lib/lorafleet/adapters", help="host path mounted into workers")
     p.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -76,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         adapter_root=args.adapter_root,
         per_replica_rate=args.per_replica_rate,
         scale_down_delay=args.scale_down_delay,
+        resync_interval=args.resync_interval,
     )
 
 
@@ -94,10 +101,12 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def make_runtime(config: OperatorConfig, kubeconfig: str | None = None) -> Runtime:
+    from lorafleet.operator.events import EventRecorder
     from lorafleet.operator.kube import Kube, load_config
     from lorafleet.operator.metrics import OperatorMetrics
 
-    return Runtime(config=config, kube=Kube(load_config(kubeconfig)), metrics=OperatorMetrics())
+    kube = Kube(load_config(kubeconfig))
+    return Runtime(config=config, kube=kube, metrics=OperatorMetrics(), events=EventRecorder(kube))
 
 
 async def run_operator(

@@ -26,15 +26,16 @@ USED: set[tuple[str, str, str]] = (
     | _rules(["kopf.dev"], ["clusterkopfpeerings", "kopfpeerings"], ["get", "list", "watch", "patch"])
     | _rules(["apiextensions.k8s.io"], ["customresourcedefinitions"], ["get", "list", "watch"])
     | _rules([""], ["namespaces"], ["get", "list", "watch"])
-    # worker pods: read-only (index + wake-ups).
-    | _rules([""], ["pods"], ["get", "list", "watch"])
-    # children: create, then merge-patch on conflict (kube.Kube.apply).
-    | _rules(["apps"], ["deployments"], ["create", "patch"])
-    | _rules([""], ["services"], ["create", "patch", "get", "delete"])
-    | _rules(["policy"], ["poddisruptionbudgets"], ["create", "patch"])
-    # routing: create, read + replace (whole endpoint list), delete on adapter removal.
-    | _rules(["discovery.k8s.io"], ["endpointslices"], ["create", "get", "update", "delete"])
-    # the admin token: created once, read back by name; never listed or watched.
+    # worker pods: watched (index + wake-ups); patched only for the scale-down victims' pod-deletion-cost annotation.
+    | _rules([""], ["pods"], ["get", "list", "watch", "patch"])
+    # children: watched (drift from any cause wakes the fleet) and server-side applied (patch; create for the first
+    # apply, which creates the object).
+    | _rules(["apps"], ["deployments"], ["list", "watch", "create", "patch"])
+    | _rules(["policy"], ["poddisruptionbudgets"], ["list", "watch", "create", "patch"])
+    | _rules([""], ["services"], ["list", "watch", "create", "patch", "delete"])
+    | _rules(["discovery.k8s.io"], ["endpointslices"], ["list", "watch", "create", "patch", "delete"])
+    # the admin token: created once, read back by name; never listed, watched or changed.
     | _rules([""], ["secrets"], ["create", "get"])
-    | _rules([""], ["events"], ["create"])
+    # aggregated Events (events.py): created, read and count-patched by name.
+    | _rules([""], ["events"], ["create", "get", "patch"])
 )

@@ -19,6 +19,11 @@ Body = Mapping[str, Any]
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 WORKER_IMAGE = "ghcr.io/lorafleet/worker:0.1.0"
+# A deleted worker pod: the preStop hook waits up to DRAIN_WAIT_SECONDS for the operator to empty it, inside the
+# pod's grace period (the operator's default drain timeout is 60 s; the rest is the handoff's load and grace).
+DRAIN_WAIT_SECONDS = 80
+VLLM_PRESTOP_SECONDS = 15
+TERMINATION_GRACE_SECONDS = 90
 
 
 def owned_metadata(
@@ -191,6 +196,8 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
         )
         command: list[str] = []
         probe_path = "/health"
+        # stock vLLM has no drain-wait: its preStop sleeps while the operator un-routes and drains it
+        pre_stop: dict[str, Any] = {"sleep": {"seconds": VLLM_PRESTOP_SECONDS}}
     else:
         image = wspec.get("image") or WORKER_IMAGE
         command = ["lorafleet", "worker"]
@@ -205,6 +212,9 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
         volumes.append({"name": "admin-token", "secret": {"secretName": admin_secret_name(name), "defaultMode": 0o440}})
         mounts.append({"name": "admin-token", "mountPath": c.ADMIN_TOKEN_DIR, "readOnly": True})
         probe_path = "/ready"
+        wait = ["lorafleet", "drain-wait", "--port", str(port), "--timeout", str(DRAIN_WAIT_SECONDS)]
+        wait += ["--admin-token-file", f"{c.ADMIN_TOKEN_DIR}/{c.ADMIN_TOKEN_KEY}"]
+        pre_stop = {"exec": {"command": wait}}
     container: dict[str, Any] = {
         "name": "worker",
         "image": image,
@@ -216,6 +226,8 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
         "readinessProbe": {"httpGet": {"path": probe_path, "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        # SIGTERM only after the operator has moved every adapter away and the in-flight requests finished
+        "lifecycle": {"preStop": pre_stop},
     }
     if command:
         container["command"] = command
@@ -237,7 +249,7 @@ def worker_deployment(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> d
         "containers": [container],
         "volumes": volumes,
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
     }
     if wspec.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(wspec["nodeSelector"])

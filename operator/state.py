@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lorafleet.operator.events import EventRecorder
     from lorafleet.operator.fleet import BaseModelFleet
     from lorafleet.operator.kube import Kube
     from lorafleet.operator.metrics import OperatorMetrics
@@ -35,6 +36,7 @@ class OperatorConfig:
     per_replica_rate: float = 4.0  # requests/s one replica should carry for `replicas.auto`
     scale_down_delay: float = 30.0  # seconds an auto adapter's rate must stay low before a replica is removed
     adapter_root: str = "/var/lib/lorafleet/adapters"
+    resync_interval: float = 30.0  # seconds between full re-applies of every owned child (watches cover the rest)
     check_local_sources: bool | None = None  # default: on in local mode
 
     @property
@@ -49,7 +51,16 @@ class Runtime:
     config: OperatorConfig
     kube: Kube
     metrics: OperatorMetrics
+    events: EventRecorder | None = None
     fleets: dict[tuple[str, str], BaseModelFleet] = field(default_factory=dict)
+
+    def event(self, involved: Any, type_: str, reason: str, message: str) -> None:
+        """An aggregated Event (events.py); silently skipped where no recorder runs (unit tests)."""
+        if self.events is not None:
+            self.events.emit(dict(involved), type_, reason, message)
+
+    def fleets_in(self, namespace: str) -> list[BaseModelFleet]:
+        return [f for (ns, _), f in self.fleets.items() if ns == namespace]
 
     def fleet(self, namespace: str, name: str) -> BaseModelFleet | None:
         return self.fleets.get((namespace, name))

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-MODES = {"colocated": "coserve", "dedicated": "standalone"}
+MODES = {"colocated": "coserve"}
 PHASES = {
     "Pending": "Pending",
     "Running": "Running",
@@ -21,6 +21,15 @@ PHASES = {
 }
 MAX_VERSIONS_IN_STATUS = 20
 MAX_REFUSED_IN_STATUS = 5
+
+
+def owning_job(jobs: list[tuple[str, str]], name: str) -> str | None:
+    """The job that trains an adapter when several name it: the oldest (creationTimestamp, then name). Returns
+    that job's name when it is not `name` (so `name` must be refused), else None."""
+    if not jobs:
+        return None
+    first = min(jobs)[1]
+    return first if first != name else None
 
 
 def job_request(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,3 +208,13 @@ def latest_published(worker_status: Mapping[str, Any]) -> tuple[str, str] | None
         return None
     pv = max(pvs, key=lambda p: int(p.get("version") or 0))
     return str(pv["version"]), str(pv["path"])
+
+
+def merge_published(known: Mapping[str, str], job_status: Mapping[str, Any]) -> dict[str, str]:
+    """The version index kept on the adapter: what it had plus what the job publishes now, newest 20."""
+    merged = dict(known)
+    for pv in job_status.get("publishedVersions") or []:
+        if pv.get("version") is not None and pv.get("path"):
+            merged[str(pv["version"])] = str(pv["path"])
+    newest = sorted(merged, key=lambda v: (int(v) if v.isdigit() else -1, v))[-MAX_VERSIONS_IN_STATUS:]
+    return {v: merged[v] for v in newest}

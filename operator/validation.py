@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lorafleet.operator import constants as c
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -39,6 +41,12 @@ def adapter_rank(adapter: Mapping[str, Any], path_exists: Callable[[str], bool] 
     spec = adapter.get("spec") or {}
     if spec.get("rank"):
         return int(spec["rank"])
+    return source_rank(adapter, path_exists)
+
+
+def source_rank(adapter: Mapping[str, Any], path_exists: Callable[[str], bool] = os.path.exists) -> int | None:
+    """The rank the adapter's own adapter_config.json states, for a local source the operator can read."""
+    spec = adapter.get("spec") or {}
     uri = str((spec.get("source") or {}).get("uri", ""))
     if is_local(uri):
         cfg = os.path.join(adapter_path(uri), "adapter_config.json")
@@ -69,7 +77,10 @@ def validate_adapter(
     workers: int | None = None,
     check_local_sources: bool = True,
     path_exists: Callable[[str], bool] = os.path.exists,
+    observed_rank: int | None = None,
 ) -> list[Problem]:
+    """Every problem of `adapter`. `observed_rank` is the rank a worker reported after loading it (the only way to
+    learn the rank of a remote source); a local source's adapter_config.json is read directly."""
     spec = adapter.get("spec") or {}
     problems: list[Problem] = []
     bm_name = spec.get("baseModel")
@@ -87,6 +98,22 @@ def validate_adapter(
         problems.append(
             Problem("RankExceedsLimit", f"adapter rank {rank} exceeds BaseModel {bm_name} limits.maxRank {max_rank}")
         )
+    want = spec.get("rank")
+    actual = observed_rank
+    if actual is None and check_local_sources and is_local(uri) and not problems:
+        actual = source_rank(adapter, path_exists)
+    if want and actual and int(want) != int(actual):
+        problems.append(
+            Problem("LoadFailed", f"spec.rank is {want} but the adapter's weights at {uri} have rank {actual}")
+        )
+    pin = spec.get("version")
+    if pin:
+        published = published_versions(adapter)
+        if str(pin) not in published:
+            known = ", ".join(sorted(published, key=_version_key)) or "none"
+            problems.append(
+                Problem("VersionNotFound", f"spec.version {pin} is not a published version (published: {known})")
+            )
     rep = spec.get("replicas") or {}
     asked = rep if isinstance(rep, int) else int(rep.get("min") or 1)
     if workers is not None and asked > workers:
@@ -98,3 +125,22 @@ def validate_adapter(
             )
         )
     return problems
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), v) if v.isdigit() else (1 << 62, v)
+
+
+def published_versions(adapter: Mapping[str, Any]) -> dict[str, str]:
+    """version -> weights path of every version a ContinualLearningJob published for this adapter (annotation
+    `lorafleet.io/published-versions`, JSON); empty when none was published or the annotation is unreadable."""
+    import json
+
+    raw = ((adapter.get("metadata") or {}).get("annotations") or {}).get(c.ANNOT_PUBLISHED_VERSIONS)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}

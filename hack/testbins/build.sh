@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm and versitygw (the
-# S3-compatible server of the store tests) from the Go module proxy with the machine's Go. No release downloads are reachable here, so everything is compiled.
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm 3, helm 4 and versitygw
+# (the S3-compatible server of the store tests) from the Go module proxy with the machine's Go. No release downloads
+# are reachable here, so everything is compiled.
 # Binaries land in ~/.cache/lorafleet/bin/<component>-<version>/ and are built once per machine.
 # Prints the bin directory of each component on stdout as NAME=DIR lines at the end (for eval).
 set -euo pipefail
@@ -121,6 +122,9 @@ helm_ldflags() {
   echo "$ld"
 }
 [[ "$which" == all || "$which" == *helm* ]] && build_plain helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "$(helm_ldflags)"
+# Helm 4 reads its default Kubernetes version from the client-go it was built with; only its own version is stamped.
+[[ "$which" == all || "$which" == *helm4* ]] && build_plain helm "$HELM4_VERSION" helm.sh/helm/v4/cmd/helm \
+  "-X helm.sh/helm/v4/internal/version.version=$HELM4_VERSION -X helm.sh/helm/v4/internal/version.metadata="
 [[ "$which" == all || "$which" == *k8s* ]] && build_k8s
 [[ "$which" == all || "$which" == *versitygw* ]] && build_plain versitygw "$VERSITYGW_VERSION" github.com/versity/versitygw/cmd/versitygw
 log "all control-plane binaries ready in $(( $(date +%s) - start ))s"
@@ -129,3 +133,4 @@ echo "ETCD_BIN=$bin_root/etcd-$ETCD_VERSION"
 echo "KWOK_BIN=$bin_root/kwok-$KWOK_VERSION"
 echo "HELM_BIN=$bin_root/helm-$HELM_VERSION"
 echo "VERSITYGW_BIN=$bin_root/versitygw-$VERSITYGW_VERSION"
+echo "HELM4_BIN=$bin_root/helm-$HELM4_VERSION"

@@ -22,6 +22,7 @@ DEFAULT_VERSIONS = {
     "KWOK_VERSION": "v0.8.0",
     "HELM_VERSION": "v3.21.4",
     "VERSITYGW_VERSION": "v1.8.0",
+    "HELM4_VERSION": "v4.3.2",
 }
 
 
@@ -111,4 +112,22 @@ def versitygw(build: bool = True) -> Path:
         if not os.access(path, os.X_OK):
             env = {**os.environ, "LORAFLEET_BUILD_LOCK_HELD": "1"}
             subprocess.run(["bash", str(BUILD_SCRIPT), "versitygw"], check=True, stdout=subprocess.DEVNULL, env=env)
+    return path
+
+
+def helm4(build: bool = True) -> Path:
+    """Helm 4, built on demand (`build.sh helm4`) and kept out of `Binaries`: only the chart tests need it, so a
+    missing Helm 4 never makes every control-plane user wait for a build."""
+    path = cache_dir() / "bin" / f"helm-{versions()['HELM4_VERSION']}" / "helm"
+    if os.access(path, os.X_OK):
+        return path
+    if not build or not BUILD_SCRIPT.exists():
+        raise FileNotFoundError(f"helm 4 missing: {path}; run {BUILD_SCRIPT} helm4")
+    lock_path = cache_dir() / "build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.access(path, os.X_OK):
+            env = {**os.environ, "LORAFLEET_BUILD_LOCK_HELD": "1"}
+            subprocess.run(["bash", str(BUILD_SCRIPT), "helm4"], check=True, stdout=subprocess.DEVNULL, env=env)
     return path

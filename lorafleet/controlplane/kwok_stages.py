@@ -2,7 +2,7 @@
 
 The bare `kwok` binary ships no default stages (only kwokctl does), so we describe the lifecycle we need:
 a node becomes Ready (KWOK then keeps its lease fresh); a pod bound to a fake node becomes Running + Ready with a
-pod IP from the node's pod CIDR; a pod marked for deletion is removed. Pods annotated `kwok.x-k8s.io/status=custom`
+pod IP from the node's pod CIDR; a pod marked for deletion is removed once no finalizer holds it. Pods annotated `kwok.x-k8s.io/status=custom`
 are left alone, so `lorafleet up` can write the real addresses of local worker processes into their status itself.
 Templates are Go templates (KWOK funcs + sprig), kept in a plain string with `@CIDR@`-style placeholders.
 """
@@ -150,6 +150,9 @@ spec:
     matchExpressions:
     - key: .metadata.deletionTimestamp
       operator: Exists
+    # a finalizer (the local kubelet shim's, while its worker process drains) keeps the pod until it is released
+    - key: .metadata.finalizers
+      operator: DoesNotExist
   next:
     delete: true
 """

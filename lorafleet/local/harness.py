@@ -209,11 +209,13 @@ class LocalFleet:
             if not p.metadata.deletion_timestamp
         ]
 
-    def pod_endpoints(self) -> dict[str, str]:
+    def pod_endpoints(self, *, terminating: bool = False) -> dict[str, str]:
+        """Pod -> local endpoint of every worker pod; with `terminating`, also of pods being deleted (their process
+        runs until its preStop drain ends, so a gateway still reaches them while the slice lists them)."""
         out = {}
         for p in self.core.list_namespaced_pod(self.namespace, label_selector=f"{c.LABEL_COMPONENT}=worker").items:
             ep = (p.metadata.annotations or {}).get(c.ANNOT_LOCAL_ENDPOINT)
-            if ep and not p.metadata.deletion_timestamp:
+            if ep and (terminating or not p.metadata.deletion_timestamp):
                 out[p.metadata.name] = ep
         return out
 
@@ -231,8 +233,13 @@ class LocalFleet:
     def routes(self, adapter: str) -> list[tuple[str, str]]:
         """(pod, local endpoint) for every pod the adapter's EndpointSlice lists."""
         pods = self.slice_pods(adapter) or []
-        eps = self.pod_endpoints()
+        eps = self.pod_endpoints(terminating=True)
         return [(p, eps[p]) for p in pods if p in eps]
+
+    def serves(self, adapter: str) -> bool:
+        """The adapter is routed and a completion through every routed pod succeeds."""
+        routes = self.routes(adapter)
+        return bool(routes) and all(self.complete(adapter, ep).status_code == 200 for _, ep in routes)
 
     def complete(
         self, adapter: str, endpoint: str | None = None, prompt: str = "the fleet", max_tokens: int = 4

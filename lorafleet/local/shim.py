@@ -5,8 +5,11 @@ starts the pod's own container arguments as a local process on a free 127.0.0.1 
 the pod's Secret volume source and written to a private file) and, once the worker answers `/health`, annotates the
 pod `lorafleet.io/local-endpoint: 127.0.0.1:PORT`. The operator (with `--local-endpoints`) talks to that address;
 EndpointSlices keep the pod IPs, since the API server rejects loopback addresses. Like a kubelet with
-`restartPolicy: Always`, a crashed worker is restarted (on a new port) and the pod re-annotated; a deleted pod's
-process is stopped. See docs/local-mode.md.
+`restartPolicy: Always`, a crashed worker is restarted (on a new port) and the pod re-annotated. A deleted pod's
+process is stopped the way a kubelet stops a container: after its preStop drain (`lorafleet drain-wait`: until the
+operator has emptied the worker, at most the pod's grace period; none for a grace period of 0). The shim holds each
+pod it runs with a finalizer until then, so KWOK cannot remove the pod object while its process still serves. See
+docs/local-mode.md.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lorafleet.operator import constants as c
 log = logging.getLogger(__name__)
 
 WORKER_SELECTOR = f"{c.LABEL_COMPONENT}={c.COMPONENT_WORKER},{c.LABEL_BASEMODEL}"
+FINALIZER = "lorafleet.io/local-kubelet"
 
 
 def free_port() -> int:
@@ -70,6 +74,8 @@ class WorkerProcess:
     annotated: bool = False
     started: float = field(default_factory=time.monotonic)
     restarts: int = 0
+    stopping: bool = False
+    token: str | None = None
 
 
 class KubeletShim:
@@ -101,6 +107,7 @@ class KubeletShim:
         self.poll = poll
         self.adapter_root = adapter_root
         self.procs: dict[str, WorkerProcess] = {}  # by pod uid
+        self._tokens: dict[str, str] = {}  # pod uid -> admin token (the drain wait reads /v1/adapters with it)
         self.started_total = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -117,9 +124,18 @@ class KubeletShim:
         if self._thread:
             self._thread.join(timeout=10)
         with self._lock:
-            for wp in list(self.procs.values()):
-                self._terminate(wp)
+            procs = list(self.procs.values())
             self.procs.clear()
+        for wp in procs:
+            self._terminate(wp)
+            self._release_finalizer(wp.namespace, wp.pod)
+
+    def _release_finalizer(self, ns: str, pod: str) -> None:
+        """At shutdown: no process runs any more, so nothing may hold the pod objects (a namespace must delete)."""
+        try:
+            self._drop_finalizer(ns, pod)
+        except Exception as exc:  # noqa: BLE001 - the API server may already be gone
+            log.debug("finalizer of %s not released: %s", pod, exc)
 
     def __enter__(self) -> KubeletShim:
         return self.start()
@@ -163,7 +179,11 @@ class KubeletShim:
         seen: set[str] = set()
         for pod in pods:
             uid = pod.metadata.uid
-            running = pod.status.phase == "Running" and pod.status.pod_ip and not pod.metadata.deletion_timestamp
+            if pod.metadata.deletion_timestamp:
+                seen.add(uid)
+                self._stopping(pod)
+                continue
+            running = pod.status.phase == "Running" and pod.status.pod_ip
             if not running:
                 continue
             seen.add(uid)
@@ -180,9 +200,50 @@ class KubeletShim:
                 self._annotate(wp.namespace, wp.pod, f"127.0.0.1:{wp.port}")
                 wp.annotated = True
         with self._lock:
-            gone = [uid for uid in self.procs if uid not in seen]
+            gone = [uid for uid in self.procs if uid not in seen and not self.procs[uid].stopping]
             for uid in gone:
                 self._terminate(self.procs.pop(uid))
+
+    def _stopping(self, pod: Any) -> None:
+        """A pod being deleted: drain-wait (in the background), stop the process, release the pod object."""
+        with self._lock:
+            wp = self.procs.get(pod.metadata.uid)
+            if wp is not None and wp.stopping:
+                return
+            if wp is not None:
+                wp.stopping = True
+        if wp is None:
+            if FINALIZER in (pod.metadata.finalizers or []):
+                self._release(pod.metadata.namespace, pod.metadata.name)
+            return
+        grace = pod.metadata.deletion_grace_period_seconds or 0
+        threading.Thread(target=self._graceful_stop, args=(wp, grace), daemon=True).start()
+
+    def _graceful_stop(self, wp: WorkerProcess, grace: float) -> None:
+        from lorafleet.prestop import wait_drained
+
+        if grace > 0 and wp.proc.poll() is None:
+            wait_drained(wp.port, wp.token, timeout=max(grace - 2.0, 0.0))
+        self._terminate(wp)
+        with self._lock:
+            self.procs.pop(wp.uid, None)
+        self._release(wp.namespace, wp.pod)
+
+    def _release(self, ns: str, pod: str) -> None:
+        """Drops the finalizer and removes the pod object, as a kubelet does once the containers stopped."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            self._drop_finalizer(ns, pod)
+            self.api.delete_namespaced_pod(pod, ns, grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("releasing pod %s failed: %s", pod, exc)
+
+    def _drop_finalizer(self, ns: str, pod: str) -> None:
+        current = self.api.read_namespaced_pod(pod, ns)
+        keep = [f for f in current.metadata.finalizers or [] if f != FINALIZER]
+        self.api.patch_namespaced_pod(pod, ns, [{"op": "replace", "path": "/metadata/finalizers", "value": keep}])
 
     # ---------------------------------------------------------------- helpers
     def _argv(self, pod: Any, port: int) -> list[str]:
@@ -216,6 +277,7 @@ class KubeletShim:
             if vol.secret is not None and vol.name == "admin-token":
                 secret = self.api.read_namespaced_secret(vol.secret.secret_name, pod.metadata.namespace)
                 token = base64.b64decode(secret.data[c.ADMIN_TOKEN_KEY]).decode()
+                self._tokens[pod.metadata.uid] = token
                 path = self.state_dir / f"{pod.metadata.uid}.token"
                 path.write_text(token)
                 path.chmod(0o600)
@@ -234,10 +296,20 @@ class KubeletShim:
         return port, argv, proc, log_path
 
     def _start(self, pod: Any) -> None:
+        self._hold(pod)
         port, argv, proc, log_path = self._spawn(pod)
         wp = WorkerProcess(pod.metadata.name, pod.metadata.namespace, pod.metadata.uid, argv, port, proc, log_path)
+        wp.token = self._tokens.get(pod.metadata.uid)
         with self._lock:
             self.procs[pod.metadata.uid] = wp
+
+    def _hold(self, pod: Any) -> None:
+        """Adds the finalizer that keeps the pod object until its process has stopped."""
+        if FINALIZER in (pod.metadata.finalizers or []):
+            return
+        self.api.patch_namespaced_pod(
+            pod.metadata.name, pod.metadata.namespace, {"metadata": {"finalizers": [FINALIZER]}}
+        )
 
     def _restart(self, wp: WorkerProcess, pod: Any) -> None:
         self._annotate(wp.namespace, wp.pod, None)

@@ -41,7 +41,7 @@ async def adapter_apply(
         "conditions": conds,
     }
     await rt.kube.patch_status(c.ADAPTERS, namespace, name, status)
-    kopf.warn(body, reason=problem.reason, message=problem.message)
+    rt.event(body, "Warning", problem.reason, problem.message)
 
 
 @kopf.on.delete(c.GROUP, c.VERSION, c.ADAPTERS)
@@ -59,4 +59,4 @@ async def adapter_delete(
         route = res.adapter_route_name(name)
         await rt.kube.delete("EndpointSlice", namespace, route)
         await rt.kube.delete("Service", namespace, route)
-    kopf.info(body, reason="Removed", message="drained, unloaded from every worker and unrouted")
+    rt.event(body, "Normal", "Removed", "drained, unloaded from every worker and unrouted")

@@ -1,7 +1,7 @@
-"""BaseModel: owned children (admin Secret, worker Deployment, Service, PDB) and the fleet daemon.
+"""BaseModel: the fleet daemon (which owns the children: admin Secret, worker Deployment, Service, PDB) and delete.
 
-The handlers only build manifests with `resources` and apply them; the daemon hands the whole placement / routing
-job to `BaseModelFleet`, which is woken by adapter and pod events.
+Children are not applied here: a handler runs on create/update only, while the fleet loop applies them whenever one
+drifts (watch events in `owned.py`), the spec changes, the scale plan changes the replica count, and on resync.
 """
 
 from __future__ import annotations
@@ -16,29 +16,10 @@ from lorafleet.operator.fleet import BaseModelFleet
 from lorafleet.operator.state import Runtime, index_key
 
 
-async def ensure_children(body: dict[str, Any], rt: Runtime) -> list[str]:
-    """Creates or updates every owned object. The Secret is created once: rotating it would lock workers out."""
-    kube = rt.kube
-    await kube.apply(res.admin_secret(body, res.new_admin_token()), patch=False)
-    done = [res.admin_secret_name(body["metadata"]["name"])]
-    for manifest in (
-        res.worker_deployment(body, rt.config.adapter_root),
-        res.worker_service(body),
-        res.worker_pdb(body),
-    ):
-        await kube.apply(manifest)
-        done.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
-    return done
-
-
-@kopf.on.resume(c.GROUP, c.VERSION, c.BASEMODELS)
-@kopf.on.create(c.GROUP, c.VERSION, c.BASEMODELS)
-@kopf.on.update(c.GROUP, c.VERSION, c.BASEMODELS, field="spec")
-async def basemodel_apply(body: kopf.Body, memo: kopf.Memo, namespace: str, name: str, **_: Any) -> None:
-    rt: Runtime = memo.runtime
-    done = await ensure_children(dict(body), rt)
-    kopf.info(body, reason="Reconciled", message=f"applied {', '.join(done)}")
-    rt.wake(namespace, name)
+@kopf.on.event(c.GROUP, c.VERSION, c.BASEMODELS)
+def basemodel_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """A spec edit (or scale) reaches the fleet loop at once; it re-applies the children on a new generation."""
+    memo.runtime.wake(namespace, name)
 
 
 @kopf.daemon(c.GROUP, c.VERSION, c.BASEMODELS, cancellation_timeout=5.0)
@@ -85,7 +66,7 @@ async def basemodel_delete(
     for adapter in list(adapters_idx.get(index_key(namespace, name), [])):
         if adapter["metadata"].get("deletionTimestamp"):
             continue
-        await rt.kube.replace_endpointslice(res.adapter_endpointslice(adapter, port, []))
+        await rt.kube.apply(res.adapter_endpointslice(adapter, port, []))
         gen = adapter["metadata"].get("generation")
         conds = (adapter.get("status") or {}).get("conditions") or []
         msg = f"BaseModel {name} was deleted"
@@ -93,5 +74,5 @@ async def basemodel_delete(
         conds = conditions.set_condition(conds, "Placed", False, "BaseModelNotFound", msg, gen)
         status = {"phase": "Pending", "placements": [], "message": msg, "conditions": conds, "observedGeneration": gen}
         await rt.kube.patch_status(c.ADAPTERS, namespace, adapter["metadata"]["name"], status)
-        kopf.warn(adapter, reason="BaseModelNotFound", message=msg)
-    kopf.info(body, reason="Deleting", message="workers, service, PDB and admin token are garbage-collected")
+        rt.event(adapter, "Warning", "BaseModelNotFound", msg)
+    rt.event(body, "Normal", "Deleting", "workers, service, PDB and admin token are garbage-collected")

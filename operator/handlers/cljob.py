@@ -7,6 +7,7 @@ loads that version on new replicas. The trainer pod is recorded too, so the flee
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -14,6 +15,7 @@ import kopf
 from lorafleet.operator import conditions, training
 from lorafleet.operator import constants as c
 from lorafleet.operator.state import Runtime
+from lorafleet.operator.validation import published_versions
 from lorafleet.operator.workerclient import WorkerError
 
 log = logging.getLogger(__name__)
@@ -70,9 +72,14 @@ async def cljob_start(
     patch: kopf.Patch,
     annotations: kopf.Annotations,
     trainers_idx: kopf.Index,
+    cljobs_by_adapter_idx: kopf.Index,
     **_: Any,
 ) -> None:
     rt: Runtime = memo.runtime
+    rival = training.owning_job(list(cljobs_by_adapter_idx.get((namespace, str(spec["adapter"])), [])), name)
+    if rival is not None:
+        await _refuse_duplicate(rt, body, name, namespace, f"ContinualLearningJob {rival}")
+        return
     adapter = await rt.kube.get_cr(c.ADAPTERS, namespace, spec["adapter"])
     if adapter is None:
         await _set_status(
@@ -101,8 +108,16 @@ async def cljob_start(
         raise kopf.TemporaryError("adapter not placed yet", delay=2)
     trainer = _pick(holders, namespace, name, trainers_idx, annotations.get(c.ANNOT_JOB_TRAINER))
     await _start(rt, body, spec, name, namespace, trainer, patch)
-    kopf.info(body, reason="Started", message=f"training {spec['adapter']} on worker {trainer.pod}")
+    rt.event(body, "Normal", "Started", f"training {spec['adapter']} on worker {trainer.pod}")
     await _set_status(rt, namespace, name, body, {"phase": "Running"}, True, "Training", f"on worker {trainer.pod}")
+
+
+async def _refuse_duplicate(rt: Runtime, body: kopf.Body, name: str, namespace: str, rival: str) -> None:
+    """One adapter trains under one job: the later job fails for good (no retry, one Event)."""
+    adapter = body["spec"]["adapter"]
+    msg = f"adapter {adapter} is already trained by {rival}; delete that job first (one job per adapter)"
+    await _set_status(rt, namespace, name, body, {"phase": "Failed"}, False, "AdapterAlreadyTraining", msg)
+    rt.event(body, "Warning", "AdapterAlreadyTraining", msg)
 
 
 def _pick(holders: list[Any], namespace: str, name: str, trainers_idx: kopf.Index, recorded: str | None) -> Any:
@@ -121,9 +136,12 @@ async def _start(
     try:
         await trainer.client.post("/v1/training/jobs", training.job_request(name, spec))
     except WorkerError as exc:
-        if exc.status != 409:  # 409: already running there (operator restart) — adopt it
+        if exc.status == 409 and "already has a job" in exc.message:  # another job trains it there
+            await _refuse_duplicate(rt, body, name, namespace, f"a job on worker {trainer.pod}")
+            raise kopf.PermanentError(exc.message) from exc
+        if exc.status != 409:  # 409: this job already runs there (operator restart) — adopt it
             await _set_status(rt, namespace, name, body, {"phase": "Failed"}, False, "WorkerRefused", exc.message)
-            kopf.warn(body, reason="WorkerRefused", message=exc.message)
+            rt.event(body, "Warning", "WorkerRefused", exc.message)
             raise kopf.TemporaryError(exc.message, delay=10) from exc
     patch.metadata.annotations[c.ANNOT_JOB_TRAINER] = trainer.pod
     await rt.kube.patch_cr(
@@ -165,7 +183,7 @@ async def _recover(
                 return  # try again next tick rather than risk two trainers
     trainer = _pick(holders, namespace, name, trainers_idx, None)
     await _start(rt, body, spec, name, namespace, trainer, patch)
-    kopf.warn(body, reason="TrainerMoved", message=f"worker {pod} lost the adapter; resumed on {trainer.pod}")
+    rt.event(body, "Warning", "TrainerMoved", f"worker {pod} lost the adapter; resumed on {trainer.pod}")
 
 
 @kopf.timer(c.GROUP, c.VERSION, c.CLJOBS, interval=2.0, initial_delay=1.0)
@@ -193,36 +211,38 @@ async def cljob_sync(
     except WorkerError as exc:
         if exc.status == 404:  # the worker process restarted and serves the adapter again: it resumes the job
             await _start(rt, body, spec, name, namespace, trainer, patch)
-            kopf.warn(body, reason="TrainerRestarted", message=f"worker {pod} lost the job; resumed there")
+            rt.event(body, "Warning", "TrainerRestarted", f"worker {pod} lost the job; resumed there")
             return
         log.info("job %s status unavailable: %s", name, exc)
         return
     status = training.job_status(st)
     fallback = training.placement_fallback(body.get("status") or {}, st)
     if fallback:
-        kopf.warn(body, reason="CoServingFallback", message=fallback)
+        rt.event(body, "Warning", "CoServingFallback", fallback)
     for refusal in training.new_refusals(body.get("status") or {}, st):
-        kopf.warn(body, reason="VersionRefused", message=refusal)
+        rt.event(body, "Warning", "VersionRefused", refusal)
     latency = training.latency_condition((body.get("status") or {}).get("conditions"), st)
     if latency is not None and latency.flipped:
         if latency.met:
-            kopf.info(body, reason="LatencyTargetMet", message=latency.message)
+            rt.event(body, "Normal", "LatencyTargetMet", latency.message)
         else:
-            kopf.warn(body, reason="LatencyTargetMissed", message=latency.message)
+            rt.event(body, "Warning", "LatencyTargetMissed", latency.message)
     latest = training.latest_published(st)
     if latest is not None:
         version, path = latest
         notes = adapter["metadata"].get("annotations") or {}
-        if notes.get(c.ANNOT_PUBLISHED_SOURCE) != path:
+        versions = training.merge_published(published_versions(adapter), st)
+        if notes.get(c.ANNOT_PUBLISHED_SOURCE) != path or versions != published_versions(adapter):
             # Durable in the adapter's metadata: the fleet reloads every other replica in place and loads this
-            # version on new replicas, also after an operator restart or once the job is gone.
-            await rt.kube.patch_cr(
-                c.ADAPTERS,
-                namespace,
-                spec["adapter"],
-                {"metadata": {"annotations": {c.ANNOT_PUBLISHED_SOURCE: path, c.ANNOT_PUBLISHED_VERSION: version}}},
-            )
-            kopf.info(body, reason="Published", message=f"version {version} ({path}) rolls out to every replica")
+            # version on new replicas, also after an operator restart or once the job is gone; `spec.version`
+            # pins pick their path from the version index.
+            new = {
+                c.ANNOT_PUBLISHED_SOURCE: path,
+                c.ANNOT_PUBLISHED_VERSION: version,
+                c.ANNOT_PUBLISHED_VERSIONS: json.dumps(versions, sort_keys=True),
+            }
+            await rt.kube.patch_cr(c.ADAPTERS, namespace, spec["adapter"], {"metadata": {"annotations": new}})
+            rt.event(body, "Normal", "Published", f"version {version} ({path}) rolls out to every replica")
             rt.wake(namespace, str((adapter.get("spec") or {}).get("baseModel")))
     await _set_status(
         rt,
@@ -260,4 +280,4 @@ async def cljob_stop(
     await rt.kube.patch_cr(
         c.ADAPTERS, namespace, spec["adapter"], {"metadata": {"annotations": {c.ANNOT_TRAINER_POD: None}}}
     )
-    kopf.info(body, reason="Stopped", message=f"training stopped on {pod}; published versions keep serving")
+    rt.event(body, "Normal", "Stopped", f"training stopped on {pod}; published versions keep serving")

@@ -42,6 +42,14 @@ def adapter_changed(namespace: str, spec: kopf.Spec, memo: kopf.Memo, **_: Any) 
 
 
 @kopf.index(c.GROUP, c.VERSION, c.CLJOBS)
+def cljobs_by_adapter_idx(
+    namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """ContinualLearningJobs by adapter, as (creationTimestamp, name): one adapter trains under one job."""
+    return {(namespace, str(spec.get("adapter"))): (str(meta.get("creationTimestamp") or ""), name)}
+
+
+@kopf.index(c.GROUP, c.VERSION, c.CLJOBS)
 def trainers_idx(namespace: str, name: str, annotations: kopf.Annotations, **_: Any) -> dict[tuple[str, str], str]:
     """ContinualLearningJobs by the worker pod they train on, so a new job goes to a worker with fewer."""
     pod = annotations.get(c.ANNOT_JOB_TRAINER)

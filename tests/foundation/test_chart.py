@@ -58,7 +58,7 @@ def test_template_defaults_and_rbac_matches_the_manifests() -> None:
     assert container["args"] == [
         "operator",
         "--all-namespaces",
-        "--peering=lorafleet",
+        "--peering=lf-lorafleet",  # release-scoped: the full name
         "--metrics-port=8080",
         "--liveness-port=8081",
         "--liveness-host=0.0.0.0",
@@ -186,3 +186,97 @@ def test_watch_namespaces_install_is_enforced_by_the_api_server(crds_installed: 
     finally:
         cp.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "60s")
         cp.kubectl("delete", "namespace", ns, "team-x", "team-y", "--wait=false")
+
+
+def _helm_bin(major: int) -> Path:
+    from lorafleet.controlplane.binaries import helm4
+
+    return binaries().helm if major == 3 else helm4()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("major", [3, 4])
+def test_release_lifecycle_with_helm_3_and_4(crds_installed: ControlPlane, major: int) -> None:
+    """install, upgrade, rollback, uninstall and second releases under Helm 3 and Helm 4. The CRDs (already present,
+    applied from crds/) survive every step unchanged: Helm 3 skips crds/ when they exist, Helm 4 does too on install
+    and never touches them on upgrade; neither deletes them."""
+    cp = crds_installed
+    exe = str(_helm_bin(major))
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], capture_output=True, text=True, env=cp.env(), check=check, timeout=300)
+
+    assert run("version", "--short").stdout.startswith(f"v{major}.")
+    crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/basemodels.lorafleet.io"
+    crd_spec = cp.request("GET", crd_path)["spec"]
+    a, b, ns = f"h{major}a", f"h{major}b", f"helm{major}-rel"
+    deploy = f"/apis/apps/v1/namespaces/{ns}/deployments/{a}-lorafleet-operator"
+    chart = str(CHART)
+    run("install", a, chart, "-n", ns, "--create-namespace", "--wait", "--timeout", "120s")
+    try:
+        peering = cp.request("GET", f"/apis/kopf.dev/v1/clusterkopfpeerings/{a}-lorafleet")  # release-scoped
+        assert peering["metadata"]["labels"]["app.kubernetes.io/instance"] == a
+        args = cp.request("GET", deploy)["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert f"--peering={a}-lorafleet" in args
+        # a second cluster-wide release would run a second active operator over the same objects: refused
+        second = run("install", b, chart, "-n", ns, check=False)
+        assert second.returncode != 0 and f"release {a} already runs a LoRA Fleet operator" in second.stderr
+        scoped = run("install", b, chart, "-n", ns, "--set", "watchNamespaces={team-q}", check=False)
+        assert scoped.returncode != 0 and "already runs" in scoped.stderr
+        run("upgrade", a, chart, "-n", ns, "--set", "peering.enabled=false", "--wait", "--timeout", "120s")
+        dep = cp.request("GET", deploy)
+        assert dep["spec"]["strategy"]["type"] == "Recreate"  # no peering: never two operators at once
+        assert "--standalone" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        run("rollback", a, "1", "-n", ns, "--wait", "--timeout", "120s")
+        dep = cp.request("GET", deploy)
+        assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+        history = json.loads(run("history", a, "-n", ns, "-o", "json").stdout)
+        assert [h["revision"] for h in history] == [1, 2, 3] and history[-1]["status"] == "deployed"
+    finally:
+        run("uninstall", a, "-n", ns, "--wait", "--timeout", "60s", check=False)
+    with pytest.raises(ApiError) as err:
+        cp.request("GET", deploy)
+    assert err.value.status == 404
+    assert cp.request("GET", crd_path)["spec"] == crd_spec  # CRDs untouched and kept
+    # with the cluster-wide release gone, two releases over disjoint namespaces coexist; an overlapping third fails
+    for n in ("team-q", "team-r"):
+        cp.kubectl("create", "namespace", n, check=False)
+    try:
+        run("install", b, chart, "-n", ns, "--set", "watchNamespaces={team-q}")
+        run("install", f"h{major}c", chart, "-n", ns, "--set", "watchNamespaces={team-r}")
+        third = run("install", f"h{major}d", chart, "-n", ns, "--set", "watchNamespaces={team-r,team-s}", check=False)
+        assert third.returncode != 0 and f"release h{major}c already runs" in third.stderr
+    finally:
+        for rel in (b, f"h{major}c"):
+            run("uninstall", rel, "-n", ns, "--wait", "--timeout", "60s", check=False)
+        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+def test_cluster_wide_grants_are_limited_to_what_the_operator_owns(crds_installed: ControlPlane) -> None:
+    """Cluster-wide mode (docs/operator.md, RBAC): in every namespace, kube-system included, the operator may create
+    and patch its kinds of children and read a Secret by name, but never list, watch, change or delete Secrets, never
+    delete or update Deployments, never create or delete pods, and never touch RBAC."""
+    cp = crds_installed
+    release, ns = "lfwide", "lorafleet-wide"
+    _install(cp, release, ns, [])
+    sa = f"system:serviceaccount:{ns}:{release}-lorafleet"
+
+    def can(*args: str) -> str:
+        return cp.kubectl("auth", "can-i", *args, f"--as={sa}", check=False).stdout.strip()
+
+    try:
+        for where in ("default", "kube-system"):
+            assert can("patch", "deployments.apps", "-n", where) == "yes"
+            assert can("get", "secrets", "-n", where) == "yes"
+            for verb in ("list", "watch", "update", "patch", "delete"):
+                assert can(verb, "secrets", "-n", where) == "no", verb
+            for verb in ("delete", "update"):
+                assert can(verb, "deployments.apps", "-n", where) == "no", verb
+            for verb in ("create", "delete", "update"):
+                assert can(verb, "pods", "-n", where) == "no", verb
+            assert can("create", "roles.rbac.authorization.k8s.io", "-n", where) == "no"
+            assert can("create", "configmaps", "-n", where) == "no"
+    finally:
+        cp.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "60s")
+        cp.kubectl("delete", "namespace", ns, "--wait=false")

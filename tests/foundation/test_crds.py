@@ -70,6 +70,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("LoRAAdapter", patched(ADAPTER, "rank", 0), "spec.rank"),
     ("LoRAAdapter", patched(ADAPTER, "replicas", {"min": 3, "max": 2}), "spec.replicas.min"),
     ("LoRAAdapter", patched(ADAPTER, "replicas", {"min": -1, "max": 2}), "spec.replicas.min"),
+    ("LoRAAdapter", patched(ADAPTER, "replicas", {"min": 0}), "spec.replicas.min"),
     ("LoRAAdapter", patched(ADAPTER, "replicas", {"min": 1, "auto": True}), "spec.replicas.max"),
     ("LoRAAdapter", patched(ADAPTER, "source.uri", "gs://bucket/adapter"), "spec.source.uri"),
     ("LoRAAdapter", patched(ADAPTER, "source.uri", "pvc://Bad_Claim/x"), "spec.source.uri"),
@@ -87,7 +88,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("ContinualLearningJob", patched(JOB, "lora", {"dropout": 1.0}), "spec.lora.dropout"),
     ("ContinualLearningJob", patched(JOB, "lora", {"rank": 0}), "spec.lora.rank"),
     ("ContinualLearningJob", patched(JOB, "feedback", {"accept": False, "corrections": False}), "spec.feedback"),
-    ("ContinualLearningJob", {**JOB, "mode": "dedicated", "latencyTarget": {"tpotMillis": 50}}, "spec.latencyTarget"),
+    ("ContinualLearningJob", {**JOB, "mode": "dedicated"}, "spec.mode"),
     ("ContinualLearningJob", patched(JOB, "latencyTarget", {"tpotMillis": 0}), "spec.latencyTarget.tpotMillis"),
     (
         "ContinualLearningJob",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def test_cluster_role_is_least_privilege() -> None:
     }
     assert not any("*" in (g, r) or "*" in verbs for (g, r), verbs in grants.items())
     assert grants[("", "secrets")] == {"create", "get"}  # never list/watch every secret, never rewrite one
-    assert grants[("", "pods")] == {"get", "list", "watch"}
+    assert grants[("", "pods")] == {"get", "list", "watch", "patch"}  # patch: pod-deletion-cost of victims
     assert grants[("lorafleet.io", "loraadapters/status")] == {"patch"}
     assert grants[("lorafleet.io", "basemodels/finalizers")] == {"update"}
     assert grants[("kopf.dev", "clusterkopfpeerings")] >= {"get", "list", "watch", "patch"}
@@ -166,3 +167,36 @@ def test_real_apply_runs_the_operator_pod_and_rbac_holds(crds_installed: Control
             break
         time.sleep(0.5)
     assert "lorafleet-operator" not in cp.kubectl("get", "clusterrole", "-o", "name").stdout
+
+
+def test_namespaced_overlay_confines_the_operator_to_one_namespace() -> None:
+    """overlays/namespaced: every namespaced grant sits in a Role in the watched namespace, the ClusterRole keeps only
+    cluster-scoped reads, and the operator watches that namespace alone (standalone, Recreate)."""
+    from lorafleet.operator.rbac import USED
+
+    out = subprocess.run(
+        [str(binaries().kubectl), "kustomize", str(MANIFESTS.parent / "overlays" / "namespaced")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+
+    def triples(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        return {(g, r, v) for x in rules for g in x["apiGroups"] for r in x["resources"] for v in x["verbs"]}
+
+    (cluster,) = by_kind(docs, "ClusterRole")
+    (role,) = by_kind(docs, "Role")
+    (binding,) = by_kind(docs, "RoleBinding")
+    assert {r for _, r, _ in triples(cluster["rules"])} == {"customresourcedefinitions", "namespaces"}
+    assert {v for _, _, v in triples(cluster["rules"])} == {"get", "list", "watch"}
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "lorafleet-workloads"
+    cluster_scoped = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
+    assert triples(role["rules"]) == {t for t in USED if t[1] not in cluster_scoped}
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "lorafleet-operator", "namespace": "lorafleet-system"}
+    ]
+    (deploy,) = by_kind(docs, "Deployment")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=lorafleet-workloads" in args and "--standalone" in args and "--all-namespaces" not in args
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}

@@ -43,9 +43,9 @@ def test_sample_job_translates_to_the_worker_api() -> None:
     lat = training.job_request("j", {"adapter": "a", "latencyTarget": {"tpotMillis": 40, "percentile": 95}})
     assert lat["latencyTarget"] == {"tpotMs": 40.0, "percentile": 95.0}
     assert JobRequest.model_validate(lat).to_spec().tpot_percentile == 95.0
-    assert training.job_request("j", {"adapter": "a", "mode": "dedicated", "feedback": {"accept": False}})[
-        "feedback"
-    ] == {"kinds": ["correction", "pair", "reward"]}
+    assert training.job_request("j", {"adapter": "a", "feedback": {"accept": False}})["feedback"] == {
+        "kinds": ["correction", "pair", "reward"]
+    }
 
 
 def test_status_is_bounded_and_latest_version_found() -> None:

@@ -29,7 +29,8 @@ def test_rank_from_spec_or_adapter_config(tmp_path: Path) -> None:
     assert adapter_rank(ad(str(tmp_path))) == 32
     (p,) = validate_adapter(ad(str(tmp_path)), BM)
     assert p.reason == "RankExceedsLimit" and "32" in p.message and "16" in p.message
-    assert validate_adapter(ad(str(tmp_path), rank=8), BM) == []
+    assert adapter_rank(ad(str(tmp_path), rank=8)) == 8  # spec.rank is what placement plans with
+    assert [p.reason for p in validate_adapter(ad(str(tmp_path), rank=8), BM)] == ["LoadFailed"]  # but must match
 
 
 def test_replicas_over_workers_is_soft(tmp_path: Path) -> None:
@@ -43,3 +44,26 @@ def test_adapter_path() -> None:
 
 def test_pvc_sources_map_under_the_adapter_root() -> None:
     assert adapter_path("pvc://adapters/llama/sql", "/mnt/a/") == "/mnt/a/adapters/llama/sql"
+
+
+def test_spec_rank_that_differs_from_the_weights_fails_naming_both(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (p,) = validate_adapter(ad(str(tmp_path), rank=4), BM)
+    assert (p.reason, p.fatal) == ("LoadFailed", True)
+    assert "spec.rank is 4" in p.message and "rank 8" in p.message
+    assert validate_adapter(ad(str(tmp_path), rank=8), BM) == []
+    # a remote source: the rank a worker reported after loading it decides
+    (q,) = validate_adapter(ad("hf://org/x", rank=4), BM, observed_rank=16)
+    assert "spec.rank is 4" in q.message and "rank 16" in q.message
+    assert validate_adapter(ad("hf://org/x", rank=4), BM) == []
+
+
+def test_version_pin_must_name_a_published_version() -> None:
+    pinned = ad("hf://org/x", version="3")
+    (p,) = validate_adapter(pinned, BM)
+    assert (p.reason, p.fatal) == ("VersionNotFound", True) and "spec.version 3" in p.message and "none" in p.message
+    pinned["metadata"]["annotations"] = {"lorafleet.io/published-versions": json.dumps({"1": "/v/1", "2": "/v/2"})}
+    (p,) = validate_adapter(pinned, BM)
+    assert "published: 1, 2" in p.message
+    pinned["spec"]["version"] = "2"
+    assert validate_adapter(pinned, BM) == []

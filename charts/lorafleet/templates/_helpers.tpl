@@ -11,6 +11,15 @@
 {{- end -}}
 {{- end -}}
 
+{{- define "lorafleet.peeringName" -}}
+{{- default (include "lorafleet.fullname" .) .Values.peering.name -}}
+{{- end -}}
+
+{{/* What this release's operator watches, recorded on its ClusterRole so another release can see it ("*" = all). */}}
+{{- define "lorafleet.scope" -}}
+{{- if .Values.watchNamespaces -}}{{ join "," .Values.watchNamespaces }}{{- else -}}*{{- end -}}
+{{- end -}}
+
 {{- define "lorafleet.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "lorafleet.fullname" .) .Values.serviceAccount.name -}}
@@ -58,33 +67,33 @@ splits them: cluster-scoped resources stay in the ClusterRole, the rest go into 
   - apiGroups: [""]
     resources: [namespaces]
     verbs: [get, list, watch]
-  # Worker pods are read, never written: the Deployment owns them.
+  # Worker pods: watched; patched only to set the scale-down victims' controller.kubernetes.io/pod-deletion-cost.
   - apiGroups: [""]
     resources: [pods]
-    verbs: [get, list, watch]
-  # Children of a BaseModel: created, then merge-patched when they exist (kube.Kube.apply).
+    verbs: [get, list, watch, patch]
+  # Children of a BaseModel: watched (drift repair) and server-side applied (create + patch).
   - apiGroups: [apps]
     resources: [deployments]
-    verbs: [create, patch]
+    verbs: [list, watch, create, patch]
   - apiGroups: [policy]
     resources: [poddisruptionbudgets]
-    verbs: [create, patch]
-  # Per-adapter routing Services: created (read back when they exist), deleted with the adapter.
+    verbs: [list, watch, create, patch]
+  # Worker and per-adapter routing Services: watched, server-side applied, deleted with the adapter.
   - apiGroups: [""]
     resources: [services]
-    verbs: [get, create, patch, delete]
-  # Routing EndpointSlices: the whole endpoint list is replaced (read + update), deleted with the adapter.
+    verbs: [list, watch, create, patch, delete]
+  # Routing EndpointSlices: watched, server-side applied (the whole endpoint list), deleted with the adapter.
   - apiGroups: [discovery.k8s.io]
     resources: [endpointslices]
-    verbs: [get, create, update, delete]
+    verbs: [list, watch, create, patch, delete]
   # The per-BaseModel worker admin token: created once and read back by name, never listed, watched or changed.
   - apiGroups: [""]
     resources: [secrets]
     verbs: [get, create]
-  # kopf.info/warn post core/v1 Events.
+  # Aggregated Events: created once per distinct message, then read and count-patched by name.
   - apiGroups: [""]
     resources: [events]
-    verbs: [create]
+    verbs: [create, get, patch]
 {{- end -}}
 
 {{- define "lorafleet.clusterScopedResources" -}}
