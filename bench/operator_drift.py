@@ -113,7 +113,9 @@ def main() -> int:
             }
             cases["foreign_endpoint"] = timed(
                 lambda: fleet.discovery.patch_namespaced_endpoint_slice(
-                    route, ns, {"endpoints": [*[e.to_dict() for e in sl.endpoints], foreign]}
+                    route,
+                    ns,
+                    {"endpoints": [*fleet.discovery.api_client.sanitize_for_serialization(sl.endpoints), foreign]},
                 ),
                 lambda: fleet.slice_pods(names[0]) == slice_before,
             )

@@ -58,3 +58,17 @@ def parse_metrics(text: str) -> WorkerLoad:
         if labels.get("max_lora", "").isdigit():
             out.max_lora = int(labels["max_lora"])
     return out
+
+
+def vllm_in_flight(adapter: str, load: WorkerLoad | None) -> tuple[int, int]:
+    """(running, waiting) of one adapter on a stock vLLM worker, as 0/1 flags.
+
+    `vllm:lora_requests_info` names which adapters have requests, but a stale or tied sample can still name one after
+    its requests finished: the worker's own running/waiting totals are the check (zero in flight overall is zero for
+    every adapter), so a drain never waits on a sample nobody refreshed.
+    """
+    if load is None:
+        return 0, 0
+    running = 1 if adapter in load.lora_running and load.running > 0 else 0
+    waiting = 1 if adapter in load.lora_waiting and load.waiting > 0 else 0
+    return running, waiting

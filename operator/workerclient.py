@@ -250,8 +250,7 @@ class VLLMWorkerClient(WorkerClient):
             if not m.get("parent"):
                 continue
             name = str(m.get("id"))
-            running = 1 if load and name in load.lora_running else 0
-            waiting = 1 if load and name in load.lora_waiting else 0
+            running, waiting = scrape.vllm_in_flight(name, load)
             out.append(AdapterInfo(name=name, running=running, waiting=waiting, path=m.get("root")))
         return out
 

@@ -25,6 +25,7 @@ from lorafleet.operator import constants as c
 DEFAULT_STATE = Path(os.environ.get("LORAFLEET_HOME", Path.home() / ".cache" / "lorafleet" / "local"))
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS = (("support-en", 8, 1), ("sql-gen", 16, 2), ("summarize", 4, 1))  # name, rank, replicas
+TOKEN_SECONDS = 86400  # lifetime of the operator's ServiceAccount token (harness.service_account_kubeconfig)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -117,9 +118,45 @@ def _instructions(info: dict[str, Any]) -> str:
             f'       -d \'{{"adapter": "{first}", "kind": "pair", "prompt": "Hello, fleet", "completion": " Hi!"}}\'',
             "",
             "  lorafleet down                                   # stops everything `up` started",
-            f"  logs: {info['state_dir']}",
+            "",
+            "  logs:",
+            *(f"    {name:<14} {path}" for name, path in info.get("logs", {}).items()),
         ]
     )
+
+
+def component_logs(state: Path, cluster_dir: Path) -> dict[str, str]:
+    """Where each component writes: the supervisor, the operator (one file per start), the worker processes (one
+    per pod), the control plane (one per binary)."""
+    return {
+        "supervisor": str(state / "up.log"),
+        "operator": str(state / "fleet" / "operator-N.log (N = start count; the supervisor restarts it on exit)"),
+        "workers": str(state / "fleet" / "workers" / "<pod>.log"),
+        "control plane": str(cluster_dir / "logs" / "<component>.log"),
+    }
+
+
+def keep_operator_running(
+    fleet: Any, kubeconfig_refresh: Any, *, poll: float = 2.0, refresh_every: float, stop: Any = None
+) -> None:
+    """The supervisor's watch, as a kubelet's for a Deployment's pod: an operator that exited is started again (the
+    operator is level-triggered, so a restart converges to the same routing), and before its ServiceAccount token
+    expires a fresh one is written and the operator restarted with it. Runs until `stop` (a threading.Event) is
+    set, or for ever."""
+    refreshed = time.monotonic()
+    while stop is None or not stop.is_set():
+        time.sleep(poll)
+        proc = fleet.operator
+        if time.monotonic() - refreshed >= refresh_every:
+            kubeconfig_refresh()
+            refreshed = time.monotonic()
+            fleet.stop_operator()
+            proc = None
+        if proc is not None and proc.poll() is not None:
+            print(f"lorafleet up: operator exited ({proc.returncode}); restarting", flush=True)
+            proc = None
+        if proc is None:
+            fleet.start_operator()
 
 
 def continual_learning_job(sample: Path) -> dict[str, Any]:
@@ -184,11 +221,15 @@ def supervise(args: argparse.Namespace) -> int:
             "adapters": [a for a, _, _ in ADAPTERS],
             "endpoints": {a: fleet.routes(a)[0][1] for a, _, _ in ADAPTERS},
             "state_dir": str(state),
+            "logs": component_logs(state, state / "cluster"),
         }
         _write_state(state, **info)
         print(_instructions(info), flush=True)
-        while True:
-            time.sleep(3600)
+
+        def refresh() -> None:
+            service_account_kubeconfig(cp.kubeconfig, state / "operator.kubeconfig", ROOT / "manifests")
+
+        keep_operator_running(fleet, refresh, refresh_every=TOKEN_SECONDS / 2)
     except SystemExit:
         return 0
     except BaseException as exc:

@@ -91,7 +91,7 @@ def test_foreign_endpoint_is_removed(served: LocalFleet) -> None:
         "conditions": {"ready": True},
         "targetRef": {"kind": "Pod", "name": "intruder"},
     }
-    body = {"endpoints": [*[e.to_dict() for e in sl.endpoints], foreign]}
+    body = {"endpoints": [*served.discovery.api_client.sanitize_for_serialization(sl.endpoints), foreign]}
     served.discovery.patch_namespaced_endpoint_slice(route, served.namespace, body)
     wait_for(lambda: "intruder" in (served.slice_pods(AD) or []), 10, 0.05, "the foreign write landed")
     wait_for(lambda: served.slice_pods(AD) == before, REPAIR, 0.1, "foreign endpoint removed")
@@ -145,3 +145,34 @@ def test_deleted_deployment_is_recreated_and_serves_again(served: LocalFleet) ->
     assert time.monotonic() - t0 < REPAIR
     wait_for(lambda: served.serves(AD), 180, 0.5, "adapter serves from the new workers")
     assert served.operator.pid == pid and served.operator.poll() is None
+
+
+def test_local_mode_restarts_a_dead_operator_and_routing_recovers(served: LocalFleet) -> None:
+    """`lorafleet up`'s supervisor loop: the operator SIGKILLed is started again, and a pod deleted meanwhile has
+    its adapter routed elsewhere by the new process."""
+    import os
+    import signal
+    import threading
+
+    from lorafleet.local.up import keep_operator_running
+
+    stop = threading.Event()
+    refreshed: list[int] = []
+    loop = threading.Thread(
+        target=keep_operator_running,
+        args=(served, lambda: refreshed.append(1)),
+        kwargs={"poll": 0.2, "refresh_every": 3600.0, "stop": stop},
+        daemon=True,
+    )
+    loop.start()
+    try:
+        old = served.operator
+        os.killpg(old.pid, signal.SIGKILL)
+        (victim,) = [p for p, _ in served.routes(AD)]
+        served.core.delete_namespaced_pod(victim, served.namespace, grace_period_seconds=0)
+        wait_for(lambda: served.operator is not old and served.operator.poll() is None, 30, 0.1, "operator restarted")
+        wait_for(lambda: (r := served.routes(AD)) and r[0][0] != victim and served.serves(AD), 180, 0.5, "rerouted")
+        assert refreshed == []  # the token refresh is due only after half its lifetime
+    finally:
+        stop.set()
+        loop.join(timeout=10)
