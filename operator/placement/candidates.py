@@ -1,6 +1,6 @@
 """Candidate workers per adapter: the sparse part of the model that makes CP-SAT fast at fleet scale.
 
-A full adapters x workers boolean model does not scale (1000 x 64 found nothing in 5 s on 2 cores; REFERENCES.md §5).
+A full adapters x workers boolean model does not scale (1000 x 64 found nothing in 5 s on 2 cores).
 Each adapter may only go to: its current workers (so "nothing moves" is always representable), the workers of every
 hint (so the greedy solution is feasible in the model), and k more eligible workers: half the least loaded in the
 hint among a seeded random sample, half random. Random extras make the candidate graph an expander, so load can flow

@@ -1,6 +1,6 @@
 """Triton SGMV-style batched LoRA kernels with exactly the contract of `ops.py` (shrink into fp32, expand in place).
 
-Why this design (REFERENCES.md §1, Punica SGMV / SGLang csgmv):
+Why this design (Punica SGMV, SGLang csgmv):
 - The grid tiles the *sorted token dimension* (BLOCK_M rows), not (segment x max segment length). That needs no
   host-side maximum segment length, so nothing syncs with the GPU and the launch can be captured in a CUDA graph
   with padded inputs (`cuda_graph.py` pads `seg_indptr` with empty segments and `seg_slots` with -1).
