@@ -30,12 +30,15 @@ engines, the server and client commands, start-up times) after every run, so a r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -44,8 +47,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # appended, never prepended: the repo's operator/ would shadow the stdlib
+try:  # the checkout, not installed (the GPU machine): lorafleet.worker / .operator map onto worker/ and operator/
+    import lorafleet.operator  # noqa: F401
+except ImportError:
+    import lorafleet
+
+    lorafleet.__path__.append(str(ROOT))
 
 from bench.llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
+from bench.vllm_bench_driver import DONE as DRIVER_DONE  # noqa: E402
 
 TINY = dict(
     hidden_size=64,
@@ -213,26 +223,109 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        # vLLM's engine-core child holds the GPU memory: wait until the whole group is gone before the next server
+        for _ in range(60):
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self._fh.close()
 
 
 # ---- client ----------------------------------------------------------------------------------------------------
-def client_command(args, url: str, model: Path, names: list[str], rate: str, n: int, result: Path) -> list[str]:
+VLLM_BENCH = ["-m", "vllm.entrypoints.cli.main", "bench", "serve"]
+
+
+def client_args(args, url: str, model: Path, names: list[str], rate: str, n: int, result: Path) -> list[str]:
+    """The client's arguments: `vllm bench serve`'s (after `bench serve`), or `serve_client.py`'s (same meaning)."""
     common = ["--model", "base", "--tokenizer", str(model), "--num-prompts", str(n), "--request-rate", rate]
     common += ["--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len)]
     common += ["--random-range-ratio", str(args.range_ratio), "--ignore-eos", "--seed", str(args.seed)]
     if args.client == "vllm":
-        cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai"]
-        cmd += ["--base-url", url, "--dataset-name", "random", *common, "--disable-tqdm"]
+        cmd = ["--backend", "openai", "--base-url", url, "--dataset-name", "random", *common, "--disable-tqdm"]
         cmd += ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
         cmd += ["--num-warmups", str(args.warmups), "--save-result", "--result-dir", str(result.parent)]
         cmd += ["--result-filename", result.name]
     else:
-        cmd = [sys.executable, "-P", str(ROOT / "bench" / "serve_client.py"), "--base-url", url, *common]
-        cmd += ["--result-file", str(result)]
+        cmd = ["--base-url", url, *common, "--result-file", str(result)]
     if names:
         cmd += ["--lora-modules", *names]
     return cmd
+
+
+class BenchClient:
+    """Runs client argument lists: through one long-lived `vllm_bench_driver.py` process (vLLM's client imported
+    once), or one `serve_client.py` process per run."""
+
+    def __init__(self, kind: str, env: dict[str, str], log: Path) -> None:
+        self.kind, self.env, self.log = kind, env, log
+        self._proc: subprocess.Popen | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+
+    def command(self, argv: list[str]) -> list[str]:
+        """The equivalent stand-alone command line (what the JSON records)."""
+        if self.kind == "vllm":
+            return ["python3", *VLLM_BENCH, *argv]
+        return ["python3", str(ROOT / "bench" / "serve_client.py"), *argv]
+
+    def _pump(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        with open(self.log, "a") as fh:
+            for line in self._proc.stdout:
+                if line.startswith(DRIVER_DONE):
+                    self._lines.put(line)
+                else:
+                    fh.write(line)
+                    fh.flush()
+        self._lines.put(None)
+
+    def _wait_done(self, timeout: float) -> int:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty as exc:
+            self.close()
+            raise TimeoutError(f"client did not finish in {timeout:.0f} s") from exc
+        if line is None:
+            raise RuntimeError("client driver exited")
+        return int(line.split()[1])
+
+    def run(self, argv: list[str], timeout: float) -> int:
+        with open(self.log, "a") as fh:
+            fh.write("$ " + " ".join(self.command(argv)) + "\n")
+        if self.kind != "vllm":
+            with open(self.log, "a") as fh:
+                cmd = [sys.executable, "-P", str(ROOT / "bench" / "serve_client.py"), *argv]
+                proc = subprocess.run(
+                    cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, cwd="/tmp", timeout=timeout
+                )
+            return proc.returncode
+        if self._proc is None or self._proc.poll() is not None:
+            driver = [sys.executable, "-P", str(ROOT / "bench" / "vllm_bench_driver.py")]
+            self._proc = subprocess.Popen(
+                driver,
+                env=self.env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd="/tmp",
+                start_new_session=True,
+            )
+            threading.Thread(target=self._pump, daemon=True).start()
+            self._wait_done(timeout)  # imports
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(argv) + "\n")
+        self._proc.stdin.flush()
+        return self._wait_done(timeout)
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
 
 
 SUMMARY_KEYS = (
@@ -246,14 +339,12 @@ SUMMARY_KEYS = (
 )
 
 
-def run_client(cmd: list[str], env: dict[str, str], result: Path, log: Path, timeout: float) -> dict:
+def run_client(client: BenchClient, argv: list[str], result: Path, timeout: float) -> dict:
     t = time.perf_counter()
-    with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd="/tmp", timeout=timeout)
-    if proc.returncode != 0 or not result.exists():
-        raise RuntimeError(f"client exited with {proc.returncode}; see {log}")
+    result.unlink(missing_ok=True)
+    rc = client.run(argv, timeout)
+    if rc != 0 or not result.exists():
+        raise RuntimeError(f"client exited with {rc}; see {client.log}")
     raw = json.loads(result.read_text())
     out = {k: raw.get(k) for k in SUMMARY_KEYS}
     for m in ("ttft", "tpot", "itl", "e2el"):
@@ -322,7 +413,7 @@ def client_check(args, engine: str, url: str, spec: SetSpec, root: Path) -> dict
     return run_check(flavour, url, (new.name, new), again, serve)
 
 
-def run_set(args, spec: SetSpec, model: Path, root: Path, out: Path, t_start: float) -> dict:
+def run_set(args, spec: SetSpec, model: Path, root: Path, out: Path, t_start: float, client: BenchClient) -> dict:
     import torch
 
     shape = SHAPES[args.shape]
@@ -383,8 +474,8 @@ def run_set(args, spec: SetSpec, model: Path, root: Path, out: Path, t_start: fl
             env = {**os.environ, "PYTHONPATH": _pythonpath([args.vllm_site] if args.vllm_site else [])}
             ready = "/ready"
         doc["servers"][engine] = " ".join(cmd[:3] + ["<shim>"] + cmd[4:]) if "-c" in cmd[:3] else " ".join(cmd)
-        if time.perf_counter() - t_start > args.deadline_s:
-            doc["skipped"].append(f"{engine}: past the deadline before start")
+        if args.deadline_s - (time.perf_counter() - t_start) < args.min_start_s:
+            doc["skipped"].append(f"{engine}: too close to the deadline to start")
             save()
             continue
         server = Server(cmd, env, out / f"server_{spec.name}_{engine}.log", port, ready)
@@ -407,16 +498,15 @@ def run_set(args, spec: SetSpec, model: Path, root: Path, out: Path, t_start: fl
                     rate = f"{base * float(run.rate):.3f}"
                 names = [name for name, _ in modules[: run.adapters]]
                 result = out / f"client_{spec.name}_{run.name}_{engine}.json"
-                ccmd = client_command(args, server.url, model, names, rate, n, result)
-                cenv = {**os.environ, **VLLM_ENV, "PYTHONPATH": _pythonpath([args.vllm_site])}
+                argv = client_args(args, server.url, model, names, rate, n, result)
                 try:
-                    res = run_client(ccmd, cenv, result, out / f"client_{spec.name}.log", timeout=left)
+                    res = run_client(client, argv, result, timeout=left)
                 except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others
                     doc["errors"].append(f"{engine}/{run.name}: {exc}")
                     save()
                     continue
                 res["request_rate"] = rate
-                res["client_command"] = " ".join(ccmd)
+                res["client_command"] = " ".join(client.command(argv))
                 doc["runs"].setdefault(run.name, {})[engine] = res
                 if engine == "vllm" and run.rate == "max":
                     vllm_rate[run.name] = res["request_throughput"]
@@ -461,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-site", default="/tmp/vsite/site", help="the unpacked pack's site/ (PYTHONPATH)")
     p.add_argument("--startup-timeout", type=float, default=400.0)
     p.add_argument("--deadline-s", type=float, default=1e9, help="no server starts / run begins after this")
+    p.add_argument("--min-start-s", type=float, default=0.0, help="a server starts only with this much time left")
     p.add_argument("--min-run-s", type=float, default=30.0, help="a run starts only with this much time left")
     p.add_argument("--client-check", action="store_true", help="run worker_client_check.py against each server")
     p.add_argument("--keep", action="store_true", help="reuse a checkpoint already in --work")
@@ -489,11 +580,14 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.cuda.empty_cache()
     specs = set_specs(args.adapters, args.slots)
+    cenv = {**os.environ, **VLLM_ENV, "PYTHONPATH": _pythonpath([args.vllm_site])}
+    client = BenchClient(args.client, cenv, out / "client.log")
     failed = False
     for name in [s for s in args.sets.split(",") if s]:
-        doc = run_set(args, specs[name], model, work, out, t_start)
+        doc = run_set(args, specs[name], model, work, out, t_start, client)
         failed |= bool(doc["errors"])
         print(json.dumps({"set": name, "metrics": doc["metrics"], "errors": doc["errors"]}, indent=1), flush=True)
+    client.close()
     return 1 if failed else 0
 
 
