@@ -190,7 +190,9 @@ class WorkerMetrics:
         self.adapter_rate = Gauge(
             "lorafleet_adapter_request_rate", "EWMA request rate (req/s) per adapter.", ["adapter"], registry=r
         )
-        self.tier_count = Gauge("lorafleet_adapter_tier_count", "Adapters per store tier.", ["tier"], registry=r)
+        self.tier_count = Gauge(
+            "lorafleet_adapters", "Adapters per store tier (gpu / host / disk).", ["tier"], registry=r
+        )
         self.adapter_loads = Counter(
             "lorafleet_adapter_loads",
             "Adapter loads; tier = host (registered: read + validated into host memory) | gpu (uploaded to a slot).",
@@ -208,7 +210,9 @@ class WorkerMetrics:
             registry=r,
         )
         self.kv_blocks_used = Gauge("lorafleet_kv_blocks_used", "Paged KV-cache blocks in use.", registry=r)
-        self.kv_blocks_total = Gauge("lorafleet_kv_blocks_total", "Paged KV-cache blocks in total.", registry=r)
+        self.kv_blocks_total = Gauge(
+            "lorafleet_kv_blocks", "Paged KV-cache blocks in total (a gauge: the pool size).", registry=r
+        )
         self._lora_info_key: tuple[str, str, str] | None = None
         self._store_counters: dict[str, int] = {}
         self._preemptions_seen = 0

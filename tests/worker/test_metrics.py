@@ -89,7 +89,7 @@ def test_metrics_after_known_traffic(worker, traffic):
     assert value(m, "vllm:num_requests_running", model_name=SERVED) == 0
     assert value(m, "vllm:num_requests_waiting", model_name=SERVED) == 0
     assert value(m, "vllm:gpu_cache_usage_perc", model_name=SERVED) == 0
-    assert value(m, "lorafleet_kv_blocks_total") == 512
+    assert value(m, "lorafleet_kv_blocks") == 512
 
     info = series(m, "vllm:lora_requests_info")
     assert len(info) == 1
@@ -97,9 +97,9 @@ def test_metrics_after_known_traffic(worker, traffic):
     assert dict(labels) == {"max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""}
     assert abs(stamp - time.time()) < 60
 
-    assert value(m, "lorafleet_adapter_tier_count", tier="gpu") == 2
-    assert value(m, "lorafleet_adapter_tier_count", tier="host") == 0
-    assert value(m, "lorafleet_adapter_tier_count", tier="disk") == 0
+    assert value(m, "lorafleet_adapters", tier="gpu") == 2
+    assert value(m, "lorafleet_adapters", tier="host") == 0
+    assert value(m, "lorafleet_adapters", tier="disk") == 0
     assert value(m, "lorafleet_adapter_loads_total", tier="host") == 2
     assert value(m, "lorafleet_adapter_loads_total", tier="gpu") == 2
     assert value(m, "lorafleet_adapter_load_seconds_count", tier="host") == 2
@@ -130,7 +130,7 @@ def test_unloaded_adapter_series_are_removed(worker, traffic):
     with httpx.Client(base_url=worker.url, timeout=30) as c:
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "ad-r4"}).status_code == 200
         m = scrape(c)
-    assert not any(dict(labels).get("adapter") == "ad-r4" for (_, labels) in m)
+    assert not [(n, labels) for (n, labels) in m if dict(labels).get("adapter") == "ad-r4"]
     assert value(m, "lorafleet_adapter_requests_total", adapter="other") == 2  # history of others stays
 
 

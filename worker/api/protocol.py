@@ -17,6 +17,32 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+# vLLM / OpenAI options that change the output and that the engine does not implement: any value other than the
+# "off" ones listed is a 400 naming the option (ignoring it would return a 200 that is not what was asked)
+UNIMPLEMENTED: dict[str, tuple] = {
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "min_tokens": (None, 0),
+    "include_stop_str_in_output": (None, False),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "logits_processors": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "chat_template": (None,),
+    "min_p": (None, 0, 0.0),
+    "parallel_tool_calls": (None, False),
+}
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -42,6 +68,13 @@ class _SamplingFields(_Body):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for an option we would otherwise silently ignore."""
+        for key, value in (self.model_extra or {}).items():
+            off = UNIMPLEMENTED.get(key)
+            if off is not None and not any(value == o and type(value) is type(o) for o in off if o is not None):
+                if value is not None:
+                    return key, f"{key} is not supported by this worker"
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            return "stream_options", "stream_options.continuous_usage_stats is not supported"
         if self.n != 1:
             return "n", "only n=1 is supported"
         if self.logit_bias:
