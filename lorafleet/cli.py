@@ -11,6 +11,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "worker": ("lorafleet.worker.main", "main", "run a worker engine (OpenAI + vLLM dynamic-LoRA API)"),
+    "fetch": ("lorafleet.worker.lora.sources.cli", "main", "download and verify a model or adapter source"),
     "operator": ("lorafleet.operator.main", "main", "run the kopf operator"),
     "drain-wait": ("lorafleet.prestop", "main", "preStop hook: wait until the operator has drained this worker"),
     "up": ("lorafleet.local.up", "up_main", "bring up a local fleet: control plane, operator, CPU workers, samples"),

@@ -82,6 +82,42 @@ class Toleration(_Model):
     toleration_seconds: int | None = None
 
 
+ClaimName = Annotated[str, Field(min_length=1, max_length=253, pattern="^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+KubeName = Annotated[str, Field(max_length=253)]
+
+
+class AdapterStore(_Model):
+    """Where published continual-learning versions live: a ReadWriteMany claim, or (opt-in) a node directory."""
+
+    claim_name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    host_path: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+
+
+class LocalObjectReference(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class PodTemplate(_Model):
+    """Pod and container fields merged into every worker pod (core/v1 shapes are passed through)."""
+
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    service_account_name: KubeName | None = None
+    automount_service_account_token: bool | None = None
+    priority_class_name: KubeName | None = None
+    runtime_class_name: KubeName | None = None
+    image_pull_secrets: Annotated[list[LocalObjectReference], Field(max_length=16)] | None = None
+    node_selector: dict[str, str] | None = None
+    security_context: dict[str, Any] | None = None
+    container_security_context: dict[str, Any] | None = None
+    affinity: dict[str, Any] | None = None
+    tolerations: Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+    topology_spread_constraints: Annotated[list[dict[str, Any]], Field(max_length=16)] | None = None
+    volumes: Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+    volume_mounts: Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+    env: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+
+
 class WorkerTemplate(_Model):
     """The essentials of the worker pod; the operator fills in everything else."""
 
@@ -90,6 +126,9 @@ class WorkerTemplate(_Model):
     node_selector: dict[str, str] | None = None
     tolerations: Annotated[list[Toleration], Field(max_length=64)] | None = None
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    claims: Annotated[list[ClaimName], Field(max_length=32)] | None = None
+    adapter_store: AdapterStore | None = None
+    pod_template: PodTemplate | None = None
 
 
 class EngineLimits(_Model):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.operator import constants as c
+from lorafleet.operator import podspec
 
 Body = Mapping[str, Any]
 
@@ -101,19 +102,24 @@ def engine_of(bm: Body) -> str:
 
 @dataclass(frozen=True)
 class ModelMount:
-    """How the model source reaches the container: the `--model` argument plus volumes to mount."""
+    """How the model source reaches the container: the `--model` argument, extra flags, volumes, mounts and the init
+    containers that fill them."""
 
     arg: str
     volumes: tuple[dict[str, Any], ...] = ()
     mounts: tuple[dict[str, Any], ...] = ()
+    extra_args: tuple[str, ...] = ()
+    init_containers: tuple[dict[str, Any], ...] = ()
 
 
-def model_mount(uri: str) -> ModelMount:
+def model_mount(uri: str, engine: str = "lorafleet", fetch_image: str = WORKER_IMAGE) -> ModelMount:
     """Maps a BaseModel source URI onto the worker container.
 
-    file:// and absolute paths are host paths mounted at the same path (so the path means the same thing on the
-    node, in the container, and to the local shim); pvc://claim/sub mounts the claim at /models; hub-style URIs
-    (hf://, s3://) are handed to the worker, which resolves them.
+    file:// and absolute paths are host paths mounted read-only at the same path (the spec asked for a node
+    directory; the path means the same on the node, in the container and to the local shim). pvc://claim/sub
+    mounts the claim read-only under the claim root. Our workers resolve pvc://, s3:// and hf:// themselves (into
+    the verified cache, `docs/stores.md`). Stock vLLM gets what it accepts: the claim's path, the hub repo id plus
+    `--revision`, or for s3:// a directory that an init container (`lorafleet fetch`, the worker image) fills.
     """
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
@@ -123,10 +129,24 @@ def model_mount(uri: str) -> ModelMount:
         return ModelMount(uri, (vol,), (mnt,))
     if uri.startswith("pvc://"):
         claim, _, sub = uri[len("pvc://") :].partition("/")
-        vol = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        mnt = {"name": "model", "mountPath": "/models", "readOnly": True}
-        return ModelMount(f"/models/{sub}".rstrip("/"), (vol,), (mnt,))
-    return ModelMount(uri)
+        vol, mnt = podspec.claim_volume(claim)
+        arg = uri if engine != "vllm" else f"{podspec.CLAIM_ROOT}/{claim}/{sub}".rstrip("/")
+        return ModelMount(arg, (vol,), (mnt,))
+    if engine != "vllm":
+        return ModelMount(uri)
+    if uri.startswith("hf://"):
+        repo, _, revision = uri[len("hf://") :].partition("@")
+        return ModelMount(repo, extra_args=("--revision", revision) if revision else ())
+    target = f"{podspec.CACHE_DIR}/model"
+    init = {
+        "name": "fetch-model",
+        "image": fetch_image,
+        "command": ["lorafleet", "fetch"],
+        "args": [uri, "--kind", "model", "--cache", f"{podspec.CACHE_DIR}/sources", "--link", target],
+        "env": podspec.cache_env(),
+        "volumeMounts": [{"name": "cache", "mountPath": podspec.CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return ModelMount(target, init_containers=(init,))
 
 
 def _limit_args(limits: Mapping[str, Any], flags: Mapping[str, str]) -> list[str]:
@@ -167,33 +187,36 @@ def _execution_args(ex: Mapping[str, Any]) -> list[str]:
 
 
 def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tuple[dict[str, Any], list[dict]]:
-    """The worker container and the pod volumes it needs, for either engine."""
+    """The worker container and the pod volumes it needs, for either engine (`podspec.py`: security, storage)."""
     spec = bm.get("spec") or {}
     name = bm["metadata"]["name"]
     wspec = spec.get("worker") or {}
+    template = wspec.get("podTemplate") or {}
     limits = spec.get("limits") or {}
     port = worker_port(bm)
-    mount = model_mount(str((spec.get("source") or {}).get("uri", "")))
-    volumes = [*mount.volumes]
-    mounts = [*mount.mounts]
-    volumes.append({"name": "adapters", "hostPath": {"path": adapter_root, "type": "DirectoryOrCreate"}})
-    mounts.append({"name": "adapters", "mountPath": adapter_root})
-    env: list[dict[str, Any]] = []
-    if engine_of(bm) == "vllm":
+    engine = engine_of(bm)
+    mount = model_mount(str((spec.get("source") or {}).get("uri", "")), engine)
+    volumes, mounts = podspec.scratch_volumes(shm=True)
+    volumes += [*mount.volumes]
+    mounts += [*mount.mounts]
+    for claim in sorted(set(wspec.get("claims") or [])):
+        vol, mnt = podspec.claim_volume(claim)
+        if all(v["name"] != vol["name"] for v in volumes):
+            volumes.append(vol)
+            mounts.append(mnt)
+    env: list[dict[str, Any]] = podspec.cache_env()
+    if engine == "vllm":
         image = wspec.get("image") or VLLM_IMAGE
-        args = ["--model", mount.arg, "--port", str(port), "--enable-lora", "--served-model-name", name]
+        args = ["--model", mount.arg, *mount.extra_args, "--port", str(port), "--enable-lora"]
+        args += ["--served-model-name", name]
         if spec.get("dtype"):
             args += ["--dtype", str(spec["dtype"])]
         args += _limit_args(limits, VLLM_LIMIT_FLAGS)
         if (spec.get("execution") or {}).get("cudaGraphs") == "none":
             args.append("--enforce-eager")
+        # Dynamic LoRA loading only; no VLLM_API_KEY: in vLLM it guards every /v1 route, inference included. The
+        # admin routes are guarded by the NetworkPolicy of docs/operator.md (vLLM engine) instead.
         env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
-        env.append(
-            {
-                "name": "VLLM_API_KEY",
-                "valueFrom": {"secretKeyRef": {"name": admin_secret_name(name), "key": c.ADMIN_TOKEN_KEY}},
-            }
-        )
         command: list[str] = []
         probe_path = "/health"
         # stock vLLM has no drain-wait: its preStop sleeps while the operator un-routes and drains it
@@ -201,9 +224,13 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
     else:
         image = wspec.get("image") or WORKER_IMAGE
         command = ["lorafleet", "worker"]
+        vol, mnt = podspec.adapter_store_volume(wspec, adapter_root)
+        volumes.append(vol)
+        mounts.append(mnt)
         # the worker's own training state (job registry, feedback log) is kept per pod in the shared adapter store
         env.append({"name": "LORAFLEET_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
         args = ["--model", mount.arg, "--port", str(port), "--adapter-root", adapter_root]
+        args += ["--claim-root", podspec.CLAIM_ROOT, "--source-cache", f"{podspec.CACHE_DIR}/sources"]
         args += ["--admin-token-file", f"{c.ADMIN_TOKEN_DIR}/{c.ADMIN_TOKEN_KEY}", "--served-model-name", name]
         if spec.get("dtype"):
             args += ["--dtype", str(spec["dtype"])]
@@ -223,14 +250,13 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
         "env": env,
         "volumeMounts": mounts,
         "resources": quantities(wspec.get("resources") or {}),
-        "readinessProbe": {"httpGet": {"path": probe_path, "port": "http"}, "periodSeconds": 5},
-        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        **podspec.probes(probe_path),
         # SIGTERM only after the operator has moved every adapter away and the in-flight requests finished
         "lifecycle": {"preStop": pre_stop},
     }
     if command:
         container["command"] = command
+    podspec.apply_container_template(container, template)
     return container, volumes
 
 
@@ -244,6 +270,7 @@ def worker_deployment(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> d
     meta = bm["metadata"]
     name = meta["name"]
     wspec = spec.get("worker") or {}
+    template = wspec.get("podTemplate") or {}
     container, volumes = worker_container(bm, adapter_root)
     pod_spec: dict[str, Any] = {
         "containers": [container],
@@ -251,11 +278,23 @@ def worker_deployment(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> d
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
     }
+    init = model_mount(str((spec.get("source") or {}).get("uri", "")), engine_of(bm))
+    if init.init_containers:
+        pod_spec["initContainers"] = []
+        for ic in init.init_containers:
+            ic = dict(ic)
+            podspec.apply_container_template(ic, {**template, "volumeMounts": None})
+            ic["env"] = [*ic["env"], *[e for e in container["env"] if e["name"] not in {x["name"] for x in ic["env"]}]]
+            pod_spec["initContainers"].append(ic)
     if wspec.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(wspec["nodeSelector"])
     if wspec.get("tolerations"):
         pod_spec["tolerations"] = [dict(t) for t in wspec["tolerations"]]
+    podspec.apply_pod_template(pod_spec, template, worker_selector(name))
     labels = worker_labels(name)
+    tmeta: dict[str, Any] = {"labels": {**(template.get("labels") or {}), **labels}}
+    if template.get("annotations"):
+        tmeta["annotations"] = dict(template["annotations"])
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -263,9 +302,10 @@ def worker_deployment(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> d
         "spec": {
             "replicas": int(spec.get("replicas", 1)),
             "selector": {"matchLabels": worker_selector(name)},
-            # Replace one worker at a time so adapters always have somewhere to go.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            # One worker at a time, without a surge pod: a GPU worker replaced in place needs no spare GPU, and the
+            # operator drains the old pod's adapters onto the others before it goes.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}},
+            "template": {"metadata": tmeta, "spec": pod_spec},
         },
     }
 

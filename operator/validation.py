@@ -23,13 +23,25 @@ class Problem:
 
 
 def adapter_path(uri: str, adapter_root: str = "/var/lib/lorafleet/adapters") -> str:
-    """What the worker's load API gets as `lora_path`: a filesystem path for file:// URIs; pvc://CLAIM/PATH is
-    read from the adapter root the worker pods mount (`<root>/CLAIM/PATH`); other URIs go to the worker as is."""
+    """What the worker's load API gets as `lora_path`: a filesystem path for file:// URIs; pvc://, s3:// and hf://
+    URIs go to the worker as they are (it resolves them, `docs/stores.md`). `adapter_root` is kept for callers."""
+    del adapter_root
     if uri.startswith("file://"):
         return uri[len("file://") :]
-    if uri.startswith("pvc://"):
-        return f"{adapter_root.rstrip('/')}/{uri[len('pvc://') :]}"
     return uri
+
+
+def unmounted_claim(uri: str, basemodel: Mapping[str, Any]) -> str | None:
+    """The claim of a pvc:// source that the BaseModel's workers do not mount, or None."""
+    if not uri.startswith("pvc://"):
+        return None
+    claim = uri[len("pvc://") :].split("/", 1)[0]
+    spec = basemodel.get("spec") or {}
+    mounted = set((spec.get("worker") or {}).get("claims") or [])
+    model = str((spec.get("source") or {}).get("uri", ""))
+    if model.startswith("pvc://"):
+        mounted.add(model[len("pvc://") :].split("/", 1)[0])
+    return None if claim in mounted else claim
 
 
 def is_local(uri: str) -> bool:
@@ -92,6 +104,14 @@ def validate_adapter(
         problems.append(Problem("SourceMissing", "spec.source.uri is empty"))
     elif check_local_sources and is_local(uri) and not path_exists(adapter_path(uri)):
         problems.append(Problem("SourceNotFound", f"adapter source {uri} does not exist (checked from the operator)"))
+    elif (claim := unmounted_claim(uri, basemodel)) is not None:
+        problems.append(
+            Problem(
+                "ClaimNotMounted",
+                f"adapter source {uri}: claim {claim!r} is not mounted by BaseModel {bm_name}; add it to "
+                "spec.worker.claims",
+            )
+        )
     max_rank = ((basemodel.get("spec") or {}).get("limits") or {}).get("maxRank")
     rank = adapter_rank(adapter, path_exists) if not problems else spec.get("rank")
     if max_rank and rank and int(rank) > int(max_rank):

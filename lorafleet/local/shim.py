@@ -255,7 +255,30 @@ class KubeletShim:
         args = _set_flag(args, "--admin-token-file", token_file)
         if self.adapter_root:
             args = _set_flag(args, "--adapter-root", self.adapter_root)
+        if "--claim-root" in args:
+            args = _set_flag(args, "--claim-root", str(self._claim_root(pod)))
+        if "--source-cache" in args:
+            args = _set_flag(args, "--source-cache", str(self.state_dir / "source-cache"))
         return [*self.worker_cmd, *args, *self.extra_args]
+
+    def _claim_root(self, pod: Any) -> Path:
+        """A directory with one link per claim the pod mounts, to the directory of the volume bound to it (a
+        hostPath or local PersistentVolume): what the kubelet's read-only claim mounts are to a real pod."""
+        root = self.state_dir / "claims" / pod.metadata.uid
+        root.mkdir(parents=True, exist_ok=True)
+        for vol in pod.spec.volumes or []:
+            pvc = vol.persistent_volume_claim
+            if pvc is None:
+                continue
+            claim = self.api.read_namespaced_persistent_volume_claim(pvc.claim_name, pod.metadata.namespace)
+            if not claim.spec.volume_name:
+                continue
+            pv = self.api.read_persistent_volume(claim.spec.volume_name)
+            src = (pv.spec.host_path and pv.spec.host_path.path) or (pv.spec.local and pv.spec.local.path)
+            link = root / pvc.claim_name
+            if src and not link.is_symlink():
+                link.symlink_to(src)
+        return root
 
     @staticmethod
     def _downward_env(pod: Any) -> dict[str, str]:

@@ -98,22 +98,148 @@ def test_execution_options_become_worker_flags() -> None:
     assert build_parser().parse_args(["--model", "/m", "--no-async-scheduling"]).async_scheduling is False
 
 
-def test_vllm_engine_uses_stock_flags_and_api_key() -> None:
+def test_vllm_engine_uses_stock_flags_without_api_key() -> None:
     bm = {**BM, "spec": {**BM["spec"], "engine": "vllm", "worker": {"port": 8000}}}
-    ctr = res.worker_deployment(bm)["spec"]["template"]["spec"]["containers"][0]
+    pod = res.worker_deployment(bm)["spec"]["template"]["spec"]
+    ctr = pod["containers"][0]
     assert ctr["image"].startswith("vllm/vllm-openai")
     assert "--enable-lora" in ctr["args"] and "command" not in ctr
     assert ctr["args"][ctr["args"].index("--max-loras") + 1] == "8"
     env = {e["name"]: e for e in ctr["env"]}
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
-    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llama-admin", "key": "token"}
+    assert "VLLM_API_KEY" not in env  # it would guard every /v1 route, completions included
+    # model loading may take long: a startup probe holds liveness off for 30 min; /dev/shm is a memory emptyDir
+    assert ctr["startupProbe"]["httpGet"]["path"] == "/health"
+    assert ctr["startupProbe"]["periodSeconds"] * ctr["startupProbe"]["failureThreshold"] == 1800
+    assert ctr["readinessProbe"]["httpGet"]["path"] == "/health"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory"}
+    assert {m["mountPath"] for m in ctr["volumeMounts"]} >= {"/dev/shm", "/cache", "/tmp"}
+
+
+def test_vllm_model_sources_become_what_vllm_accepts() -> None:
+    def pod(uri: str) -> dict:
+        bm = {**BM, "spec": {**BM["spec"], "engine": "vllm", "source": {"uri": uri}, "worker": {"port": 8000}}}
+        return res.worker_deployment(bm)["spec"]["template"]["spec"]
+
+    args = pod("hf://meta/llama@v1.2")["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "meta/llama" and args[args.index("--revision") + 1] == "v1.2"
+    p = pod("s3://models/llama-8b")
+    (init,) = p["initContainers"]
+    assert init["command"] == ["lorafleet", "fetch"] and init["args"][0] == "s3://models/llama-8b"
+    assert init["args"][init["args"].index("--link") + 1] == "/cache/model"
+    args = p["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "/cache/model"
+    assert init["securityContext"]["runAsNonRoot"] is True and init["securityContext"]["readOnlyRootFilesystem"]
+    args = pod("pvc://models/llama/8b")["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "/var/lib/lorafleet/claims/models/llama/8b"
 
 
 def test_model_mount_schemes() -> None:
-    assert res.model_mount("pvc://models/llama/8b").arg == "/models/llama/8b"
-    assert res.model_mount("pvc://models/llama/8b").volumes[0]["persistentVolumeClaim"]["claimName"] == "models"
+    assert res.model_mount("pvc://models/llama/8b").arg == "pvc://models/llama/8b"  # the worker resolves it
+    (vol,) = res.model_mount("pvc://models/llama/8b").volumes
+    assert vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert res.model_mount("pvc://models/llama/8b").mounts[0]["mountPath"] == "/var/lib/lorafleet/claims/models"
     assert res.model_mount("hf://meta/llama").arg == "hf://meta/llama"
     assert res.model_mount("hf://meta/llama").volumes == ()
+
+
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def test_default_pod_is_hardened_and_spread() -> None:
+    bm = {**BM, "spec": {**BM["spec"], "source": {"uri": "pvc://models/llama"}, "worker": {"claims": ["tenants"]}}}
+    dep = res.worker_deployment(bm)
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}  # no spare GPU needed
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctr = pod["containers"][0]
+    sc = ctr["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True
+    kinds = {next(k for k in v if k != "name") for v in pod["volumes"]}
+    assert kinds <= RESTRICTED_VOLUMES, kinds  # no hostPath unless the spec asks for one
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["adapters"] == {"name": "adapters", "emptyDir": {}}
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert set(claims) == {"models", "tenants"} and all(v["persistentVolumeClaim"]["readOnly"] for v in claims.values())
+    mounts = {m["mountPath"]: m for m in ctr["volumeMounts"]}
+    assert mounts["/var/lib/lorafleet/claims/tenants"]["readOnly"] is True
+    assert {"/cache", "/tmp", "/dev/shm"} <= set(mounts)
+    args = ctr["args"]
+    assert args[args.index("--claim-root") + 1] == "/var/lib/lorafleet/claims"
+    assert args[args.index("--source-cache") + 1] == "/cache/sources"
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_adapter_store_volume_is_what_the_spec_names() -> None:
+    def vol(store):
+        bm = {**BM, "spec": {**BM["spec"], "worker": {"adapterStore": store}}}
+        return next(
+            v for v in res.worker_deployment(bm)["spec"]["template"]["spec"]["volumes"] if v["name"] == "adapters"
+        )
+
+    assert vol({"claimName": "cl-versions"})["persistentVolumeClaim"] == {"claimName": "cl-versions"}
+    assert vol({"hostPath": "/srv/adapters"})["hostPath"]["path"] == "/srv/adapters"  # opted in
+
+
+def test_pod_template_fields_are_merged() -> None:
+    template = {
+        "labels": {"team": "ml"},
+        "annotations": {"a": "b"},
+        "serviceAccountName": "workers",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "priorityClassName": "gpu-high",
+        "nodeSelector": {"zone": "a"},
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}},
+        "tolerations": [{"key": "t", "operator": "Exists"}],
+        "topologySpreadConstraints": [{"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}],
+        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
+        "containerSecurityContext": {"readOnlyRootFilesystem": False},
+        "volumes": [{"name": "extra", "configMap": {"name": "cm"}}, {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+        "volumeMounts": [{"name": "extra", "mountPath": "/etc/extra"}],
+        "env": [
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            {"name": "HOME", "value": "/home"},
+        ],
+    }
+    bm = {**BM, "spec": {**BM["spec"], "worker": {**BM["spec"]["worker"], "podTemplate": template}}}
+    dep = res.worker_deployment(bm)
+    meta = dep["spec"]["template"]["metadata"]
+    assert (
+        meta["labels"]["team"] == "ml"
+        and meta["labels"][c.LABEL_BASEMODEL] == "llama"
+        and meta["annotations"] == {"a": "b"}
+    )
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "workers" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "gpu-high" and pod["affinity"] == template["affinity"]
+    assert pod["nodeSelector"] == {"gpu": "h100", "zone": "a"}
+    assert [t["key"] for t in pod["tolerations"]] == ["gpu", "t"]
+    assert pod["topologySpreadConstraints"] == template["topologySpreadConstraints"]
+    assert pod["securityContext"]["runAsUser"] == 1000 and pod["securityContext"]["runAsNonRoot"] is True
+    ctr = pod["containers"][0]
+    assert ctr["securityContext"]["readOnlyRootFilesystem"] is False and ctr["securityContext"]["capabilities"] == {
+        "drop": ["ALL"]
+    }
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["extra"]["configMap"] == {"name": "cm"} and vols["tmp"]["emptyDir"] == {"sizeLimit": "1Gi"}
+    assert {m["mountPath"] for m in ctr["volumeMounts"]} >= {"/etc/extra", "/tmp"}
+    env = {e["name"]: e for e in ctr["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf" and env["HOME"]["value"] == "/home"
+    assert len([e for e in ctr["env"] if e["name"] == "HOME"]) == 1
 
 
 def test_service_pdb_secret() -> None:

@@ -42,10 +42,6 @@ def test_adapter_path() -> None:
     assert adapter_path("file:///a/b") == "/a/b" and adapter_path("s3://b/k") == "s3://b/k"
 
 
-def test_pvc_sources_map_under_the_adapter_root() -> None:
-    assert adapter_path("pvc://adapters/llama/sql", "/mnt/a/") == "/mnt/a/adapters/llama/sql"
-
-
 def test_spec_rank_that_differs_from_the_weights_fails_naming_both(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
     (p,) = validate_adapter(ad(str(tmp_path), rank=4), BM)
@@ -67,3 +63,14 @@ def test_version_pin_must_name_a_published_version() -> None:
     assert "published: 1, 2" in p.message
     pinned["spec"]["version"] = "2"
     assert validate_adapter(pinned, BM) == []
+
+
+def test_pvc_sources_go_to_the_worker_and_need_a_mounted_claim() -> None:
+    assert adapter_path("pvc://adapters/llama/sql", "/mnt/a/") == "pvc://adapters/llama/sql"
+    (p,) = validate_adapter(ad("pvc://adapters/llama/sql"), BM)
+    assert p.reason == "ClaimNotMounted" and p.fatal
+    assert "pvc://adapters/llama/sql" in p.message and "spec.worker.claims" in p.message
+    mounted = {**BM, "spec": {**BM["spec"], "worker": {"claims": ["adapters"]}}}
+    assert validate_adapter(ad("pvc://adapters/llama/sql"), mounted) == []
+    model_claim = {**BM, "spec": {**BM["spec"], "source": {"uri": "pvc://adapters/base"}}}
+    assert validate_adapter(ad("pvc://adapters/llama/sql"), model_claim) == []
