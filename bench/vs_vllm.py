@@ -407,9 +407,9 @@ def client_check(args, engine: str, url: str, spec: SetSpec, root: Path) -> dict
     from bench.hf_checkpoint import write_adapters
     from bench.worker_client_check import run_check
 
-    new, again = write_adapters(root, SHAPES[args.shape], [16, 16], root / "base", "check_", 2, args.gen_device)
+    new, again = write_adapters(root, SHAPES[args.shape], [16, 16], root / "base", "check-", 2, args.gen_device)
     flavour = "vllm" if engine == "vllm" and args.vllm_engine == "vllm" else "lorafleet"
-    serve = [f"{spec.name}_{i}" for i in range(min(2, len(spec.ranks)))]
+    serve = [f"{spec.name}-{i}" for i in range(min(2, len(spec.ranks)))]
     return run_check(flavour, url, (new.name, new), again, serve)
 
 
@@ -420,7 +420,7 @@ def run_set(args, spec: SetSpec, model: Path, root: Path, out: Path, t_start: fl
     from bench.hf_checkpoint import write_adapters
 
     t = time.perf_counter()
-    prefix = f"{spec.name}_"
+    prefix = f"{spec.name}-"  # adapter names are DNS-1123 subdomains
     paths = write_adapters(root, shape, spec.ranks, model, prefix, distinct=args.distinct, device=args.gen_device)
     modules = [(p.name, p) for p in paths]
     adapters_s = time.perf_counter() - t
