@@ -62,11 +62,13 @@ def _simulate(kind: str, guard: bool, target: float, iters: int = 4000, life: in
     for i in range(iters):
         c.plan(2048, 64, True)
         if kind == "biased":
-            # fused rides of 4 ms on a ~9.5 ms step, and an iteration signal that misses 10% of what requests see
-            # (e.g. host time outside the measured interval)
-            rode = c.may_ride()
+            # 4 ms training pieces after a ~9.5 ms step, and an iteration signal that misses 10% of what requests
+            # see (e.g. host time outside the measured interval)
+            rode = c.may_launch(0.004)
+            if rode:
+                c.spend(0.004)
             it = 0.0095 + rng.uniform(-0.001, 0.001) + (0.004 if rode else 0.0)
-            c.observe(2048, 64, 0, 0.9 * it, 0.0, True, 0.9 * it, 128 if rode else 0)
+            c.observe(2048, 64, 100 if rode else 0, 0.9 * it, 0.0, True, 0.9 * it)
             trained.append(0.004 if rode else 0.0)
         else:
             # 1 ms pieces into a 3 ms host gap, and a long prefill iteration every 4th step: the short-window mean

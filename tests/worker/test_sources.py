@@ -103,7 +103,7 @@ def test_select_files_refuses_pickle_and_skips_it_beside_safetensors() -> None:
 
 
 def test_safetensors_structure_check(adapters, tmp_path) -> None:
-    src = adapters["ad_r4"] / "adapter_model.safetensors"
+    src = adapters["ad-r4"] / "adapter_model.safetensors"
     assert check_safetensors("u", src) > 0
     data = src.read_bytes()
     for name, blob in (("short", data[:-7]), ("long", data + b"\0" * 8), ("tiny", data[:5])):
@@ -133,15 +133,15 @@ def test_cache_is_bounded_lru_and_keeps_protected(tmp_path) -> None:
 # ---- s3:// through versitygw ---------------------------------------------------------------------------------
 def test_s3_adapter_fetch_cache_and_reload(s3_env, adapters, shape, tmp_path) -> None:
     client = s3_env.client()
-    upload(client, "adapters", "tenants/a", adapters["ad_r4"])
+    upload(client, "adapters", "tenants/a", adapters["ad-r4"])
     resolver = SourceResolver(tmp_path / "cache", claim_root=tmp_path / "claims")
     store = make_store(shape, resolver)
     uri = "s3://adapters/tenants/a"
     path = resolver.fetch(uri)
-    assert tree_digest(path) == tree_digest(adapters["ad_r4"])
+    assert tree_digest(path) == tree_digest(adapters["ad-r4"])
     av = store.register("a", uri)
     assert av.uri == uri and av.path == path
-    want = read_adapter(adapters["ad_r4"], shape, 64)
+    want = read_adapter(adapters["ad-r4"], shape, 64)
     assert av.digest == want.digest
     assert resolver.fetch(uri) == path  # a cache hit: same directory, no new download
     m = samples(resolver)
@@ -150,17 +150,17 @@ def test_s3_adapter_fetch_cache_and_reload(s3_env, adapters, shape, tmp_path) ->
     assert m['lorafleet_source_download_bytes_total{scheme="s3"}'] == sum(p.stat().st_size for p in path.iterdir())
     assert m["lorafleet_source_download_pending_bytes"] == 0
     # new weights under the same prefix: a new version directory, the old one untouched
-    upload(client, "adapters", "tenants/a", adapters["ad_r8"])
+    upload(client, "adapters", "tenants/a", adapters["ad-r8"])
     path2 = resolver.fetch(uri)
-    assert path2 != path and tree_digest(path2) == tree_digest(adapters["ad_r8"])
-    assert store.register("a", uri).digest == read_adapter(adapters["ad_r8"], shape, 64).digest
+    assert path2 != path and tree_digest(path2) == tree_digest(adapters["ad-r8"])
+    assert store.register("a", uri).digest == read_adapter(adapters["ad-r8"], shape, 64).digest
 
 
 def test_s3_download_resumes_from_a_partial_file(s3_env, adapters, tmp_path) -> None:
     client = s3_env.client()
-    upload(client, "adapters", "resume/a", adapters["ad_r16rs"])
+    upload(client, "adapters", "resume/a", adapters["ad-r16rs"])
     resolver = SourceResolver(tmp_path / "cache")
-    st = adapters["ad_r16rs"] / "adapter_model.safetensors"
+    st = adapters["ad-r16rs"] / "adapter_model.safetensors"
     # an earlier attempt stopped half-way: the partial file is where the next attempt looks for it
     ref = parse("s3://adapters/resume/a")
     resolver._s3_client()
@@ -172,19 +172,19 @@ def test_s3_download_resumes_from_a_partial_file(s3_env, adapters, tmp_path) -> 
     half = st.stat().st_size // 2
     (resolver.cache.partial(key) / st.name).write_bytes(st.read_bytes()[:half])
     path = resolver.fetch(ref.uri)
-    assert tree_digest(path) == tree_digest(adapters["ad_r16rs"])
-    total = sum(p.stat().st_size for p in adapters["ad_r16rs"].iterdir())
+    assert tree_digest(path) == tree_digest(adapters["ad-r16rs"])
+    total = sum(p.stat().st_size for p in adapters["ad-r16rs"].iterdir())
     assert samples(resolver)['lorafleet_source_download_bytes_total{scheme="s3"}'] == total - half
 
 
 def test_s3_bad_inputs_name_the_source_and_keep_the_current_version(s3_env, adapters, shape, tmp_path) -> None:
     client = s3_env.client()
-    upload(client, "adapters", "good", adapters["ad_r4"])
+    upload(client, "adapters", "good", adapters["ad-r4"])
     resolver = SourceResolver(tmp_path / "cache")
     store = make_store(shape, resolver)
     good = store.register("a", "s3://adapters/good")
     # checksum mismatch: the object's recorded sha256 is not its content's
-    for p in sorted(adapters["ad_r8"].iterdir()):
+    for p in sorted(adapters["ad-r8"].iterdir()):
         client.put_object(
             Bucket="adapters", Key=f"tampered/{p.name}", Body=p.read_bytes(), Metadata={"sha256": "0" * 64}
         )
@@ -192,13 +192,13 @@ def test_s3_bad_inputs_name_the_source_and_keep_the_current_version(s3_env, adap
     client.put_object(
         Bucket="adapters",
         Key="pickle/adapter_config.json",
-        Body=(adapters["ad_r4"] / "adapter_config.json").read_bytes(),
+        Body=(adapters["ad-r4"] / "adapter_config.json").read_bytes(),
     )
     client.put_object(Bucket="adapters", Key="pickle/adapter_model.bin", Body=b"\x80\x04K\x01.")
     # truncated/corrupt safetensors (a whole object that is itself cut short)
-    data = (adapters["ad_r4"] / "adapter_model.safetensors").read_bytes()
+    data = (adapters["ad-r4"] / "adapter_model.safetensors").read_bytes()
     client.put_object(
-        Bucket="adapters", Key="cut/adapter_config.json", Body=(adapters["ad_r4"] / "adapter_config.json").read_bytes()
+        Bucket="adapters", Key="cut/adapter_config.json", Body=(adapters["ad-r4"] / "adapter_config.json").read_bytes()
     )
     client.put_object(Bucket="adapters", Key="cut/adapter_model.safetensors", Body=data[: len(data) - 100])
     cases = {
@@ -216,13 +216,13 @@ def test_s3_bad_inputs_name_the_source_and_keep_the_current_version(s3_env, adap
             store.register("a", uri)
         assert store.current("a") is good  # the previous version keeps serving
     # nothing of the bad sources reached the cache: only the good version is there
-    assert [tree_digest(p) for p in (tmp_path / "cache").glob("s3/*/*")] == [tree_digest(adapters["ad_r4"])]
+    assert [tree_digest(p) for p in (tmp_path / "cache").glob("s3/*/*")] == [tree_digest(adapters["ad-r4"])]
     samples_now = samples(resolver)
     assert samples_now['lorafleet_source_fetches_total{result="failed",scheme="s3"}'] == 2 * len(cases)
 
 
 def test_s3_wrong_credentials_and_unreachable_endpoint(s3, adapters, tmp_path, monkeypatch) -> None:
-    upload(s3.client(), "adapters", "creds", adapters["ad_r4"])
+    upload(s3.client(), "adapters", "creds", adapters["ad-r4"])
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong" + s3.secret_key)
@@ -241,11 +241,11 @@ def test_s3_wrong_credentials_and_unreachable_endpoint(s3, adapters, tmp_path, m
 
 def test_publish_to_s3_round_trips(s3_env, adapters, tmp_path) -> None:
     resolver = SourceResolver(tmp_path / "cache")
-    uri = resolver.publish(adapters["ad_r2qv"], "s3://adapters/versions/a/v3")
+    uri = resolver.publish(adapters["ad-r2qv"], "s3://adapters/versions/a/v3")
     meta = s3_env.client().head_object(Bucket="adapters", Key="versions/a/v3/adapter_model.safetensors")["Metadata"]
-    st = adapters["ad_r2qv"] / "adapter_model.safetensors"
+    st = adapters["ad-r2qv"] / "adapter_model.safetensors"
     assert meta["sha256"] == hashlib.sha256(st.read_bytes()).hexdigest()
-    assert tree_digest(resolver.fetch(uri)) == tree_digest(adapters["ad_r2qv"])
+    assert tree_digest(resolver.fetch(uri)) == tree_digest(adapters["ad-r2qv"])
 
 
 # ---- hf:// through a local hub -------------------------------------------------------------------------------
@@ -261,17 +261,17 @@ def hub(monkeypatch):
 
 
 def test_hf_adapter_revisions_and_model(hub, adapters, tiny_model, shape, tmp_path) -> None:
-    c1 = hub.add_repo("org/adapter", adapters["ad_r4"])
+    c1 = hub.add_repo("org/adapter", adapters["ad-r4"])
     resolver = SourceResolver(tmp_path / "cache")
     store = make_store(shape, resolver)
     p1 = resolver.fetch("hf://org/adapter")
-    assert tree_digest(p1) == tree_digest(adapters["ad_r4"])
-    c2 = hub.add_repo("org/adapter", adapters["ad_r8"])
+    assert tree_digest(p1) == tree_digest(adapters["ad-r4"])
+    c2 = hub.add_repo("org/adapter", adapters["ad-r8"])
     assert c1 != c2
-    assert tree_digest(resolver.fetch("hf://org/adapter")) == tree_digest(adapters["ad_r8"])  # main moved
+    assert tree_digest(resolver.fetch("hf://org/adapter")) == tree_digest(adapters["ad-r8"])  # main moved
     pinned = f"hf://org/adapter@{c1}"
-    hub.repos["org/adapter"].files = {p.name: p.read_bytes() for p in adapters["ad_r4"].iterdir()}
-    assert store.register("a", pinned).digest == read_adapter(adapters["ad_r4"], shape, 64).digest
+    hub.repos["org/adapter"].files = {p.name: p.read_bytes() for p in adapters["ad-r4"].iterdir()}
+    assert store.register("a", pinned).digest == read_adapter(adapters["ad-r4"], shape, 64).digest
     # a model repo: safetensors + config + tokenizer, the pickle copy skipped
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model, model_dir)
@@ -286,13 +286,13 @@ def test_hf_adapter_revisions_and_model(hub, adapters, tiny_model, shape, tmp_pa
 
 
 def test_hf_bad_inputs(hub, adapters, shape, tmp_path, monkeypatch) -> None:
-    hub.add_repo("org/good", adapters["ad_r4"])
+    hub.add_repo("org/good", adapters["ad-r4"])
     resolver = SourceResolver(tmp_path / "cache")
     store = make_store(shape, resolver)
     good = store.register("a", "hf://org/good")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    shutil.copy(adapters["ad_r4"] / "adapter_config.json", pickled)
+    shutil.copy(adapters["ad-r4"] / "adapter_config.json", pickled)
     (pickled / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
     hub.add_repo("org/pickled", pickled)
     cases = {
@@ -311,15 +311,15 @@ def test_hf_bad_inputs(hub, adapters, shape, tmp_path, monkeypatch) -> None:
     assert "hf://org/good" in str(err.value)
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     # truncated download: the connection closes part-way; nothing is committed, a retry completes it
-    hub.add_repo("org/cut", adapters["ad_r8"])
+    hub.add_repo("org/cut", adapters["ad-r8"])
     hub.truncate["adapter_model.safetensors"] = 200
     with pytest.raises(SourceError) as err:
         store.register("a", "hf://org/cut")
     assert "hf://org/cut" in str(err.value) and "truncated download" in str(err.value)
     assert store.current("a") is good
-    assert [tree_digest(p) for p in (tmp_path / "cache").glob("hf/*/*")] == [tree_digest(adapters["ad_r4"])]
+    assert [tree_digest(p) for p in (tmp_path / "cache").glob("hf/*/*")] == [tree_digest(adapters["ad-r4"])]
     hub.truncate.clear()
-    assert store.register("a", "hf://org/cut").digest == read_adapter(adapters["ad_r8"], shape, 64).digest
+    assert store.register("a", "hf://org/cut").digest == read_adapter(adapters["ad-r8"], shape, 64).digest
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = sock.getsockname()[1]
@@ -333,9 +333,9 @@ def test_hf_bad_inputs(hub, adapters, shape, tmp_path, monkeypatch) -> None:
 def test_pvc_paths_stay_inside_their_claim(adapters, shape, tmp_path) -> None:
     claims = tmp_path / "claims"
     (claims / "models").mkdir(parents=True)
-    shutil.copytree(adapters["ad_r4"], claims / "models" / "tenants" / "a")
+    shutil.copytree(adapters["ad-r4"], claims / "models" / "tenants" / "a")
     (claims / "other").mkdir()
-    shutil.copytree(adapters["ad_r8"], claims / "other" / "b")
+    shutil.copytree(adapters["ad-r8"], claims / "other" / "b")
     (claims / "models" / "escape").symlink_to(claims / "other" / "b")
     resolver = SourceResolver(tmp_path / "cache", claim_root=claims)
     store = make_store(shape, resolver)

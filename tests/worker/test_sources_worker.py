@@ -28,11 +28,11 @@ def free_port() -> int:
 
 def test_worker_serves_hf_model_and_s3_pvc_adapters(tiny_model, adapter_root, adapters, tmp_path):
     claims = tmp_path / "claims"
-    shutil.copytree(adapters["ad_r8"], claims / "shared" / "tenants" / "b")
+    shutil.copytree(adapters["ad-r8"], claims / "shared" / "tenants" / "b")
     with S3Server(tmp_path / "s3") as s3, HubServer(token="hf_tok") as hub:
         client = s3.client()
         client.create_bucket(Bucket="adapters")
-        for p in adapters["ad_r4"].iterdir():
+        for p in adapters["ad-r4"].iterdir():
             client.put_object(Bucket="adapters", Key=f"a/{p.name}", Body=p.read_bytes())
         hub.add_repo("org/tiny", tiny_model)
         port = free_port()
@@ -78,8 +78,8 @@ def test_worker_serves_hf_model_and_s3_pvc_adapters(tiny_model, adapter_root, ad
 
                 for name, src in (("s3a", "s3://adapters/a"), ("pvcb", "pvc://shared/tenants/b")):
                     assert load(name, src).status_code == 200
-                assert load("plain_a", str(adapters["ad_r4"])).status_code == 200
-                assert load("plain_b", str(adapters["ad_r8"])).status_code == 200
+                assert load("plain_a", str(adapters["ad-r4"])).status_code == 200
+                assert load("plain_b", str(adapters["ad-r8"])).status_code == 200
                 assert text("s3a") == text("plain_a") and text("pvcb") == text("plain_b")
                 assert text("s3a") != text("pvcb")
                 listed = {a["name"]: a for a in c.get("/v1/adapters").json()["data"]}

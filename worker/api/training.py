@@ -17,7 +17,7 @@ import threading
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from lorafleet.worker.api.auth import require_admin, require_feedback_key
+from lorafleet.worker.api.auth import is_admin, require_admin, require_feedback_key
 from lorafleet.worker.api.errors import APIError
 from lorafleet.worker.names import InvalidName, adapter_name, job_name
 from lorafleet.worker.training.feedback import FeedbackSample
@@ -93,9 +93,10 @@ def _label(svc: TrainingService, adapter: object, accepted: bool) -> str:
 
 
 def _allowed(request: Request, svc: TrainingService, adapter: str) -> None:
-    """Feedback is stored only for an adapter someone trains (a job in the pool) or that the operator allows."""
+    """Feedback is stored only for an adapter someone trains (a job in the pool) or that the operator allows; the
+    admin token (the operator, or a platform collecting feedback before it starts a job) may store it for any."""
     allow = request.app.state.settings.feedback_adapters
-    if "*" in allow or adapter in allow or svc.has_job_for(adapter):
+    if "*" in allow or adapter in allow or svc.has_job_for(adapter) or is_admin(request):
         return
     raise APIError(
         404, f"adapter {adapter!r} has no training job in this pool and is not in --feedback-adapter", param="adapter"
