@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -50,12 +51,18 @@ def test_up_serves_every_sample_adapter_and_down_stops_everything(tmp_path: Path
             + [f"loraadapter.lorafleet.io/{a}" for a in info["adapters"]]
             + ["continuallearningjob.lorafleet.io/support-en-online"]
         )
-        # the printed feedback command is accepted durably by the worker that serves the job's adapter
-        fb = httpx.post(
-            f"http://{info['endpoints']['support-en']}/v1/feedback",
-            json={"adapter": "support-en", "kind": "pair", "prompt": "Hello, fleet", "completion": " Hi!"},
-            timeout=60,
-        )
+        # the printed feedback command is accepted durably by the worker that serves the job's adapter, once the
+        # job has started (until then the worker refuses feedback for an adapter nobody trains: 404)
+        deadline = time.monotonic() + 90
+        while True:
+            fb = httpx.post(
+                f"http://{info['endpoints']['support-en']}/v1/feedback",
+                json={"adapter": "support-en", "kind": "pair", "prompt": "Hello, fleet", "completion": " Hi!"},
+                timeout=60,
+            )
+            if fb.status_code != 404 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert fb.status_code == 202 and fb.json()["adapter"] == "support-en", fb.text
         again = _cli("up", "--state-dir", str(state), timeout=60)
         assert again.returncode == 1 and "already running" in again.stderr

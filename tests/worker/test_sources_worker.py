@@ -78,9 +78,9 @@ def test_worker_serves_hf_model_and_s3_pvc_adapters(tiny_model, adapter_root, ad
 
                 for name, src in (("s3a", "s3://adapters/a"), ("pvcb", "pvc://shared/tenants/b")):
                     assert load(name, src).status_code == 200
-                assert load("plain_a", str(adapters["ad-r4"])).status_code == 200
-                assert load("plain_b", str(adapters["ad-r8"])).status_code == 200
-                assert text("s3a") == text("plain_a") and text("pvcb") == text("plain_b")
+                assert load("plain-a", str(adapters["ad-r4"])).status_code == 200
+                assert load("plain-b", str(adapters["ad-r8"])).status_code == 200
+                assert text("s3a") == text("plain-a") and text("pvcb") == text("plain-b")
                 assert text("s3a") != text("pvcb")
                 listed = {a["name"]: a for a in c.get("/v1/adapters").json()["data"]}
                 assert listed["s3a"]["path"] == "s3://adapters/a"
