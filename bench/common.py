@@ -14,33 +14,11 @@ from pathlib import Path
 
 from lorafleet.worker.testing import StepLog  # noqa: F401  (re-exported: the benchmarks' step log)
 
+# one definition of the shapes (llama_shapes.py imports nothing, so the GPU-only kernel bench loads it too)
+from bench.llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: F401  (re-exported)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-
-LLAMA_32_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-    max_position_embeddings=131072,
-)
-LLAMA_31_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=128256,
-    tie_word_embeddings=False,
-    rope_theta=500000.0,
-    max_position_embeddings=131072,
-)
 
 
 def commit() -> str | None:

@@ -26,28 +26,25 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _checked(value: object, what: str, pattern, max_len: int, rule: str) -> str:
+    """`value` if it is a non-empty string that matches `pattern` within `max_len` characters; else InvalidName."""
+    if not isinstance(value, str) or not value:
+        raise InvalidName(f"{what} name must be a non-empty string")
+    if len(value) > max_len or not pattern.match(value):
+        raise InvalidName(f"{what} name {_shown(value)} must be {rule}, at most {max_len} characters")
+    return value
+
+
 def adapter_name(value: object) -> str:
     """Returns `value` if it is a valid adapter name (a DNS-1123 subdomain, at most 253 characters)."""
-    if not isinstance(value, str) or not value:
-        raise InvalidName("adapter name must be a non-empty string")
-    if len(value) > SUBDOMAIN_MAX or not SUBDOMAIN.match(value):
-        raise InvalidName(
-            f"adapter name {_shown(value)} must be a DNS-1123 subdomain: lowercase alphanumerics, '-' and '.', "
-            f"starting and ending with an alphanumeric, at most {SUBDOMAIN_MAX} characters"
-        )
-    return value
+    rule = "a DNS-1123 subdomain: lowercase alphanumerics, '-' and '.', starting and ending with an alphanumeric"
+    return _checked(value, "adapter", SUBDOMAIN, SUBDOMAIN_MAX, rule)
 
 
 def job_name(value: object) -> str:
     """Returns `value` if it is a valid training-job name (a DNS-1123 label, at most 63 characters)."""
-    if not isinstance(value, str) or not value:
-        raise InvalidName("job name must be a non-empty string")
-    if len(value) > LABEL_MAX or not LABEL.match(value):
-        raise InvalidName(
-            f"job name {_shown(value)} must be a DNS-1123 label: lowercase alphanumerics and '-', starting and "
-            f"ending with an alphanumeric, at most {LABEL_MAX} characters"
-        )
-    return value
+    rule = "a DNS-1123 label: lowercase alphanumerics and '-', starting and ending with an alphanumeric"
+    return _checked(value, "job", LABEL, LABEL_MAX, rule)
 
 
 def is_adapter_name(value: object) -> bool:

@@ -97,30 +97,34 @@ def binaries(build: bool = True) -> Binaries:
     return found
 
 
-def versitygw(build: bool = True) -> Path:
-    """The S3-compatible server the store tests run (versitygw, Apache-2.0, an S3 gateway over a directory); built
-    by build.sh like the control plane, under the same lock."""
-    path = cache_dir() / "bin" / f"versitygw-{versions()['VERSITYGW_VERSION']}" / "versitygw"
-    if os.access(path, os.X_OK) or not build or not BUILD_SCRIPT.exists():
-        if not os.access(path, os.X_OK):
-            raise FileNotFoundError(f"{path} missing; run {BUILD_SCRIPT} versitygw")
+def _on_demand(path: Path, target: str, what: str, build: bool) -> Path:
+    """`path`, built by `build.sh TARGET` under the shared build lock if it is missing (and `build` allows)."""
+    if os.access(path, os.X_OK):
         return path
+    if not build or not BUILD_SCRIPT.exists():
+        raise FileNotFoundError(f"{what} missing: {path}; run {BUILD_SCRIPT} {target}")
     lock_path = cache_dir() / "build.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.access(path, os.X_OK):
             env = {**os.environ, "LORAFLEET_BUILD_LOCK_HELD": "1"}
-            subprocess.run(["bash", str(BUILD_SCRIPT), "versitygw"], check=True, stdout=subprocess.DEVNULL, env=env)
+            subprocess.run(["bash", str(BUILD_SCRIPT), target], check=True, stdout=subprocess.DEVNULL, env=env)
     return path
+
+
+def versitygw(build: bool = True) -> Path:
+    """The S3-compatible server the store tests run (versitygw, Apache-2.0, an S3 gateway over a directory); built
+    by build.sh like the control plane, under the same lock."""
+    path = cache_dir() / "bin" / f"versitygw-{versions()['VERSITYGW_VERSION']}" / "versitygw"
+    return _on_demand(path, "versitygw", "versitygw", build)
 
 
 def helm4(build: bool = True) -> Path:
     """Helm 4, built on demand (`build.sh helm4`) and kept out of `Binaries`: only the chart tests need it, so a
     missing Helm 4 never makes every control-plane user wait for a build."""
     path = cache_dir() / "bin" / f"helm-{versions()['HELM4_VERSION']}" / "helm"
-    if os.access(path, os.X_OK):
-        return path
+    return _on_demand(path, "helm4", "helm 4", build)
     if not build or not BUILD_SCRIPT.exists():
         raise FileNotFoundError(f"helm 4 missing: {path}; run {BUILD_SCRIPT} helm4")
     lock_path = cache_dir() / "build.lock"
