@@ -25,7 +25,7 @@ EPS = float(torch.finfo(torch.float32).eps)
 N_TERMS = 64 * 128 * 4
 
 RANK_SCRIPT = r"""
-import json, sys, torch
+import json, os, sys, torch
 torch.set_num_threads(1)
 from lorafleet.worker.layers.attention import DenseAttentionContext
 from lorafleet.worker.loader import load_model
@@ -62,6 +62,7 @@ torch.save({"logits": logits, "loss": loss.detach(), "slot_bytes": slots.nbytes,
 if g.world > 1:  # leave the group together: a process exiting inside gloo's threads aborts
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+os._exit(0)  # results are saved; skip interpreter teardown, where gloo's C++ threads can abort the process
 """
 
 
@@ -186,7 +187,7 @@ def test_adapter_bytes_per_rank_fall_with_tp(setup):
 
 
 STEP_SCRIPT = r"""
-import json, sys, torch
+import json, os, sys, torch
 torch.set_num_threads(1)
 from lorafleet.worker.loader import load_model
 from lorafleet.worker.parallel.executor import Leader, RankEngine, TPStep, follow
@@ -203,10 +204,10 @@ def leave():
     if g.world > 1:  # leave the group together: a process exiting inside gloo's threads aborts
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    os._exit(0)  # results are saved; skip interpreter teardown, where gloo's C++ threads can abort the process
 if g.rank:
     follow(engine)
     leave()
-    sys.exit(0)
 lead = Leader(engine)
 lead.load(0, adapters[0])
 lead.load(1, adapters[1])
