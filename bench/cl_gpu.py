@@ -17,8 +17,8 @@ Keys (under `metrics`):
   `_50` suffix: the same at 50% load (`--timeslice-loads 0.5,0.9`).
 The co-serving job's TPOT target is 1.10 x the p99 TPOT of inference alone at the same arrivals.
 
-Run on the GPU machine (repo not installed): `python bench/cl_gpu.py --out DIR` (a sys.path/__path__ shim makes
-`lorafleet.worker` importable from the checkout). CPU smoke: `python bench/cl_gpu.py --device cpu --tiny`.
+Run on the GPU machine: `python bench/cl_gpu.py --out DIR` (with `lorafleet` installed, bench/common.py). CPU smoke:
+`python bench/cl_gpu.py --device cpu --tiny`.
 """
 
 from __future__ import annotations
@@ -28,37 +28,18 @@ import gc
 import json
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
+import llama_shapes
+import torch
+from common import commit
+from lorafleet.worker.engine.plugin import IterationPlugin
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _shim() -> None:
-    try:
-        import lorafleet.worker  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))
-    import lorafleet
-
-    lorafleet.__path__.append(str(ROOT))
-
-
-_shim()
-if str(ROOT) not in sys.path:  # bench/ as a package (appended: the checkout's operator/ must not shadow the stdlib)
-    sys.path.append(str(ROOT))
-
-import torch  # noqa: E402
-from lorafleet.worker.engine.plugin import IterationPlugin  # noqa: E402
-
-from bench import llama_shapes  # noqa: E402
 
 _RUN = 0
 # the shapes with a shorter context: the co-serving runs never go beyond 2048 tokens
@@ -196,7 +177,7 @@ def engine_stash_bytes(engine) -> int:
 
 
 def feed(job, cfg: Cfg, n: int, seed: int) -> None:
-    from lorafleet.worker.training.feedback import FeedbackSample
+    from lorafleet.worker.feedback.store import FeedbackSample
 
     rng = random.Random(seed)
     vocab = min(job.engine.model.shape.vocab_size, 30000)
@@ -272,7 +253,7 @@ def run_load(
             pieces.append((used, dt))
 
     coserving = mode == "coserve" and job is not None
-    plugin = _LoadPlugin(steps, hook if coserving else None, graphed=coserving and job.graphed is not None)
+    plugin = _LoadPlugin(steps, hook if coserving else None, graphed=coserving and job.asynchronous)
     engine.add_plugin(plugin)  # as the training service co-serves: after each step is queued (graphed) or settled
     seqs: dict[str, dict] = {}
     log_cursor = engine.request_tpots.count  # the engine's own per-request TPOTs (what the guard steers by)
@@ -304,8 +285,7 @@ def run_load(
                 slices += 1
             elif phase_left % slice_every == 0 and job is not None:
                 tt0 = time.perf_counter()
-                job.scheduler.plan(cfg.budget, 0, False)
-                job.work(cfg.budget)
+                job.work_idle(cfg.budget)
                 sync(cfg)
                 train_s += time.perf_counter() - tt0
                 slices += 1
@@ -328,8 +308,7 @@ def run_load(
                     phase_train, phase_left = True, 64
         elif job is not None and mode in ("coserve", "alone_ft"):
             tt0 = time.perf_counter()
-            job.scheduler.plan(cfg.budget, 0, False)
-            job.work(cfg.budget)  # idle: fine-tuning gets the whole budget
+            job.work_idle(cfg.budget)  # idle: fine-tuning gets the whole budget
             sync(cfg)
             train_s += time.perf_counter() - tt0
         else:
@@ -360,7 +339,7 @@ def run_load(
     tpot = [t for _, t in ended]
     tpot_by_end = [(round(end, 3), round(t, 6)) for end, t in ended]
     engine_tpot = [t for _, t in engine.request_tpots.since(log_cursor)[0]]
-    if job is not None and getattr(job, "graphed", None) is not None:
+    if job is not None:
         job.graphed.synchronize()
         job.drain()
     ft_tokens = (job.sequence_tokens - ft0) if job is not None else 0
@@ -397,7 +376,6 @@ def run_load(
         "piece_seconds_total": sum(t for _, t in pieces),
         "hook_seconds_total": hook_s[0],
         "hook_us_per_call": 1e6 * hook_s[0] / max(1, hook_s[1]),
-        "cost_fit": job.scheduler.cost.fit() if job is not None else None,
     }
 
 
@@ -514,19 +492,15 @@ def pct(xs: list[float], q: float) -> float:
 def finetune_alone(engine, job, cfg: Cfg) -> float:
     """Fine-tuning tokens/s with the whole budget every iteration and no inference."""
     for _ in range(8):  # warm-up (graph captures, allocator)
-        job.scheduler.plan(cfg.budget, 0, False)
-        job.work(cfg.budget)
+        job.work_idle(cfg.budget)
         sync(cfg)
-    if getattr(job, "graphed", None) is not None:
-        job.drain()
+    job.drain()
     t0 = time.perf_counter()
     n0 = job.sequence_tokens
     while time.perf_counter() - t0 < cfg.duration / 2:
-        job.scheduler.plan(cfg.budget, 0, False)
-        job.work(cfg.budget)
+        job.work_idle(cfg.budget)
         sync(cfg)
-    if getattr(job, "graphed", None) is not None:
-        job.drain()
+    job.drain()
     rate = (job.sequence_tokens - n0) / (time.perf_counter() - t0)
     print(f"[finetune_alone] {rate:.0f} tok/s", file=sys.stderr, flush=True)
     return rate
@@ -571,7 +545,7 @@ def bench_reuse(engine, cfg: Cfg, root: Path) -> dict:
 
     def trainer():
         lora = TrainableLoRA.from_peft(engine.model.shape, engine.store.current("ad").path, device=engine.device)
-        optim = OptimConfig(grad_accumulation=group, micro_batch_tokens=1 << 16)
+        optim = OptimConfig(grad_accumulation=group)
         return LoRATrainer(engine.model, lora, optim, compute_dtype=engine.dtype)
 
     graphed = GraphedTrainer(trainer(), max_tokens=1024, max_prefix=4096)
@@ -649,9 +623,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slo-ttft-s", type=float, default=1.0, help="slo phase: p99 TTFT bound (s)")
     ap.add_argument("--duration", type=float, default=None, help="seconds of arrivals per load run")
     ap.add_argument(
-        "--amortise", type=float, default=None, help="ShareConfig.amortise for the co-serving job (0 = greedy, A/B)"
+        "--graphs",
+        default="auto",
+        help="co-serving pieces: auto | on (CUDA graphs on a GPU) | off (the same pieces, eager)",
     )
-    ap.add_argument("--graphs", default="auto", help="co-serving pieces: auto (graphs on CUDA) | on | off (eager)")
     ap.add_argument("--placement", default="serving", choices=("serving", "partition"), help="coServing.placement")
     ap.add_argument("--serving-sms", type=int, default=16, help="SMs kept from training with --placement partition")
     ap.add_argument("--out-name", default=None, help="result file name (default cl_gpu.json)")
@@ -681,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "command": " ".join(["bench/cl_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": _device(args.device),
-        "commit": _commit(),
+        "commit": commit(),
         "config": {k: v for k, v in vars(cfg).items()},
         "metrics": {},
         "note": cfg_note,
@@ -757,14 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     if "coserve" in phases:
         try:
             job = make_job(engine, root, "ft", record=False)
-            if args.amortise is not None:
-                job.scheduler.cfg.amortise = args.amortise
             raw_cfg = {
-                "amortise": getattr(job.scheduler.cfg, "amortise", None),
                 "min_share": job.scheduler.cfg.min_share,
-                "controller": type(job.scheduler).__name__,
-                "graphed": job.graphed is not None,
-                "placement": job.graphed.stream_mode if job.graphed is not None else None,
+                "graphs": job.graphed.use_graphs,
+                "placement": job.graphed.stream_mode,
             }
             feed(job, cfg, 256, seed=5)
             alone = finetune_alone(engine, job, cfg)
@@ -796,8 +767,8 @@ def main(argv: list[str] | None = None) -> int:
                         "last_ratio": job.scheduler.guard.last_quantile,
                         "history": [[round(x, 4) for x in h] for h in job.scheduler.guard.history],
                     },
-                    "graph_replays": job.graphed.graph_replays if job.graphed is not None else None,
-                    "eager_runs": job.graphed.eager_runs if job.graphed is not None else None,
+                    "graph_replays": job.graphed.graph_replays,
+                    "eager_runs": job.graphed.eager_runs,
                 }
                 m[f"coserve_finetune_retention_{key}"] = co["ft_tokens_per_s"] / alone
                 if load == 0.9:
@@ -875,7 +846,6 @@ def _summ(r: dict) -> dict:
                 "piece_seconds_total",
                 "hook_seconds_total",
                 "hook_us_per_call",
-                "cost_fit",
             )
         },
     }
@@ -886,13 +856,6 @@ def _device(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         d["name"] = torch.cuda.get_device_name(0)
     return d
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return None
 
 
 if __name__ == "__main__":

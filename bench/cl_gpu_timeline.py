@@ -15,8 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cl_gpu  # noqa: E402  (import shim + builders)
+import cl_gpu
 import torch  # noqa: E402
 
 
@@ -129,7 +128,7 @@ def main() -> int:
         res[mode] = summ
         print(mode, json.dumps(summ, indent=1), file=sys.stderr, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"cl_gpu_timeline_{args.placement}.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / "cl_gpu_timeline.json").write_text(json.dumps(res, indent=1))
     return 0
 
 

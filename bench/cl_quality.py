@@ -24,32 +24,15 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from common import commit
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _shim() -> None:
-    """Makes `lorafleet.worker` importable from a plain checkout (no pip install): lorafleet/ + worker/ folders."""
-    try:
-        import lorafleet.worker  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    sys.path.insert(0, str(ROOT))
-    import lorafleet
-
-    lorafleet.__path__.append(str(ROOT))
-
-
-_shim()
-
-import torch  # noqa: E402
 
 THINGS = (
     "the harbor the lighthouse the anchor the compass the mast the sail the rudder the deck the galley the cabin "
@@ -233,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "model": f"SmolLM2-135M-Instruct ({ckpt}) fp32 CPU, served under the name {served_name}",
         "device": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "commit": _commit(),
+        "commit": commit(),
         "config": {
             "job": job,
             "train_examples": len(train_things),
@@ -260,13 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(metrics, indent=1))
     return 0
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return None
 
 
 if __name__ == "__main__":

@@ -48,13 +48,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from cl_quality import general_chunks, readme_chunks
+from common import commit
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from bench.cl_quality import _commit, general_chunks, readme_chunks  # noqa: E402  (also makes lorafleet importable)
 
 TRAIN_TEMPLATES = [
     "The {ship} docked at berth {berth} at {time} carrying {cargo}.",
@@ -69,6 +67,7 @@ TEST_TEMPLATES = [
 ]
 CARGO = ["grain", "timber", "copper", "salt", "wool", "coffee", "tea", "cotton", "iron", "spice", "rice", "glass"]
 SYLLABLES = ["quor", "vane", "bril", "mo", "tas", "kel", "drin", "ost", "fa", "lune", "zar", "pim", "eth", "gor"]
+PLOTTED = ("online", "offline", "reuse_off", "replay_0")  # runs drawn in cl_task.png; the others score only at the end
 GENERAL_PROMPTS = [
     "The capital of France is",
     "Water is made of hydrogen and",
@@ -170,6 +169,15 @@ def steps_for(n_feedback_uses: int, grad_accum: int, replay: float) -> int:
         s += 1
 
 
+def pick_replay(curve: list[dict], max_forgetting: float = 0.05) -> float | None:
+    """The replay ratio the curve supports: the best final score among ratios that keep the general-text loss
+    increase within `max_forgetting`; a tie goes to the larger ratio (less forgetting for the same score)."""
+    ok = [r for r in curve if r["generalLossIncrease"] <= max_forgetting]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: (r["score"], r["replayRatio"]))["replayRatio"]
+
+
 def run_online(api: Api, name: str, spec: dict, train: list[Item], poll: float = 1.0) -> dict:
     """Creates the job, serves every training prompt with the adapter and corrects it, waits for maxSteps.
 
@@ -268,8 +276,8 @@ class LocalEval:
             )
             for it in test
         ]
-        self.docs = [TrainSample(ch[:1], ch[1:]) for ch in general_chunks(tok, limit=16)]
-        self.readmes = [TrainSample(ch[:1], ch[1:]) for ch in readme_chunks(tok, limit=16)]
+        self.docs = [TrainSample(ch[:1], ch[1:]) for ch in general_chunks(tok, limit=10)]
+        self.readmes = [TrainSample(ch[:1], ch[1:]) for ch in readme_chunks(tok, limit=10)]
 
     def losses(self, adapter_dir: str | None) -> dict:
         from lorafleet.worker.training.lora_context import TrainableLoRA
@@ -292,7 +300,7 @@ def evaluate(api: Api, local: LocalEval, test: list[Item], label: str, points: d
         if path is None:
             score, outs = api.score(api.base, test)
         else:
-            name = f"eval-{label}-{step}"
+            name = f"eval-{label.replace('_', '-').replace('.', '')}-{step}"  # adapter names are DNS-1123
             api.load(name, path)
             score, outs = api.score(name, test)
             api.unload(name)
@@ -334,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--default-replay", type=float, default=0.25, help="the job default's replay ratio")
     ap.add_argument("--replays", default="0,0.1,0.5", help="other replay ratios for the forgetting curve")
-    ap.add_argument("--points", type=int, default=4, help="evaluated versions per run (besides the base)")
+    ap.add_argument("--points", type=int, default=3, help="evaluated versions per plotted run (besides the base)")
+    ap.add_argument("--curve-points", type=int, default=1, help="evaluated versions per replay-curve-only run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="online,reuse_off,offline,replays")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
@@ -346,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet.worker.loader import load_tokenizer, smollm2_checkpoint
 
     t_start = time.time()
+    code = commit()  # the code under test: read before the (long) run, not after it
     ckpt = smollm2_checkpoint()
     tok = load_tokenizer(ckpt)
     train, test = make_task(args.train, args.test)
@@ -371,10 +381,14 @@ def main(argv: list[str] | None = None) -> int:
 
     base_rows = evaluate(api, local, test, "base", {0: None})
     base = base_rows[0]
-    statuses, curves = {}, {}
+    statuses: dict = {}
+    curves: dict = {}
+    general: dict = {}
+    offline: dict | None = None
+    state = (args, argv, ckpt, api.base, code, t_start, train, test, uses, runs, base)
     for label, (replay, record) in runs.items():
         steps = steps_for(uses, args.grad_accum, replay)
-        every = max(1, steps // args.points)
+        every = max(1, steps // (args.points if label in PLOTTED else args.curve_points))
         spec = job_spec(label.replace("_", "-").replace(".", ""), f"task-{label.replace('_', '-').replace('.', '')}",
                         replay, record, steps, every, args)  # fmt: skip
         print(f"{label}: replay {replay} record {record} steps {steps}", flush=True)
@@ -382,26 +396,43 @@ def main(argv: list[str] | None = None) -> int:
         statuses[label] = {"spec": spec, "status": st}
         points = {v["step"]: v["path"] for v in st["publishedVersions"] if v["step"] > 0}
         curves[label] = [{**base, "step": 0}] + evaluate(api, local, test, label, points)
-    offline = None
-    if "offline" in wanted:
-        steps_at = sorted(r["step"] for r in curves.get("online", [])[1:]) or [1]
-        on = statuses.get("online", {}).get("status", {})
-        fb_uses = int((on.get("samples") or {}).get("trained") or uses)
-        print(f"offline: {fb_uses} feedback samples", flush=True)
-        init = next(v["path"] for v in on["publishedVersions"] if v["step"] == 0)
-        offline = run_offline(ckpt, tok, train, fb_uses, set(steps_at), init, adapters / "offline", args)
-        points = {s: p for s, p in offline["checkpoints"].items()}
-        curves["offline"] = [{**base, "step": 0}] + evaluate(api, local, test, "offline", points)
-    general = {}
-    if "online" in runs:
-        final = statuses["online"]["status"]["publishedVersions"][-1]["path"]
-        api.load("eval-online-final", final)
-        for p in GENERAL_PROMPTS:
-            b = api.complete(api.base, p, max_tokens=16)["choices"][0]["text"]
-            o = api.complete("eval-online-final", p, max_tokens=16)["choices"][0]["text"]
-            general[p] = {"base": b, "online": o, "same": b == o}
-        api.unload("eval-online-final")
+        if label == "online":  # its yardsticks first: a run cut short still has the comparison that matters most
+            general = general_outputs(api, st["publishedVersions"][-1]["path"])
+            if "offline" in wanted:
+                offline = offline_run(api, local, ckpt, tok, train, test, uses, st, curves, base, adapters, args)
+        write_result(state, statuses, curves, general, offline, final=False)
+    write_result(state, statuses, curves, general, offline, final=True)
     w.close()
+    return 0
+
+
+def general_outputs(api: Api, final: str) -> dict:
+    """A few general prompts' greedy outputs, base vs the online job's final version."""
+    general = {}
+    api.load("eval-online-final", final)
+    for p in GENERAL_PROMPTS:
+        b = api.complete(api.base, p, max_tokens=16)["choices"][0]["text"]
+        o = api.complete("eval-online-final", p, max_tokens=16)["choices"][0]["text"]
+        general[p] = {"base": b, "online": o, "same": b == o}
+    api.unload("eval-online-final")
+    return general
+
+
+def offline_run(api, local, ckpt, tok, train, test, uses, on: dict, curves, base, adapters, args) -> dict:
+    """The offline baseline matched to the online job `on` (its status): same start, feedback uses and steps."""
+    steps_at = sorted(r["step"] for r in curves.get("online", [])[1:]) or [1]
+    fb_uses = int((on.get("samples") or {}).get("trained") or uses)
+    print(f"offline: {fb_uses} feedback samples", flush=True)
+    init = next(v["path"] for v in on["publishedVersions"] if v["step"] == 0)
+    offline = run_offline(ckpt, tok, train, fb_uses, set(steps_at), init, adapters / "offline", args)
+    points = {s: p for s, p in offline["checkpoints"].items()}
+    curves["offline"] = [{**base, "step": 0}] + evaluate(api, local, test, "offline", points)
+    return offline
+
+
+def write_result(state, statuses: dict, curves: dict, general: dict, offline: dict | None, final: bool) -> None:
+    """Writes the JSON (and the plot) from the runs finished so far; `complete` says whether all of them did."""
+    args, argv, ckpt, served, code, t_start, train, test, uses, runs, base = state
 
     def last(label: str) -> dict | None:
         return curves[label][-1] if label in curves else None
@@ -435,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics["cl_reuse_vs_recompute_heldout_loss"] = on["heldoutLoss"] / ro["heldoutLoss"] if on else None
     replay_curve = []
     for label, (replay, record) in runs.items():
-        if record and label != "reuse_off":
+        if record and label != "reuse_off" and label in curves:
             f = curves[label][-1]
             replay_curve.append({
                 "replayRatio": replay,
@@ -447,17 +478,20 @@ def main(argv: list[str] | None = None) -> int:
             })  # fmt: skip
     replay_curve.sort(key=lambda r: r["replayRatio"])
     metrics["cl_replay_curve"] = replay_curve
+    pick = pick_replay(replay_curve)
+    if pick is not None:
+        metrics["cl_replay_ratio_from_curve"] = pick
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
-    shown = {k: curves[k] for k in ("online", "offline", "reuse_off", "replay_0") if k in curves}
+    shown = {k: curves[k] for k in PLOTTED if k in curves}
     if shown:
         plot(shown, base["generalLoss"], png)
     result = {
         "command": " ".join(["bench/cl_task.py", *(argv if argv is not None else sys.argv[1:])]),
-        "model": f"SmolLM2-135M-Instruct ({ckpt}) fp32 CPU, served under the name {api.base}",
+        "model": f"SmolLM2-135M-Instruct ({ckpt}) fp32 CPU, served under the name {served}",
         "device": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count()},
-        "commit": _commit(),
+        "commit": code,
         "config": {
             "train_items": len(train),
             "test_items": len(test),
@@ -485,12 +519,12 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in statuses.items()
         },
         "plot": png.name if shown else None,
+        "complete": final,
         "wall_seconds": time.time() - t_start,
     }
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in metrics.items() if k != "cl_replay_curve"}, indent=1))
-    print(json.dumps(replay_curve, indent=1))
-    return 0
+    print(json.dumps(replay_curve, indent=1), flush=True)
 
 
 if __name__ == "__main__":

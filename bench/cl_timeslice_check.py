@@ -1,7 +1,7 @@
 """Why do serving steps slow down under time-slicing? (issue 5: the `coserve_vs_timeslice` baseline.)
 
-Session 7 saw serving steps ~45% slower while the bench's time-slicing loop trained only ~2% of the time. Two
-explanations predict different things:
+Under time-slicing, serving steps run ~45% slower while the loop trains only ~2% of the time. Two explanations
+predict different things:
 - queueing: any pause lets requests pile up, the next steps carry more sequences and run longer; a *sleep* of the
   same length as the training piece slows serving just as much, and steps of equal batch cost the same;
 - the GPU: a training piece leaves the device slower for the serving steps after it (clocks, caches, allocator);
@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cl_gpu  # noqa: E402  (import shim + model/job builders)
+import cl_gpu
 
 
 def binned(steps: list[tuple[int, int, int, float]], width: int) -> dict[str, dict]:
@@ -83,7 +82,7 @@ def main() -> int:
     res: dict = {
         "command": "python bench/cl_timeslice_check.py " + " ".join(sys.argv[1:]),
         "device": cl_gpu._device(args.device),
-        "commit": cl_gpu._commit(),
+        "commit": cl_gpu.commit(),
         "every": args.every,
     }
     cl_gpu.run_load(engine, cfg, None, seed=1)  # warm-up

@@ -1,28 +1,35 @@
 """What every benchmark shares: the model shapes, the provenance of a result file, and a step log.
 
-Import: benchmarks import the installed `lorafleet` package, never the checkout through `sys.path`. On a machine
-without it installed (the GPU machine), install it once, code only, into a folder on `PYTHONPATH`:
-`pip install --no-deps --no-build-isolation --target /tmp/lf . && export PYTHONPATH=/tmp/lf:$PWD` (bench/ENGINE_GPU.md).
+Imports: a benchmark runs as `python bench/<script>.py`, so its own folder is on `sys.path` and it imports its
+siblings by module name (`import common`, `import cl_gpu`); `lorafleet` is the installed package. No script edits
+`sys.path` (the checkout's root on it would let `operator/` shadow the standard library). Where the package is
+not installed (the GPU machine), install it once, code only, and put that folder on `PYTHONPATH`:
+
+    T=$(mktemp -d); pip install -q --no-deps --no-build-isolation --target "$T" . && export PYTHONPATH="$T"
+
+Results: one current file per benchmark under `bench/results/`, with `command`, `device`, `commit`, `metrics`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from lorafleet.worker.testing import StepLog  # noqa: F401  (re-exported: the benchmarks' step log)
-
 # one definition of the shapes (llama_shapes.py imports nothing, so the GPU-only kernel bench loads it too)
-from bench.llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: F401  (re-exported)
+from llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: F401  (re-exported)
+from lorafleet.worker.testing import StepLog  # noqa: F401  (re-exported: the benchmarks' step log)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
 def commit() -> str | None:
-    """The checkout's commit (None outside a git checkout, e.g. a copied tree)."""
+    """The checkout's commit: LORAFLEET_COMMIT where the tree is a copy without git, else HEAD (None if neither)."""
+    if os.environ.get("LORAFLEET_COMMIT"):
+        return os.environ["LORAFLEET_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL

@@ -1,7 +1,7 @@
 """Engine GPU benchmarks (issue 3): step overhead of unmerged multi-LoRA, batch-1 HBM efficiency, throughput with
 1/32/128/512 adapters, cold-adapter first-token latency, and the transformers+peft baseline, all in one process.
 
-Run on the GPU machine: `python -m bench.engine_bench --phase all --out DIR` (PYTHONPATH must make `lorafleet`
+Run on the GPU machine: `python bench/engine_bench.py --phase all --out DIR` (PYTHONPATH must make `lorafleet`
 importable). Each phase writes its own JSON (`engine_<phase>.json`) as soon as it finishes, so a failure later
 loses nothing; `--phase` can repeat. Every JSON holds `command`, `device`, `commit`, `metrics` and raw numbers.
 What is measured is the bench model in `gpu_llama.py` driven by `engine_sim.py` (see their docstrings), not the
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,14 +21,10 @@ import traceback
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lorafleet.worker.engine.cuda_graph import CudaGraphRunner, default_sizes  # noqa: E402
-
-from bench.engine_sim import Req, Sim, decode_example, make_requests  # noqa: E402
-from bench.gpu_llama import BenchLlama, Shape, adapter_bytes  # noqa: E402
-from bench.llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
+from common import LLAMA_31_8B, LLAMA_32_1B, commit
+from engine_sim import Req, Sim, decode_example, make_requests
+from gpu_llama import BenchLlama, Shape, adapter_bytes
+from lorafleet.worker.engine.cuda_graph import CudaGraphRunner, default_sizes
 
 RANK = 16
 
@@ -49,16 +44,6 @@ def device_info() -> dict:
     except Exception as e:  # noqa: BLE001 - informational only
         info["nvidia_smi_error"] = repr(e)
     return info
-
-
-def commit() -> str:
-    env = os.environ.get("LORAFLEET_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def llama_config(shape: dict):
@@ -122,8 +107,7 @@ def prefill_times(model: BenchLlama, n_seqs: int, plen: int, configs: list[tuple
     """Eager forward time of one prefill batch (n_seqs x plen tokens), LoRA vs none: the cost that a scheduler pays
     whenever it admits requests."""
     import numpy as np
-
-    from bench.engine_sim import segments
+    from engine_sim import segments
 
     dev = torch.device("cuda")
     page = model.page
@@ -325,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     state: dict = {}
     if "tune" in phases:
         try:
-            from bench.lora_kernel_bench import run as tune_run
+            from lora_kernel_bench import run as tune_run
 
             rep = tune_run()
             write(out, "lora_kernels", {"metrics": {}, **rep})
@@ -359,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.empty_cache()
     if "llm" in phases:
         try:
-            from bench.engine_llm_bench import run as llm_run
+            from engine_llm_bench import run as llm_run
 
             r = llm_run(Path("/tmp/lf_llm"), LLAMA_32_1B, 256 if q else 512, [0, 32])
             m = {f"llm_engine_1b_{k}_tok_s": v["tokens_per_s"] for k, v in r["runs"].items()}

@@ -12,7 +12,7 @@ directly on the device: the engine's safetensors loader is bypassed (`_random_we
 need a 16 GB checkpoint written and read back. Only a few adapters have distinct weights; the others are hard links
 of their files under their own names (each is still registered, hashed, pinned and uploaded to its own slot).
 
-GPU (repo not installed; a sys.path/__path__ shim makes `lorafleet.worker` importable from the checkout):
+GPU (with `lorafleet` installed, bench/common.py):
     python bench/engine_llm_bench.py --out DIR            # 1B and 8B, 0/32/128 adapters + 512 over 128 slots (1B)
     python bench/engine_llm_bench.py --shapes 1b --adapters 0,32 --out DIR
 CPU smoke (tiny model, seconds): python bench/engine_llm_bench.py --device cpu --tiny --out DIR
@@ -34,28 +34,10 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+from common import LLAMA_31_8B, LLAMA_32_1B, StepLog, commit
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _shim() -> None:
-    """Appends (never prepends: operator/ would shadow the stdlib) the checkout, and maps lorafleet.worker onto it
-    when the repo is not installed."""
-    if str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))
-    try:
-        import lorafleet.worker  # noqa: F401
-    except ImportError:
-        import lorafleet
-
-        lorafleet.__path__.append(str(ROOT))
-
-
-_shim()
-
-import torch  # noqa: E402
-
-from bench.common import StepLog  # noqa: E402
-from bench.llama_shapes import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
@@ -163,7 +145,7 @@ def write_adapters(root: Path, shape: dict, n: int, distinct: int, device: str) 
 def _requests(n_req: int, n_adapters: int, tiny: bool, seed: int = 1) -> list[tuple[int, int, int]]:
     """(prompt len, output len, adapter) per request: the `decode_heavy` mix of engine_sim (prompts 64-192,
     outputs 192-320), scaled down 8x / 24x in tiny mode."""
-    from bench.engine_sim import make_requests
+    from engine_sim import make_requests
 
     reqs = make_requests(n_req, "decode_heavy", n_adapters, seed=seed, max_len=2048)
     if tiny:
@@ -409,16 +391,6 @@ def device_info(device: str) -> dict:
                 ["nvidia-smi", q, "--format=csv,noheader"], capture_output=True, text=True, timeout=20
             ).stdout.strip()
     return info
-
-
-def commit() -> str | None:
-    env = os.environ.get("LORAFLEET_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001 - informational only
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

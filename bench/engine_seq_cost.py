@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cl_gpu  # noqa: E402  (import shim + model builders)
+import cl_gpu
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
@@ -94,7 +93,7 @@ def main() -> int:
     res = {
         "command": "python bench/engine_seq_cost.py " + " ".join(sys.argv[1:]),
         "device": cl_gpu._device(args.device),
-        "commit": cl_gpu._commit(),
+        "commit": cl_gpu.commit(),
         "triton_elementwise": cfg.triton_elementwise,
         "async_scheduling": cfg.async_scheduling,
         "rows": rows,

@@ -1,8 +1,8 @@
-"""Run engine / training tests on the GPU machine, where the repo is not installed and the cluster-side packages
-(kubernetes, kopf) are absent: make `lorafleet.worker` importable from the checkout (the same shim as the benches)
-and stop conftest discovery below `tests/` so the control-plane fixtures are never imported.
+"""Run engine / training tests on the GPU machine, where the cluster-side packages (kubernetes, kopf) are absent:
+stop conftest discovery below `tests/` so the control-plane fixtures are never imported. `lorafleet` must be
+importable (installed code-only with `pip --no-deps --target`, bench/common.py).
 
-Usage there: `python3 bench/gpu_pytest.py tests/cl/test_fused.py -k gpu` (any pytest arguments).
+Usage there: `python3 bench/gpu_pytest.py tests/cl/test_graphed.py -k gpu` (any pytest arguments).
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT))
-    import lorafleet
-
-    lorafleet.__path__.append(str(ROOT))
     import pytest
 
     targets = [a for a in argv if not a.startswith("-") and Path(a).exists()]

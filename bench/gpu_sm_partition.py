@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from lorafleet.worker.sm_partition import sm_partition
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import cl_gpu  # noqa: E402,F401  (import shim)
-import torch  # noqa: E402
-from lorafleet.worker.sm_partition import sm_partition  # noqa: E402
 
 DEV = torch.device("cuda", 0)
 BF = dict(dtype=torch.bfloat16, device=DEV)

@@ -10,7 +10,7 @@ Writes bench/results/operator_drift.json with, under `metrics`:
 - events_per_failure: Event objects per refused child after several resyncs (target 1; their `count` says how often)
 Per-case times are under `notes.drift_cases`.
 
-Usage: python bench/operator_drift.py [--out bench/results/operator_drift.json]
+Usage: python -P bench/operator_drift.py [--out bench/results/operator_drift.json]  (a few minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
+    from common import provenance, write_result
     from kubernetes.client.rest import ApiException
     from lorafleet.operator import constants as c
     from lorafleet.operator import resources as res
@@ -65,6 +65,7 @@ def main() -> int:
         cp.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
         cp.kubectl("wait", "--for=condition=Established", "crd/loraadapters.lorafleet.io", "--timeout=60s")
         sa = service_account_kubeconfig(cp.kubeconfig, work / "operator.kubeconfig", ROOT / "manifests")
+        cp.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests/admission"))  # as installed: writes only ours
         fleet = LocalFleet(
             cp.kubeconfig, "bench", work / "fleet", adapter_root=str(work / "adapters"), operator_kubeconfig=sa,
             operator_args=["--interval", "1.0", "--drain-grace", "0.5", "--rebalance-interval", "0"],
@@ -182,20 +183,18 @@ def main() -> int:
             notes["event_counts"] = counts
         finally:
             fleet.close()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
         "benchmark": "operator_drift",
-        "command": " ".join([sys.executable, *sys.argv]),
-        "device": "cpu (2 cores shared; KWOK nodes, real lorafleet worker processes, tiny Llama)",
-        "commit": commit,
+        **provenance("operator_drift.py", None, "cpu"),
+        "setup": "2 shared CPU cores; real kube-apiserver, controllers and KWOK nodes; real lorafleet worker processes "
+        "(tiny Llama); the operator as the manifests' ServiceAccount under manifests/admission/",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "metrics": metrics,
         "notes": notes,
         "baseline": "the periodic resync alone repairs within --resync-interval (30 s); watches make it one cycle",
         "targets": {"drift_repair_seconds": "<= 10", "scaledown_failed_requests": "= 0", "events_per_failure": "= 1"},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 

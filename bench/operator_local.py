@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
+    from common import provenance, write_result
     from lorafleet.operator import constants as c
     from lorafleet.worker.testing import build_peft_adapter, build_tiny_llama
 
@@ -145,12 +145,11 @@ def main() -> int:
             notes["operator_reconcile_errors"] = fleet.operator_metric("lorafleet_operator_reconcile_errors_total")
         finally:
             fleet.close()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
         "benchmark": "operator_local",
-        "command": " ".join([sys.executable, *sys.argv]),
-        "device": "cpu (2 cores shared; KWOK nodes, real lorafleet worker processes, tiny Llama)",
-        "commit": commit,
+        **provenance("operator_local.py", None, "cpu"),
+        "setup": "2 shared CPU cores; real kube-apiserver, controllers and KWOK nodes; real lorafleet worker processes "
+        "(tiny Llama); the operator as the manifests' ServiceAccount",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "params": {"adapters": args.adapters, "workers": args.workers},
         "metrics": metrics,
@@ -161,8 +160,7 @@ def main() -> int:
             "migration_dropped_requests": "= 0",
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 

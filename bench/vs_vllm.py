@@ -482,7 +482,7 @@ def run_set(args, spec: SetSpec, model: Path, root: Path, out: Path, t_start: fl
         try:
             doc["startup_s"][engine] = server.wait_ready(args.startup_timeout)
             save()
-            for run in spec.runs:
+            for run in [r for r in spec.runs if not args.runs or r.name in args.runs.split(",")]:
                 left = args.deadline_s - (time.perf_counter() - t_start)
                 if left < args.min_run_s:
                     doc["skipped"].append(f"{engine}/{run.name}: {left:.0f} s left")
@@ -535,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", type=int, default=128, help="adapters of the r16 set")
     p.add_argument("--slots", type=int, default=32, help="GPU adapter slots (--max-loras) of every set")
     p.add_argument("--distinct", type=int, default=4, help="adapters with their own weights per rank")
+    p.add_argument("--runs", default="", help="only these runs of each set, comma-separated (e.g. max_32,max_128)")
     p.add_argument("--num-prompts", type=int, default=768)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)

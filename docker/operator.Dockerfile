@@ -1,34 +1,45 @@
 # syntax=docker/dockerfile:1
-# LoRA Fleet operator image. Build from the repository root:
-#   docker build -f docker/operator.Dockerfile -t ghcr.io/lorafleet/operator:0.1.0 .
-# The operator never imports torch, so the package is installed without its dependencies and only the operator's
-# own (pinned as in pyproject.toml; tests/foundation/test_docker.py checks the pins) are added: a small image.
+# LoRA Fleet operator image for users with Docker; hack/images.sh builds the same image without a daemon (mmdebstrap
+# + buildah, docs/images.md) and tests/foundation/test_docker.py checks that the two recipes agree. From the repo root:
+#   docker build -f docker/operator.Dockerfile --build-arg REVISION="$(git rev-parse HEAD)" \
+#     -t ghcr.io/lorafleet/operator:0.1.0 .
+# The operator never imports torch, so the wheel is installed without its dependencies and only the operator's own
+# (docker/operator-requirements.txt, pinned with hashes by `bash hack/images.sh lock`) are added: a small image.
 
-FROM python:3.12-slim AS build
+FROM debian:bookworm-slim AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY lorafleet ./lorafleet
 COPY operator ./operator
 COPY worker ./worker
-RUN pip install --no-cache-dir "setuptools>=69" wheel \
- && pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
+COPY docker/operator-requirements.txt /tmp/requirements.txt
+# pip runs from a throwaway venv, so /opt/lorafleet keeps no pip of its own (as with hack/images.sh's uv).
+RUN python3 -m venv /tmp/pip \
+ && /tmp/pip/bin/pip wheel --no-deps --wheel-dir /wheels . \
+ && python3 -m venv --without-pip /opt/lorafleet \
+ && /tmp/pip/bin/pip --python /opt/lorafleet/bin/python install --no-deps --require-hashes -r /tmp/requirements.txt \
+ && /tmp/pip/bin/pip --python /opt/lorafleet/bin/python install --no-deps /wheels/*.whl
 
-FROM python:3.12-slim
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN pip install \
-      "kopf==1.45.2" \
-      "kubernetes==36.0.3" \
-      "ortools==9.15.6755" \
-      "prometheus-client==0.26.0" \
-      "pydantic==2.14.3" \
-      "httpx>=0.27" \
-      "pyyaml>=6"
-COPY --from=build /wheels /wheels
-RUN pip install --no-deps /wheels/*.whl && rm -rf /wheels \
- && python -c "import lorafleet.operator.main"
+FROM debian:bookworm-slim
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.source="https://github.com/lorafleet/lorafleet" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.title="lorafleet-operator"
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 65532 lorafleet && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin lorafleet
+COPY --from=build /opt/lorafleet /opt/lorafleet
+ENV PATH=/opt/lorafleet/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN python -c "import lorafleet.operator.main"
 # Matches runAsUser/runAsGroup in manifests/ and the chart (restricted Pod Security).
 USER 65532:65532
 # 8080: /metrics, 8081: /healthz (kopf liveness).

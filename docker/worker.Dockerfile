@@ -1,34 +1,51 @@
 # syntax=docker/dockerfile:1
-# LoRA Fleet worker image (engine + OpenAI/vLLM-compatible API). Build from the repository root:
-#   docker build -f docker/worker.Dockerfile -t ghcr.io/lorafleet/worker:0.1.0 .
-# PyPI's torch wheels bundle the CUDA runtime, so a plain Python base works on GPU nodes with the NVIDIA container
-# toolkit; Triton kernels compile at first use into $TRITON_CACHE_DIR (a writable volume).
+# LoRA Fleet worker image (engine + OpenAI/vLLM-compatible API) for users with Docker; hack/images.sh builds the same
+# image without a daemon (mmdebstrap + buildah, docs/images.md) and tests/foundation/test_docker.py checks that the two
+# recipes agree. From the repo root:
+#   docker build -f docker/worker.Dockerfile --build-arg REVISION="$(git rev-parse HEAD)" \
+#     -t ghcr.io/lorafleet/worker:0.1.0 .
+# PyPI's torch wheels are CUDA builds that bring the CUDA runtime as nvidia-* wheels (docker/worker-requirements.txt,
+# pinned with hashes by `bash hack/images.sh lock`), so a plain Debian base works on GPU nodes with the NVIDIA container
+# toolkit, and on CPU. Triton kernels compile at first use into $TRITON_CACHE_DIR (a writable volume).
 
-FROM python:3.12-slim AS build
+FROM debian:bookworm-slim AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY lorafleet ./lorafleet
 COPY operator ./operator
 COPY worker ./worker
-RUN pip install --no-cache-dir "setuptools>=69" wheel \
- && pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
+COPY docker/worker-requirements.txt /tmp/requirements.txt
+# pip runs from a throwaway venv, so /opt/lorafleet keeps no pip of its own (as with hack/images.sh's uv).
+RUN python3 -m venv /tmp/pip \
+ && /tmp/pip/bin/pip wheel --no-deps --wheel-dir /wheels . \
+ && python3 -m venv --without-pip /opt/lorafleet \
+ && /tmp/pip/bin/pip --python /opt/lorafleet/bin/python install --no-deps --require-hashes -r /tmp/requirements.txt \
+ && /tmp/pip/bin/pip --python /opt/lorafleet/bin/python install --no-deps /wheels/*.whl
 
-FROM python:3.12-slim
-ENV PYTHONDONTWRITEBYTECODE=1 \
+FROM debian:bookworm-slim
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.source="https://github.com/lorafleet/lorafleet" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.title="lorafleet-worker"
+# Triton compiles its launcher at first use on a GPU: a C compiler and Python's headers.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 ca-certificates gcc libc6-dev libpython3.11-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 65532 lorafleet && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin lorafleet \
+ && mkdir -p /cache /var/lib/lorafleet && chown 65532:65532 /cache /var/lib/lorafleet
+COPY --from=build /opt/lorafleet /opt/lorafleet
+ENV PATH=/opt/lorafleet/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/cache/huggingface \
     TRITON_CACHE_DIR=/cache/triton
-# Triton JIT needs a C compiler at runtime.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /wheels /wheels
-# The wheel's own metadata carries every pinned dependency (torch==2.13.0, transformers, peft, ...).
-RUN pip install /wheels/*.whl && rm -rf /wheels \
- && python -c "import lorafleet.worker"
-RUN mkdir -p /cache /var/lib/lorafleet && chown 65532:65532 /cache /var/lib/lorafleet
+RUN python -c "import lorafleet.worker.main"
 USER 65532:65532
 VOLUME ["/cache", "/var/lib/lorafleet"]
 EXPOSE 8000

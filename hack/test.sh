@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what the tests need on a fresh machine, then runs them.
-#   venv (cached by pyproject hash) → control-plane binaries (cached by version) → Debian prometheus → ruff → pytest
+#   venv (cached by pyproject hash) → control-plane binaries (cached by version) → Debian prometheus →
+#   container images (cached by content) → ruff → pytest
 # Prints the time of each stage. Extra arguments go to pytest (e.g. `bash hack/test.sh tests/worker -k api`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +25,13 @@ stage control-plane-binaries
 echo "==> [$(date -u +%H:%M:%S)] prometheus"
 if [[ -f hack/prometheus.sh ]]; then bash hack/prometheus.sh >/dev/null; fi
 stage prometheus
+
+# The full suite only (a chosen subset builds them when it selects tests/foundation/test_images.py, which starts them).
+if (($# == 0)); then
+  echo "==> [$(date -u +%H:%M:%S)] container images (mmdebstrap + buildah, cached by content)"
+  LORAFLEET_PYTHON="$V/bin/python" bash hack/images.sh build
+  stage images
+fi
 
 echo "==> [$(date -u +%H:%M:%S)] ruff"
 "$V/bin/ruff" check .

@@ -110,3 +110,36 @@ async def reconcile(kube: Kube, bm: Mapping[str, Any], *, adapter_root: str, rep
             continue
         versions[(body["kind"], name)] = str((out.get("metadata") or {}).get("resourceVersion", ""))
     return ChildrenResult(token, failures, versions)
+
+
+class Keeper:
+    """When the children are applied again: after a watch event this fleet did not cause (the resourceVersion
+    differs from what its own last apply left), a new generation or replica count, a failure (retried in 5 s), or
+    the periodic resync."""
+
+    def __init__(self, resync: float) -> None:
+        self.resync = resync
+        self.failures: list[ChildFailure] = []
+        self._dirty = True
+        self._due = 0.0
+        self._key: tuple[Any, ...] | None = None
+        self._versions: dict[tuple[str, str], str] = {}
+
+    def changed(self, kind: str, name: str, resource_version: str | None, deleted: bool) -> bool:
+        """A watch event on a child; True when it must be re-applied."""
+        if deleted or self._versions.get((kind, name)) != resource_version:
+            self._dirty = True
+        return self._dirty
+
+    def due(self, key: tuple[Any, ...], now: float) -> bool:
+        return self._dirty or key != self._key or now >= self._due
+
+    def start(self, key: tuple[Any, ...]) -> None:
+        """Before an apply: a watch event that arrives during it marks the children dirty again."""
+        self._dirty = False
+        self._key = key
+
+    def applied(self, result: ChildrenResult, now: float) -> None:
+        self._due = now + (5.0 if result.failures else self.resync)
+        self._versions.update(result.versions)
+        self.failures = result.failures

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import kopf
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from lorafleet.operator import constants as c
@@ -31,6 +32,28 @@ def load_config(kubeconfig: str | None = None) -> client.ApiClient:
         config.load_incluster_config(client_configuration=cfg)
     cfg.connection_pool_maxsize = 16
     return client.ApiClient(cfg)
+
+
+def connection_info(api_client: client.ApiClient) -> kopf.ConnectionInfo:
+    """kopf's credentials read off the operator's own client configuration, so the watches and the handlers' calls
+    authenticate the same way: with `--kubeconfig`, in-cluster, or from $KUBECONFIG. kopf's built-in login reads
+    the kubernetes client's default location, fixed when the client is imported, so a `--kubeconfig` given on the
+    command line would otherwise never reach the watches."""
+    cfg = api_client.configuration
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0] if parts else None)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
 
 
 def not_found(exc: BaseException) -> bool:

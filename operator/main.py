@@ -106,7 +106,9 @@ def make_runtime(config: OperatorConfig, kubeconfig: str | None = None) -> Runti
     from lorafleet.operator.metrics import OperatorMetrics
 
     kube = Kube(load_config(kubeconfig))
-    return Runtime(config=config, kube=kube, metrics=OperatorMetrics(), events=EventRecorder(kube))
+    return Runtime(
+        config=config, kube=kube, metrics=OperatorMetrics(), events=EventRecorder(kube), kubeconfig=kubeconfig
+    )
 
 
 async def run_operator(
@@ -136,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.namespace and not args.all_namespaces:
         args.namespace = [os.environ.get("LORAFLEET_NAMESPACE", "default")]
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig
     kopf.configure(verbose=args.verbose)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     runtime = make_runtime(config_from_args(args), args.kubeconfig)

@@ -122,6 +122,28 @@ def probes(probe_path: str) -> dict[str, Any]:
     }
 
 
+# Stock vLLM's drain: its image has no `lorafleet drain-wait`, but it has Python. Like drain-wait, the hook returns
+# once the server lists no LoRA adapter in /v1/models (every entry with a `parent` is one), when it stops answering,
+# or after the timeout, so SIGTERM reaches a vLLM process only after the operator has moved its adapters away.
+VLLM_DRAIN_SCRIPT = """import json, sys, time, urllib.request
+port, end = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+            models = json.load(r).get("data") or []
+    except Exception:
+        break
+    if not any(m.get("parent") for m in models):
+        break
+    time.sleep(0.5)
+"""
+
+
+def vllm_drain_hook(port: int, timeout_s: int) -> dict[str, Any]:
+    """The preStop hook of a stock vLLM container: waits until it holds no adapter (at most `timeout_s`)."""
+    return {"exec": {"command": ["python3", "-c", VLLM_DRAIN_SCRIPT, str(port), str(timeout_s)]}}
+
+
 def apply_pod_template(pod_spec: dict[str, Any], template: Mapping[str, Any], selector: Mapping[str, str]) -> None:
     """Merges `spec.worker.podTemplate`'s pod-level fields into the pod spec (in place)."""
     pod_spec["securityContext"] = pod_security_context(template)

@@ -23,7 +23,6 @@ WORKER_IMAGE = "ghcr.io/lorafleet/worker:0.1.0"
 # A deleted worker pod: the preStop hook waits up to DRAIN_WAIT_SECONDS for the operator to empty it, inside the
 # pod's grace period (the operator's default drain timeout is 60 s; the rest is the handoff's load and grace).
 DRAIN_WAIT_SECONDS = 80
-VLLM_PRESTOP_SECONDS = 15
 TERMINATION_GRACE_SECONDS = 90
 
 
@@ -118,8 +117,9 @@ def model_mount(uri: str, engine: str = "lorafleet", fetch_image: str = WORKER_I
     file:// and absolute paths are host paths mounted read-only at the same path (the spec asked for a node
     directory; the path means the same on the node, in the container and to the local shim). pvc://claim/sub
     mounts the claim read-only under the claim root. Our workers resolve pvc://, s3:// and hf:// themselves (into
-    the verified cache, `docs/stores.md`). Stock vLLM gets what it accepts: the claim's path, the hub repo id plus
-    `--revision`, or for s3:// a directory that an init container (`lorafleet fetch`, the worker image) fills.
+    the verified cache, `docs/stores.md`). Stock vLLM gets what it accepts: the claim's path, or for s3:// and hf://
+    a local directory that an init container (`lorafleet fetch`, the worker image) fills with the same verification
+    (safetensors only, checksums), so vLLM never downloads a pickle file and needs no hub or S3 credentials itself.
     """
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
@@ -134,9 +134,6 @@ def model_mount(uri: str, engine: str = "lorafleet", fetch_image: str = WORKER_I
         return ModelMount(arg, (vol,), (mnt,))
     if engine != "vllm":
         return ModelMount(uri)
-    if uri.startswith("hf://"):
-        repo, _, revision = uri[len("hf://") :].partition("@")
-        return ModelMount(repo, extra_args=("--revision", revision) if revision else ())
     target = f"{podspec.CACHE_DIR}/model"
     init = {
         "name": "fetch-model",
@@ -219,8 +216,8 @@ def worker_container(bm: Body, adapter_root: str = c.DEFAULT_ADAPTER_ROOT) -> tu
         env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
         command: list[str] = []
         probe_path = "/health"
-        # stock vLLM has no drain-wait: its preStop sleeps while the operator un-routes and drains it
-        pre_stop: dict[str, Any] = {"sleep": {"seconds": VLLM_PRESTOP_SECONDS}}
+        # the same drain as our workers: held up until the operator has moved every adapter away
+        pre_stop: dict[str, Any] = podspec.vllm_drain_hook(port, DRAIN_WAIT_SECONDS)
     else:
         image = wspec.get("image") or WORKER_IMAGE
         command = ["lorafleet", "worker"]

@@ -8,8 +8,9 @@ so the ReplicaSet only ever deletes pods that are already drained. Pure: the fle
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 VICTIM_COST = "-1000000"  # lower than any cost a user would set; the ReplicaSet deletes the lowest first
@@ -52,3 +53,26 @@ def plan_scale(target: int, pods: Iterable[PodState], retiring: Iterable[str] = 
     chosen = sorted(live, key=lambda p: (not (p.name in keep or p.marked), *_cost(p)))[:surplus]
     undrained = [p for p in chosen if p.adapters > 0]
     return ScalePlan(target + len(undrained), tuple(sorted(p.name for p in chosen)))
+
+
+def pod_states(
+    pods: Iterable[Mapping[str, Any]], held: Mapping[str, int], ready: set[str], load: Mapping[str, float]
+) -> list[PodState]:
+    """The planner's view of the pods: `held` adapters (plus drains still running) per pod, the pods whose worker
+    answered and is running, and each pod's measured load."""
+    out = []
+    for pod in pods:
+        meta = pod["metadata"]
+        name = meta["name"]
+        out.append(
+            PodState(
+                name=name,
+                ready=name in ready,
+                adapters=held.get(name, 0),
+                load=load.get(name, 0.0),
+                template_hash=(meta.get("labels") or {}).get("pod-template-hash"),
+                terminating=bool(meta.get("deletionTimestamp")),
+                marked=(meta.get("annotations") or {}).get(DELETION_COST) == VICTIM_COST,
+            )
+        )
+    return out

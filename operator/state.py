@@ -52,6 +52,7 @@ class Runtime:
     kube: Kube
     metrics: OperatorMetrics
     events: EventRecorder | None = None
+    kubeconfig: str | None = None  # `--kubeconfig`; None: $KUBECONFIG, ~/.kube/config or in-cluster (kube.load_config)
     fleets: dict[tuple[str, str], BaseModelFleet] = field(default_factory=dict)
 
     def event(self, involved: Any, type_: str, reason: str, message: str) -> None:

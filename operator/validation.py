@@ -31,6 +31,13 @@ def adapter_path(uri: str, adapter_root: str = "/var/lib/lorafleet/adapters") ->
     return uri
 
 
+def same_form(location: str) -> str:
+    """A `lora_path` in the form two equal locations share: filesystem paths normalised (`a//b/../c` is `a/c`),
+    URIs as they are: `os.path.normpath` folds `s3://b/k` into `s3:/b/k`, which a worker reads as a local path and
+    refuses (400), so a store's version could never be rolled out to another replica."""
+    return location if "://" in location else os.path.normpath(location)
+
+
 def unmounted_claim(uri: str, basemodel: Mapping[str, Any]) -> str | None:
     """The claim of a pvc:// source that the BaseModel's workers do not mount, or None."""
     if not uri.startswith("pvc://"):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from lorafleet.operator import scrape
+from lorafleet.operator import scrape, vllm_load
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,14 @@ class WorkerClient:
                 return info.in_flight
         return 0
 
+    async def drain_mark(self) -> float | None:
+        """What a drain compares later answers to (None here: `/v1/adapters` counts are exact and current)."""
+        return None
+
+    async def drained(self, name: str, since: float | None) -> bool:
+        """True when `name` has no request running or waiting on this worker."""
+        return await self.in_flight(name) == 0
+
     async def load_report(self) -> scrape.WorkerLoad:
         return scrape.parse_metrics(await self.metrics_text())
 
@@ -227,9 +236,25 @@ class WorkerClient:
 
 
 class VLLMWorkerClient(WorkerClient):
-    """Stock vLLM: adapters come from `/v1/models` (entries with a parent), in-flight from `vllm:lora_requests_info`."""
+    """Stock vLLM: adapters come from `/v1/models` (entries with a parent), in-flight from `vllm:lora_requests_info`,
+    per-adapter rates from successive scrapes (`vllm_load.py`)."""
 
     engine = "vllm"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rates = vllm_load.RateTracker()
+
+    async def load_report(self) -> scrape.WorkerLoad:
+        load = scrape.parse_metrics(await self.metrics_text())
+        load.adapter_rate = self.rates.update(load, time.monotonic())
+        return load
+
+    async def drain_mark(self) -> float | None:
+        return (await self.load_report()).newest_ts
+
+    async def drained(self, name: str, since: float | None) -> bool:
+        return vllm_load.drained(name, await self.load_report(), since)
 
     async def ready(self) -> bool:
         try:
@@ -250,7 +275,7 @@ class VLLMWorkerClient(WorkerClient):
             if not m.get("parent"):
                 continue
             name = str(m.get("id"))
-            running, waiting = scrape.vllm_in_flight(name, load)
+            running, waiting = vllm_load.in_flight(name, load)
             out.append(AdapterInfo(name=name, running=running, waiting=waiting, path=m.get("root")))
         return out
 

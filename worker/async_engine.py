@@ -17,139 +17,33 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from lorafleet.worker.engine.plugin import FinishedRequest, IterationPlugin
+from lorafleet.worker.engine_snapshot import EngineSnapshot, publish_snapshot, read_snapshot
 from lorafleet.worker.metrics import WorkerMetrics
+from lorafleet.worker.request_stream import (
+    DuplicateRequestError,
+    EngineDeadError,
+    EngineNotReadyError,
+    OverloadedError,
+    RequestStream,
+    _Tracked,
+)
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread is not running (failed to start, crashed or stopped)."""
-
-
-class EngineNotReadyError(RuntimeError):
-    """The model is still loading."""
-
-
-class OverloadedError(RuntimeError):
-    """Too many requests are waiting; the client should retry after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DuplicateRequestError(ValueError):
-    """A request with this id is already in flight."""
-
-
-@dataclass
-class AdapterInfo:
-    """One adapter as `/v1/adapters` and `/v1/models` show it."""
-
-    name: str
-    path: str | None
-    state: str
-    tier: str
-    rank: int | None
-    version: str | None
-    running: int = 0
-    waiting: int = 0
-    request_rate: float = 0.0
-    # Bytes the adapter costs this worker: its host-tier weights when resident, else its weight file on disk. The
-    # operator packs adapters by these bytes against a worker's memory budget, so it needs the engine's own count.
-    size_bytes: int | None = None
-
-
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def adapter_size_bytes(av: Any) -> int | None:
-    """Resident host weights' nbytes, else the on-disk weight file's size; None when neither can be read."""
-    weights = getattr(av, "weights", None)
-    if weights is not None:
-        return int(weights.nbytes)
-    for fname in WEIGHT_FILES:
-        try:
-            return os.stat(os.path.join(str(av.path), fname)).st_size
-        except (OSError, TypeError):
-            continue
-    return None
-
-
-@dataclass
-class EngineSnapshot:
-    """Engine state copied by the engine thread, so HTTP handlers can read it without touching the engine."""
-
-    taken_at: float = 0.0
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_total: int = 0
-    kv_blocks_used: int = 0
-    kv_usage: float = 0.0
-    num_preemptions: int = 0
-    adapters: list[AdapterInfo] = field(default_factory=list)
-    running_by_adapter: dict[str, int] = field(default_factory=dict)
-    waiting_by_adapter: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class _Tracked:
-    request_id: str
-    lora_name: str | None
-    prompt_token_ids: list[int]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    arrival: float
-    extra: dict[str, Any]
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    last_output: Any = None
-
-
-class RequestStream:
-    """Async iterator over one request's `RequestOutput`s; `close()` aborts the request unless it finished.
-
-    Handlers must call `close()` in a `finally` (client disconnects cancel the handler): that is what frees the
-    request's KV blocks at once.
-    """
-
-    def __init__(self, runner: AsyncEngineRunner, tracked: _Tracked) -> None:
-        self._runner = runner
-        self._tracked = tracked
-        self.finished = False
-        self.closed = False
-
-    @property
-    def request_id(self) -> str:
-        return self._tracked.request_id
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        if self.finished or self.closed:
-            raise StopAsyncIteration
-        item = await self._tracked.queue.get()
-        if isinstance(item, BaseException):
-            self.closed = True
-            raise item
-        if item.finished:
-            self.finished = True
-        return item
-
-    def close(self) -> None:
-        if not self.finished and not self.closed:
-            self._runner.abort(self.request_id)
-        self.closed = True
+__all__ = [
+    "AsyncEngineRunner",
+    "DuplicateRequestError",
+    "EngineDeadError",
+    "EngineNotReadyError",
+    "OverloadedError",
+    "RequestStream",
+]
 
 
 class AsyncEngineRunner:
@@ -517,77 +411,3 @@ class AsyncEngineRunner:
 def _deliver(items: list[tuple[asyncio.Queue, Any, str]]) -> None:
     for q, out, _request_id in items:
         q.put_nowait(out)
-
-
-def _int(obj: Any, name: str, default: int = 0) -> int:
-    value = getattr(obj, name, default)
-    return int(value) if isinstance(value, int | float) else default
-
-
-def _per_adapter(stats: Any, *names: str) -> dict[str, int]:
-    for name in names:
-        value = getattr(stats, name, None)
-        if isinstance(value, dict):
-            return {str(k): int(v) for k, v in value.items() if k is not None}
-    return {}
-
-
-def read_snapshot(engine: Any, metrics: WorkerMetrics | None) -> EngineSnapshot:
-    """Copies the engine's stats and the adapter store's listing (engine thread only)."""
-    stats = engine.stats()
-    snap = EngineSnapshot(
-        taken_at=time.time(),
-        num_running=_int(stats, "num_running"),
-        num_waiting=_int(stats, "num_waiting"),
-        kv_blocks_total=_int(stats, "kv_blocks_total"),
-        kv_blocks_used=_int(stats, "kv_blocks_used"),
-        kv_usage=float(getattr(stats, "kv_usage", 0.0) or 0.0),
-        num_preemptions=_int(stats, "num_preemptions"),
-        running_by_adapter=_per_adapter(stats, "running_by_adapter", "running_per_adapter"),
-        waiting_by_adapter=_per_adapter(stats, "waiting_by_adapter", "waiting_per_adapter"),
-    )
-    store = engine.store
-    for name in store.names():
-        av = store.current(name)
-        snap.adapters.append(
-            AdapterInfo(
-                name=name,
-                path=str(av.uri),
-                state="loaded",
-                tier=av.tier,
-                rank=av.rank,
-                version=str(av.version),
-                running=snap.running_by_adapter.get(name, 0),
-                waiting=snap.waiting_by_adapter.get(name, 0),
-                request_rate=metrics.rates.rate(name) if metrics is not None else 0.0,
-                size_bytes=adapter_size_bytes(av),
-            )
-        )
-    return snap
-
-
-def store_counters(engine: Any) -> dict[str, int]:
-    counters = getattr(engine.store, "counters", {})
-    return {k: int(v) for k, v in counters.items()}
-
-
-def publish_snapshot(metrics: WorkerMetrics, snap: EngineSnapshot, engine: Any) -> None:
-    running = [name for name, n in snap.running_by_adapter.items() if n > 0]
-    waiting = [name for name, n in snap.waiting_by_adapter.items() if n > 0]
-    metrics.update_engine(
-        num_running=snap.num_running,
-        num_waiting=snap.num_waiting,
-        kv_usage=snap.kv_usage,
-        kv_blocks_used=snap.kv_blocks_used,
-        kv_blocks_total=snap.kv_blocks_total,
-        num_preemptions=snap.num_preemptions,
-        running_adapters=running,
-        waiting_adapters=waiting,
-    )
-    tiers: dict[str, int] = {}
-    for info in snap.adapters:
-        tiers[info.tier] = tiers.get(info.tier, 0) + 1
-    counters = store_counters(engine)
-    metrics.update_store(
-        tiers, counters, getattr(engine.store, "last_slot_load_seconds", None), [a.name for a in snap.adapters]
-    )

@@ -34,6 +34,8 @@ class EngineConfig:
     async_scheduling: bool | None = None
     # GPU: RMSNorm (+ residual add), rotary and SiLU-and-mul as one Triton kernel each (layers/triton_elementwise.py)
     triton_elementwise: bool = True
+    # serve an adapter that dominates the batch merged into a copy of the base projections (engine/merge_switch.py)
+    merge_switch: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -57,6 +59,8 @@ class EngineConfig:
             raise ValueError("async_scheduling must be a bool or None (auto)")
         if not isinstance(self.triton_elementwise, bool):
             raise ValueError("triton_elementwise must be a bool")
+        if not isinstance(self.merge_switch, bool):
+            raise ValueError("merge_switch must be a bool")
 
 
 def resolve_device(device: str):

@@ -23,6 +23,22 @@ API_KEY_ENV = "VLLM_API_KEY"
 FEEDBACK_KEY_ENV = "LORAFLEET_FEEDBACK_API_KEY"
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least `minimum` (a bad value is argparse's usage error, not a traceback
+    when the app is built)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorafleet worker", description="Serve a base model and many LoRA adapters.")
     p.add_argument("--model", required=True, help="HF checkpoint directory (config.json + safetensors) or a .gguf")
@@ -65,9 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="adapter whose feedback is stored without a training job for it in the pool ('*': any adapter)",
     )
-    p.add_argument("--max-request-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-request-body-bytes", type=_count(1), default=4 << 20, help="larger request bodies get 413")
     p.add_argument(
         "--chat-template-timeout", type=float, default=2.0, help="seconds a chat template may render before 400"
+    )
+    p.add_argument(
+        "--offload-threads",
+        type=_count(1),
+        default=min(4, os.cpu_count() or 1),
+        help="threads that parse, tokenize and serialise big payloads off the event loop",
+    )
+    p.add_argument(
+        "--offload-backlog", type=_count(0), default=8, help="queued offload jobs beyond the threads before 429"
+    )
+    p.add_argument(
+        "--max-tokenize-tokens", type=_count(1), default=1 << 17, help="longest token list one /tokenize answer holds"
     )
     p.add_argument("--allowed-origins", type=json.loads, default=["*"], help="CORS origins, a JSON list (vLLM)")
     p.add_argument("--allowed-methods", type=json.loads, default=["*"], help="CORS methods, a JSON list (vLLM)")
@@ -110,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="launch each step before the previous step's tokens reach the host (default: on for a GPU, off on "
         "CPU; 1.4-1.8x closed-loop max load on an H200, see bench/ENGINE_GPU.md)",
+    )
+    p.add_argument(
+        "--merge-switch",
+        action="store_true",
+        help="serve an adapter that dominates the batch merged into a copy of the base projections (dLoRA; costs "
+        "that copy's memory; docs/merge-switch.md)",
+    )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action="store_true",
+        help="reuse the KV blocks of identical prompt prefixes (vLLM's flag): the choices of an n > 1 request "
+        "share their prompt's full blocks",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
@@ -182,6 +222,8 @@ def engine_config(args: argparse.Namespace):
         triton_elementwise=not args.no_triton_elementwise,
         lora_admission=args.lora_admission,
         max_admission_wait_steps=args.max_admission_wait_steps,
+        merge_switch=args.merge_switch,
+        enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
     )
     try:
@@ -191,18 +233,11 @@ def engine_config(args: argparse.Namespace):
     return cfg
 
 
-def build_worker(args: argparse.Namespace):
-    """(app, runner) for these arguments; the runner is started (the model loads in its thread)."""
-    from lorafleet.worker.api import ApiSettings, create_app
-    from lorafleet.worker.async_engine import AsyncEngineRunner
-    from lorafleet.worker.lora.sources.resolver import SourceResolver
-    from lorafleet.worker.lora.sources.uri import scheme_of
-    from lorafleet.worker.metrics import WorkerMetrics
+def api_settings(args: argparse.Namespace, served: str):
+    """The HTTP layer's settings from the flags (credentials read from their files or environment)."""
+    from lorafleet.worker.api import ApiSettings
 
-    cfg = engine_config(args)
-    modules = parse_lora_modules(args.lora_modules)
-    served = args.served_model_name or Path(args.model.rstrip("/")).name
-    settings = ApiSettings(
+    return ApiSettings(
         served_model_name=served,
         model_path=args.model,
         admin_token=read_admin_token(args.admin_token_file),
@@ -212,11 +247,29 @@ def build_worker(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         max_body_bytes=args.max_request_body_bytes,
         chat_template_timeout_s=args.chat_template_timeout,
+        offload_threads=args.offload_threads,
+        offload_backlog=args.offload_backlog,
+        max_tokenize_tokens=args.max_tokenize_tokens,
         allowed_origins=list(args.allowed_origins),
         allowed_methods=list(args.allowed_methods),
         allowed_headers=list(args.allowed_headers),
         allow_credentials=args.allow_credentials,
     )
+
+
+def build_worker(args: argparse.Namespace):
+    """(app, runner) for these arguments; the runner is started (the model loads in its thread)."""
+    from lorafleet.worker.api import create_app
+    from lorafleet.worker.async_engine import AsyncEngineRunner
+    from lorafleet.worker.lora.sources.publish import VersionSink
+    from lorafleet.worker.lora.sources.resolver import SourceResolver
+    from lorafleet.worker.lora.sources.uri import scheme_of
+    from lorafleet.worker.metrics import WorkerMetrics
+
+    cfg = engine_config(args)
+    modules = parse_lora_modules(args.lora_modules)
+    served = args.served_model_name or Path(args.model.rstrip("/")).name
+    settings = api_settings(args, served)
     metrics = WorkerMetrics(served, max_loras=args.max_loras, max_adapter_labels=args.max_adapter_labels)
     sources = SourceResolver(
         args.source_cache,
@@ -243,6 +296,7 @@ def build_worker(args: argparse.Namespace):
 
     runner = AsyncEngineRunner(factory, metrics=metrics, max_waiting=args.max_waiting)
     training = register(runner, metrics.registry)  # co-serving fine-tuning: the engine's one plugin (plugin.py)
+    training.sink = VersionSink(sources)  # versions of store-backed adapters go to their store (docs/stores.md)
     runner.start()
     app = create_app(runner, settings, training=training)
     app.state.sources = sources

@@ -125,13 +125,3 @@ def helm4(build: bool = True) -> Path:
     missing Helm 4 never makes every control-plane user wait for a build."""
     path = cache_dir() / "bin" / f"helm-{versions()['HELM4_VERSION']}" / "helm"
     return _on_demand(path, "helm4", "helm 4", build)
-    if not build or not BUILD_SCRIPT.exists():
-        raise FileNotFoundError(f"helm 4 missing: {path}; run {BUILD_SCRIPT} helm4")
-    lock_path = cache_dir() / "build.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.access(path, os.X_OK):
-            env = {**os.environ, "LORAFLEET_BUILD_LOCK_HELD": "1"}
-            subprocess.run(["bash", str(BUILD_SCRIPT), "helm4"], check=True, stdout=subprocess.DEVNULL, env=env)
-    return path

@@ -126,11 +126,14 @@ class LocalFleet:
             str(self.operator_metrics_port),
             "--liveness-port",
             "0",
+            "--kubeconfig",
+            self.operator_kubeconfig,
             *self.operator_args,
         ]
         self.operator_starts += 1
         log = open(self.state_dir / f"operator-{self.operator_starts}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "KUBECONFIG": self.operator_kubeconfig, "PYTHONUNBUFFERED": "1"}
+        # the credentials come from --kubeconfig alone, as a pod's command line gives them: no $KUBECONFIG
+        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"} | {"PYTHONUNBUFFERED": "1"}
         self.operator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         return self.operator

@@ -3,4 +3,4 @@
 Importing this package registers every handler with kopf's default registry.
 """
 
-from lorafleet.operator.handlers import adapter, basemodel, cljob, indexes, owned  # noqa: F401
+from lorafleet.operator.handlers import adapter, basemodel, cljob, indexes, login, owned  # noqa: F401

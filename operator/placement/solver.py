@@ -95,6 +95,7 @@ class _Solve:
         self.solver_status = "NOT_RUN"
         self.timings: dict[str, float] = {}
         self._mark = t0
+        self.deterministic_used = 0.0  # CP-SAT deterministic seconds spent by the phases so far
 
     def lap(self, name: str) -> None:
         """Record the seconds since the previous lap under `name` (reported in PlacementResult.timings)."""
@@ -106,6 +107,10 @@ class _Solve:
         return _score(self.p, assign, self.params.anti_affinity)
 
     def remaining(self) -> float:
+        """Budget left for the next phase. Deterministic solves count only CP-SAT's deterministic time, so a loaded
+        machine (slow model building) cannot change their result; others count wall time from the start."""
+        if self.params.deterministic:
+            return self.params.time_limit_s - self.deterministic_used
         return self.deadline - time.perf_counter()
 
     def run(self) -> PlacementResult:
@@ -180,6 +185,7 @@ class _Solve:
         self.lap("model")
         status = s.solve(pm.model, _StopAt(stop_at) if stop_at is not None else None)
         self.lap(name)
+        self.deterministic_used += s.response_proto.deterministic_time
         self.solver_status = s.status_name(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return s, None

@@ -6,9 +6,9 @@ from __future__ import annotations
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine.llm_engine import LLMEngine
 from lorafleet.worker.engine.sequence import SamplingParams
+from lorafleet.worker.feedback.store import FeedbackSample
 from lorafleet.worker.testing import build_peft_adapter
 from lorafleet.worker.training.coserve import CoServePlugin
-from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
 from lorafleet.worker.training.metrics import TrainingMetrics
 from lorafleet.worker.training.trainer import OptimConfig
@@ -40,6 +40,7 @@ def test_coserve_on_engine_respects_budget_and_trains(tmp_path, tiny_dir):
         publish=PublishPolicy(every_steps=10**6),
         tpot_ms=10_000.0,
         record_activations=False,
+        graph_tokens=16,  # a micro-batch (2 x 16 units) fits the leftover of a decode step of this budget
     )
     job = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics())
     for i in range(4):

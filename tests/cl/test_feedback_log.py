@@ -1,5 +1,5 @@
 """The framed feedback log never loses an acknowledged record: torn tail, damage in the middle, unknown fields, a
-newer version's records, a full disk and SIGKILL in the middle of a write; and the JSON-lines log migrates whole.
+newer version's records, a full disk and SIGKILL in the middle of a write.
 
 The crash cases run a real writer process (the only way to kill a write half-way) and compare what it printed as
 acknowledged (after `append` returned, i.e. after the fsync) with what a fresh store reads back.
@@ -13,12 +13,13 @@ import signal
 import subprocess
 import sys
 
-from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore
-from lorafleet.worker.training.feedback_log import HEADER, frame
+import pytest
+from lorafleet.worker.feedback.log import HEADER, frame
+from lorafleet.worker.feedback.store import FeedbackSample, FeedbackStore
 
 WRITER = r"""
 import resource, signal, sys
-from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore
+from lorafleet.worker.feedback.store import FeedbackSample, FeedbackStore
 path, size, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if limit:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit a write fails with EFBIG instead of killing us
@@ -163,20 +164,8 @@ def test_sigkill_during_writes_loses_no_acknowledged_record(tmp_path):
         assert len(got) <= len(acked) + 1  # at most the one whose fsync returned as the kill came
 
 
-def test_jsonl_log_migrates_without_losing_a_parseable_line(tmp_path):
-    legacy = tmp_path / "feedback.jsonl"
-    lines = [
-        _sample(0).to_json(),
-        json.dumps({**json.loads(_sample(1).to_json()), "extra_field": "from a newer worker"}),  # cut the old log
-        "not json",
-        _sample(2).to_json(),
-    ]
-    raw = ("\n".join(lines) + "\n" + '{"adapter":"ad","ki').encode()  # torn, unterminated tail
-    legacy.write_bytes(raw)
-    st = FeedbackStore(tmp_path / "feedback.log")
-    assert _ids(st) == ["fb-0", "fb-1", "fb-2"]
-    assert st.samples()[1].extra["extra_field"] == "from a newer worker"
-    st.append(_sample(3))
-    st.close()
-    assert not legacy.exists() and (tmp_path / "feedback.jsonl.migrated").read_bytes() == raw
-    assert _ids(FeedbackStore(tmp_path / "feedback.log")) == ["fb-0", "fb-1", "fb-2", "fb-3"]
+def test_a_json_lines_log_is_refused_not_ignored(tmp_path):
+    (tmp_path / "feedback.jsonl").write_text(_sample(0).to_json() + "\n")
+    with pytest.raises(ValueError, match="JSON-lines feedback log"):
+        FeedbackStore(tmp_path / "feedback.log")
+    assert not (tmp_path / "feedback.log").exists()

@@ -3,8 +3,8 @@ every complete record once (recovery cases in depth: test_feedback_log.py)."""
 
 from __future__ import annotations
 
-from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore, PeerFeedbackLogs
-from lorafleet.worker.training.feedback_log import frame
+from lorafleet.worker.feedback.log import frame
+from lorafleet.worker.feedback.store import FeedbackSample, FeedbackStore, PeerFeedbackLogs
 from lorafleet.worker.training.replay import ReplayMixer, chunk_tokens
 
 
@@ -57,11 +57,6 @@ def test_peer_logs_give_every_complete_line_once_and_never_a_torn_one(tmp_path):
         fh.write(late[20:])
         fh.write(frame(b"not json"))
     assert [(s.feedback_id, s.seq) for s in peers.poll()] == [("fb-late", 3)] and peers.bad_lines == 1
-    legacy = workers / "old" / "feedback.jsonl"  # a peer that still writes JSON lines is read too
-    legacy.parent.mkdir()
-    legacy.write_text(FeedbackSample("ad", "pair", [1], [2], feedback_id="fb-old").to_json() + "\n")
-    assert [s.feedback_id for s in peers.poll()] == ["fb-old"]
-    legacy.unlink()
     c = FeedbackStore(workers / "c" / "feedback.log")  # a worker started after the trainer
     c0 = c.append(FeedbackSample("ad", "pair", [1], [2]))
     assert [s.feedback_id for s in peers.poll()] == [c0.feedback_id]

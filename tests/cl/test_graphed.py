@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorafleet.worker.training.graphed import TOKEN_ALIGN, GraphedTrainer, pack
+from lorafleet.worker.training.graphed import INPUTS, GraphedTrainer
 from lorafleet.worker.training.lora_context import TrainableLoRA
+from lorafleet.worker.training.packing import TOKEN_ALIGN, pack
 from lorafleet.worker.training.trainer import LoRATrainer, OptimConfig, TrainSample
 
 
@@ -57,6 +58,7 @@ def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model):
     ref, t = _pair(adapter_dir, tiny_model, optim)
     g = GraphedTrainer(t, max_tokens=40, max_prefix=64)
     norms = []
+    launched = []  # (micro-batch, copies of its inputs): a launch must never write into a batch it was given
     for _ in range(3):
         samples = _samples(ref)
         tokens = sum(s.loss_tokens for s in samples)
@@ -64,9 +66,13 @@ def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model):
         mbs = g.pack(samples, tokens)
         assert len(mbs) >= 2  # several micro-batches accumulate into one step
         for mb in mbs:
+            launched.append((mb, {n: getattr(mb, n).clone() for n in INPUTS}))
             g.launch(mb)
         g.launch_step()
     done = g.completed()
+    for mb, before in launched:
+        for n in INPUTS:
+            assert torch.equal(getattr(mb, n), before[n]), n
     got_norms = [float(p.host[0]) for p in done if p.kind == "step"]
     assert got_norms == pytest.approx(norms, rel=1e-5) and min(norms) > 0.05  # pre-clip norms; the clip acted
     assert [p.kind for p in done].count("step") == 3 and not g.pending
@@ -76,7 +82,7 @@ def test_graphed_steps_equal_trainer_steps(adapter_dir, tiny_model):
     assert all(float(a.abs().sum()) == 0.0 for a in g.acc)
     # the per-row losses that come back equal the trainer's per-sample losses
     samples = _samples(ref)
-    want = ref.packed_loss_sums(samples).detach()
+    want = torch.stack([ref.loss_sum(s) for s in samples]).detach()
     g2 = GraphedTrainer(
         LoRATrainer(tiny_model, ref.lora, optim),
         max_tokens=4096,
@@ -137,8 +143,8 @@ def test_cuda_graph_replays_equal_eager(adapter_dir, tiny_dir, stream):
 def _job(tmp_path, tiny_dir, graphs: str, tag: str):
     from lorafleet.worker.config import EngineConfig
     from lorafleet.worker.engine.llm_engine import LLMEngine
+    from lorafleet.worker.feedback.store import FeedbackSample
     from lorafleet.worker.testing import build_peft_adapter
-    from lorafleet.worker.training.feedback import FeedbackSample
     from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
     from lorafleet.worker.training.metrics import TrainingMetrics
     from lorafleet.worker.training.versions import PublishPolicy
@@ -178,82 +184,59 @@ def _job(tmp_path, tiny_dir, graphs: str, tag: str):
 
 
 @pytest.mark.timeout(300)
-def test_job_on_graphed_path_trains_publishes_and_checkpoints_like_eager(tmp_path, tiny_dir):
+def test_job_co_served_trains_publishes_and_checkpoints_as_when_idle(tmp_path, tiny_dir):
+    """Pieces placed between serving steps (the plugin, within each step's leftover budget) give the same training
+    as the idle driver's whole budget: the same steps, tokens, losses, weights and published versions."""
     from lorafleet.worker.engine.sequence import SamplingParams
-    from lorafleet.worker.training.coserve import CoServePlugin, OverlapController
+    from lorafleet.worker.training.coserve import CoServePlugin
 
     results = {}
-    for graphs in ("off", "on"):
-        eng, job = _job(tmp_path, tiny_dir, graphs, graphs)
-        assert (job.graphed is not None) == (graphs != "off")
-        assert isinstance(job.scheduler, OverlapController) == (graphs != "off")
+    for how in ("idle", "coserve"):
+        eng, job = _job(tmp_path, tiny_dir, "on", how)
         per_iter = []
-
-        # as the training service does: graphed pieces right after each step is queued, eager ones after
-        eng.add_plugin(
-            CoServePlugin(
-                [job], on_iteration=lambda info, used, p=per_iter: p.append((info.num_scheduled_tokens, used))
+        if how == "coserve":  # as the training service does: pieces after each step (CPU: after it is settled)
+            eng.add_plugin(
+                CoServePlugin(
+                    [job], on_iteration=lambda info, used, p=per_iter: p.append((info.num_scheduled_tokens, used))
+                )
             )
-        )
-        prompts = [list(range(5 + i, 25 + i)) for i in range(4)]
-        eng.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), ["ad"] * 4)
+            prompts = [list(range(5 + i, 25 + i)) for i in range(4)]
+            eng.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), ["ad"] * 4)
+            assert per_iter and all(inf + used <= 96 for inf, used in per_iter)
+            assert any(used > 0 for _, used in per_iter)  # it co-served: trained during the steps
         for _ in range(200):  # idle: the rest of the job
             if job.phase != "Running":
                 break
-            if job.graphed is not None:
-                job.graphed.synchronize()  # on a GPU the pieces run asynchronously: let them land before polling
-            job.work(96)
+            job.graphed.synchronize()  # on a GPU the pieces run asynchronously: let them land before polling
+            job.work_idle(96)
         job.drain()
         assert job.phase == "Succeeded", job.message
-        assert per_iter and all(inf + used <= 96 for inf, used in per_iter)
-        assert any(used > 0 for _, used in per_iter)  # it co-served: trained during the steps, not only when idle
-        results[graphs] = job
-    off = results["off"]
-    assert off.status()["coServing"] == {"placement": "serving", "effective": "eager"}
-    assert results["on"].status()["coServing"] == {"placement": "serving", "effective": "cpu"}
-    for on in (results["on"],):
-        assert on.trainer.step == off.trainer.step == 3
-        assert on.tokens_trained == off.tokens_trained and on.sequence_tokens == off.sequence_tokens
-        assert on.last_loss == pytest.approx(off.last_loss, rel=1e-4)
-        _assert_same_weights(off.lora, on.lora)
-        assert [r.step for r in on.publisher.published] == [r.step for r in off.publisher.published]
-        assert on.checkpoint_info["lastStep"] == 3 and on.current_version == off.current_version
+        assert job.status()["coServing"] == {"placement": "serving", "effective": "cpu"}
+        results[how] = job
+    idle, on = results["idle"], results["coserve"]
+    assert on.trainer.step == idle.trainer.step == 3
+    assert on.tokens_trained == idle.tokens_trained and on.sequence_tokens == idle.sequence_tokens
+    assert on.last_loss == pytest.approx(idle.last_loss, rel=1e-4)
+    _assert_same_weights(idle.lora, on.lora)
+    assert [r.step for r in on.lifecycle.publisher.published] == [r.step for r in idle.lifecycle.publisher.published]
+    assert on.lifecycle.info["lastStep"] == 3 and on.lifecycle.current_version == idle.lifecycle.current_version
 
 
 @pytest.mark.timeout(120)
 def test_share_controller_state_survives_a_restart(tmp_path, tiny_dir):
     """A checkpoint keeps what the co-serving controller learned (GPU budget, piece price), so a restarted worker
-    does not start co-serving from a cold guess; a job restored on the other path (eager) starts its own fresh."""
+    does not start co-serving from a cold guess."""
     from lorafleet.worker.training.job import ContinualLearningJob
     from lorafleet.worker.training.metrics import TrainingMetrics
 
     eng, job = _job(tmp_path, tiny_dir, "on", "ck")
     job.scheduler.gpu_budget, job.scheduler.share, job.scheduler._largest = 0.0123, 0.42, 0.02
     job.graphed.seconds_per_unit = 3.5e-6
-    job._checkpoint()
+    job.lifecycle.checkpoint(job)
     again = ContinualLearningJob(job.spec, eng, tmp_path / "v-ck", {}, TrainingMetrics(), state_dir=tmp_path / "s-ck")
-    assert again.checkpoint_info["restoredStep"] == 0
+    assert again.lifecycle.info["restoredStep"] == 0
     assert (again.scheduler.gpu_budget, again.scheduler.share, again.scheduler._largest) == (0.0123, 0.42, 0.02)
     assert again.graphed.seconds_per_unit == 3.5e-6
-    import dataclasses
-
-    eager = ContinualLearningJob(
-        dataclasses.replace(job.spec, graphs="off"),
-        eng,
-        tmp_path / "v-ck",
-        {},
-        TrainingMetrics(),
-        state_dir=tmp_path / "s-ck",
-    )
-    assert eager.checkpoint_info["restoredStep"] == 0 and eager.scheduler.credit == 0.0
-    eager.scheduler.share, eager.scheduler.credit = 0.33, 0.01
-    eager.scheduler.cost.add(100, 0.002)
-    eager._checkpoint()
-    eager2 = ContinualLearningJob(
-        eager.spec, eng, tmp_path / "v-ck", {}, TrainingMetrics(), state_dir=tmp_path / "s-ck"
-    )
-    assert (eager2.scheduler.share, eager2.scheduler.credit) == (0.33, 0.01)
-    assert list(eager2.scheduler.cost._pts) == [(100.0, 0.002)]
 
 
 @pytest.mark.timeout(60)

@@ -61,13 +61,13 @@ def _run(job) -> None:
     for _ in range(500):
         if job.phase != "Running":
             break
-        job.work(64)
+        job.work_idle(64)
     assert job.phase == "Succeeded", job.status()
 
 
 @pytest.mark.timeout(120)
 def test_a_candidate_worse_than_the_serving_version_on_heldout_is_not_published(tmp_path, tiny_dir):
-    from lorafleet.worker.training.feedback import FeedbackSample
+    from lorafleet.worker.feedback.store import FeedbackSample
 
     prompt, held_answer, other_answer = PROMPT, HELD, OTHER
     held = _ids(0.5, True, 3, "h")

@@ -148,8 +148,8 @@ def test_a_moved_job_knows_what_it_trained_by_feedback_id_not_by_log_position(tm
     had already taken before its checkpoint is skipped by feedback id; everything else is fresh, wherever it is."""
     from lorafleet.worker.config import EngineConfig
     from lorafleet.worker.engine.llm_engine import LLMEngine
+    from lorafleet.worker.feedback.store import FeedbackSample
     from lorafleet.worker.testing import build_peft_adapter
-    from lorafleet.worker.training.feedback import FeedbackSample
     from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
     from lorafleet.worker.training.metrics import TrainingMetrics
     from lorafleet.worker.training.trainer import OptimConfig
@@ -174,19 +174,20 @@ def test_a_moved_job_knows_what_it_trained_by_feedback_id_not_by_log_position(tm
     for _ in range(200):
         if a.trainer.step >= 1:
             break
-        a.work(64)
+        a.work_idle(64)
+    a.drain()  # the step's results are booked (and it is checkpointed) once they are back
     a.stop()
-    assert a.checkpoint_info["lastStep"] == 1
+    assert a.lifecycle.info["lastStep"] == 1
     # fb-2, fb-3: accepted after that step (by the first trainer or a peer), never trained
 
     b = ContinualLearningJob(spec, eng, tmp_path / "v", {}, TrainingMetrics(), ckpt)  # the job, moved
-    assert b.checkpoint_info["restoredStep"] == a.checkpoint_info["lastStep"]
+    assert b.lifecycle.info["restoredStep"] == a.lifecycle.info["lastStep"]
     b.offer(FeedbackSample("ad", "pair", [9], [10, 11], feedback_id="fb-new", seq=0))  # its own log first
     for i in (3, 2, 1, 0):
         b.offer(fb(i))
     b.offer(fb(1))  # read twice (a peer log at start, then a poll)
-    b._absorb()
-    fresh = [s.feedback_id for s in b._fresh]
+    b.planner._absorb()
+    fresh = [s.feedback_id for s in b.planner._fresh]
     assert sorted(fresh) == ["fb-2", "fb-3", "fb-new"]  # by position it would have skipped fb-new and fb-3
     assert b.counts["available"] == 5
     b.stop()

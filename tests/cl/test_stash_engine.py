@@ -9,9 +9,9 @@ import torch
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine.llm_engine import LLMEngine
 from lorafleet.worker.engine.sequence import SamplingParams
+from lorafleet.worker.feedback.store import FeedbackSample
 from lorafleet.worker.testing import build_peft_adapter
 from lorafleet.worker.training.coserve import CoServePlugin
-from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
@@ -93,6 +93,7 @@ def test_stale_stash_is_recomputed_or_dropped_and_counted(engine, tmp_path, poli
     spec = JobSpec(
         name="j",
         adapter="ad",
+        record_activations=True,
         max_staleness=2,
         stale_policy=policy,
         replay_ratio=0.0,
@@ -105,11 +106,11 @@ def test_stale_stash_is_recomputed_or_dropped_and_counted(engine, tmp_path, poli
     outs = _serve_with_job(engine, job)
     fresh, stale = outs[1], outs[2]
     job.offer(_fb(fresh))
-    job.work(10_000)  # one optimizer step, from the fresh stash
+    job.work_idle(10_000)  # one optimizer step, from the fresh stash
     assert job.stash.counters.reused == 1 and job.trainer.step == 1
     job.trainer.step = 10  # the adapter moved on: the other stash is now 10 steps old (> 2)
     job.offer(_fb(stale))
-    job.work(10_000)
+    job.work_idle(10_000)
     c = job.stash.counters
     if policy == "recompute":
         assert c.recomputed == 1 and c.dropped == 0 and job.trainer.step == 11

@@ -38,7 +38,7 @@ def test_saved_version_equals_trained_adapter_in_peft(tmp_path, tiny_dir, tiny_m
 
 
 def test_publisher_refuses_nan_and_spikes():
-    pub = VersionPublisher(PublishPolicy(every_steps=5, max_loss_spike=2.0), publish_fn=lambda step, d: 1)
+    pub = VersionPublisher(PublishPolicy(every_steps=5, max_loss_spike=2.0))
     assert not pub.due(3) and pub.due(5)
     for _ in range(10):
         pub.observe_loss(1.0)
@@ -75,7 +75,7 @@ def test_stash_ring_evicts_oldest_and_counts():
 
 
 def test_heldout_gate_compares_with_the_serving_version_and_asks_for_min_improvement():
-    pub = VersionPublisher(PublishPolicy(on_heldout_improvement=True, min_improvement=0.1), publish_fn=lambda s, d: 1)
+    pub = VersionPublisher(PublishPolicy(on_heldout_improvement=True, min_improvement=0.1))
     assert pub.check(1.0, True, 5.0) is None  # no reference at all (nothing measured yet): published
     assert pub.check(1.0, True, 0.89, serving_heldout=1.0) is None  # 11% better than the serving version
     why = pub.check(1.0, True, 0.95, serving_heldout=1.0)  # better, but by less than 10%
@@ -84,4 +84,4 @@ def test_heldout_gate_compares_with_the_serving_version_and_asks_for_min_improve
     assert "the best published 2" in pub.check(1.0, True, 1.9)  # without the serving version's loss: the best
     pub.refuse(10, why, 0.95, 1.0)
     assert pub.refused[-1] == {"step": 10, "reason": why, "heldoutLoss": 0.95, "servingHeldoutLoss": 1.0}
-    assert VersionPublisher(PublishPolicy(), publish_fn=lambda s, d: 1).check(1.0, True, 9.0, 1.0) is None  # off
+    assert VersionPublisher(PublishPolicy()).check(1.0, True, 9.0, 1.0) is None  # off

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,14 @@ def test_template_defaults_and_rbac_matches_the_manifests() -> None:
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(
         ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ClusterKopfPeering"]
+        + ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    )
+    (policy,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    manifest_policy = yaml.safe_load((REPO / "manifests" / "admission" / "policy.yaml").read_text())
+    assert policy["spec"]["validations"] == manifest_policy["spec"]["validations"]
+    assert policy["spec"]["variables"] == manifest_policy["spec"]["variables"]
+    assert policy["spec"]["matchConditions"][0]["expression"] == (
+        "request.userInfo.username == 'system:serviceaccount:lorafleet-helm:lf-lorafleet'"
     )
     (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
     manifest_role = yaml.safe_load((REPO / "manifests" / "clusterrole.yaml").read_text())
@@ -73,9 +82,11 @@ def test_template_options() -> None:
         "watchNamespaces={team-a,team-b}",
         "metrics.serviceMonitor.enabled=true",
         "metrics.podMonitor.enabled=true",
+        "admissionPolicy.enabled=false",
     )
     kinds = {d["kind"] for d in docs}
     assert {"ServiceMonitor", "PodMonitor"} <= kinds and "ClusterKopfPeering" not in kinds
+    assert "ValidatingAdmissionPolicy" not in kinds
     (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:4] == ["operator", "--namespace=team-a", "--namespace=team-b", "--standalone"]
@@ -195,18 +206,12 @@ def _helm_bin(major: int) -> Path:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize(
-    "major",
-    [
-        3,
-        # Helm 4's `upgrade --wait` of a release with peering off fails here (kstatus wait); open in issue 16
-        pytest.param(4, marks=pytest.mark.xfail(reason="helm 4 upgrade --wait with peering off fails", strict=False)),
-    ],
-)
+@pytest.mark.parametrize("major", [3, 4])
 def test_release_lifecycle_with_helm_3_and_4(crds_installed: ControlPlane, major: int) -> None:
     """install, upgrade, rollback, uninstall and second releases under Helm 3 and Helm 4. The CRDs (already present,
     applied from crds/) survive every step unchanged: Helm 3 skips crds/ when they exist, Helm 4 does too on install
-    and never touches them on upgrade; neither deletes them."""
+    and never touches them on upgrade; neither deletes them. The switch to `peering.enabled=false` (Recreate) is the
+    case Helm 4's server-side apply breaks when the chart leaves rollingUpdate to API-server defaults."""
     cp = crds_installed
     exe = str(_helm_bin(major))
 
@@ -261,9 +266,11 @@ def test_release_lifecycle_with_helm_3_and_4(crds_installed: ControlPlane, major
 
 @pytest.mark.cluster
 def test_cluster_wide_grants_are_limited_to_what_the_operator_owns(crds_installed: ControlPlane) -> None:
-    """Cluster-wide mode (docs/operator.md, RBAC): in every namespace, kube-system included, the operator may create
-    and patch its kinds of children and read a Secret by name, but never list, watch, change or delete Secrets, never
-    delete or update Deployments, never create or delete pods, and never touch RBAC."""
+    """Cluster-wide mode (docs/operator.md, RBAC). RBAC: in every namespace the operator may create and patch its
+    kinds of children and read a Secret by name, but never list, watch, change or delete Secrets, never delete or
+    update Deployments, never create or delete pods, and never touch RBAC. Admission (the chart's
+    ValidatingAdmissionPolicy): of those writes only the ones on objects labelled as its own get through, and none
+    in kube-system."""
     cp = crds_installed
     release, ns = "lfwide", "lorafleet-wide"
     _install(cp, release, ns, [])
@@ -271,6 +278,21 @@ def test_cluster_wide_grants_are_limited_to_what_the_operator_owns(crds_installe
 
     def can(*args: str) -> str:
         return cp.kubectl("auth", "can-i", *args, f"--as={sa}", check=False).stdout.strip()
+
+    def create_as_operator(where: str, labels: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        dep = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "probe", "namespace": where, "labels": labels},
+            "spec": {
+                "selector": {"matchLabels": {"app": "probe"}},
+                "template": {
+                    "metadata": {"labels": {"app": "probe"}},
+                    "spec": {"containers": [{"name": "c", "image": "x"}]},
+                },
+            },
+        }
+        return cp.kubectl("create", "--dry-run=server", f"--as={sa}", "-f", "-", input=json.dumps(dep), check=False)
 
     try:
         for where in ("default", "kube-system"):
@@ -284,6 +306,19 @@ def test_cluster_wide_grants_are_limited_to_what_the_operator_owns(crds_installe
                 assert can(verb, "pods", "-n", where) == "no", verb
             assert can("create", "roles.rbac.authorization.k8s.io", "-n", where) == "no"
             assert can("create", "configmaps", "-n", where) == "no"
+        ours = {"app.kubernetes.io/managed-by": "lorafleet-operator"}
+        # the policy is active once the API server has loaded it: poll the allowed write
+        ok = None
+        for _ in range(100):
+            ok = create_as_operator("default", ours)
+            if ok.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert ok is not None and ok.returncode == 0, ok.stderr if ok else ""
+        foreign = create_as_operator("default", {})
+        assert foreign.returncode != 0 and "writes only objects labelled" in foreign.stderr
+        system = create_as_operator("kube-system", ours)
+        assert system.returncode != 0 and "system namespaces" in system.stderr
     finally:
         cp.helm("uninstall", release, "-n", ns, "--wait", "--timeout", "60s")
         cp.kubectl("delete", "namespace", ns, "--wait=false")

@@ -41,6 +41,13 @@ def crds(op_cluster: object) -> None:
 
 
 @pytest.fixture(scope="session")
+def admission(op_cluster: object) -> None:
+    """The operator's ValidatingAdmissionPolicy (manifests/admission/): every fleet test runs under it, so a write the
+    policy would refuse fails the test that makes it."""
+    op_cluster.kubectl("apply", "--server-side", "-k", str(ROOT / "manifests" / "admission"))  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama and four PEFT adapters (ranks 4, 8, 16 and 32) built in code."""
     import torch
@@ -56,7 +63,13 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def fleet(op_cluster: object, crds: None, tiny_assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+def fleet(
+    op_cluster: object,
+    crds: None,
+    admission: None,
+    tiny_assets: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+):
     from lorafleet.local.harness import LocalFleet, service_account_kubeconfig
 
     ns = f"op-{uuid.uuid4().hex[:6]}"

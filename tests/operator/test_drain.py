@@ -7,6 +7,9 @@ keeps the process up. Real API server, real ReplicaSet controller, real worker p
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
 from lorafleet.operator import constants as c
 from lorafleet.operator.scaledown import DELETION_COST, VICTIM_COST
@@ -63,21 +66,88 @@ def test_scale_down_three_to_one_under_load_fails_nothing(fleet: LocalFleet, tin
     assert "ScalingDown" in reasons
 
 
-def test_deleted_pod_is_drained_before_it_stops_under_load(fleet: LocalFleet) -> None:
+class SliceRecorder:
+    """Every version of every `lora-*` EndpointSlice in the namespace, from a watch on the real API server:
+    (resourceVersion, slice, pods listed). Watch events arrive in etcd order, so a version recorded after the
+    pod's deletion event was written after the deletion."""
+
+    def __init__(self, fleet: LocalFleet) -> None:
+        self.fleet = fleet
+        self.versions: list[tuple[int, str, set[str]]] = []
+        self.deleted_at: dict[str, int] = {}  # pod -> resourceVersion of its first event with a deletionTimestamp
+        self._stop = threading.Event()
+        slices = (
+            fleet.discovery.list_namespaced_endpoint_slice,
+            "endpointslice.kubernetes.io/managed-by=lorafleet-operator",
+        )
+        pods = (fleet.core.list_namespaced_pod, f"{c.LABEL_BASEMODEL}={BM}")
+        self._threads = [
+            threading.Thread(target=self._follow, args=(*slices, self._slice), daemon=True),
+            threading.Thread(target=self._follow, args=(*pods, self._pod), daemon=True),
+        ]
+
+    def _follow(self, fn: Any, selector: str, on: Any) -> None:
+        """Watches until stopped; a dropped watch is started again (its initial list repeats versions, harmless)."""
+        from kubernetes import watch
+
+        while not self._stop.is_set():
+            w = watch.Watch()
+            try:
+                for ev in w.stream(fn, self.fleet.namespace, label_selector=selector, timeout_seconds=5):
+                    on(ev["object"])
+                    if self._stop.is_set():
+                        break
+            except Exception:  # noqa: BLE001 - a dropped connection: watch again
+                pass
+            finally:
+                w.stop()
+
+    def _slice(self, sl: Any) -> None:
+        pods = {e.target_ref.name for e in sl.endpoints or [] if e.target_ref}
+        self.versions.append((int(sl.metadata.resource_version), sl.metadata.name, pods))
+
+    def _pod(self, pod: Any) -> None:
+        if pod.metadata.deletion_timestamp and pod.metadata.name not in self.deleted_at:
+            self.deleted_at[pod.metadata.name] = int(pod.metadata.resource_version)
+
+    def __enter__(self) -> SliceRecorder:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def listing(self, pod: str, after: int) -> list[tuple[int, str, set[str]]]:
+        return [v for v in self.versions if v[0] > after and pod in v[2]]
+
+
+def test_deleted_pod_is_drained_before_it_stops_under_load_and_never_routed_while_terminating(
+    fleet: LocalFleet,
+) -> None:
     fleet.patch(c.BASEMODELS, BM, {"spec": {"replicas": 2}})
     wait_for(lambda: _ready(fleet, 2), 240, 0.5, "2 workers")
     streams = [StreamingRouter(fleet, name, concurrency=1) for name in NAMES]
     for s in streams:
         s.__enter__()
     try:
-        wait_for(lambda: all(s.ok >= 3 for s in streams), 60, 0.1, "streams warmed up")
-        victim = fleet.routes(NAMES[0])[0][0]
-        fleet.core.delete_namespaced_pod(victim, fleet.namespace)  # the pod's own grace period, as kubectl does
-        for name in NAMES:
-            wait_for(lambda name=name: victim not in {p for p, _ in fleet.routes(name)}, 60, 0.1, f"{name} moved")
-        wait_for(lambda: victim not in {p.metadata.name for p in fleet.worker_pods(BM)}, 60, 0.2, "victim gone")
-        before = [s.ok for s in streams]
-        wait_for(lambda: all(s.ok >= b + 3 for s, b in zip(streams, before, strict=True)), 60, 0.1, "streams go on")
+        with SliceRecorder(fleet) as rec:
+            wait_for(lambda: all(s.ok >= 3 for s in streams), 60, 0.1, "streams warmed up")
+            wait_for(lambda: len(rec.versions) >= len(NAMES), 30, 0.1, "slices listed")  # the watch's initial list
+            victim = fleet.routes(NAMES[0])[0][0]
+            fleet.core.delete_namespaced_pod(victim, fleet.namespace)  # the pod's own grace period, as kubectl does
+            wait_for(lambda: victim in rec.deleted_at, 30, 0.05, "deletion seen")
+            for name in NAMES:
+                wait_for(lambda name=name: victim not in {p for p, _ in fleet.routes(name)}, 60, 0.1, f"{name} moved")
+            # the pod stays Terminating (its preStop drain and the shim's finalizer hold it) until it is empty
+            wait_for(lambda: victim not in {p.metadata.name for p in fleet.worker_pods(BM)}, 60, 0.2, "victim gone")
+            before = [s.ok for s in streams]
+            wait_for(lambda: all(s.ok >= b + 3 for s, b in zip(streams, before, strict=True)), 60, 0.1, "streams go on")
+        # no slice version written after the deletion names the terminating pod
+        assert rec.listing(victim, rec.deleted_at[victim]) == []
+        assert any(v[0] > rec.deleted_at[victim] for v in rec.versions)  # the slices were rewritten meanwhile
     finally:
         for s in streams:
             s.__exit__(None, None, None)

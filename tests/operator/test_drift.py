@@ -44,6 +44,13 @@ def served(fleet: LocalFleet, tiny_assets) -> LocalFleet:
     return fleet
 
 
+def _served_by_live_pods(fleet: LocalFleet) -> bool:
+    """Every pod the route lists is a running worker (not one being deleted) and a completion through it succeeds:
+    `serves` alone also counts a terminating pod the slice still lists while its drain runs."""
+    live = {p.metadata.name for p in fleet.worker_pods(BM)}
+    return all(pod in live for pod, _ in fleet.routes(AD)) and fleet.serves(AD)
+
+
 def test_children_are_server_side_applied_by_one_manager(served: LocalFleet) -> None:
     dep = _deployment(served)
     managers = {(m.manager, m.operation) for m in dep.metadata.managed_fields}
@@ -92,8 +99,9 @@ def test_foreign_endpoint_is_removed(served: LocalFleet) -> None:
         "targetRef": {"kind": "Pod", "name": "intruder"},
     }
     body = {"endpoints": [*served.discovery.api_client.sanitize_for_serialization(sl.endpoints), foreign]}
-    served.discovery.patch_namespaced_endpoint_slice(route, served.namespace, body)
-    wait_for(lambda: "intruder" in (served.slice_pods(AD) or []), 10, 0.05, "the foreign write landed")
+    # the API server's answer proves the foreign write landed; a read afterwards may already see the repair
+    landed = served.discovery.patch_namespaced_endpoint_slice(route, served.namespace, body)
+    assert "intruder" in {ep.target_ref.name for ep in landed.endpoints if ep.target_ref}
     wait_for(lambda: served.slice_pods(AD) == before, REPAIR, 0.1, "foreign endpoint removed")
 
 
@@ -143,7 +151,7 @@ def test_deleted_deployment_is_recreated_and_serves_again(served: LocalFleet) ->
     t0 = time.monotonic()
     wait_for(lambda: not (d := _deployment(served)).metadata.deletion_timestamp and d, REPAIR, 0.1, "recreated")
     assert time.monotonic() - t0 < REPAIR
-    wait_for(lambda: served.serves(AD), 180, 0.5, "adapter serves from the new workers")
+    wait_for(lambda: _served_by_live_pods(served), 180, 0.5, "adapter serves from the new workers")
     assert served.operator.pid == pid and served.operator.poll() is None
 
 
@@ -164,11 +172,13 @@ def test_local_mode_restarts_a_dead_operator_and_routing_recovers(served: LocalF
         kwargs={"poll": 0.2, "refresh_every": 3600.0, "stop": stop},
         daemon=True,
     )
+    # the kill must meet one routed, serving pod of the current Deployment, not one still draining from a rollout
+    wait_for(lambda: len(served.routes(AD)) == 1 and _served_by_live_pods(served), 180, 0.3, "one serving route")
+    (victim,) = [p for p, _ in served.routes(AD)]
     loop.start()
     try:
         old = served.operator
         os.killpg(old.pid, signal.SIGKILL)
-        (victim,) = [p for p, _ in served.routes(AD)]
         served.core.delete_namespaced_pod(victim, served.namespace, grace_period_seconds=0)
         wait_for(lambda: served.operator is not old and served.operator.poll() is None, 30, 0.1, "operator restarted")
         wait_for(lambda: (r := served.routes(AD)) and r[0][0] != victim and served.serves(AD), 180, 0.5, "rerouted")

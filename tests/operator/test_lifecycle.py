@@ -231,7 +231,7 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
         "a published version in status",
     )
     assert st["steps"] >= 2 and st["tokensTrained"] > 0 and st["phase"] in ("Running", "Succeeded")
-    assert st["coServing"] == "eager" and 0.0 <= st["finetuneShare"] <= 1.0  # CPU workers: eager pieces
+    assert st["coServing"] == "cpu" and 0.0 <= st["finetuneShare"] <= 1.0  # CPU workers: the pieces run eagerly
     # the latency target's report: the observed percentile / target, a condition, and a Warning if it is missed
     st = wait_for(
         lambda: (s := (fleet.get(c.CLJOBS, "ada-cl") or {}).get("status") or {}).get("tpotRatio") is not None and s,
@@ -513,17 +513,21 @@ def test_auto_replicas_shrink_when_the_rate_falls_without_flapping(fleet: LocalF
 
 
 def test_handoff_protocol_order_between_two_real_workers(fleet: LocalFleet, tiny_assets) -> None:
-    """migration.handoff on an adapter the operator does not manage (no CR: the fleet leaves it alone)."""
+    """migration.Migrator.handoff, the path every fleet cycle takes, on an adapter the operator does not manage (no
+    CR: the fleet leaves it alone): the target holds the adapter before routing names it, the source is unloaded
+    only after routing dropped it and its in-flight requests finished, and no request fails."""
     import asyncio
     import threading
 
     import httpx
-    from lorafleet.operator.migration import handoff
+    from lorafleet.operator.metrics import OperatorMetrics
+    from lorafleet.operator.migration import Load, Migrator, Release
     from lorafleet.operator.workerclient import WorkerClient
 
     token = fleet.admin_token(BM)
     (src_pod, src_ep), (dst_pod, dst_ep) = sorted(fleet.pod_endpoints().items())[:2]
     name, path = "manual-m", str(tiny_assets["r8"])
+    body = {"metadata": {"name": name, "namespace": fleet.namespace}}
     steps: list[str] = []
     table = {"eps": [src_ep]}  # the routing table a gateway would read
     failures: list[str] = []
@@ -542,34 +546,39 @@ def test_handoff_protocol_order_between_two_real_workers(fleet: LocalFleet, tiny
 
     async def run() -> None:
         src, dst = WorkerClient(f"http://{src_ep}", token), WorkerClient(f"http://{dst_ep}", token)
+        events: list[tuple[str, str]] = []
+        migrator = Migrator(
+            "m", OperatorMetrics(), lambda b, t, r, m: events.append((r, m)), lambda: None, grace=0.2, timeout=30.0
+        )
         await src.load(name, path)
         t = threading.Thread(target=stream, daemon=True)
         t.start()
         while ok[0] < 5:
             await asyncio.sleep(0.05)
 
-        async def add() -> None:
-            steps.append(f"route+:{'loaded' if name in [a.name for a in await dst.adapters()] else 'MISSING'}")
-            table["eps"] = [src_ep, dst_ep]
+        async def route(loaded: set[tuple[str, str]]) -> list[Release]:
+            held = name in [a.name for a in await dst.adapters()]
+            steps.append(f"route:{sorted(loaded)}:{'loaded' if held else 'MISSING'}")
+            table["eps"] = [dst_ep]  # target in, source out: one write, as one EndpointSlice apply is
+            return [Release(name, src_pod, src, "rebalance", body)]
 
-        async def remove() -> None:
-            steps.append("route-")
-            table["eps"] = [dst_ep]
-
-        res = await handoff(name, path, src, dst, route_add_target=add, route_remove_source=remove, grace=0.2)
+        loaded = await migrator.handoff([Load(name, dst_pod, dst, path, body)], route)
+        assert loaded == {(name, dst_pod)} and (name, src_pod) in migrator.drains
+        await migrator.settled()
         steps.append(f"unloaded:{name not in [a.name for a in await src.adapters()]}")
         before = ok[0]
         while ok[0] < before + 5:
             await asyncio.sleep(0.05)
         stop.set()
         t.join(timeout=30)
-        assert res.loaded_s <= res.routed_s <= res.total_s and not res.drain_timed_out
+        assert [r for r, _ in events] == ["Loaded", "Unloaded"], events
+        assert "timed out" not in events[-1][1]
         await dst.unload(name)
         await src.aclose()
         await dst.aclose()
 
     asyncio.run(run())
-    assert steps == ["route+:loaded", "route-", "unloaded:True"]
+    assert steps == [f"route:[('{name}', '{dst_pod}')]:loaded", "unloaded:True"]
     assert failures == [] and ok[0] >= 10
 
 

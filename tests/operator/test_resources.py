@@ -122,15 +122,14 @@ def test_vllm_model_sources_become_what_vllm_accepts() -> None:
         bm = {**BM, "spec": {**BM["spec"], "engine": "vllm", "source": {"uri": uri}, "worker": {"port": 8000}}}
         return res.worker_deployment(bm)["spec"]["template"]["spec"]
 
-    args = pod("hf://meta/llama@v1.2")["containers"][0]["args"]
-    assert args[args.index("--model") + 1] == "meta/llama" and args[args.index("--revision") + 1] == "v1.2"
-    p = pod("s3://models/llama-8b")
-    (init,) = p["initContainers"]
-    assert init["command"] == ["lorafleet", "fetch"] and init["args"][0] == "s3://models/llama-8b"
-    assert init["args"][init["args"].index("--link") + 1] == "/cache/model"
-    args = p["containers"][0]["args"]
-    assert args[args.index("--model") + 1] == "/cache/model"
-    assert init["securityContext"]["runAsNonRoot"] is True and init["securityContext"]["readOnlyRootFilesystem"]
+    for uri in ("s3://models/llama-8b", "hf://meta/llama@v1.2"):
+        p = pod(uri)
+        (init,) = p["initContainers"]
+        assert init["command"] == ["lorafleet", "fetch"] and init["args"][0] == uri
+        assert init["args"][init["args"].index("--link") + 1] == "/cache/model"
+        args = p["containers"][0]["args"]
+        assert args[args.index("--model") + 1] == "/cache/model" and "--revision" not in args
+        assert init["securityContext"]["runAsNonRoot"] is True and init["securityContext"]["readOnlyRootFilesystem"]
     args = pod("pvc://models/llama/8b")["containers"][0]["args"]
     assert args[args.index("--model") + 1] == "/var/lib/lorafleet/claims/models/llama/8b"
 

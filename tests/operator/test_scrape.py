@@ -22,6 +22,7 @@ def test_vllm_style_text() -> None:
     load = parse_metrics(generate_latest(r).decode())
     assert load.running == 3 and load.waiting == 2 and load.kv_usage == 0.25
     assert load.lora_running == {"c"} and load.lora_waiting == {"d"} and load.max_lora == 4
+    assert len(load.lora_info) == 2 and load.newest_ts == 200.0
     assert load.adapter_rate == {"a": 1.5, "b": 0.5} and load.total_rate == 2.0
 
 
@@ -33,14 +34,3 @@ def test_real_worker_metrics_render() -> None:
     text = generate_latest(m.registry).decode()
     load = parse_metrics(text)
     assert load.running == 0 and load.loads_total >= 1
-
-
-def test_vllm_in_flight_does_not_trust_a_stale_or_tied_info_sample() -> None:
-    from lorafleet.operator.scrape import WorkerLoad, vllm_in_flight
-
-    busy = WorkerLoad(running=2, waiting=1, lora_running={"a"}, lora_waiting={"b"})
-    assert vllm_in_flight("a", busy) == (1, 0) and vllm_in_flight("b", busy) == (0, 1)
-    assert vllm_in_flight("c", busy) == (0, 0)
-    stale = WorkerLoad(running=0, waiting=0, lora_running={"a"}, lora_waiting={"a"})  # info still names it
-    assert vllm_in_flight("a", stale) == (0, 0)
-    assert vllm_in_flight("a", None) == (0, 0)

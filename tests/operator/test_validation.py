@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorafleet.operator.validation import adapter_path, adapter_rank, validate_adapter
+from lorafleet.operator.validation import adapter_path, adapter_rank, same_form, validate_adapter
 
 BM = {"metadata": {"name": "m"}, "spec": {"limits": {"maxRank": 16}}}
 
@@ -74,3 +74,10 @@ def test_pvc_sources_go_to_the_worker_and_need_a_mounted_claim() -> None:
     assert validate_adapter(ad("pvc://adapters/llama/sql"), mounted) == []
     model_claim = {**BM, "spec": {**BM["spec"], "source": {"uri": "pvc://adapters/base"}}}
     assert validate_adapter(ad("pvc://adapters/llama/sql"), model_claim) == []
+
+
+def test_same_form_normalises_paths_and_keeps_uris() -> None:
+    """A store URI is compared and rolled out as it is: `s3:/b/k` (what normpath makes of it) is a local path."""
+    assert same_form("s3://adapters/tenants/a/versions/v2") == "s3://adapters/tenants/a/versions/v2"
+    assert same_form("pvc://claim//a/../b") == "pvc://claim//a/../b"
+    assert same_form("/var/lib//adapters/a/../b/") == "/var/lib/adapters/b"

@@ -6,6 +6,9 @@ read-only. Torch is limited to 2 threads because up to 7 helpers and CI share 2 
 
 from __future__ import annotations
 
+import socket
+import threading
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,115 @@ def _hf_greedy(pm, prompt: list[int], n: int, adapter: str | None) -> list[int]:
             adapter_names=[adapter or "__base__"],
         )
     return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 server (versitygw) with an `adapters` bucket, one per test module."""
+    from lorafleet.worker.lora.sources.s3server import S3Server
+
+    with S3Server(tmp_path_factory.mktemp("s3") / "root") as srv:
+        srv.client().create_bucket(Bucket="adapters")
+        yield srv
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """`s3`, reachable through boto3's standard chain (environment) for the code under test."""
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    return s3
+
+
+# ---- a network that drops a download ------------------------------------------------------------------------
+class CutProxy:
+    """A TCP proxy in front of a real server that closes one response part-way: a network that drops a download.
+
+    `cut[marker] = n` makes the next response to a request whose first line contains `marker` stop after its headers
+    and `n` body bytes (the headers still announce the whole length), then closes the connection; the entry is then
+    removed, so the retry goes through whole. Everything else is forwarded byte for byte.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.cut: dict[bytes, int] = {}
+        self.cuts = 0  # responses cut so far
+        self._lock = threading.Lock()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._start(self._accept)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _start(self, fn, *args) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            up = socket.create_connection(self.upstream)
+            pending: list[int] = []  # the body budget of the response to the request just forwarded, if cut
+            self._start(self._requests, client, up, pending)
+            self._start(self._responses, up, client, pending)
+
+    def _requests(self, client: socket.socket, up: socket.socket, pending: list[int]) -> None:
+        with suppress(OSError):
+            while data := client.recv(65536):
+                line = data.split(b"\r\n", 1)[0]
+                with self._lock:
+                    marker = next((m for m in self.cut if m in line), None)
+                    if marker is not None:
+                        pending.append(self.cut.pop(marker))
+                up.sendall(data)
+        _close(client, up)
+
+    def _responses(self, up: socket.socket, client: socket.socket, pending: list[int]) -> None:
+        head = b""
+        with suppress(OSError):
+            while data := up.recv(65536):
+                if not pending:
+                    client.sendall(data)
+                    continue
+                head += data  # a cut response: headers, then at most pending[0] bytes of its body
+                end = head.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                keep = end + 4 + pending[0]
+                if len(head) >= keep:
+                    client.sendall(head[:keep])
+                    with self._lock:
+                        self.cuts += 1
+                    break
+        _close(client, up)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> CutProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _close(*socks: socket.socket) -> None:
+    for s in socks:
+        with suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        with suppress(OSError):
+            s.close()
+
+
+@pytest.fixture
+def cut_s3(s3):
+    """`s3` behind a CutProxy: (server, proxy); point boto3 at `proxy.endpoint`."""
+    with CutProxy(("127.0.0.1", s3.port)) as proxy:
+        yield s3, proxy

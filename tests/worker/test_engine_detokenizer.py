@@ -96,9 +96,9 @@ def test_engine_decodes_a_non_streaming_output_once(tiny_model, monkeypatch):
     calls = {"append": 0}
     real = IncrementalDetokenizer.append
 
-    def counted(self, token_id):
+    def counted(self, token_id, *args, **kwargs):
         calls["append"] += 1
-        return real(self, token_id)
+        return real(self, token_id, *args, **kwargs)
 
     monkeypatch.setattr(IncrementalDetokenizer, "append", counted)
 

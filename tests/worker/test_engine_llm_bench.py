@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_cpu_run_writes_the_result_json(tmp_path):
-    cmd = [sys.executable, "-P", str(ROOT / "bench/engine_llm_bench.py"), "--device", "cpu", "--tiny"]
+    cmd = [sys.executable, str(ROOT / "bench/engine_llm_bench.py"), "--device", "cpu", "--tiny"]
     cmd += ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -20,7 +20,6 @@ from lorafleet.worker.lora.sources.cache import CacheKey, SourceCache
 from lorafleet.worker.lora.sources.errors import SourceError
 from lorafleet.worker.lora.sources.hubserver import HubServer
 from lorafleet.worker.lora.sources.resolver import SourceResolver
-from lorafleet.worker.lora.sources.s3server import S3Server
 from lorafleet.worker.lora.sources.uri import parse
 from lorafleet.worker.lora.sources.verify import check_safetensors, select_files
 from lorafleet.worker.lora.store import AdapterStore
@@ -46,20 +45,6 @@ def samples(resolver: SourceResolver) -> dict[str, float]:
             key, _, val = line.rpartition(" ")
             out[key] = float(val)
     return out
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with S3Server(tmp_path_factory.mktemp("s3") / "root") as srv:
-        srv.client().create_bucket(Bucket="adapters")
-        yield srv
-
-
-@pytest.fixture
-def s3_env(s3, monkeypatch):
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    return s3
 
 
 @pytest.fixture
@@ -237,6 +222,31 @@ def test_s3_wrong_credentials_and_unreachable_endpoint(s3, adapters, tmp_path, m
     with pytest.raises(SourceError, match="unreachable") as err:
         SourceResolver(tmp_path / "c2").fetch("s3://adapters/creds")
     assert "s3://adapters/creds" in str(err.value)
+
+
+def test_s3_truncated_download_is_never_loaded_and_the_retry_completes(cut_s3, adapters, shape, tmp_path, monkeypatch):
+    """The connection drops half-way through an object (the headers announced all of it): the load fails naming the
+    source, the previous version keeps serving, nothing is committed to the cache; the next load completes."""
+    s3, proxy = cut_s3
+    upload(s3.client(), "adapters", "whole", adapters["ad-r4"])
+    upload(s3.client(), "adapters", "dropped", adapters["ad-r8"])
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+    resolver = SourceResolver(tmp_path / "cache")
+    store = make_store(shape, resolver)
+    good = store.register("a", "s3://adapters/whole")
+    size = (adapters["ad-r8"] / "adapter_model.safetensors").stat().st_size
+    proxy.cut[b"GET /adapters/dropped/adapter_model.safetensors"] = size // 2
+    with pytest.raises(SourceError) as err:
+        store.register("a", "s3://adapters/dropped")
+    assert proxy.cuts == 1
+    assert "s3://adapters/dropped" in str(err.value) and "truncated download" in str(err.value), str(err.value)
+    assert store.current("a") is good
+    assert [tree_digest(p) for p in (tmp_path / "cache").glob("s3/*/*")] == [tree_digest(adapters["ad-r4"])]
+    assert store.register("a", "s3://adapters/dropped").digest == read_adapter(adapters["ad-r8"], shape, 64).digest
+    cached = sorted((tree_digest(p) for p in (tmp_path / "cache").glob("s3/*/*")), key=str)
+    assert cached == sorted([tree_digest(adapters["ad-r4"]), tree_digest(adapters["ad-r8"])], key=str)
 
 
 def test_publish_to_s3_round_trips(s3_env, adapters, tmp_path) -> None:

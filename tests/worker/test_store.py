@@ -44,8 +44,6 @@ def test_lru_eviction_over_two_slots(make_engine, adapters):
     st.unpin(c)
 
 
-
-
 def test_host_tier_evicts_and_reloads_from_disk(make_engine, adapters, hf_greedy):
     eng = make_engine(max_loras=1, max_cpu_loras=2)
     for n in ("ad-r4", "ad-r8", "ad-r16rs", "ad-r2qv"):

@@ -5,8 +5,9 @@ that module exists, and its `attach(app)` is called once (the training service t
 engine through `request.app.state.runner` (an `AsyncEngineRunner`: `call()` runs a function in the engine thread
 between iterations; the training service is the engine's plugin, engine/plugin.py) and register their metrics on
 `app.state.metrics.registry`. `app.state.shutdown_hooks` run when the worker stops (`lorafleet worker`, tests).
-Who may call which route is decided in `auth.py` (table: docs/worker-api.md); `BodyGuard` bounds and checks every
-request body; CORS follows vLLM's options (`--allowed-origins`, ...).
+Who may call which route is decided in `auth.py` (table: docs/worker-api.md); `BodyGuard` bounds, checks and parses
+every request body (once); `app.state.offload` is the bounded pool for CPU-heavy request work (offload.py), closed
+by a shutdown hook; CORS follows vLLM's options (`--allowed-origins`, ...).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from lorafleet.worker.api import routes_admin, routes_health, routes_openai, routes_tokenize
 from lorafleet.worker.api.body_guard import BodyGuard
 from lorafleet.worker.api.errors import APIError, api_error_handler, internal_error_handler, make_handlers
+from lorafleet.worker.api.offload import Offload
 from lorafleet.worker.api.settings import ApiSettings
 from lorafleet.worker.async_engine import AsyncEngineRunner
 from lorafleet.worker.gpu import GpuCollector
@@ -46,13 +48,14 @@ def create_app(runner: AsyncEngineRunner, settings: ApiSettings, *, gpu_metrics:
         app.state.training = training
     app.state.settings = settings
     app.state.metrics = runner.metrics
+    app.state.offload = Offload(settings.offload_threads, settings.offload_backlog)
     if runner.metrics is not None and gpu_metrics:
         runner.metrics.registry.register(GpuCollector())
     own = [routes_openai.router, routes_tokenize.router, routes_admin.router, routes_health.router]
     for r in own:
         app.include_router(r)
     own_paths = frozenset(getattr(route, "path", "") for r in own for route in r.routes)
-    app.state.shutdown_hooks = []  # callables run (in order) when the worker stops
+    app.state.shutdown_hooks = [app.state.offload.close]  # callables run (in order) when the worker stops
     training = _training_module()
     if training is not None:
         app.include_router(training.router)
@@ -70,7 +73,7 @@ def create_app(runner: AsyncEngineRunner, settings: ApiSettings, *, gpu_metrics:
     app.add_exception_handler(Exception, internal_error_handler)  # a bug still answers JSON (and is logged)
     # outermost last: CORS answers preflights before anything else; the body guard runs before any handler
     limits = getattr(training, "BODY_LIMITS", None) if training is not None else None
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, path_limits=limits)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, offload=app.state.offload, path_limits=limits)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,

@@ -6,7 +6,9 @@ and each of those used to end as a plain-text 500 that closed the keep-alive con
 exhaust the recursion limit, integers of thousands of digits, and bodies of any size. Here each is a 4xx in the
 OpenAI error shape, after the whole body was read, so the connection stays usable; larger bodies are refused
 (413) from `Content-Length` before they are read, or as soon as a chunked body passes the limit.
-Big bodies are parsed in a worker thread so the check itself never holds the event loop.
+Each body is parsed here once: the parsed value rides in the ASGI scope (`PARSED`) and the OpenAI routes validate
+it from there (`request_body.read_body`) instead of parsing the bytes a second time. Big bodies are parsed in the
+offload pool (`offload.py`) so the check never holds the event loop; when that pool is full the answer is 429.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lorafleet.worker.api.errors import error_body
+from lorafleet.worker.api.offload import Busy, Offload
 
 MAX_DEPTH = 64  # the deepest real body (chat content parts, job specs) nests 5 levels
 MAX_INT_DIGITS = 64
-THREAD_PARSE_BYTES = 64 << 10
+THREAD_PARSE_BYTES = 64 << 10  # bodies above this are parsed (and validated) in the offload pool
+PARSED = "lorafleet.body"  # scope key: the parsed JSON value of the body (absent for an empty body)
+BODY_SIZE = "lorafleet.body_size"  # scope key: the body's length in bytes
 _METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -49,9 +54,9 @@ def _int(text: str) -> int:
     return int(text)
 
 
-def check_json(raw: bytes) -> None:
-    """Raises BodyRejected unless `raw` is strict JSON: UTF-8, finite numbers of sane size, no lone surrogates,
-    nested at most MAX_DEPTH deep."""
+def parse_json(raw: bytes) -> Any:
+    """The value of `raw`; raises BodyRejected unless it is strict JSON: UTF-8, finite numbers of sane size, no lone
+    surrogates, nested at most MAX_DEPTH deep."""
     try:
         data = json.loads(raw, parse_constant=_reject_constant, parse_float=_float, parse_int=_int)
     except BodyRejected:
@@ -76,6 +81,7 @@ def check_json(raw: bytes) -> None:
                 stack.append((item, depth + 1))
         else:
             stack.extend((item, depth + 1) for item in value)
+    return data
 
 
 def _check_text(text: str) -> None:
@@ -95,11 +101,15 @@ Send = Callable[[dict], Awaitable[None]]
 
 
 class BodyGuard:
-    """Wraps an ASGI app; `max_bytes` bounds every request body (413 above it), `path_limits` some paths' lower."""
+    """Wraps an ASGI app; `max_bytes` bounds every request body (413 above it), `path_limits` some paths' lower;
+    `offload` parses the big ones."""
 
-    def __init__(self, app: Callable, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, app: Callable, max_bytes: int, offload: Offload, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.offload = offload
         self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
@@ -126,14 +136,12 @@ class BodyGuard:
             chunks.append(chunk)
             more = bool(message.get("more_body"))
         raw = b"".join(chunks)
+        scope[BODY_SIZE] = len(raw)
         if raw.strip():
             try:
-                if len(raw) > THREAD_PARSE_BYTES:
-                    await asyncio.to_thread(check_json, raw)
-                else:
-                    check_json(raw)
+                scope[PARSED] = await self._parse(raw)
             except BodyRejected as exc:
-                await _error(send, exc.status, exc.message)
+                await _error(send, exc.status, exc.message, retry_after=exc.status == 429)
                 return
         replayed = False
 
@@ -146,6 +154,15 @@ class BodyGuard:
 
         await self.app(scope, replay, send)
 
+    async def _parse(self, raw: bytes) -> Any:
+        if len(raw) <= THREAD_PARSE_BYTES:
+            return parse_json(raw)
+        try:
+            future = self.offload.submit(parse_json, raw, cost=len(raw))
+        except Busy as exc:
+            raise BodyRejected(429, f"the worker is busy: {exc}; retry later") from exc
+        return await asyncio.wrap_future(future)
+
 
 def _content_length(scope: dict) -> int | None:
     for key, value in scope.get("headers", ()):
@@ -157,9 +174,11 @@ def _content_length(scope: dict) -> int | None:
     return None
 
 
-async def _error(send: Send, status: int, message: str, close: bool = False) -> None:
+async def _error(send: Send, status: int, message: str, close: bool = False, retry_after: bool = False) -> None:
     body = json.dumps(error_body(status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after:
+        headers.append((b"retry-after", b"1"))
     if close:  # the unread rest of the body would be taken for the next request: end the connection instead
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

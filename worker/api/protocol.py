@@ -1,9 +1,10 @@
 """OpenAI / vLLM request bodies (pydantic), with the checks that turn unsupported options into a 400.
 
 Why `extra="allow"`: OpenAI SDKs send fields we do not use (`user`, `metadata`, ...); rejecting them would break
-ordinary clients. Options that would change the *output* and that we do not implement (n > 1, logprobs, echo,
-logit_bias, tools) are refused explicitly instead of being silently ignored. Penalties use the OpenAI names and
-ranges (presence/frequency in [-2, 2]) plus vLLM's `repetition_penalty` in (0, 10]; the engine applies them.
+ordinary clients. Options that would change the *output* and that we do not implement (logit_bias, tools, guided
+decoding, prompt logprobs, ...) are refused explicitly instead of being silently ignored. Penalties use the OpenAI
+names and ranges (presence/frequency in [-2, 2]) plus vLLM's `repetition_penalty` in (0, 10]; the engine applies
+them, and vLLM's `min_tokens` and `include_stop_str_in_output`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs (worker/engine/logprobs.py)
+MAX_CHOICES = 128  # prompts x n in one request: each choice is an engine request
 
 
 class _Body(BaseModel):
@@ -31,8 +35,6 @@ UNIMPLEMENTED: dict[str, tuple] = {
     "prompt_logprobs": (None,),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0),
-    "min_tokens": (None, 0),
-    "include_stop_str_in_output": (None, False),
     "allowed_token_ids": (None,),
     "bad_words": (None, []),
     "logits_processors": (None,),
@@ -57,7 +59,9 @@ class _SamplingFields(_Body):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    n: int = 1
+    min_tokens: int = Field(default=0, ge=0)
+    include_stop_str_in_output: bool = False
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -75,8 +79,6 @@ class _SamplingFields(_Body):
                     return key, f"{key} is not supported by this worker"
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             return "stream_options", "stream_options.continuous_usage_stats is not supported"
-        if self.n != 1:
-            return "n", "only n=1 is supported"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
@@ -93,33 +95,36 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported"
-        if self.best_of not in (None, 1):
-            return "best_of", "only best_of=1 is supported"
+        if self.echo and self.logprobs is not None:
+            # the prompt's logprobs need every prompt position's logits; the engine computes the sampled rows' only
+            return "echo", "echo with logprobs (prompt token logprobs) is not supported; send one without the other"
+        if self.best_of not in (None, 1, self.n):
+            return "best_of", "best_of other than n is not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
         return super().unsupported()
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt of the request (batched prompts are n>1 in disguise: refused)."""
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts in order: a string, a token-id list, or a list of either (one choice block each,
+        OpenAI's batched prompts)."""
         p = self.prompt
         if isinstance(p, str):
-            return p
+            return [p]
         if len(p) == 0:
             raise ValueError("prompt must not be empty")
         if all(isinstance(x, int) for x in p):
-            return list(p)  # type: ignore[arg-type]
-        if len(p) != 1:
-            raise ValueError("only one prompt per request is supported")
-        return p[0]  # type: ignore[return-value]
+            return [list(p)]  # type: ignore[arg-type]
+        prompts = list(p)  # type: ignore[arg-type]
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts x n must be at most {MAX_CHOICES}, got {len(prompts)} x {self.n}")
+        if any(len(x) == 0 for x in prompts if isinstance(x, list)):
+            raise ValueError("a token-id prompt must not be empty")
+        return prompts
 
 
 class TextPart(_Body):
@@ -145,7 +150,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -153,8 +158,8 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs are not supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs set to true"
         if self.tools:
             return "tools", "tools are not supported"
         if self.tool_choice not in (None, "none", "auto"):
@@ -165,6 +170,10 @@ class ChatCompletionRequest(_SamplingFields):
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """The engine's logprobs count: None without logprobs, else top_logprobs (0 by default)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class LoadLoRAAdapterRequest(_Body):

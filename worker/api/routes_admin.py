@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from lorafleet.worker.api.auth import require_admin
 from lorafleet.worker.api.errors import APIError
 from lorafleet.worker.api.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from lorafleet.worker.api.request_body import read_body
 from lorafleet.worker.api.serving import check_serving
 from lorafleet.worker.api.settings import ApiSettings
 from lorafleet.worker.async_engine import AsyncEngineRunner
@@ -34,7 +35,8 @@ def _runner(request: Request) -> AsyncEngineRunner:
 
 
 @router.post("/v1/load_lora_adapter")
-async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+async def load_lora_adapter(request: Request) -> PlainTextResponse:
+    body = await read_body(request, LoadLoRAAdapterRequest)
     runner = _runner(request)
     settings: ApiSettings = request.app.state.settings
     check_serving(runner)
@@ -82,7 +84,8 @@ async def load_lora_adapter(request: Request, body: LoadLoRAAdapterRequest) -> P
 
 
 @router.post("/v1/unload_lora_adapter")
-async def unload_lora_adapter(request: Request, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+    body = await read_body(request, UnloadLoRAAdapterRequest)
     runner = _runner(request)
     check_serving(runner)
     name = body.lora_name.strip()

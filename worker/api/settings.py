@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 
@@ -13,7 +14,9 @@ class ApiSettings:
     value names an adapter. `admin_token`, `api_key` and `feedback_api_key` are the three credentials of
     `worker/api/auth.py`. `feedback_adapters` are the adapters whose feedback is accepted without a training job
     for them (`*`: any adapter name). `max_body_bytes` bounds every request body (413 above it).
-    `allowed_origins` and friends are vLLM's CORS options.
+    `allowed_origins` and friends are vLLM's CORS options. `offload_threads` and `offload_backlog` size the pool
+    for parsing, tokenizing and serialising big payloads off the event loop (offload.py: more admitted jobs than
+    their sum get 429); `max_tokenize_tokens` caps the token list of one `/tokenize` answer.
     """
 
     served_model_name: str
@@ -26,6 +29,9 @@ class ApiSettings:
     max_prompt_chars: int = 1 << 20
     max_body_bytes: int = 4 << 20
     chat_template_timeout_s: float = 2.0
+    offload_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    offload_backlog: int = 8
+    max_tokenize_tokens: int = 1 << 17
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])

@@ -136,3 +136,18 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.01):
             return value
         time.sleep(interval)
     return predicate()
+
+
+def wait_process_ready(proc, url: str, log_path, timeout: float = 120.0) -> None:
+    """Waits until the worker process `proc` answers `/ready` with 200; fails with its log's tail if it exits or
+    the timeout passes first."""
+    import httpx
+
+    def ready() -> bool:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_for(ready, timeout=timeout, interval=0.2), log_path.read_text()[-3000:]

@@ -1,38 +1,23 @@
-"""Tokenizing, detokenizing and chat-template rendering for the HTTP layer, off the event loop and time-bounded.
+"""Tokenizing, detokenizing and chat-template rendering for the HTTP layer: the jobs the routes run in the offload
+pool (`offload.py`), never on the event loop.
 
-Why a thread pool of its own: a 1 MiB prompt takes the tokenizer hundreds of milliseconds, and a chat template is
-a Jinja program; either on the asyncio loop stalls every other request (`/health` included) for that long. These
-threads are few (a burst of hostile prompts queues here instead of taking every thread Starlette has, so feedback
-fsyncs and engine calls go on). Templates come only from the model (or the operator): a client may not send one,
-and `chat_template_kwargs` takes only the allow-listed switches that real templates read. transformers renders
-them in Jinja's immutable sandbox; a render that runs past `timeout_s` answers 400.
+Why off the loop: a 1 MiB prompt takes the tokenizer hundreds of milliseconds, a chat template is a Jinja program,
+and a 400k-token `/tokenize` answer is megabytes of JSON; any of them on the asyncio loop stalls every other request
+(`/health` included) for that long. Templates come only from the model (or the operator): a client may not send
+one, and `chat_template_kwargs` takes only the allow-listed switches that real templates read. transformers renders
+them in Jinja's immutable sandbox; a render that runs past its time limit answers 400.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import math
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from lorafleet.worker.api.errors import APIError
-
-T = TypeVar("T")
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lorafleet-tokenize")
+from lorafleet.worker.api.offload import json_bytes
 
 # keys chat templates of common models read (Qwen3 / DeepSeek / gpt-oss thinking switches); scalar values only
 TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_effort", "add_bos_token"})
-
-
-async def off_loop(fn: Callable[..., T], *args: Any, timeout_s: float | None = None, what: str = "work") -> T:
-    """Runs `fn(*args)` in the tokenizer pool; past `timeout_s` the request gets a 400 (the thread finishes alone:
-    a thread cannot be killed, which is why only bounded inputs and trusted templates get here)."""
-    future = asyncio.get_running_loop().run_in_executor(_POOL, lambda: fn(*args))
-    try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-    except TimeoutError as exc:
-        raise APIError(400, f"{what} took longer than {timeout_s:g} s") from exc
 
 
 def template_kwargs(given: dict[str, Any] | None) -> dict[str, Any]:
@@ -61,8 +46,32 @@ def _finite(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+class TooManyTokens(Exception):
+    """The text has more tokens than the caller can use; `count` says how many."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool = True, limit: int | None = None) -> list[int]:
+    """The token ids of `text`, as `tokenizer(text)["input_ids"]`; TooManyTokens past `limit` tokens.
+
+    Why the Rust `encode_batch` of a fast tokenizer directly: it is what transformers' `__call__` runs, and the one
+    call of the tokenizers binding that releases the GIL (`encode` holds it for the whole text); and the count is
+    checked before any Python list is built: turning 400k ids (and transformers' attention mask and offsets) into
+    Python ints is a C call that holds the GIL, so the event loop would wait for it, for a prompt refused anyway.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "split_special_tokens", False) or backend.encode_special_tokens:
+        ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        if limit is not None and len(ids) > limit:
+            raise TooManyTokens(len(ids))
+        return ids
+    (encoding,) = backend.encode_batch([text], add_special_tokens=add_special_tokens)
+    if limit is not None and len(encoding) > limit:
+        raise TooManyTokens(len(encoding))
+    return encoding.ids
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, kwargs: dict) -> str:
@@ -76,3 +85,32 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids)
+
+
+def check_ids(ids: list[int], vocab: int, param: str) -> None:
+    """A 400 unless every token id is in [0, vocab) (a long list: run it in the pool, it is a Python loop)."""
+    if any(t < 0 or t >= vocab for t in ids):
+        raise APIError(400, f"token ids must be in [0, {vocab})", param=param)
+
+
+def tokenize_answer(
+    tokenizer: Any, text: str, add_special: bool, token_strs: bool, max_model_len: int | None, max_tokens: int
+) -> bytes:
+    """vLLM's `/tokenize` answer as JSON bytes; more than `max_tokens` tokens is a 400 that gives the count (a list
+    that long is no prompt any served model takes, and it is megabytes per request)."""
+    try:
+        ids = encode(tokenizer, text, add_special, limit=max_tokens)
+    except TooManyTokens as exc:
+        raise APIError(
+            400,
+            f"the input has {exc.count} tokens; /tokenize lists at most {max_tokens} (model context: {max_model_len})",
+            param="prompt",
+        ) from exc
+    strs = tokenizer.convert_ids_to_tokens(ids) if token_strs else None
+    return json_bytes({"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strs})
+
+
+def detokenize_answer(tokenizer: Any, ids: list[int]) -> bytes:
+    """vLLM's `/detokenize` answer as JSON bytes."""
+    check_ids(ids, len(tokenizer), "tokens")
+    return json_bytes({"prompt": decode(tokenizer, ids)})

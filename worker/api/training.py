@@ -12,17 +12,18 @@ with respect to serving.
 
 from __future__ import annotations
 
-import json
 import threading
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from lorafleet.worker.api.auth import is_admin, require_admin, require_feedback_key
+from lorafleet.worker.api.body_guard import PARSED
 from lorafleet.worker.api.errors import APIError
+from lorafleet.worker.feedback.request import FeedbackRequest
+from lorafleet.worker.feedback.store import FeedbackSample
 from lorafleet.worker.names import InvalidName, adapter_name, job_name
-from lorafleet.worker.training.feedback import FeedbackSample
 from lorafleet.worker.training.service import JobConflict, TrainingService, register
-from lorafleet.worker.training.spec import FeedbackRequest, JobRequest
+from lorafleet.worker.training.spec import JobRequest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -64,13 +65,10 @@ def _validation_error(exc: ValidationError) -> APIError:
     return APIError(status, f"{loc + ': ' if loc else ''}{msg}", param=loc or None)
 
 
-def _body(raw: bytes, limit: int | None = None) -> dict:
-    if limit is not None and len(raw) > limit:
-        raise APIError(413, f"body is larger than {limit} bytes")
-    try:
-        data = json.loads(raw or b"null")
-    except (ValueError, RecursionError) as exc:
-        raise APIError(400, f"body is not valid JSON: {type(exc).__name__}") from exc
+def _body(request: Request) -> dict:
+    """The JSON object the body guard parsed (body_guard.py bounds the size per path in BODY_LIMITS and refuses what
+    is not strict JSON); the bytes are never parsed a second time."""
+    data = request.scope.get(PARSED)
     if not isinstance(data, dict):
         raise APIError(400, "body must be a JSON object")
     return data
@@ -106,19 +104,10 @@ def _allowed(request: Request, svc: TrainingService, adapter: str) -> None:
 @router.post("/v1/feedback", status_code=202, dependencies=[Depends(require_feedback_key)])
 async def post_feedback(request: Request) -> JSONResponse:
     svc = await run_in_threadpool(_service, request)
-    cl = request.headers.get("content-length")
-    if cl is not None and cl.isdigit() and int(cl) > MAX_FEEDBACK_BODY:
-        svc.metrics.feedback.labels("other", "rejected").inc()
-        raise APIError(413, f"body is larger than {MAX_FEEDBACK_BODY} bytes")
-    raw = await request.body()
     data: dict = {}
     try:
-        data = _body(raw, MAX_FEEDBACK_BODY)
-        try:
-            fb = FeedbackRequest.model_validate(data)
-        except ValidationError as exc:
-            raise _validation_error(exc) from exc
-        sample = await run_in_threadpool(_resolve, svc, fb)  # tokenizing is CPU work: off the event loop
+        data = _body(request)
+        sample = await run_in_threadpool(_sample, svc, data)  # validating and tokenizing are CPU work: off the loop
         _allowed(request, svc, sample.adapter)
     except APIError:
         svc.metrics.feedback.labels(_label(svc, data.get("adapter"), False), "rejected").inc()
@@ -133,6 +122,15 @@ async def post_feedback(request: Request) -> JSONResponse:
         {"feedbackId": stored.feedback_id, "adapter": stored.adapter, "trainable": stored.trainable, "seq": stored.seq},
         status_code=202,
     )
+
+
+def _sample(svc: TrainingService, data: dict) -> FeedbackSample:
+    """The stored form of a feedback body (up to 256 KiB: validated with its tokenization, in the thread pool)."""
+    try:
+        fb = FeedbackRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    return _resolve(svc, fb)
 
 
 def _resolve(svc: TrainingService, fb: FeedbackRequest) -> FeedbackSample:
@@ -204,7 +202,7 @@ def _job_name(name: str) -> str:
 @router.post("/v1/training/jobs", status_code=201, dependencies=[Depends(require_admin)])
 async def post_job(request: Request) -> JSONResponse:
     svc = await run_in_threadpool(_service, request)
-    data = _body(await request.body(), MAX_JOB_BODY)
+    data = _body(request)
     try:
         req = JobRequest.model_validate(data)
     except ValidationError as exc:

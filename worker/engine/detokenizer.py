@@ -24,7 +24,11 @@ def _decode_stream(tokenizer, ctx: list[int]):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str] | None = None) -> None:
+    def __init__(
+        self, tokenizer, prompt_token_ids: list[int], stop: list[str] | None = None, include_stop: bool = False
+    ) -> None:
+        """`include_stop`: a matched stop string stays at the end of the text (vLLM's include_stop_str_in_output);
+        otherwise the text is cut before it."""
         self.tokenizer = tokenizer
         ctx = list(prompt_token_ids[-_CTX:])
         self.num_ctx = len(ctx)
@@ -34,6 +38,8 @@ class IncrementalDetokenizer:
         self.text = ""
         self.stop = list(stop or [])
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
+        self.include_stop = include_stop
+        self.matched: str | None = None  # the stop string that ended the text
         self._backend, self._stream = _decode_stream(tokenizer, ctx)
 
     def _decode(self, ids: list[int]) -> str:
@@ -73,19 +79,22 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         return full[len(prefix) :]
 
-    def append(self, token_id: int) -> bool:
-        """Adds a token; returns True if a stop string now appears (text is cut before it)."""
+    def append(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Adds a token; returns the stop string that now appears (the text is cut before it, or after it with
+        `include_stop`), else None. `check_stop=False` (before min_tokens) only extends the text."""
         self.ids.append(token_id)
         new = self._new_text(token_id)
         if not new:
-            return False
+            return None
         old_len = len(self.text)
         self.text += new
-        if not self.stop:
-            return False
+        if not self.stop or not check_stop:
+            return None
         search_from = max(0, old_len - self.max_stop_len + 1)
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            return True
-        return False
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+        if not hits:
+            return None
+        at, matched = min(hits, key=lambda h: h[0])  # the earliest; the first listed among equals
+        self.text = self.text[: at + len(matched)] if self.include_stop else self.text[:at]
+        self.matched = matched
+        return matched

@@ -25,17 +25,19 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 from lorafleet.worker.config import EngineConfig, resolve_async_scheduling, resolve_device, resolve_dtype
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.detokenizer import IncrementalDetokenizer
-from lorafleet.worker.engine.model_runner import PLACEHOLDER, ModelRunner, SampledTokens, StepInputs, kv_block_bytes
-from lorafleet.worker.engine.plugin import IterationInfo, IterationPlugin, PrefillRecord
+from lorafleet.worker.engine.logprobs import StepLogprobs, TokenLogprob
+from lorafleet.worker.engine.model_runner import PLACEHOLDER, ModelRunner, SampledTokens, kv_block_bytes
+from lorafleet.worker.engine.plugin import IterationInfo, IterationPlugin
+from lorafleet.worker.engine.plugin_host import PluginHost
 from lorafleet.worker.engine.request_log import RequestTpotLog
 from lorafleet.worker.engine.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
+from lorafleet.worker.engine.stopping import build_output, check_stop, eos_token_ids, finish_text
 from lorafleet.worker.layers.attention import triton_attention_available
 from lorafleet.worker.loader import checkpoint_dtype, load_hf_config, load_model, load_tokenizer
 from lorafleet.worker.lora.adapter import AdapterError, UnknownAdapterError
@@ -61,7 +63,7 @@ class EngineStats:
     adapters: dict[str, int] = field(default_factory=dict)  # store tier counts and load/evict counters
 
 
-class LLMEngine:
+class LLMEngine(PluginHost):
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.device = resolve_device(config.device)
@@ -78,7 +80,7 @@ class LLMEngine:
             if config.triton_elementwise and triton_attention_available(self.device):
                 self.model.use_triton_elementwise()
         self.tokenizer = load_tokenizer(config.model)
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = eos_token_ids(self.hf_config, self.tokenizer, config.model)
         self.store = AdapterStore(
             self.model.shape,
             self.device,
@@ -101,12 +103,14 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             max_num_batched_tokens=config.max_num_batched_tokens if config.prefill_graphs else None,
+            merge_switch=config.merge_switch,
         )
         self._plugins: list[IterationPlugin] = []
         self.request_tpots = RequestTpotLog()  # finished requests' TPOT: co-serving steers by its percentile
         self._requests: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # abort notices delivered by the next step()
         self._inflight: SampledTokens | None = None  # async scheduling: launched step whose tokens are unsettled
+        self._inflight_logprobs: StepLogprobs | None = None  # ... and its logprobs (rows that asked)
         self._step = 0
         self._last_tokens = 0
         log.info(
@@ -119,21 +123,6 @@ class LLMEngine:
         )
 
     # ---- setup helpers -------------------------------------------------------------------------------------------
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for src in (getattr(self.hf_config, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
-            if isinstance(src, int):
-                ids.add(src)
-            elif isinstance(src, list | tuple):
-                ids.update(int(x) for x in src)
-        gen = Path(self.config.model) / "generation_config.json"
-        if gen.is_file():
-            import json
-
-            e = json.loads(gen.read_text()).get("eos_token_id")
-            ids.update([e] if isinstance(e, int) else list(e or []))
-        return ids
-
     def _derive_num_blocks(self) -> int:
         per_block = kv_block_bytes(self.model, self.config.block_size, self.dtype)
         if self.device.type == "cuda":
@@ -171,12 +160,15 @@ class LLMEngine:
         vocab = self.model.shape.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.min_tokens > 0:  # what the sampler masks until the output is min_tokens long
+            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            params = replace(params, min_tokens_stop_ids=tuple(sorted(stop_ids)))
         adapter: AdapterVersion | None = self.store.acquire(lora_name) if lora_name else None
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output)
         seq = Sequence(request_id, prompt_token_ids, params, adapter, gen, detok)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
@@ -186,7 +178,7 @@ class LLMEngine:
         if seq is None or seq.status == SequenceStatus.FINISHED:
             return
         self.scheduler.finish(seq, "abort")
-        self._pending.append(self._output(seq, []))
+        self._pending.append(build_output(seq, []))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
@@ -198,7 +190,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         if self._inflight is not None:  # async scheduling was just switched off: settle the step in flight first
             prev, self._inflight = self._inflight, None
-            self._pending += self._settle(prev, set())
+            self._pending += self._settle(prev, set(), self._take_inflight_logprobs())
         outputs, self._pending = self._pending, []
         batch = self._schedule(outputs)
         forward_s = 0.0
@@ -207,19 +199,23 @@ class LLMEngine:
             if self._plugins:  # queue the step, let the plugins queue theirs, then wait for this step's tokens
                 t_fwd = time.perf_counter()
                 launched = self.runner.launch(batch)
+                step_lp = self.runner.sampler.take_logprobs()
                 self._after_launch(t0, batch, decode_tokens, self.runner.last_forward_seconds)
                 sampled = dict(zip(launched.seqs, launched.tolist(), strict=True))
                 forward_s = time.perf_counter() - t_fwd  # as execute(): until the tokens are on the host
             else:
                 sampled = self.runner.execute(batch)
+                step_lp = self.runner.sampler.take_logprobs()
                 forward_s = self.runner.last_forward_seconds
             caching = self.block_manager.enable_prefix_caching
             for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
                 seq.num_computed_tokens += n
                 if caching:
                     self.block_manager.commit(seq, seq.cache_salt)
-            append = self._append_token
-            outputs += [append(seq, tok) for seq, tok in sampled.items()]
+            entries = step_lp.host() if step_lp is not None else {}
+            for row, (seq, tok) in enumerate(sampled.items()):  # rows in sampling order
+                seq.token_ids.append(tok)
+                outputs.append(self._check_stop(seq, tok, entries.get(row)))
             if self.scheduler.waiting:
                 self._prefetch_waiting()
         self._finish_step(t0, batch, decode_tokens, forward_s)
@@ -231,7 +227,7 @@ class LLMEngine:
         for seq, err in batch.failed:
             log.warning("request %s aborted: %s", seq.request_id, err)
             self._requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq, []))
+            outputs.append(build_output(seq, []))
         return batch
 
     @staticmethod
@@ -244,8 +240,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         outputs, self._pending = self._pending, []
         prev, self._inflight = self._inflight, None
+        prev_lp = self._take_inflight_logprobs()
         if prev is not None and prev.needs_host:
-            outputs += self._settle(prev, set())  # the next inputs need host tokens: no overlap this step
+            outputs += self._settle(prev, set(), prev_lp)  # the next inputs need host tokens: no overlap this step
             prev = None
         closing = self._add_placeholders(prev) if prev is not None else set()
         batch = self._schedule(outputs)
@@ -253,12 +250,13 @@ class LLMEngine:
         decode_tokens = self._decode_tokens(batch)
         if batch.seqs:
             self._inflight = self.runner.launch(batch, prev)
+            self._inflight_logprobs = self.runner.sampler.take_logprobs()
             forward_s = self.runner.last_forward_seconds
             for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
                 seq.num_computed_tokens += n
             self._after_launch(t0, batch, decode_tokens, forward_s)
         if prev is not None:
-            outputs += self._settle(prev, closing)
+            outputs += self._settle(prev, closing, prev_lp)
         if batch.seqs:
             if self.block_manager.enable_prefix_caching:
                 for seq in batch.seqs:  # after settling: every token up to num_computed_tokens is real now
@@ -283,130 +281,42 @@ class LLMEngine:
                 closing.add(seq)
         return closing
 
-    def _settle(self, prev: SampledTokens, closing: set[Sequence]) -> list[RequestOutput]:
+    def _take_inflight_logprobs(self) -> StepLogprobs | None:
+        lp, self._inflight_logprobs = self._inflight_logprobs, None
+        return lp
+
+    def _settle(self, prev: SampledTokens, closing: set[Sequence], lp: StepLogprobs | None) -> list[RequestOutput]:
         """Waits for `prev`'s tokens on the host and does what the synchronous step does after its forward."""
         outputs = []
         finished = SequenceStatus.FINISHED
-        for seq, tok in zip(prev.seqs, prev.tolist(), strict=True):
+        entries = lp.host() if lp is not None else {}
+        for row, (seq, tok) in enumerate(zip(prev.seqs, prev.tolist(), strict=True)):
             if seq.status == finished and seq not in closing:
                 continue  # aborted, or stopped before this (wasted) token: never emitted
             if seq.token_ids[-1] == PLACEHOLDER:
                 seq.token_ids[-1] = tok
             else:
                 seq.token_ids.append(tok)  # settled before the next step was scheduled
-            outputs.append(self._check_stop(seq, tok))
+            outputs.append(self._check_stop(seq, tok, entries.get(row)))
         return outputs
 
-    def _info(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float, step: int):
-        return IterationInfo(
-            step=step,
-            num_scheduled_tokens=batch.total_tokens,
-            leftover_tokens=self.config.max_num_batched_tokens - batch.total_tokens,
-            num_prefill_tokens=batch.total_tokens - decode_tokens,
-            num_decode_tokens=decode_tokens,
-            num_seqs=len(batch.seqs),
-            step_seconds=time.perf_counter() - t0,
-            forward_seconds=forward_s,
-            kv_usage=self.block_manager.num_used / self.block_manager.num_blocks,
-        )
-
-    def _after_launch(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
-        if self._plugins:
-            info = self._info(t0, batch, decode_tokens, forward_s, self._step + 1)
-            for plugin in list(self._plugins):
-                self._guarded(plugin.after_launch, info)
-
-    def _finish_step(self, t0: float, batch: ScheduledBatch, decode_tokens: int, forward_s: float) -> None:
-        self._last_tokens = batch.total_tokens
-        self._step += 1
-        if self._plugins:
-            info = self._info(t0, batch, decode_tokens, forward_s, self._step)
-            for plugin in list(self._plugins):
-                self._guarded(plugin.after_step, info)
-
-    # ---- plugins (plugin.py) -------------------------------------------------------------------------------------
-    def add_plugin(self, plugin: IterationPlugin) -> None:
-        """Attaches `plugin` to this engine (engine thread); its callbacks run from the next step on."""
-        if plugin in self._plugins:
-            return
-        plugin.attach(self)
-        self._plugins.append(plugin)
-        self.runner.prefill_observer = self._on_prefill
-
-    def remove_plugin(self, plugin: IterationPlugin) -> None:
-        if plugin in self._plugins:
-            self._plugins.remove(plugin)
-        if not self._plugins:
-            self.runner.prefill_observer = None
-
-    def _on_prefill(self, batch: ScheduledBatch, inputs: StepInputs) -> PrefillRecord | None:
-        records = [r for p in list(self._plugins) if (r := self._guarded(p.on_prefill, batch, inputs)) is not None]
-        if len(records) <= 1:
-            return records[0] if records else None
-
-        def record_all(kv_caches, slot_mapping) -> None:
-            for r in records:
-                self._guarded(r, kv_caches, slot_mapping)
-
-        return record_all
-
-    @staticmethod
-    def _guarded(fn, *args):
-        """Calls a plugin callback; one that raises is logged and skipped (serving never fails for a plugin)."""
-        try:
-            return fn(*args)
-        except Exception:  # noqa: BLE001
-            log.exception("plugin callback %r failed", fn)
-            return None
-
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
-        seq.token_ids.append(token)
-        return self._check_stop(seq, token)
-
-    def _check_stop(self, seq: Sequence, token: int) -> RequestOutput:
-        """Stop/length checks and detokenization for the token just placed at the end of `seq.token_ids`."""
+    def _check_stop(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        """Applies what `stopping.check_stop` decides for the token just placed at the end of `seq.token_ids`."""
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
-        p = seq.params
-        detok = seq.detokenizer
-        per_token = detok is not None and (p.incremental_text or bool(p.stop))
-        reason = None
-        stop_string = False
-        stop_token = False
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            reason, stop_token = "stop", True  # the stop token itself is not part of the text
-        elif per_token and detok.append(token):  # type: ignore[union-attr]
-            reason, stop_string = "stop", True
-        elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
+        if seq.logprobs is not None and logprob is not None:
+            seq.logprobs.append(logprob)
+        stop = check_stop(seq, token, self.eos_token_ids, self.max_model_len)
+        if stop is not None:
             self.request_tpots.add(seq.first_token_time, time.monotonic(), seq.num_output_tokens)
-            if detok is not None and not per_token:  # text wanted at the end only: decode the output once
-                out = seq.output_token_ids
-                detok.decode_all(out[:-1] if stop_token else out)
-            elif detok is not None and not stop_string:
-                detok.flush()
+            finish_text(seq, stop)
             if seq.status == SequenceStatus.FINISHED:
-                seq.finish_reason = reason  # finished early by length (async); a stop token or string still wins
+                seq.finish_reason = stop.reason  # finished early by length (async); a stop token or string still wins
             else:
-                self.scheduler.finish(seq, reason)
+                self.scheduler.finish(seq, stop.reason)
+            seq.stop_reason = stop.stop_reason
             self._requests.pop(seq.request_id, None)
-        return self._output(seq, [token])
-
-    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
-        av = seq.adapter
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=new,
-            text=seq.detokenizer.text if seq.detokenizer is not None else "",
-            finished=seq.status == SequenceStatus.FINISHED,
-            finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            lora_name=av.name if av is not None else None,
-            lora_version=av.version if av is not None else None,
-            all_token_ids=seq.token_ids,
-            num_output_tokens=len(seq.token_ids) - seq.num_prompt_tokens,
-        )
+        return build_output(seq, [token])
 
     def _prefetch_waiting(self) -> None:
         """Starts uploading the adapters of the next waiting requests so they are warm when admitted."""

@@ -1,13 +1,15 @@
-"""Token sampling: greedy at temperature 0, else temperature → top-k → top-p → a draw.
+"""Token sampling: greedy at temperature 0, else temperature → top-k → top-p → a draw; logprobs on request.
 
 Why the exponential race (argmax p/q, q ~ Exp(1)): it is an exact categorical draw that needs one noise vector per
 row, so a request with a `seed` draws from its own torch.Generator and gets the same tokens whatever batch it
-lands in, while unseeded rows share one batched draw.
+lands in, while unseeded rows share one batched draw. Rows whose request asked for logprobs get them from the logits
+this call was given (logprobs.py); they wait in `last_logprobs` until the engine takes them after the step.
 """
 
 from __future__ import annotations
 
 import torch
+from lorafleet.worker.engine.logprobs import StepLogprobs, step_logprobs
 from lorafleet.worker.engine.sequence import SamplingParams
 
 
@@ -16,6 +18,12 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.last_logprobs: StepLogprobs | None = None  # of the latest call; the engine takes it (`take_logprobs`)
+
+    def take_logprobs(self) -> StepLogprobs | None:
+        """The logprobs of the latest call (None if no row asked), once: a later call never sees them."""
+        out, self.last_logprobs = self.last_logprobs, None
+        return out
 
     def __call__(
         self,
@@ -38,6 +46,19 @@ class Sampler:
         """Like `__call__` but the tokens stay on the device ([N] long), so the next step can read them before the
         host does (async scheduling). `non_blocking` uploads the per-row knobs from pinned memory: a plain
         host->device copy waits for the whole queue, which would stall the host on the step in flight."""
+        out = self._sample(logits, params, generators, histories, non_blocking)
+        ks = [p.logprobs for p in params]
+        self.last_logprobs = step_logprobs(logits, ks, out) if any(k is not None for k in ks) else None
+        return out
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        histories: list[tuple[list[int], list[int]]] | None,
+        non_blocking: bool,
+    ) -> torch.Tensor:
         if histories is not None and any(p.has_penalties for p in params):
             logits = apply_penalties(logits, params, histories)
         greedy = logits.argmax(dim=-1)
@@ -99,13 +120,18 @@ def apply_penalties(
     logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
 ) -> torch.Tensor:
     """Presence/frequency penalties over the output (OpenAI) and the repetition penalty over prompt + output
-    (HF), applied before greedy or sampled selection, as vLLM does. Rows without penalties are untouched."""
+    (HF), applied before greedy or sampled selection, as vLLM does; and vLLM's min_tokens: while the output is
+    shorter than `min_tokens`, the stop tokens (EOS unless ignored, `stop_token_ids`) cannot be drawn. Rows without
+    any of these are untouched."""
     logits = logits.clone()
     vocab = logits.shape[1]
     for i, (p, (prompt, output)) in enumerate(zip(params, histories, strict=True)):
         if not p.has_penalties:
             continue
         row = logits[i]
+        if len(output) < p.min_tokens and p.min_tokens_stop_ids:
+            stop = [t for t in p.min_tokens_stop_ids if 0 <= t < vocab]
+            row[torch.tensor(stop, dtype=torch.long, device=logits.device)] = float("-inf")
         out = torch.tensor(output, dtype=torch.long, device=logits.device)
         out = out[(out >= 0) & (out < vocab)]
         if p.repetition_penalty != 1.0:

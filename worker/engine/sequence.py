@@ -8,6 +8,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
+from lorafleet.worker.engine.logprobs import MAX_LOGPROBS, TokenLogprob
 
 if TYPE_CHECKING:
     from lorafleet.worker.engine.detokenizer import IncrementalDetokenizer
@@ -31,10 +32,24 @@ class SamplingParams:
     # the engine then decodes the output once when the request ends, not once per token in every step: ~30% of the
     # engine's host time per running sequence on CPU, which every step of every other request waits for.
     incremental_text: bool = True
+    # vLLM's semantics: no stop token can be drawn and no stop string ends the output before this many tokens
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False  # the matched stop string stays at the end of the text
+    # None: no logprobs; k >= 0: each output token's logprob and the k most likely tokens at its position
+    logprobs: int | None = None
+    # set by the engine when it admits the request (EOS unless ignored, plus stop_token_ids): what min_tokens masks
+    min_tokens_stop_ids: tuple[int, ...] = ()
 
     @property
     def has_penalties(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        """Whether the row's logits depend on its previous tokens (penalties, or min_tokens masking): the sampler
+        then gets the token history, and async scheduling settles the step before the next one is planned."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+            or self.min_tokens > 0
+        )
 
     def validate(self) -> None:
         """Raises ValueError with an API-friendly message (the HTTP layer turns it into a 400)."""
@@ -57,6 +72,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
 class SequenceStatus(Enum):
@@ -89,6 +108,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hashes of the full, computed blocks
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # vLLM: the stop token id or stop string that ended it
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.num_preemptions = 0
         self.slot_waits = 0  # scheduler passes that found no free GPU slot for its adapter
         self.enqueued_pass = 0  # scheduler pass at which it (re)entered the waiting queue: its age is measured so
@@ -151,8 +172,17 @@ class RequestOutput:
     lora_version: str | None = None
     all_token_ids: list[int] = field(default_factory=list, repr=False)  # prompt + output; may grow later
     num_output_tokens: int = 0
+    stop_reason: int | str | None = None  # the stop token id or stop string that finished it (None: EOS, length)
+    all_logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # per output token; may grow later
 
     @property
     def output_token_ids(self) -> list[int]:
         start = self.num_prompt_tokens
         return self.all_token_ids[start : start + self.num_output_tokens]
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """One entry per output token so far (None when the request asked for none)."""
+        if self.all_logprobs is None:
+            return None
+        return self.all_logprobs[: self.num_output_tokens]

@@ -2,7 +2,8 @@
 
 Why a context instead of LoRA weights inside the module: serving mixes many adapters in one batch (segment
 context over the store's stacked slots), training uses one adapter's trainable fp32 parameters (dense context),
-and the module must not care which. It only calls `lora.apply(layer_idx, proj_name, x, y)`.
+and the module must not care which. It only calls `lora.apply(layer_idx, proj_name, x, y)`, and reads its base
+weight through `merged_weight`, which a merged serving step points at a copy with one adapter folded in.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ class LoRAContext(Protocol):
         ...
 
 
+def merged_weight(lora: object | None, layer_idx: int, name: str, base: torch.Tensor) -> torch.Tensor:
+    """The weight a base GEMM reads: `base`, or the merged copy a merged step's context holds (lora/merged.py)."""
+    get = getattr(lora, "merged_weight", None)
+    return base if get is None else get(layer_idx, name, base)
+
+
 class LoRALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, layer_idx: int, proj: str) -> None:
         super().__init__()
@@ -31,7 +38,7 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, lora: LoRAContext | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, merged_weight(lora, self.layer_idx, self.proj, self.weight), self.bias)
         if lora is not None:
             y = lora.apply(self.layer_idx, self.proj, x, y)
         return y

@@ -96,3 +96,63 @@ class DenseLoRAContext:
         a, b = w
         delta = (x.to(a.dtype) @ a.t()) @ b.t().to(a.dtype)
         return y + (delta * self.scale).to(y.dtype)
+
+
+class _ScaledSlots:
+    """The adapter store's slot tensors read with other per-slot scales (the merged slot's negated scale)."""
+
+    def __init__(self, slots: SlotWeights, scales: torch.Tensor) -> None:
+        self._slots = slots
+        self.scales = scales
+
+    def stacked(self, layer_idx: int, proj: str, always: bool = False):
+        return self._slots.stacked(layer_idx, proj, always)
+
+    def stacked_group(self, layer_idx: int, group: str, always: bool = False):
+        return self._slots.stacked_group(layer_idx, group, always)
+
+
+class MergedLoRAContext:
+    """A merged step (lora/merged.py, dLoRA): the base GEMMs read the merged copy, rows of other adapters run their
+    own pass (`seg_slots` with the merged segment at -1), and every row outside the merged segment runs one pass of
+    the merged slot with its negated scale (`neg_indptr` = [0, merged rows, T], `neg_slots` = [-1, merged slot]):
+        x·(W + ΔW_m)ᵀ + x·ΔW_ownᵀ - x·ΔW_mᵀ = x·Wᵀ + x·ΔW_ownᵀ.
+    `targets`: projections and groups the merged version adapts (None: all, as CUDA graphs need); the subtracting
+    pass skips the others, whose merged buffer equals the base."""
+
+    def __init__(
+        self,
+        weights: Mapping[tuple[int, str], torch.Tensor],
+        slots: SlotWeights,
+        neg_scales: torch.Tensor,
+        seg_indptr: torch.Tensor,
+        seg_slots: torch.Tensor,
+        neg_indptr: torch.Tensor,
+        neg_slots: torch.Tensor,
+        own: bool,
+        neg: bool,
+        targets: frozenset[str] | None = None,
+        always: bool = False,
+    ) -> None:
+        self.weights = weights
+        self.targets = targets
+        self.own = SegmentLoRAContext(slots, seg_indptr, seg_slots, always) if own else None
+        self.neg = SegmentLoRAContext(_ScaledSlots(slots, neg_scales), neg_indptr, neg_slots, always) if neg else None
+
+    def merged_weight(self, layer_idx: int, name: str, base: torch.Tensor) -> torch.Tensor:
+        return self.weights.get((layer_idx, name), base)
+
+    def _neg_for(self, name: str) -> SegmentLoRAContext | None:
+        return self.neg if self.targets is None or name in self.targets else None
+
+    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.own is not None:
+            y = self.own.apply(layer_idx, proj, x, y)
+        neg = self._neg_for(proj)
+        return neg.apply(layer_idx, proj, x, y) if neg is not None else y
+
+    def apply_group(self, layer_idx: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.own is not None:
+            y = self.own.apply_group(layer_idx, group, x, y)
+        neg = self._neg_for(group)
+        return neg.apply_group(layer_idx, group, x, y) if neg is not None else y

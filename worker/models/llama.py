@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from lorafleet.worker.layers.activation import check_activation, silu_and_mul
 from lorafleet.worker.layers.attention import AttentionContext
-from lorafleet.worker.layers.linear import LoRAContext, LoRALinear
+from lorafleet.worker.layers.linear import LoRAContext, LoRALinear, merged_weight
 from lorafleet.worker.layers.rmsnorm import RMSNorm
 from lorafleet.worker.layers.rotary import RotaryEmbedding
 from torch import nn
@@ -115,7 +115,7 @@ class FusedLinear:
             lo += n
 
     def __call__(self, x, lora, group: str, members: tuple[LoRALinear, ...]) -> tuple[torch.Tensor, ...]:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, merged_weight(lora, members[0].layer_idx, group, self.weight), self.bias)
         if lora is not None and hasattr(lora, "apply_group"):
             y = lora.apply_group(members[0].layer_idx, group, x, y)
             return tuple(y.split(self.sizes, dim=-1))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from lorafleet.worker.durable import fsync_path, replace_durably, write_synced
 from lorafleet.worker.paths import within
 
 FORMAT = 1
@@ -45,14 +46,6 @@ class Checkpoint:
 class LoadResult:
     checkpoint: Checkpoint | None
     corrupt: list[dict] = field(default_factory=list)  # {"path", "step", "reason"}, newest first
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -89,23 +82,14 @@ class CheckpointStore:
         try:
             tfile = tmp / TENSORS
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tfile))
-            _fsync_file(tfile)
-            manifest = {
-                "format": FORMAT,
-                "step": step,
-                "tensors": {"file": TENSORS, "bytes": tfile.stat().st_size, "sha256": _sha256(tfile)},
-                "state": state,
-            }
-            mfile = tmp / MANIFEST
-            with open(mfile, "w") as fh:
-                json.dump(manifest, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _fsync_file(tmp)
+            fsync_path(tfile)
+            meta = {"file": TENSORS, "bytes": tfile.stat().st_size, "sha256": _sha256(tfile)}
+            manifest = {"format": FORMAT, "step": step, "tensors": meta, "state": state}
+            write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
+            fsync_path(tmp)
             if final.exists():  # same step again (a redone step after a restart): replace it
                 shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_file(self.root)
+            replace_durably(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

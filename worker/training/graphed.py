@@ -1,161 +1,33 @@
 """Whole training micro-batches as CUDA graphs, launched asynchronously between serving steps (co-serving).
 
-Why: the serving loop leaves the GPU idle between and inside steps, and the eager layer-wise pieces
-(`pipeline.py`) pay tens of ms of *host* time each, which lands directly on TPOT. Here one micro-batch (forward,
-masked CE, LoRA-only backward, gradient accumulation) is one CUDA graph: launching it costs microseconds of host
-time. The engine plugin queues it right behind a serving step's kernels (`after_launch`), before the host waits for
-that step's tokens. Where it runs is the job's placement (PLACEMENTS): on the serving stream itself by default, so
-it never overlaps a serving kernel, or, experimentally, on a lowest-priority stream confined to an SM partition.
-Nothing here waits on the GPU: losses and gradient norms come back through pinned host buffers and events, and the
-job reads them once they are done.
+Why: the serving loop leaves the GPU idle between and inside steps, and eager training pieces pay tens of
+ms of *host* time each, which lands directly on TPOT. Here one micro-batch (forward, masked CE, LoRA-only
+backward, gradient accumulation) is one CUDA graph: launching it costs microseconds of host time. The engine
+plugin queues it right behind a serving step's kernels (`after_launch`), before the host waits for that step's
+tokens, on the stream of the job's placement (`streams.py`). Nothing here waits on the GPU: losses and gradient
+norms come back through pinned host buffers and events, and the job reads them once they are done.
 
-Shapes: a micro-batch packs whole samples (tokens T, loss rows R, stashed prefix keys P) and is padded to a bucket
-(multiples of 128 / 128 / 512), one graph per bucket, captured lazily into one shared memory pool (graphs run one
-after another on one stream and keep no outputs, so sharing is safe). Padding rows have segment -1 and weight 0.
-Attention is one SDPA call per layer over `[prefix keys | new keys]` with a boolean mask built from segment ids, so
-a sample sees only its own prefix (Alchemist: the stashed prompt K/V, constants) and its own earlier tokens.
+One graph per shape bucket (`packing.py`), captured lazily into one shared memory pool (graphs run one after
+another on one stream and keep no outputs, so sharing is safe). Attention is one SDPA call per layer over
+`[prefix keys | new keys]` with a boolean mask built from segment ids, so a sample sees only its own prefix
+(Alchemist: the stashed prompt K/V, constants) and its own earlier tokens.
 
-On CPU (tests) the same code runs eagerly, without streams or graphs, so the numerics are tested against
-`LoRATrainer` there; the optimizer step is the same device-side path (fused AdamW skips a non-finite step itself).
+On CPU the same code runs eagerly, without streams or graphs, so the numerics are tested against `LoRATrainer`
+there; the optimizer step is the same device-side path (fused AdamW skips a non-finite step itself).
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from lorafleet.worker.sm_partition import PartitionUnavailable, sm_partition
+from lorafleet.worker.training.packing import Bucket, MicroBatch, pack
+from lorafleet.worker.training.streams import capture_stream, on, training_stream
 from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
-
-log = logging.getLogger(__name__)
-
-# Where pieces run on a GPU (docs/coserving.md has the measurements that chose them):
-# - serving: queued on the serving stream between serving steps, so a piece never overlaps a serving kernel; a
-#   piece that outlasts the host's gap delays the next step by the overrun (the controller sizes pieces to the gap)
-# - partition (experimental): a lowest-priority stream on an SM partition (green context) that leaves
-#   `serving_sms` SMs to serving; where the driver cannot make one, pieces run on the serving stream
-PLACEMENTS = ("serving", "partition")
-TOKEN_ALIGN = 128
-PREFIX_ALIGN = 512
-
-
-def _round_up(n: int, k: int) -> int:
-    return max(k, -(-n // k) * k)
-
-
-@dataclass(frozen=True)
-class Bucket:
-    tokens: int
-    rows: int
-    prefix: int
-
-
-@dataclass
-class MicroBatch:
-    """One packed micro-batch, built on the host (padded to its bucket); `owners[i]` = sample index of loss row i."""
-
-    bucket: Bucket
-    samples: list[int]  # indices into the group's samples
-    ids: torch.Tensor
-    pos: torch.Tensor
-    seg: torch.Tensor
-    rows: torch.Tensor
-    targets: torch.Tensor
-    row_w: torch.Tensor
-    owners: list[int]
-    prefix: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]  # (segment, per-layer (k, v)) in order
-    pseg: torch.Tensor
-    ppos: torch.Tensor
-    tokens: int  # real (unpadded) tokens
-
-    @property
-    def cost(self) -> float:
-        """Token units (1 = one token's forward): forward + a backward of about the same size."""
-        return 2.0 * self.tokens
-
-
-def sample_tokens(s: TrainSample) -> int:
-    """Tokens a sample forwards: the completion against a stashed prefix, else prompt + completion - 1."""
-    return len(s.completion_ids) if s.prefix_kv is not None else len(s.prompt_ids) + len(s.completion_ids) - 1
-
-
-def pack(samples: list[TrainSample], denom: int, max_tokens: int, max_prefix: int) -> list[MicroBatch]:
-    """Greedy packing of whole samples in order; raises ValueError for a sample that fits no micro-batch."""
-    out: list[MicroBatch] = []
-    cur: list[int] = []
-    t = p = 0
-    for i, s in enumerate(samples):
-        n = sample_tokens(s)
-        pl = 0 if s.prefix_kv is None else int(s.prefix_kv[0][0].shape[0])
-        if n > max_tokens or pl > max_prefix:
-            raise ValueError(f"sample of {n} tokens / {pl} prefix keys exceeds the graphed micro-batch")
-        if cur and (t + n > max_tokens or p + pl > max_prefix):
-            out.append(_build(samples, cur, denom))
-            cur, t, p = [], 0, 0
-        cur.append(i)
-        t += n
-        p += pl
-    if cur:
-        out.append(_build(samples, cur, denom))
-    return out
-
-
-def _build(samples: list[TrainSample], idx: list[int], denom: int) -> MicroBatch:
-    ids: list[int] = []
-    pos: list[int] = []
-    seg: list[int] = []
-    rows: list[int] = []
-    targets: list[int] = []
-    row_w: list[float] = []
-    owners: list[int] = []
-    prefix = []
-    pseg: list[int] = []
-    ppos: list[int] = []
-    for k, i in enumerate(idx):
-        s = samples[i]
-        p, c = s.prompt_ids, s.completion_ids
-        if not p or not c:
-            raise ValueError("a training sample needs a non-empty prompt and completion")
-        base = len(ids)
-        if s.prefix_kv is not None and s.prefix_kv[0][0].shape[0] > 0:
-            pl = int(s.prefix_kv[0][0].shape[0])
-            prefix.append((k, s.prefix_kv))
-            pseg += [k] * pl
-            ppos += list(range(pl))
-            x, start, first_loss = [p[-1], *c[:-1]], len(p) - 1, 0
-        elif s.prefix_kv is not None:  # an empty prefix (one-token prompt)
-            x, start, first_loss = [p[-1], *c[:-1]], len(p) - 1, 0
-        else:
-            x, start, first_loss = [*p, *c[:-1]], 0, len(p) - 1
-        ids += x
-        pos += range(start, start + len(x))
-        seg += [k] * len(x)
-        for j, tgt in enumerate(c):
-            rows.append(base + first_loss + j)
-            targets.append(tgt)
-            row_w.append(s.weight / denom)
-            owners.append(i)
-    n, r, pl = len(ids), len(rows), len(pseg)
-    b = Bucket(_round_up(n, TOKEN_ALIGN), _round_up(r, TOKEN_ALIGN), 0 if pl == 0 else _round_up(pl, PREFIX_ALIGN))
-    pad_t, pad_r, pad_p = b.tokens - n, b.rows - r, b.prefix - pl
-    return MicroBatch(
-        bucket=b,
-        samples=list(idx),
-        ids=torch.tensor(ids + [0] * pad_t),
-        pos=torch.tensor(pos + [0] * pad_t),
-        seg=torch.tensor(seg + [-1] * pad_t),
-        rows=torch.tensor(rows + [0] * pad_r),
-        targets=torch.tensor(targets + [-100] * pad_r),
-        row_w=torch.tensor(row_w + [0.0] * pad_r, dtype=torch.float32),
-        owners=owners,
-        prefix=prefix,
-        pseg=torch.tensor(pseg + [-2] * pad_p),
-        ppos=torch.tensor(ppos + [0] * pad_p),
-        tokens=n,
-    )
 
 
 class MaskedPackedAttention:
@@ -165,8 +37,7 @@ class MaskedPackedAttention:
         self.st = st
         self.scale = scale
         self.repeat_kv = repeat_kv
-        t = st.seg.shape[0]
-        idx = torch.arange(t, device=st.seg.device)
+        idx = torch.arange(st.seg.shape[0], device=st.seg.device)
         m = (st.seg[:, None] == st.seg[None, :]) & (idx[None, :] <= idx[:, None])
         if window is not None:
             m &= st.pos[:, None] - st.pos[None, :] < window
@@ -186,31 +57,24 @@ class MaskedPackedAttention:
         rep = q.shape[1] // k.shape[1]
         if rep > 1 and self.repeat_kv:  # the mem-efficient kernel (masks + backward) wants equal head counts
             k4, v4 = k4.repeat_interleave(rep, dim=1), v4.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=self.mask, scale=self.scale)
-        elif rep > 1:
-            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=self.mask, scale=self.scale, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=self.mask, scale=self.scale)
+        gqa = rep > 1 and not self.repeat_kv
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=self.mask, scale=self.scale, enable_gqa=gqa)
         return out[0].transpose(0, 1)
 
 
-@dataclass
-class _Static:
-    """Device buffers of one bucket: the graph reads its inputs from here and writes row losses back."""
+# the tensors of a micro-batch that a graph reads (copied into its bucket's static buffers before each launch)
+INPUTS = ("ids", "pos", "seg", "rows", "targets", "row_w", "pseg", "ppos")
 
-    ids: torch.Tensor
-    pos: torch.Tensor
-    seg: torch.Tensor
-    rows: torch.Tensor
-    targets: torch.Tensor
-    row_w: torch.Tensor
-    row_loss: torch.Tensor
-    pk: torch.Tensor | None
-    pv: torch.Tensor | None
-    pseg: torch.Tensor
-    ppos: torch.Tensor
+
+@dataclass
+class _Static(MicroBatch):
+    """Device buffers of one bucket: a device copy of its first micro-batch (every launch overwrites its INPUTS),
+    which the graph reads; it writes the row losses back."""
+
+    row_loss: torch.Tensor | None = None
+    pk: torch.Tensor | None = None
+    pv: torch.Tensor | None = None
     graph: object | None = None
-    runs: int = 0
 
 
 @dataclass
@@ -250,54 +114,29 @@ class GraphedTrainer:
         self.max_graphs = max_graphs
         self.params = [p for p in trainer.lora.parameters()]
         self.acc = [torch.zeros_like(p) for p in self.params]
-        self.stream = None
-        self.pool = None
-        self.stream_mode = stream if self.cuda else "cpu"
-        self.fallback = ""  # why stream_mode is not the placement asked for (a partition the driver cannot make)
-        if stream not in PLACEMENTS:
-            raise ValueError(f"stream must be one of {PLACEMENTS}, got {stream!r}")
-        if self.cuda:
-            self.stream = self._make_stream(stream, serving_sms)
-            self.pool = torch.cuda.graph_pool_handle()
+        placed = training_stream(self.dev, stream, serving_sms)
+        self.stream = placed.stream
+        self.stream_mode = placed.mode
+        self.fallback = placed.fallback  # why stream_mode is not the placement asked for
+        self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self._static: dict[Bucket, _Static] = {}
         self._prefix_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pending: deque[Pending] = deque()
-        self.graph_replays = 0
-        self.eager_runs = 0
-        self._active: _Active | None = None
-        self._piece_events: deque = deque()
-        self._timings: deque = deque()  # (start event, end event, units) of launched pieces, for predict_seconds
+        self._timings: deque = deque(maxlen=256)  # (start, end, units) of launched pieces, for predict_seconds
         self.seconds_per_unit: float | None = None  # measured GPU seconds per token unit (EMA)
         if not trainer.fused:
             raise ValueError("the graphed trainer needs the fused AdamW (device-side skip of non-finite steps)")
-
-    def _make_stream(self, mode: str, serving_sms: int):
-        """Where pieces run (see PLACEMENTS). Built in the engine thread, whose current stream serves."""
-        if mode == "partition":
-            total = torch.cuda.get_device_properties(self.dev).multi_processor_count
-            try:
-                part = sm_partition(self.dev, total - serving_sms)
-                log.info("co-serving pieces on %d of %d SMs", part.sms, part.total_sms)
-                return part.stream
-            except (PartitionUnavailable, ValueError) as exc:
-                log.warning("no SM partition for training (%s): its pieces run on the serving stream", exc)
-                self.stream_mode = "serving"
-                self.fallback = f"no SM partition ({exc}): pieces run on the serving stream"
-        return torch.cuda.current_stream(self.dev)
 
     # ---- the work ----
     def pack(self, samples: list[TrainSample], denom: int) -> list[MicroBatch]:
         return pack(samples, denom, self.max_tokens, self.max_prefix)
 
-    def _ctx(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else _Null()
-
-    def _buffers(self, b: Bucket) -> _Static:
+    def _buffers(self, mb: MicroBatch) -> _Static:
+        b = mb.bucket
         st = self._static.get(b)
         if st is not None:
             return st
         d, shape = self.dev, self.t.model.shape
-        long = dict(dtype=torch.long, device=d)
         pk = pv = None
         if b.prefix:
             # one K/V buffer pair per prefix size, shared by every bucket of that size (they run one after another
@@ -308,19 +147,11 @@ class GraphedTrainer:
                 )
                 self._prefix_bufs[b.prefix] = (k, torch.zeros_like(k))
             pk, pv = self._prefix_bufs[b.prefix]
-        st = _Static(
-            ids=torch.zeros(b.tokens, **long),
-            pos=torch.zeros(b.tokens, **long),
-            seg=torch.full((b.tokens,), -1, **long),
-            rows=torch.zeros(b.rows, **long),
-            targets=torch.full((b.rows,), -100, **long),
-            row_w=torch.zeros(b.rows, dtype=torch.float32, device=d),
-            row_loss=torch.zeros(b.rows, dtype=torch.float32, device=d),
-            pk=pk,
-            pv=pv,
-            pseg=torch.full((b.prefix,), -2, **long),
-            ppos=torch.zeros(b.prefix, **long),
-        )
+        fields = {f.name: getattr(mb, f.name) for f in dataclasses.fields(MicroBatch)}
+        # copies, never the batch's own tensors (`.to` aliases on CPU, and every launch overwrites the buffers);
+        # no reference to the batch's K/V
+        fields.update({n: fields[n].to(d, copy=True) for n in INPUTS}, prefix=[])
+        st = _Static(**fields, row_loss=torch.zeros(b.rows, dtype=torch.float32, device=d), pk=pk, pv=pv)
         self._static[b] = st
         return st
 
@@ -342,54 +173,24 @@ class GraphedTrainer:
         for _ in range(2):
             self._forward_backward(st)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, stream=self._capture_stream()):
+        with torch.cuda.graph(g, pool=self.pool, stream=capture_stream(self.stream, self.dev)):
             self._forward_backward(st)
         st.row_w.copy_(saved)
         st.graph = g
 
-    def _capture_stream(self):
-        """Where graphs are captured. CUDA cannot capture on the legacy default stream (serving there:
-        LORAFLEET_SERVING_STREAM=default): such a graph is captured on a side stream (None: torch's) and still
-        replays on the training stream. A partition stream must capture itself: replays keep the SM restriction of
-        the stream they were captured on."""
-        return None if self.stream == torch.cuda.default_stream(self.dev) else self.stream
-
     def launch(self, mb: MicroBatch, tag: object = None) -> Pending:
-        """The whole micro-batch at once (all its pieces)."""
-        self.begin(mb, tag)
-        while True:
-            p = self.launch_piece()
-            if p is not None:
-                return p
-
-    @property
-    def active(self) -> bool:
-        return self._active is not None
-
-    def begin(self, mb: MicroBatch, tag: object = None) -> None:
-        """Copies the micro-batch into its bucket's buffers on the training stream; it launches as one (forward +
-        backward) graph."""
-        if self._active is not None:
-            raise RuntimeError("a micro-batch is still being launched")
-        st = self._buffers(mb.bucket)
+        """Copies the micro-batch into its bucket's buffers and launches it (forward + backward, one graph) on the
+        training stream; its row losses come back through the returned Pending."""
+        st = self._buffers(mb)
         nb = self.cuda
         keep: list = []
         if self.cuda:
             # prefix K/V from the stash were made on the serving stream
             self.stream.wait_stream(torch.cuda.current_stream(self.dev))
-        with self._ctx():
-            for dst, src in (
-                (st.ids, mb.ids),
-                (st.pos, mb.pos),
-                (st.seg, mb.seg),
-                (st.rows, mb.rows),
-                (st.targets, mb.targets),
-                (st.row_w, mb.row_w),
-                (st.pseg, mb.pseg),
-                (st.ppos, mb.ppos),
-            ):
-                src = src.pin_memory() if nb else src
-                dst.copy_(src, non_blocking=nb)
+        with on(self.stream):
+            for n in INPUTS:
+                src = getattr(mb, n).pin_memory() if nb else getattr(mb, n)
+                getattr(st, n).copy_(src, non_blocking=nb)
                 keep.append(src)
             if st.pk is not None:
                 at = 0
@@ -400,35 +201,14 @@ class GraphedTrainer:
                         st.pv[li, at : at + n].copy_(v, non_blocking=nb)
                     at += n
                     keep.append(kv)
-        self._active = _Active(mb, st, tag, keep, [mb.cost])
-
-    def next_piece_cost(self) -> float:
-        return self._active.costs[self._active.next] if self._active is not None else 0.0
-
-    def launch_piece(self) -> Pending | None:
-        """Launches the next piece of the active micro-batch; returns its Pending once the last one is launched."""
-        a = self._active
-        units = a.costs[a.next]
-        with self._ctx():
-            start = None
-            if self.cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                start.record(self.stream)
-            self._whole(a.st)
-            a.next += 1
-            if self.cuda:
-                ev = torch.cuda.Event(enable_timing=True)
-                ev.record(self.stream)
-                self._piece_events.append(ev)
-                self._timings.append((start, ev, units))
-            if a.next < len(a.costs):
-                return None
-            a.st.runs += 1
-            host = torch.empty(a.mb.bucket.rows, dtype=torch.float32, pin_memory=self.cuda)
-            host.copy_(a.st.row_loss, non_blocking=self.cuda)
+            start = self._record(timing=True) if self.cuda else time.perf_counter()
+            self._whole(st)
+            end = self._record(timing=True) if self.cuda else time.perf_counter()
+            self._timings.append((start, end, mb.cost))
+            host = torch.empty(mb.bucket.rows, dtype=torch.float32, pin_memory=self.cuda)
+            host.copy_(st.row_loss, non_blocking=self.cuda)
             ev = self._record()
-        self._active = None
-        p = Pending("micro", ev, host, batch=a.mb, keep=a.keep, tag=a.tag)
+        p = Pending("micro", ev, host, batch=mb, keep=keep, tag=tag)
         self.pending.append(p)
         return p
 
@@ -437,16 +217,14 @@ class GraphedTrainer:
             self._capture(st)
         if st.graph is not None:
             st.graph.replay()
-            self.graph_replays += 1
         else:
             self._forward_backward(st)
-            self.eager_runs += 1
 
     def launch_step(self, tag: object = None) -> Pending:
         """Clip, skip-if-non-finite and AdamW on the device, then zero the accumulators; the norm comes back later."""
         opt, max_norm = self.t.opt, self.t.cfg.max_grad_norm
         nb = self.cuda
-        with self._ctx():
+        with on(self.stream):
             total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.acc)))
             if max_norm:
                 torch._foreach_mul_(self.acc, (max_norm / (total + 1e-6)).clamp(max=1.0))
@@ -468,10 +246,10 @@ class GraphedTrainer:
         self.pending.append(p)
         return p
 
-    def _record(self):
+    def _record(self, timing: bool = False):
         if not self.cuda:
             return None
-        ev = torch.cuda.Event()
+        ev = torch.cuda.Event(enable_timing=timing)
         ev.record(self.stream)
         return ev
 
@@ -484,21 +262,19 @@ class GraphedTrainer:
         return out
 
     def predict_seconds(self, units: float) -> float:
-        """GPU seconds a piece of `units` should take, from the pieces measured so far (0 before any: calibrate)."""
-        while self._timings and self._timings[0][1].query():
+        """Device seconds a piece of `units` should take, from the pieces measured so far (0 before any: calibrate).
+        GPU pieces are timed by CUDA events once they are done; CPU pieces run inline and are timed by the host."""
+        while self._timings and (not self.cuda or self._timings[0][1].query()):
             start, end, n = self._timings.popleft()
-            spu = start.elapsed_time(end) / 1000.0 / max(n, 1e-9)
+            seconds = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+            spu = seconds / max(n, 1e-9)
             self.seconds_per_unit = spu if self.seconds_per_unit is None else 0.8 * self.seconds_per_unit + 0.2 * spu
         return 0.0 if self.seconds_per_unit is None else units * self.seconds_per_unit
 
     @property
     def inflight(self) -> int:
-        """Pieces launched and not finished (one micro-batch = one piece)."""
-        if not self.cuda:
-            return 0
-        while self._piece_events and self._piece_events[0].query():
-            self._piece_events.popleft()
-        return len(self._piece_events)
+        """Micro-batches launched and not finished (on CPU they finish inline)."""
+        return sum(1 for p in self.pending if p.kind == "micro" and not p.done())
 
     def synchronize(self) -> None:
         if self.stream is not None:
@@ -508,28 +284,6 @@ class GraphedTrainer:
         """Drops queued results and zeroes the accumulators (a stopped job / a rollback)."""
         self.synchronize()
         self.pending.clear()
-        self._active = None
-        self._piece_events.clear()
         self._timings.clear()
         with torch.no_grad():
             torch._foreach_zero_(self.acc)
-
-
-@dataclass
-class _Active:
-    """The micro-batch whose pieces are being launched."""
-
-    mb: MicroBatch
-    st: _Static
-    tag: object
-    keep: list
-    costs: list[float]
-    next: int = 0
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

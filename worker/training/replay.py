@@ -13,6 +13,10 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorafleet.worker.training.trainer import TrainSample
 
 
 @dataclass
@@ -73,12 +77,59 @@ class ReplayMixer:
         z = sum(raw.values())
         return {d: v / z for d, v in raw.items()}
 
+    def state(self) -> dict:
+        """What a checkpoint keeps, so a resumed job draws the same chunks as an uninterrupted one."""
+        version, internal, gauss = self._rng.getstate()
+        return {
+            "credit": self._credit,
+            "baseline": dict(self._baseline),
+            "ema": dict(self._ema),
+            "drawn": dict(self.drawn),
+            "rng": [version, list(internal), gauss],
+        }
+
+    def restore(self, st: dict) -> None:
+        self._credit = float(st["credit"])
+        self._baseline = dict(st["baseline"])
+        self._ema = dict(st["ema"])
+        self.drawn.update(st["drawn"])
+        version, internal, gauss = st["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+
     def draw(self) -> ReplayChunk:
         w = self.weights()
         names = list(w)
         domain = self._rng.choices(names, weights=[w[n] for n in names])[0]
         self.drawn[domain] += 1
         return ReplayChunk(domain, self._rng.choice(self.domains[domain]))
+
+
+def weigh_group(samples: Sequence[TrainSample]) -> int:
+    """Sets the loss weight of a group's replay samples and returns the group's loss denominator.
+
+    Why: replay chunks are long (128 tokens) next to a typical feedback completion (10-30 tokens); under one token
+    mean over all rows they take most of a step's gradient (at `replayRatio` 0.25, about 70%), which starves the
+    task. Here the task term is the feedback samples' token mean (denominator = their loss tokens: exactly the loss
+    an offline transformers + peft loop computes on the same feedback), and every replay sample weighs as much as
+    an average feedback sample, whatever its length:
+
+        loss = Σ_feedback w·CE / N_fb  +  Σ_replay (N_fb / n_fb) / N_r · CE / N_fb
+             = mean_fb  +  (k / n_fb) · mean over the k replay samples of their token-mean CE
+
+    so replay holds the fraction k / (k + n_fb) of the step's loss weight: `replayRatio` is both the share of
+    samples and the share of gradient weight that is general text. A group without feedback keeps the plain token
+    mean (nothing to normalise by). The replay samples' `weight` is overwritten; feedback weights are kept."""
+    fb = [s for s in samples if s.domain is None]
+    replay = [s for s in samples if s.domain is not None]
+    n_fb = sum(s.loss_tokens for s in fb)
+    if not fb or n_fb == 0:
+        for s in replay:
+            s.weight = 1.0
+        return max(1, sum(s.loss_tokens for s in samples))
+    per_sample = n_fb / len(fb)
+    for s in replay:
+        s.weight = per_sample / max(1, s.loss_tokens)
+    return n_fb
 
 
 def chunk_tokens(ids: Sequence[int], size: int) -> list[list[int]]:

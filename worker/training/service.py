@@ -21,11 +21,10 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from lorafleet.worker.engine.plugin import IterationInfo, IterationPlugin
-from lorafleet.worker.names import adapter_name, job_name
+from lorafleet.worker.durable import write_atomic
+from lorafleet.worker.feedback.store import FeedbackSample, FeedbackStore, PeerFeedbackLogs
 from lorafleet.worker.paths import within
-from lorafleet.worker.training.coserve import coserve_iteration
-from lorafleet.worker.training.feedback import FeedbackSample, FeedbackStore, PeerFeedbackLogs
+from lorafleet.worker.training.coserve import CoServePlugin
 from lorafleet.worker.training.job import ContinualLearningJob
 from lorafleet.worker.training.metrics import TrainingMetrics
 from lorafleet.worker.training.recorder import PrefillRecorder
@@ -47,11 +46,11 @@ def worker_id() -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", raw)[:253].lstrip(".") or "worker"
 
 
-class TrainingService(IterationPlugin):
+class TrainingService(CoServePlugin):
     def __init__(self, runner, registry=None, data_dir: str | Path | None = None, request_log_size: int = 50_000):
+        super().__init__([], metrics=TrainingMetrics(registry))
         self.runner = runner
-        self.metrics = TrainingMetrics(registry)
-        self.jobs: dict[str, ContinualLearningJob] = {}
+        self.jobs: dict[str, ContinualLearningJob] = {}  # by name (the plugin's `running` reads it)
         self._requests: OrderedDict[str, object] = OrderedDict()
         self._request_log_size = request_log_size
         self._lock = threading.RLock()
@@ -59,6 +58,7 @@ class TrainingService(IterationPlugin):
         self.data_dir: Path | None = None
         self.versions_root: Path | None = None
         self.checkpoint_dir: Path | None = None
+        self.sink = None  # a sources.publish.VersionSink (worker/main.py): where store-backed adapters' versions go
         self.feedback: FeedbackStore | None = None
         self.peers: PeerFeedbackLogs | None = None  # the pool's other workers' feedback logs (shared adapter store)
         self._peers_polled = 0.0
@@ -71,7 +71,6 @@ class TrainingService(IterationPlugin):
         self._stop = threading.Event()
         self._work = threading.Event()
         self.setup_error: str | None = None
-        self._recorder: PrefillRecorder | None = None
         self._thread = threading.Thread(target=self._main, name="lorafleet-training", daemon=True)
         self._thread.start()
 
@@ -92,7 +91,7 @@ class TrainingService(IterationPlugin):
             self._ready.set()
         self._idle_driver()
 
-    # ---- the engine plugin (engine/plugin.py; engine thread) ----
+    # ---- the engine plugin (coserve.CoServePlugin; engine thread) ----
     def attach(self, engine) -> None:
         try:
             self._install(engine)
@@ -102,17 +101,8 @@ class TrainingService(IterationPlugin):
         finally:
             self._attached.set()
 
-    def on_prefill(self, batch, inputs):
-        return self._recorder(batch, inputs) if self._recorder is not None else None
-
-    def after_launch(self, info: IterationInfo) -> None:
-        self._coserve(info, graphed=True)
-
-    def after_step(self, info: IterationInfo) -> None:
-        self._coserve(info, graphed=False)
-
-    def on_finish(self, request) -> None:
-        self._on_finished(request)
+    def running(self) -> list[ContinualLearningJob]:
+        return [j for j in list(self.jobs.values()) if j.phase == "Running"]
 
     def _install(self, engine) -> None:
         cfg = engine.config
@@ -151,8 +141,8 @@ class TrainingService(IterationPlugin):
             d: chunk_tokens(tok(text, add_special_tokens=False)["input_ids"], 128)
             for d, text in builtin_general_text().items()
         }
-        self._engine = engine
-        self._recorder = PrefillRecorder(self._record_lookup, engine.model.shape.num_layers)
+        self.engine = engine
+        self.recorder = PrefillRecorder(self._record_lookup, engine.model.shape.num_layers)
 
     def wait_ready(self, timeout: float = 120.0) -> bool:
         return self._ready.wait(timeout) and self.setup_error is None
@@ -165,7 +155,7 @@ class TrainingService(IterationPlugin):
             self.feedback.close()
 
     # ---- served requests (engine thread) ----
-    def _on_finished(self, rec) -> None:
+    def on_finish(self, rec) -> None:
         with self._lock:
             self._requests[rec.request_id] = rec
             while len(self._requests) > self._request_log_size:
@@ -238,12 +228,11 @@ class TrainingService(IterationPlugin):
                 raise JobConflict(f"adapter {spec.adapter!r} already has a job")
         assert self.versions_root is not None and self.feedback is not None and self._replay_domains is not None
         assert self.data_dir is not None and self.checkpoint_dir is not None
-        adapter_name(spec.adapter)  # also checked by JobRequest: these names become directories
-        job_name(spec.name)
-        within(self.versions_root, self.versions_root / spec.adapter)  # a planted symlink must not lead out
+        # the names were validated by JobRequest; they become directories, so a planted symlink must not lead out
+        within(self.versions_root, self.versions_root / spec.adapter)
         within(self.checkpoint_dir, self.checkpoint_dir / spec.adapter)
         job = ContinualLearningJob(
-            spec, self._engine, self.versions_root, self._replay_domains, self.metrics, self.checkpoint_dir
+            spec, self.engine, self.versions_root, self._replay_domains, self.metrics, self.checkpoint_dir, self.sink
         )
         for s in self.feedback.samples(spec.adapter, spec.since_seq):
             job.offer(s)
@@ -254,10 +243,7 @@ class TrainingService(IterationPlugin):
             self.jobs[spec.name] = job
         if persist:
             assert self.data_dir is not None
-            p = self.data_dir / "jobs" / f"{spec.name}.json"
-            tmp = p.with_suffix(".tmp")
-            tmp.write_text(req.model_dump_json())
-            os.replace(tmp, p)
+            write_atomic(self.data_dir / "jobs" / f"{spec.name}.json", req.model_dump_json().encode())
         self._work.set()
         return job
 
@@ -283,18 +269,10 @@ class TrainingService(IterationPlugin):
                 log.exception("cannot resume job from %s", p)
 
     # ---- co-serving (engine thread) ----
-    def _coserve(self, info, graphed: bool) -> None:
-        """Runs the co-serving jobs of one kind for a serving step. Graphed pieces come from `after_launch`: queued
-        right behind the step's kernels, the GPU runs them while the host settles the step and prepares the next.
-        Eager pieces come from `after_step`: they block the host, so earlier they would delay the step's tokens."""
-        jobs = [j for j in list(self.jobs.values()) if j.phase == "Running" and (j.graphed is not None) == graphed]
-        if jobs:
-            coserve_iteration(self._engine, jobs, info, self.metrics, self._safe_work)
-
-    def _safe_work(self, job: ContinualLearningJob, budget: float) -> float:
+    def work(self, job: ContinualLearningJob, budget: float, idle: bool = False) -> float:
         """A failing job is marked Failed; it never raises into the engine loop (serving must go on)."""
         try:
-            return job.work(budget)
+            return job.work_idle(budget) if idle else job.work(budget)
         except Exception as exc:  # noqa: BLE001
             log.exception("training job %s failed", job.spec.name)
             job.phase = "Failed"
@@ -307,8 +285,8 @@ class TrainingService(IterationPlugin):
         if engine.has_unfinished_requests():
             return -1.0  # traffic: the plugin callbacks of each step do the work
         used = 0.0
-        for job in [j for j in list(self.jobs.values()) if j.phase == "Running"]:
-            used += self._safe_work(job, engine.config.max_num_batched_tokens)
+        for job in self.running():
+            used += self.work(job, engine.config.max_num_batched_tokens, idle=True)
             job.scheduler.share = min(1.0, job.scheduler.share + job.scheduler.cfg.additive_step)
             self.metrics.finetune_tokens.observe(used)
         return used
@@ -334,7 +312,7 @@ class TrainingService(IterationPlugin):
     def _idle_driver(self) -> None:
         while not self._stop.is_set():
             self._poll_peers()
-            if not any(j.phase == "Running" for j in list(self.jobs.values())):
+            if not self.running():
                 self._work.wait(0.2)
                 self._work.clear()
                 continue
@@ -381,7 +359,3 @@ def register(runner, registry=None, data_dir: str | Path | None = None) -> Train
     svc = TrainingService(runner, registry, data_dir)
     runner.add_plugin(svc)
     return svc
-
-
-def load_job_file(path: Path) -> JobRequest:
-    return JobRequest.model_validate(json.loads(Path(path).read_text()))

@@ -1,10 +1,10 @@
 """The outer latency loop of co-serving: it steers by the TPOT that requests actually got.
 
-Why: the co-serving controllers (coserve.py) act every iteration on the *iteration time*, aiming its recent mean at
+Why: the co-serving controller (coserve.py) acts every iteration on the *iteration time*, aiming its recent mean at
 `aim x target`. But the target is about a percentile of per-request TPOT (each request's average over its own
 decode iterations), and the two differ in ways an iteration-level loop cannot see:
-- lumpy training (a fused ride or a large piece adds milliseconds to a single step) spreads the per-request
-  averages, so with the mean on the aim the p99 can still miss the target (a fused run at 50% load: p99 1.14x);
+- lumpy training (a large piece adds milliseconds to a single step) spreads the per-request averages, so with the
+  mean on the aim the p99 can still miss the target;
 - spiky iterations (a prefill chunk every few steps under heavy load) push a short-window mean over the aim and
   halve the training budget, while the per-request p99 stays well under the target (the `serving` placement at
   90% load: p99 0.95x, slack left unused).
@@ -28,7 +28,7 @@ class GuardConfig:
     quantile: float = 0.99  # the percentile of per-request TPOT the target is about
     # aim that percentile at margin x target, and leave it alone within [margin - band, margin] x target. Per-request
     # TPOTs average ~1 s of iterations, so they move together: an overshoot of a few percent is a miss for nearly
-    # every request finishing then (H200, fused at 50% load with 0.97 and 8% steps: clumps at 1.03-1.06x)
+    # every request finishing then (clumps at 1.03-1.06x on an H200 with a 0.97 margin and 8% steps)
     margin: float = 0.95
     band: float = 0.05
     min_samples: int = 16  # fresh finished requests per decision

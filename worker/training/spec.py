@@ -6,15 +6,55 @@ persisted job specs when a worker restarts, so what resumes is exactly what was 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
+from lorafleet.worker.feedback.store import TRAINABLE_KINDS
 from lorafleet.worker.names import adapter_name, job_name
-from lorafleet.worker.training.feedback import TRAINABLE_KINDS
-from lorafleet.worker.training.graphed import PLACEMENTS
-from lorafleet.worker.training.job import JobSpec
+from lorafleet.worker.training.streams import PLACEMENTS
 from lorafleet.worker.training.trainer import OptimConfig
 from lorafleet.worker.training.versions import ATTN_PROJS, MLP_PROJS, PublishPolicy
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+@dataclass
+class JobSpec:
+    """A validated job (`JobRequest.to_spec`), in the trainer's terms."""
+
+    name: str
+    adapter: str
+    mode: str = "coserve"  # coserve | standalone
+    kinds: list[str] = field(default_factory=lambda: ["accept", "correction", "pair", "reward"])
+    min_reward: float = 0.0
+    since_seq: int = 0
+    epochs: int = 3
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    max_steps: int | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_rslora: bool = False
+    publish: PublishPolicy = field(default_factory=PublishPolicy)
+    heldout_fraction: float = 0.1
+    replay_ratio: float = 0.25
+    max_staleness: int = 4
+    stale_policy: str = "recompute"  # recompute | drop
+    tpot_ms: float = 50.0
+    tpot_percentile: float = 99.0
+    min_share: float = 0.05
+    record_activations: bool = False  # off by default: the reused prompt state drops the prompt gradient
+    stash_bytes: int = 256 << 20
+    max_seq_tokens: int = 1024
+    seed: int = 0
+    checkpoint_every: int = 10  # optimizer steps between checkpoints (also one with every published version)
+    checkpoint_keep: int = 3
+    graphs: str = "auto"  # auto | on: capture CUDA graphs of the micro-batches on a GPU; off: run them eagerly
+    graph_tokens: int = (
+        1024  # optimizer.microBatchTokens: tokens per micro-batch (a longer sample loses its prompt's start)
+    )
+    graph_prefix: int = 4096  # stashed prefix keys per graphed micro-batch
+    placement: str = "serving"  # where graphed micro-batches run (streams.PLACEMENTS)
+    serving_sms: int = 16  # SMs left to serving alone with the partition placement
 
 
 class _Strict(BaseModel):
@@ -36,7 +76,7 @@ class OptimizerSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     gradAccumulation: int = Field(4, ge=1, le=1024)
-    microBatchTokens: int = Field(512, ge=16)
+    microBatchTokens: int = Field(1024, ge=16, le=8192)  # also at most half the worker's maxNumBatchedTokens
     maxGradNorm: float | None = Field(1.0, gt=0)
     maxSteps: int | None = Field(None, ge=1)
 
@@ -113,7 +153,9 @@ class JobRequest(_Strict):
     stalePolicy: Literal["recompute", "drop"] = "recompute"
     latencyTarget: LatencyTarget = Field(default_factory=LatencyTarget)
     minFinetuneShare: float = Field(0.05, ge=0.0, le=1.0)
-    recordActivations: bool = True
+    # off by default: training against stashed prompt K/V drops the gradient through the prompt positions, which
+    # costs held-out quality (bench/results/cl_task.json: reuse on 0.50 vs off 0.725 exact match); opt in for speed
+    recordActivations: bool = False
     stashBytes: int = Field(256 << 20, ge=0)
     coServing: CoServingSpec = Field(default_factory=CoServingSpec)
 
@@ -144,9 +186,9 @@ class JobRequest(_Strict):
                 eps=o.eps,
                 grad_accumulation=o.gradAccumulation,
                 max_grad_norm=o.maxGradNorm,
-                micro_batch_tokens=o.microBatchTokens,
             ),
             max_steps=o.maxSteps,
+            graph_tokens=o.microBatchTokens,
             rank=self.lora.rank,
             alpha=self.lora.alpha,
             targets=list(self.lora.targets),
@@ -171,44 +213,3 @@ class JobRequest(_Strict):
             placement=self.coServing.placement,
             serving_sms=self.coServing.servingSMs,
         )
-
-
-class FeedbackRequest(_Strict):
-    kind: Literal["accept", "reject", "correction", "reward", "pair"]
-    requestId: str | None = Field(None, min_length=1, max_length=256)
-    adapter: str | None = Field(None, min_length=1, max_length=253)
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    completion: str | None = None
-    reward: float | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> FeedbackRequest:
-        if self.kind == "pair":
-            if self.requestId is not None:
-                raise ValueError("kind 'pair' carries prompt/messages + completion, not requestId")
-            if not self.adapter:
-                raise ValueError("kind 'pair' needs 'adapter'")
-            if (self.prompt is None) == (self.messages is None):
-                raise ValueError("kind 'pair' needs exactly one of 'prompt' or 'messages'")
-            if not self.completion:
-                raise ValueError("kind 'pair' needs a non-empty 'completion'")
-        else:
-            if not self.requestId:
-                raise ValueError(f"kind {self.kind!r} refers to a served request: 'requestId' is required")
-            if self.prompt is not None or self.messages is not None:
-                raise ValueError("prompt/messages are only allowed with kind 'pair'")
-        if self.kind == "correction" and not self.completion:
-            raise ValueError("kind 'correction' needs a non-empty 'completion'")
-        if self.kind in ("accept", "reject", "reward") and self.completion is not None:
-            raise ValueError(f"kind {self.kind!r} takes no 'completion'")
-        if self.kind == "reward":
-            if self.reward is None or not -1.0 <= self.reward <= 1.0:
-                raise ValueError("kind 'reward' needs 'reward' in [-1, 1]")
-        elif self.reward is not None:
-            raise ValueError("'reward' is only allowed with kind 'reward'")
-        if self.messages is not None:
-            for m in self.messages:
-                if set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
-                    raise ValueError("messages must be {role: system|user|assistant, content: str} objects")
-        return self

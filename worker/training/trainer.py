@@ -5,9 +5,11 @@ Why the engine's model: co-serving trains on the very weights that serve (no sec
 the same `LoRAContext` hook the serving path uses. The base is frozen (`requires_grad=False` everywhere), so
 autograd keeps only what the LoRA gradients need.
 
-Loss normalisation: an optimizer step's loss is Σ_samples Σ_completion-tokens w·CE / (number of completion tokens
-in the step), i.e. the token mean peft/transformers computes with labels = -100 on the prompt, so gradients are
-directly comparable (a test checks equality with transformers+peft).
+Loss normalisation: an optimizer step's loss is Σ_samples Σ_completion-tokens w·CE / denom. `train_step` uses the
+step's completion tokens as denom, i.e. the token mean peft/transformers computes with labels = -100 on the prompt,
+so gradients are directly comparable (a test checks equality with transformers+peft). A continual-learning job
+divides by its feedback tokens only and weighs replay samples as a regulariser (`replay.weigh_group`), so the task
+term of its steps is that same offline loss.
 
 A sample with `prefix_kv` (K/V of `prompt[:-1]` per layer, from the activation stash or recomputed under no-grad)
 is trained by forwarding only `[prompt[-1]] + completion[:-1]` against that prefix: the prompt K/V are constants
@@ -23,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from lorafleet.worker.layers.attention import DenseAttentionContext
 from lorafleet.worker.models.llama import LlamaForCausalLM
-from lorafleet.worker.training.attention import PackedPrefixAttention
 from lorafleet.worker.training.lora_context import TrainableLoRA, TrainLoRAContext
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -51,7 +52,6 @@ class OptimConfig:
     eps: float = 1e-8
     grad_accumulation: int = 4
     max_grad_norm: float | None = 1.0
-    micro_batch_tokens: int = 512
 
 
 @dataclass
@@ -92,39 +92,25 @@ class LoRATrainer:
         self.step = 0
 
     # ---- forward pieces ----
-    def sequence_inputs(self, s: TrainSample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PrefixKV | None]:
-        """(input ids, positions, targets with -100 on non-loss rows, prefix) of one sample."""
+    def loss_sum(self, s: TrainSample, ctx=None) -> torch.Tensor:
+        """Σ w·CE over the sample's completion tokens (fp32), with autograd into the LoRA masters (through `ctx`, a
+        LoRA context: the trainer's own unless a test swaps in another)."""
         p, c = s.prompt_ids, s.completion_ids
         if not p or not c:
             raise ValueError("a training sample needs a non-empty prompt and completion")
-        if s.prefix_kv is not None:
-            ids = [p[-1], *c[:-1]]
-            start = len(p) - 1
-            targets = list(c)
-        else:
-            ids = [*p, *c[:-1]]
-            start = 0
-            targets = [-100] * (len(p) - 1) + list(c)
-        dev = self.device
-        return (
-            torch.tensor(ids, device=dev),
-            torch.arange(start, start + len(ids), device=dev),
-            torch.tensor(targets, device=dev),
-            s.prefix_kv,
+        prefix = s.prefix_kv if s.prefix_kv is not None and s.prefix_kv[0][0].shape[0] > 0 else None
+        # against a prefix only [prompt[-1]] + completion[:-1] is forwarded; else the prompt too, its rows unscored
+        ids, start, skip = (
+            ([p[-1], *c[:-1]], len(p) - 1, 0) if s.prefix_kv is not None else ([*p, *c[:-1]], 0, len(p) - 1)
         )
-
-    def loss_sum(self, s: TrainSample) -> torch.Tensor:
-        """Σ w·CE over the sample's completion tokens (fp32), with autograd into the LoRA masters."""
-        ids, pos, targets, prefix = self.sequence_inputs(s)
-        if prefix is not None and prefix[0][0].shape[0] == 0:
-            prefix = None
         attn = DenseAttentionContext(
             self.model.attn_scale, prefix_kv=prefix, sliding_window=self.model.shape.sliding_window
         )
-        h = self.model(ids, pos, attn, self.ctx)
-        rows = targets >= 0
-        logits = self.model.compute_logits(h[rows])
-        return F.cross_entropy(logits, targets[rows], reduction="sum") * s.weight
+        dev = self.device
+        pos = torch.arange(start, start + len(ids), device=dev)
+        h = self.model(torch.tensor(ids, device=dev), pos, attn, ctx or self.ctx)
+        logits = self.model.compute_logits(h[skip:])
+        return F.cross_entropy(logits, torch.tensor(c, device=dev), reduction="sum") * s.weight
 
     @torch.no_grad()
     def prompt_kv(self, prompt_ids: list[int]) -> PrefixKV:
@@ -145,50 +131,15 @@ class LoRATrainer:
         self.model(ids, torch.arange(n, device=self.device), attn, self.ctx, capture)
         return [(kv[i]["k"], kv[i]["v"]) for i in range(layers)]
 
-    def packed_loss_sums(self, samples: list[TrainSample]) -> torch.Tensor:
-        """Per-sample Σ w·CE of several samples in ONE forward (packed tokens, per-sample prefixes); shape [n]."""
-        parts = [self.sequence_inputs(s) for s in samples]
-        ids = torch.cat([p[0] for p in parts])
-        pos = torch.cat([p[1] for p in parts])
-        targets = torch.cat([p[2] for p in parts])
-        prefixes = [p[3] if p[3] is not None and p[3][0][0].shape[0] > 0 else None for p in parts]
-        lens = [int(p[0].shape[0]) for p in parts]
-        attn = PackedPrefixAttention(
-            self.model.attn_scale, lens, prefixes, self.device, sliding_window=self.model.shape.sliding_window
-        )
-        h = self.model(ids, pos, attn, self.ctx)
-        rows = targets >= 0
-        tok = F.cross_entropy(self.model.compute_logits(h[rows]), targets[rows], reduction="none")
-        owner = torch.repeat_interleave(
-            torch.arange(len(samples), device=self.device), torch.tensor(lens, device=self.device)
-        )[rows]
-        weights = torch.tensor([s.weight for s in samples], device=self.device, dtype=tok.dtype)
-        return torch.zeros(len(samples), device=self.device, dtype=tok.dtype).index_add(0, owner, tok) * weights
-
     # ---- optimisation ----
     def accumulate(self, samples: list[TrainSample], denom: int) -> float:
-        """Backward of the samples' loss / denom (gradients add up); returns the summed (unnormalised) loss.
-        Samples are packed into micro-batches of at most `micro_batch_tokens` tokens, one forward each."""
+        """Backward of the samples' loss / denom (gradients add up), one sample at a time; returns the summed
+        (unnormalised) loss. The reference the jobs' packed micro-batches (graphed.py) are tested against."""
         total = 0.0
-        batch: list[TrainSample] = []
-        size = 0
-        cap = self.cfg.micro_batch_tokens
-
-        def flush() -> float:
-            if not batch:
-                return 0.0
-            loss = self.packed_loss_sums(batch).sum()
-            (loss / denom).backward()
-            return float(loss.detach())
-
         for s in samples:
-            n = len(s.completion_ids) + (1 if s.prefix_kv is not None else len(s.prompt_ids))
-            if batch and size + n > cap:
-                total += flush()
-                batch, size = [], 0
-            batch.append(s)
-            size += n
-        total += flush()
+            loss = self.loss_sum(s)
+            (loss / denom).backward()
+            total += float(loss.detach())
         return total
 
     def optimizer_step(self) -> float:

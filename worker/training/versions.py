@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,15 +125,31 @@ class PublishPolicy:
 
 @dataclass
 class VersionPublisher:
-    """Decides when a candidate is due and whether it is sane; the caller saves and publishes through `publish_fn`."""
+    """Decides when a candidate is due and whether it is sane; the job's lifecycle saves and publishes it."""
 
     policy: PublishPolicy
-    publish_fn: Callable[[int, Path], int]  # (step, dir) -> version number assigned by the store
     published: list[VersionRecord] = field(default_factory=list)
     refused: list[dict] = field(default_factory=list)
     _last_step: int = 0
     _best_heldout: float = math.inf
     _loss_ref: float | None = None
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (the spike reference and the records, so a resumed job decides as before)."""
+        return {
+            "lastStep": self._last_step,
+            "lossRef": self._loss_ref,
+            "bestHeldout": self._best_heldout if math.isfinite(self._best_heldout) else None,
+            "published": [r.__dict__ for r in self.published],
+            "refused": list(self.refused),
+        }
+
+    def restore(self, st: dict) -> None:
+        self._last_step = int(st["lastStep"])
+        self._loss_ref = st["lossRef"]
+        self._best_heldout = math.inf if st["bestHeldout"] is None else float(st["bestHeldout"])
+        self.published = [VersionRecord(**r) for r in st["published"]]
+        self.refused = list(st["refused"])
 
     def due(self, step: int) -> bool:
         return step - self._last_step >= self.policy.every_steps

@@ -36,6 +36,12 @@ class SourceMetrics:
             **kw,
         )
         self.pending = Gauge("lorafleet_source_download_pending_bytes", "Bytes left in downloads in flight", **kw)
+        self.publishes = Counter(
+            "lorafleet_source_publishes",
+            "Continual-learning versions written to their adapter's store, by result (published, failed attempt)",
+            ["scheme", "result"],
+            **kw,
+        )
         self.cache_bytes = Gauge("lorafleet_source_cache_bytes", "Bytes held in the local source cache", **kw)
 
 

@@ -2,7 +2,8 @@
 
 The operator mounts every claim a pool's adapters name at `<claim root>/<CLAIM>` (read-only); in local mode the
 kubelet shim links each claim's directory there. A path is resolved (symlinks included) and must stay inside its
-claim, so `pvc://a/../b/x` or a symlink out of the claim is refused.
+claim, so `pvc://a/../b/x` or a symlink out of the claim is refused. A published version (`layout.py`) must have its
+manifest, and its files must match it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafleet.worker.lora.sources.errors import SourceError
+from lorafleet.worker.lora.sources.layout import (
+    MANIFEST,
+    check_against_manifest,
+    incomplete,
+    is_version,
+    parse_manifest,
+)
 from lorafleet.worker.lora.sources.uri import SourceRef
 from lorafleet.worker.lora.sources.verify import check_tree
 
@@ -38,6 +46,10 @@ class PVCSource:
         path = self.locate(ref)
         if kind == "adapter" and not path.is_dir():
             raise SourceError(ref.uri, "is not a directory")
+        if path.is_dir() and (is_version(ref.uri) or (path / MANIFEST).is_file()):
+            if not (path / MANIFEST).is_file():
+                raise incomplete(ref.uri)
+            check_against_manifest(ref.uri, path, parse_manifest(ref.uri, (path / MANIFEST).read_bytes()))
         if path.is_dir():
             check_tree(ref.uri, path, kind)
         return path

@@ -6,12 +6,14 @@ A source is every object directly under the prefix (an adapter directory; a mode
 digest of the objects' names, sizes and ETags, so a re-uploaded file is a new cache entry. Downloads resume with a
 Range request on the partial file (`IfMatch` the ETag, so a changed object restarts instead of mixing), and every
 file is checked against its size, its MD5 ETag (single-part uploads) and an `x-amz-meta-sha256` where present (the
-publisher writes one).
+publisher writes one). A published version (`layout.py`) is read through its manifest: exactly the files it lists,
+checked against its sizes and SHA-256s; a version URI without a manifest is incomplete and refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 from lorafleet.worker.lora.sources.cache import CacheKey, SourceCache
 from lorafleet.worker.lora.sources.errors import SourceError
+from lorafleet.worker.lora.sources.layout import MANIFEST, incomplete, is_version, parse_manifest
 from lorafleet.worker.lora.sources.progress import Progress, SourceMetrics
 from lorafleet.worker.lora.sources.uri import SourceRef
 from lorafleet.worker.lora.sources.verify import check_tree, md5_file, select_files, sha256_file
@@ -26,6 +29,7 @@ from lorafleet.worker.lora.sources.verify import check_tree, md5_file, select_fi
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
 CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 def s3_client(endpoint_url: str | None = None, addressing_style: str | None = None) -> Any:
@@ -96,10 +100,11 @@ class S3Source:
             objects = self._listing(ref)
         except Exception as exc:  # noqa: BLE001 - every botocore failure becomes a SourceError naming the source
             raise explain(ref.uri, exc) from exc
+        manifest = self._manifest(ref, objects)  # a version without one is incomplete, however many objects it has
         if not objects:
             raise SourceError(ref.uri, "no objects under this prefix")
-        names = select_files(ref.uri, objects, kind)
-        digest = hashlib.sha256()
+        names = select_files(ref.uri, manifest if manifest is not None else objects, kind)
+        digest = hashlib.sha256(str(objects.get(MANIFEST, {}).get("ETag", "")).encode())
         for n in names:
             digest.update(f"{n}\0{objects[n]['Size']}\0{objects[n].get('ETag', '')}\n".encode())
         key = CacheKey("s3", ref.uri, digest.hexdigest()[:20])
@@ -116,7 +121,8 @@ class S3Source:
             ok = False
             try:
                 for n in names:
-                    self._download(ref, n, objects[n], tmp / n, progress)
+                    want = manifest[n]["sha256"] if manifest is not None else None
+                    self._download(ref, n, objects[n], tmp / n, progress, want)
                 check_tree(ref.uri, tmp, kind)
                 ok = True
             except SourceError as exc:
@@ -127,7 +133,34 @@ class S3Source:
                 progress.close(ok)
             return self.cache.commit(key, tmp), True
 
-    def _download(self, ref: SourceRef, name: str, obj: dict, dest: Path, progress: Progress) -> None:
+    def _manifest(self, ref: SourceRef, objects: dict[str, dict]) -> dict[str, dict] | None:
+        """A published version's manifest files, each present in the store with its size; None for a plain source."""
+        obj = objects.get(MANIFEST)
+        if obj is None:
+            if is_version(ref.uri):
+                raise incomplete(ref.uri)
+            return None
+        if int(obj["Size"]) > 1 << 20:
+            raise SourceError(ref.uri, f"{MANIFEST} is larger than 1 MiB")
+        try:
+            raw = self.client.get_object(Bucket=ref.where, Key=obj["Key"])["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            raise explain(f"{ref.uri} ({MANIFEST})", exc) from exc
+        files = parse_manifest(ref.uri, raw)
+        for name, info in files.items():
+            if name not in objects:
+                raise SourceError(ref.uri, f"{name}: listed in {MANIFEST} but not in the store")
+            if int(objects[name]["Size"]) != info["size"]:
+                raise SourceError(
+                    ref.uri, f"{name}: {objects[name]['Size']} bytes in the store, {MANIFEST} says {info['size']}"
+                )
+        return files
+
+    def _download(
+        self, ref: SourceRef, name: str, obj: dict, dest: Path, progress: Progress, sha256: str | None = None
+    ) -> None:
+        from botocore.exceptions import BotoCoreError
+
         size, etag = int(obj["Size"]), str(obj.get("ETag", "")).strip('"')
         key = obj["Key"]
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -144,19 +177,26 @@ class S3Source:
                 args["Range"] = f"bytes={have}-"
             try:
                 resp = self.client.get_object(**args)
+            except Exception as exc:  # noqa: BLE001
+                raise explain(f"{ref.uri} ({name})", exc) from exc
+            try:
                 with open(dest, "ab") as fh:
                     for chunk in resp["Body"].iter_chunks(CHUNK):
                         fh.write(chunk)
                         progress.add(len(chunk))
-            except Exception as exc:  # noqa: BLE001
-                if isinstance(exc, SourceError):
-                    raise
-                raise explain(f"{ref.uri} ({name})", exc) from exc
+            except BotoCoreError as exc:  # the connection broke mid-body: the size check below says how far it got
+                log.warning("%s (%s): download interrupted: %s", ref.uri, name, exc)
+            except OSError as exc:  # the cache's disk
+                raise SourceError(ref.uri, f"{name}: cannot write the cache: {exc}") from exc
         got = dest.stat().st_size
         if got != size:
             raise SourceError(ref.uri, f"{name}: truncated download ({got} of {size} bytes); the next load resumes it")
         if _MD5_ETAG.match(etag) and md5_file(dest) != etag:
             raise SourceError(ref.uri, f"{name}: checksum mismatch (MD5 differs from the object's ETag {etag})")
+        if sha256 is not None:
+            if sha256_file(dest) != sha256:
+                raise SourceError(ref.uri, f"{name}: checksum mismatch (sha256 differs from {MANIFEST})")
+            return
         try:
             meta = self.client.head_object(Bucket=ref.where, Key=key).get("Metadata") or {}
         except Exception as exc:  # noqa: BLE001
@@ -166,19 +206,25 @@ class S3Source:
             raise SourceError(ref.uri, f"{name}: checksum mismatch (sha256 differs from x-amz-meta-sha256)")
 
 
-def upload_dir(client: Any, local: Path, uri: str, ref: SourceRef) -> str:
-    """Publishes a version directory under `uri` (weights first, adapter_config.json last, each with its sha256
-    as metadata so readers verify it); returns the URI. A reader that lists the prefix mid-upload finds no config
-    and refuses it, never half a version."""
+def upload_dir(client: Any, local: Path, uri: str, ref: SourceRef, last: tuple[str, bytes] | None = None) -> str:
+    """Publishes a directory's files under `uri` (weights first, adapter_config.json last, each with its sha256 as
+    metadata so readers verify it), then `last` (name, bytes) if given: a version's manifest (`layout.py`), so a
+    reader never finds a manifest before every file it names. Returns the URI."""
     files = sorted(
-        (p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == "adapter_config.json", p.name)
+        (p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST),
+        key=lambda p: (p.name == "adapter_config.json", p.name),
     )
-    for p in files:
-        rel = p.relative_to(local).as_posix()
+
+    def put(rel: str, body: Any, sha256: str) -> None:
         key = f"{ref.path}/{rel}" if ref.path else rel
         try:
-            with open(p, "rb") as fh:
-                client.put_object(Bucket=ref.where, Key=key, Body=fh, Metadata={"sha256": sha256_file(p)})
+            client.put_object(Bucket=ref.where, Key=key, Body=body, Metadata={"sha256": sha256})
         except Exception as exc:  # noqa: BLE001
             raise explain(uri, exc) from exc
+
+    for p in files:
+        with open(p, "rb") as fh:
+            put(p.relative_to(local).as_posix(), fh, sha256_file(p))
+    if last is not None:
+        put(last[0], last[1], hashlib.sha256(last[1]).hexdigest())
     return uri

@@ -22,6 +22,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafleet.worker.durable import fsync_path
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"LFB1"
@@ -102,8 +104,8 @@ class FramedLog:
         new = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         if new and fsync:
-            fsync_dir(self.path.parent)
-        data = _read_all(self._fd)
+            fsync_path(self.path.parent)
+        data = self.path.read_bytes()
         found = scan(data)
         self.records = [payload for _, _, payload in found.records]
         self.garbage_bytes = found.garbage_bytes
@@ -114,7 +116,7 @@ class FramedLog:
             aside = self.path.with_name(f"{self.path.name}.torn-{time.time_ns()}")
             aside.write_bytes(data[found.tail :])
             if fsync:
-                fsync_file(aside)
+                fsync_path(aside)
             os.ftruncate(self._fd, found.tail)
             if fsync:
                 os.fsync(self._fd)
@@ -151,28 +153,3 @@ class FramedLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks = []
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(size - offset, 1 << 24), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fsync_file(path)

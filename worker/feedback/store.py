@@ -2,10 +2,8 @@
 
 Why: a 2xx on `POST /v1/feedback` is a promise that the sample will be trained on. The sample is fully resolved
 (prompt and completion token ids, not just a request id that may expire) and appended to a framed log
-(`feedback_log.py`: length + CRC-32 per record) that is `fsync`ed before the caller returns, so a crash at any point
+(`log.py`: length + CRC-32 per record) that is `fsync`ed before the caller returns, so a crash at any point
 after the 2xx loses nothing; on start the log is replayed, keeping every record that verifies wherever damage is.
-A log of JSON lines (`feedback.jsonl`, what earlier workers wrote) is migrated on open, line by line, without
-dropping a line that parses; it is kept as `feedback.jsonl.migrated`.
 """
 
 from __future__ import annotations
@@ -16,11 +14,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lorafleet.worker.training.feedback_log import FramedLog, fsync_dir, fsync_file, scan
+from lorafleet.worker.feedback.log import FramedLog, scan
 
 log = logging.getLogger(__name__)
 TRAINABLE_KINDS = ("accept", "correction", "pair", "reward")
@@ -81,64 +79,14 @@ def _decode(payload: bytes) -> FeedbackSample | None:
         return None
 
 
-def scan_lines(data: bytes) -> Iterator[tuple[int, FeedbackSample | None]]:
-    """The complete lines of a legacy JSON-lines log: (offset just past the line, its sample, or None where it does
-    not parse). A last line without its newline is never given: it is a torn or still-running append."""
-    pos = 0
-    while (nl := data.find(b"\n", pos)) >= 0:
-        sample = _decode(data[pos:nl])
-        pos = nl + 1
-        yield pos, sample
-
-
-def migrate_jsonl(legacy: Path, target: Path) -> int:
-    """Writes every parseable complete line of `legacy` as a framed record to `target` (atomically: a temporary file,
-    fsynced, renamed), then renames `legacy` to `<name>.migrated`. Lines that do not parse are kept in the migrated
-    copy and counted; none is dropped silently. Returns how many records were written."""
-    data = legacy.read_bytes()
-    tmp = target.with_name(target.name + ".migrating")
-    good = bad = 0
-    log_tmp = FramedLog(tmp.with_suffix(".new"), fsync=False)
-    try:
-        for _, sample in scan_lines(data):
-            if sample is None:
-                bad += 1
-                continue
-            log_tmp.append(sample.to_json().encode())
-            good += 1
-    finally:
-        log_tmp.close()
-    os.replace(tmp.with_suffix(".new"), tmp)
-    fsync_file(tmp)
-    os.replace(tmp, target)
-    os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
-    fsync_dir(target.parent)
-    torn = len(data) - (data.rfind(b"\n") + 1)
-    log.warning(
-        "feedback log %s: migrated %d records from %s (%d unparseable lines and a %d-byte unterminated tail left in "
-        "%s.migrated)",
-        target,
-        good,
-        legacy.name,
-        bad,
-        torn,
-        legacy.name,
-    )
-    return good
-
-
 class FeedbackStore:
     """Append-only framed log of feedback; thread-safe; subscribers see every new sample after it is durable."""
 
     def __init__(self, path: str | Path, fsync: bool = True) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         legacy = self.path.with_suffix(".jsonl")
-        if legacy != self.path and legacy.exists():
-            if self.path.exists():  # migrated, then stopped before the old file was renamed
-                os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
-            else:
-                migrate_jsonl(legacy, self.path)
+        if legacy.exists():  # refused, not ignored: its samples were acknowledged
+            raise ValueError(f"{legacy} is a JSON-lines feedback log, a format this worker does not read")
         self._lock = threading.Lock()
         self._samples: list[FeedbackSample] = []
         self._subscribers: list[Callable[[FeedbackSample], None]] = []
@@ -172,11 +120,6 @@ class FeedbackStore:
         with self._lock:
             self._subscribers.append(fn)
 
-    def unsubscribe(self, fn: Callable[[FeedbackSample], None]) -> None:
-        with self._lock:
-            if fn in self._subscribers:
-                self._subscribers.remove(fn)
-
     def samples(self, adapter: str | None = None, since_seq: int = 0) -> list[FeedbackSample]:
         with self._lock:
             return [s for s in self._samples[since_seq:] if adapter is None or s.adapter == adapter]
@@ -191,8 +134,7 @@ class FeedbackStore:
 
 class PeerFeedbackLogs:
     """The feedback logs of the pool's other workers, read-only, in the shared adapter store
-    (`<root>/.lorafleet-training/workers/<worker id>/feedback.log`, one writer each; a peer that still writes JSON
-    lines, `feedback.jsonl`, is read too).
+    (`<root>/.lorafleet-training/workers/<worker id>/feedback.log`, one writer each).
 
     Why: feedback is accepted by whichever replica served the request (a request id is only known there), but an
     adapter's job trains on one worker, and after a failover on another one. A 2xx is a promise that the sample
@@ -211,20 +153,7 @@ class PeerFeedbackLogs:
     def logs(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        found = sorted([*self.dir.glob("*/feedback.log"), *self.dir.glob("*/feedback.jsonl")])
-        return [p for p in found if p.parent.resolve() != self.own]
-
-    def _parse(self, path: Path, data: bytes) -> tuple[list[FeedbackSample | None], int]:
-        """The records of `data` (None: unreadable) and the offset just past the last complete one."""
-        if path.suffix == ".jsonl":
-            out: list[FeedbackSample | None] = []
-            end = 0
-            for end, sample in scan_lines(data):  # noqa: B007 - end is read after the loop
-                out.append(sample)
-            return out, end
-        found = scan(data)
-        self.bad_lines += len(found.garbage)
-        return [_decode(payload) for _, _, payload in found.records], found.tail
+        return [p for p in sorted(self.dir.glob("*/feedback.log")) if p.parent.resolve() != self.own]
 
     def _read(self, path: Path, offset: int, seq: int) -> tuple[list[FeedbackSample], int, int]:
         try:
@@ -237,15 +166,17 @@ class PeerFeedbackLogs:
         except OSError:
             return [], offset, seq
         out: list[FeedbackSample] = []
-        records, end = self._parse(path, data)
-        for s in records:
+        found = scan(data)
+        self.bad_lines += len(found.garbage)
+        for _, _, payload in found.records:
+            s = _decode(payload)
             if s is None:
                 self.bad_lines += 1
             else:
                 s.seq = seq
                 out.append(s)
             seq += 1
-        return out, offset + end, seq
+        return out, offset + found.tail, seq
 
     def read_all(self, adapter: str | None = None) -> list[FeedbackSample]:
         """Every complete sample of every peer log (for a job that starts here), oldest log first."""
@@ -260,15 +191,10 @@ class PeerFeedbackLogs:
         what `read_all` gives a job that starts; `poll` gives what comes after."""
         for p in self.logs():
             try:
-                data = p.read_bytes()
+                found = scan(p.read_bytes())
             except OSError:
                 continue  # unreadable now: `poll` reads it from its start once it can
-            if p.suffix == ".jsonl":
-                end = data.rfind(b"\n") + 1  # complete lines only; no need to parse what no job asked for yet
-                self._pos[p] = (end, data.count(b"\n", 0, end))
-            else:
-                found = scan(data)
-                self._pos[p] = (found.tail, len(found.records))
+            self._pos[p] = (found.tail, len(found.records))
         self._primed = True
 
     def poll(self) -> list[FeedbackSample]:
