@@ -156,6 +156,9 @@ def test_feedback_4xx_is_never_stored(worker, tmp_path):
     assert c.get("/v1/training/jobs/nope").status_code == 404
     assert c.post("/v1/training/jobs", json={"name": "Bad_Name", "adapter": "ad"}).status_code == 422
     assert c.post("/v1/training/jobs", json={"name": "j", "adapter": "ad", "replayRaito": 0.1}).status_code == 422
+    gate = {"name": "j", "adapter": "ad", "publish": {"onHeldoutImprovement": True, "heldoutFraction": 0}}
+    r = c.post("/v1/training/jobs", json=gate)  # a gate with nothing held out could never publish
+    assert r.status_code == 422 and "heldoutFraction > 0" in r.text, r.text
     assert c.post("/v1/training/jobs", json={"name": "j", "adapter": "ad"}).status_code == 201
     assert c.post("/v1/training/jobs", json={"name": "j2", "adapter": "ad"}).status_code == 409
     assert c.delete("/v1/training/jobs/j").json()["phase"] == "Stopped"

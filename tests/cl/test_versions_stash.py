@@ -77,6 +77,7 @@ def test_stash_ring_evicts_oldest_and_counts():
 def test_heldout_gate_compares_with_the_serving_version_and_asks_for_min_improvement():
     pub = VersionPublisher(PublishPolicy(on_heldout_improvement=True, min_improvement=0.1))
     assert pub.check(1.0, True, 5.0) is None  # no reference at all (nothing measured yet): published
+    assert "no feedback is held out" in pub.check(1.0, True, None)  # nothing held out: the gate cannot pass it
     assert pub.check(1.0, True, 0.89, serving_heldout=1.0) is None  # 11% better than the serving version
     why = pub.check(1.0, True, 0.95, serving_heldout=1.0)  # better, but by less than 10%
     assert why == "no held-out improvement: 0.95 >= 0.9 (the serving version's 1)"

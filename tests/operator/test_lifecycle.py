@@ -311,10 +311,11 @@ def test_continual_learning_job_trains_publishes_and_rolls_out(fleet: LocalFleet
     wait_for(lambda: len(fleet.routes("bob")) == 2, 30, 0.2, "bob back to 2 replicas")
 
 
-def test_a_candidate_worse_on_heldout_than_the_serving_version_is_refused_not_rolled_out(fleet: LocalFleet) -> None:
-    """The held-out gate through the operator: feedback whose completions are random words (nothing to learn, so
-    the held-out samples cannot get easier), a learning rate that wrecks the adapter in one step; the candidate is
-    refused (status `refusedVersions` with both held-out losses, a `VersionRefused` Event) and never rolled out."""
+def test_a_candidate_short_of_the_heldout_improvement_is_refused_not_rolled_out(fleet: LocalFleet) -> None:
+    """The held-out gate through the operator: feedback whose completions are random word triples, a job whose gate
+    asks for a 90% lower held-out loss than the serving version's after one step (below the triples' entropy, so no
+    candidate can pass); the candidate is refused (status `refusedVersions` with both held-out losses, a
+    `VersionRefused` Event) and never rolled out."""
     import random
 
     token = fleet.admin_token(BM)
@@ -324,7 +325,7 @@ def test_a_candidate_worse_on_heldout_than_the_serving_version_is_refused_not_ro
     before = (fleet.get(c.ADAPTERS, "cat")["metadata"].get("annotations") or {}).get("lorafleet.io/published-source")
     rng = random.Random(7)
     words = ["harbor", "lantern", "copper", "violet", "engine", "meadow", "signal", "pepper", "glacier", "tunnel"]
-    for i in range(60):  # in the log before the job starts: it replays all of it (10% held out, by feedback id)
+    for i in range(100):  # in the log before the job starts: it replays all of it (10% held out, by feedback id)
         body = {
             "adapter": "cat",
             "kind": "pair",
@@ -340,7 +341,7 @@ def test_a_candidate_worse_on_heldout_than_the_serving_version_is_refused_not_ro
         "spec": {
             "adapter": "cat",
             "optimizer": {"learningRate": 1.0, "gradAccumulation": 4, "maxSteps": 1},
-            "publish": {"everySteps": 1, "onHeldoutImprovement": True},
+            "publish": {"everySteps": 1, "onHeldoutImprovement": True, "minImprovement": 0.9},
             "replayRatio": 0.0,
         },
     }
@@ -353,7 +354,7 @@ def test_a_candidate_worse_on_heldout_than_the_serving_version_is_refused_not_ro
     )
     refused = st["refusedVersions"][0]
     assert refused["step"] == 1 and refused["reason"].startswith("no held-out improvement")
-    assert refused["heldoutLoss"] > refused["servingHeldoutLoss"] > 0
+    assert refused["heldoutLoss"] >= 0.1 * refused["servingHeldoutLoss"] > 0  # what the gate refuses
     assert st["publishedVersions"] == []  # the job started from the adapter's own version and published nothing
     wait_for(lambda: any(e.reason == "VersionRefused" for e in fleet.events_for("cat-gated")), 30, 0.2, "the Event")
     notes = fleet.get(c.ADAPTERS, "cat")["metadata"].get("annotations") or {}
@@ -479,6 +480,7 @@ def test_auto_replicas_shrink_when_the_rate_falls_without_flapping(fleet: LocalF
     fleet.create(c.ADAPTERS, adapter("auto-w", BM, tiny_assets["r4"], replicas={"min": 1, "max": 2, "auto": True}))
     wait_for(lambda: len(fleet.routes("auto-w")) == 1, 30, 0.1, "one replica while idle")
     history: list[int] = []
+    peak_rate = [0.0]  # the highest rate status showed: the scale-up decision saw at least this much
     stop = threading.Event()
 
     def sample() -> None:
@@ -486,6 +488,9 @@ def test_auto_replicas_shrink_when_the_rate_falls_without_flapping(fleet: LocalF
             n = len(fleet.routes("auto-w"))
             if not history or history[-1] != n:
                 history.append(n)
+            if len(history) < 3:  # still on the way up
+                rate = fleet.get(c.ADAPTERS, "auto-w").get("status", {}).get("requestRate") or 0.0
+                peak_rate[0] = max(peak_rate[0], float(rate))
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -493,7 +498,6 @@ def test_auto_replicas_shrink_when_the_rate_falls_without_flapping(fleet: LocalF
     try:
         with StreamingRouter(fleet, "auto-w", concurrency=1, pause=0.4) as fast:
             wait_for(lambda: len(fleet.routes("auto-w")) == 2, 60, 0.2, "scaled to two on the measured rate")
-        up_rate = fleet.get(c.ADAPTERS, "auto-w")["status"]["requestRate"]
         with StreamingRouter(fleet, "auto-w", concurrency=1, pause=10.0) as slow:
             wait_for(lambda: len(fleet.routes("auto-w")) == 1, 120, 0.2, "scaled back to one as the rate decays")
             down_rate = fleet.get(c.ADAPTERS, "auto-w")["status"]["requestRate"]
@@ -505,8 +509,9 @@ def test_auto_replicas_shrink_when_the_rate_falls_without_flapping(fleet: LocalF
     assert fast.failed == [] and slow.failed == [], (fast.failed[:3], slow.failed[:3])
     assert fast.ok > 3 and slow.ok >= 1
     assert history == [1, 2, 1], history  # one step up, one step down, no flapping
-    # status rounds the rate to 0.1 req/s: up above one replica's 0.5, down at or under the 80 % band (0.4)
-    assert up_rate > 0.5 and down_rate <= 0.8 * 0.5, (up_rate, down_rate)
+    # status rounds the rate to 0.1 req/s, so a rate just above one replica's 0.5 shows as 0.5; down is at or under
+    # the 80 % band (0.4)
+    assert peak_rate[0] >= 0.5 and down_rate <= 0.8 * 0.5, (peak_rate[0], down_rate)
     # the surplus replica was drained and unloaded (a removal, not a migration)
     wait_for(lambda: fleet.operator_metric("lorafleet_operator_adapter_unloads_total") >= 1, 30, 0.2, "unloaded")
     assert fleet.operator_metric("lorafleet_operator_migrations_total") == 0

@@ -267,7 +267,7 @@ class Lifecycle:
         step = job.trainer.step
         heldout = None if initial else self.evaluate_heldout(job)
         if not initial:
-            gate = self.spec.publish.on_heldout_improvement and heldout is not None
+            gate = self.spec.publish.on_heldout_improvement and heldout is not None  # none held out: check refuses
             serving = self.serving_heldout(job) if gate else None
             why = self.publisher.check(job.last_loss, job.lora.finite(), heldout, serving)
             if why is not None:

@@ -14,7 +14,7 @@ from lorafleet.worker.names import adapter_name, job_name
 from lorafleet.worker.training.streams import PLACEMENTS
 from lorafleet.worker.training.trainer import OptimConfig
 from lorafleet.worker.training.versions import ATTN_PROJS, MLP_PROJS, PublishPolicy
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 @dataclass
@@ -102,6 +102,12 @@ class PublishSpec(_Strict):
     heldoutFraction: float = Field(0.1, ge=0.0, le=0.5)
     maxLossSpike: float = Field(2.0, gt=1.0)
     minImprovement: float = Field(0.0, ge=0.0, lt=1.0)  # with onHeldoutImprovement: relative, over the serving one
+
+    @model_validator(mode="after")
+    def _gate_has_heldout(self) -> PublishSpec:
+        if self.onHeldoutImprovement and self.heldoutFraction == 0:
+            raise ValueError("onHeldoutImprovement needs heldoutFraction > 0: the gate compares held-out losses")
+        return self
 
 
 class CheckpointSpec(_Strict):

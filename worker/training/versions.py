@@ -7,7 +7,8 @@ A version is written to a fresh directory and renamed into place, so a reader ne
 with NaN/inf weights or loss, or a loss spike over `max_loss_spike` x the running loss, is refused and reported.
 With `on_heldout_improvement` (the held-out gate) a candidate must also beat the *serving* version's loss on the same
 held-out samples by `min_improvement` (relative): the held-out set grows with the feedback, so a loss recorded at
-an earlier publish is no reference, and the first trained candidate must beat the version it would replace.
+an earlier publish is no reference, and the first trained candidate must beat the version it would replace. While
+no feedback is held out yet the gate has nothing to compare, so it refuses rather than publish an ungated version.
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ class VersionPublisher:
             return f"loss spike: {loss:.4g} > {self.policy.max_loss_spike} x {self._loss_ref:.4g}"
         if heldout_loss is not None and not math.isfinite(heldout_loss):
             return f"non-finite held-out loss {heldout_loss}"
+        if self.policy.on_heldout_improvement and heldout_loss is None:
+            return "no held-out improvement measurable: no feedback is held out yet"
         if self.policy.on_heldout_improvement and heldout_loss is not None:
             ref = serving_heldout if serving_heldout is not None else self._best_heldout
             need = ref * (1.0 - self.policy.min_improvement)
