@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 
 import httpx
@@ -210,3 +211,23 @@ def test_a_prompt_over_the_context_is_refused_with_its_count(worker):
         r = c.post("/v1/completions", json={"model": SERVED, "prompt": BIG, "max_tokens": 1})
     err = assert_openai_error(r, 400)
     assert f"your prompt has {count} tokens" in err["message"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_heavy_work_runs_niced_and_light_work_at_the_loops_priority():
+    """A flood of megabyte tokenizations must leave the CPU to the event loop and the engine thread: the heavy pool's
+    threads run at +HEAVY_NICE, the light pool's (ordinary requests) at the process's own niceness."""
+    from lorafleet.worker.api.offload import HEAVY_NICE, Offload
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    own = nice()
+    pool = Offload(threads=2, backlog=0)
+    try:
+        heavy = pool.submit(nice, cost=HEAVY + 1).result(timeout=30)
+        light = pool.submit(nice, cost=1).result(timeout=30)
+    finally:
+        pool.close()
+    assert (heavy, light) == (min(19, own + HEAVY_NICE), own)
+    assert nice() == own  # the caller's own priority is untouched

@@ -12,6 +12,12 @@ keeps its slot until its thread really finishes: a thread cannot be killed, and 
 Why threads and not processes: the heavy parts are the Rust tokenizer (it releases the GIL) and short C calls; the
 pure-Python parts release the GIL every switch interval. The rule for code run here is to keep each single C call
 short (see `json_bytes`: big lists are serialised in slices), because a C call never lets the loop take the GIL.
+
+Why the heavy pool runs at a lower CPU priority (niceness +`HEAVY_NICE`, per thread on Linux): the GIL is not all
+the loop waits for. A tokenizer that released the GIL still takes a core, and with more busy threads than cores the
+kernel shares time evenly, so on a 2-core worker under a megabyte flood the loop waited whole time slices for a
+CPU. Niced, the heavy threads yield the CPU to the loop and the engine thread whenever those are runnable, and use
+all of it when they are not: nothing is refused or slower on an idle worker.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,6 +35,17 @@ from lorafleet.worker.api.errors import APIError
 T = TypeVar("T")
 SLICE = 8192  # list items serialised per C call (~1 ms): the loop waits at most about that for the GIL
 HEAVY = 64 << 10  # a job whose input is larger (characters, bytes or token ids) is heavy: admitted, or refused
+HEAVY_NICE = 10  # niceness added to each heavy-pool thread (CFS weight ~1/10 of the loop's)
+
+
+def lower_thread_priority(nice: int = HEAVY_NICE) -> None:
+    """Raises the calling thread's niceness by `nice` (Linux threads have their own; elsewhere a no-op). Raising it
+    needs no privilege."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError):  # no per-thread priority here: the pool runs at the process's
+        pass
 
 
 class Busy(Exception):
@@ -47,7 +65,9 @@ class Offload:
         self.refused = 0
         self._lock = threading.Lock()
         self._light = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"{name}-light")
-        self._heavy = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._heavy = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix=name, initializer=lower_thread_priority
+        )
 
     def submit(self, fn: Callable[..., T], *args: Any, cost: int = 0) -> concurrent.futures.Future:
         """Runs `fn(*args)` in the pool for its `cost`; a heavy job is admitted or raises Busy, and its slot is freed
