@@ -16,7 +16,6 @@ has the wrong size or hash, or does not load is reported as corrupt and the next
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 from lorafleet.worker.durable import fsync_path, replace_durably, write_synced
+from lorafleet.worker.lora.sources.verify import sha256_file
 from lorafleet.worker.paths import within
 
 FORMAT = 1
@@ -46,14 +46,6 @@ class Checkpoint:
 class LoadResult:
     checkpoint: Checkpoint | None
     corrupt: list[dict] = field(default_factory=list)  # {"path", "step", "reason"}, newest first
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class CheckpointStore:
@@ -83,7 +75,7 @@ class CheckpointStore:
             tfile = tmp / TENSORS
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tfile))
             fsync_path(tfile)
-            meta = {"file": TENSORS, "bytes": tfile.stat().st_size, "sha256": _sha256(tfile)}
+            meta = {"file": TENSORS, "bytes": tfile.stat().st_size, "sha256": sha256_file(tfile)}
             manifest = {"format": FORMAT, "step": step, "tensors": meta, "state": state}
             write_synced(tmp / MANIFEST, json.dumps(manifest).encode())
             fsync_path(tmp)
@@ -119,7 +111,7 @@ class CheckpointStore:
         size = tfile.stat().st_size
         if size != meta.get("bytes"):
             raise ValueError(f"tensor file has {size} bytes, manifest says {meta.get('bytes')}")
-        if _sha256(tfile) != meta.get("sha256"):
+        if sha256_file(tfile) != meta.get("sha256"):
             raise ValueError("tensor file SHA-256 mismatch")
         try:
             tensors = load_file(str(tfile))
@@ -154,34 +146,21 @@ class CheckpointStore:
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
-    """AdamW per-parameter state keyed by parameter name (robust to parameter order)."""
-    out: dict[str, torch.Tensor] = {}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for name, p in zip(names, params, strict=True):
-        for key, v in opt.state.get(p, {}).items():
-            if isinstance(v, torch.Tensor):
-                out[f"opt.{name}.{key}"] = v.detach().clone()
-            else:
-                out[f"opt.{name}.{key}"] = torch.tensor(float(v))
-    return out
+    """The optimizer's `state_dict()` state keyed by parameter name, not position (`opt.<name>.<key>`)."""
+    state = opt.state_dict()["state"]
+    return {
+        f"opt.{name}.{key}": v.detach().clone() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+        for i, name in enumerate(names)
+        for key, v in state.get(i, {}).items()
+    }
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of `optimizer_tensors`: state tensors go onto each parameter's device; hyperparameters stay the spec's."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for name, p in zip(names, params, strict=True):
-        prefix = f"opt.{name}."
-        st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if not st:
-            continue
-        state = {}
-        for key, v in st.items():
-            if key == "step":
-                state[key] = v.to(torch.float32).clone()  # AdamW keeps `step` as a CPU float tensor
-            else:
-                if v.shape != p.shape:
-                    raise ValueError(
-                        f"optimizer state {name}.{key} has shape {tuple(v.shape)}, parameter {tuple(p.shape)}"
-                    )
-                state[key] = v.to(device=p.device, dtype=p.dtype).clone()
-        opt.state[p] = state
+    """Inverse of `optimizer_tensors` through `load_state_dict`, which puts each state tensor on its parameter's
+    device and dtype; the hyperparameters stay the spec's. Shapes are checked where a checkpoint is accepted
+    (`lifecycle.lora_from_checkpoint`)."""
+    state = {
+        i: {k[len(f"opt.{n}.") :]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        for i, n in enumerate(names)
+    }
+    opt.load_state_dict({**opt.state_dict(), "state": {i: st for i, st in state.items() if st}})

@@ -1,7 +1,9 @@
 """Wire schemas of the training API (camelCase, unknown fields rejected) and their conversion to `JobSpec`.
 
 Why strict: a typo in a job spec (`replayRaito`) must be a 422, not a silently ignored knob; the same models parse
-persisted job specs when a worker restarts, so what resumes is exactly what was accepted.
+persisted job specs when a worker restarts, so what resumes is exactly what was accepted. Why tables: each API field
+is one row (camelCase name -> JobSpec attribute, type, default and bounds), which both builds the wire model and
+converts it (`to_spec`), so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from typing import Literal
 
 from lorafleet.worker.feedback.store import TRAINABLE_KINDS
 from lorafleet.worker.names import adapter_name, job_name
-from lorafleet.worker.training.streams import PLACEMENTS
+from lorafleet.worker.training.streams import check_placement
 from lorafleet.worker.training.trainer import OptimConfig
 from lorafleet.worker.training.versions import ATTN_PROJS, MLP_PROJS, PublishPolicy
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 
 @dataclass
@@ -61,63 +64,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class FeedbackSpec(_Strict):
-    kinds: list[Literal["accept", "correction", "pair", "reward"]] = Field(
-        default_factory=lambda: list(TRAINABLE_KINDS)
-    )
-    minReward: float = Field(0.0, ge=-1.0, le=1.0)
-    sinceSeq: int = Field(0, ge=0)
-    epochs: int = Field(3, ge=1, le=100)
+# (JobSpec attribute, dotted for a nested config's (`optim.lr`), or a section's own table; type; default and bounds)
+Row = tuple[object, object, FieldInfo]
 
 
-class OptimizerSpec(_Strict):
-    lr: float = Field(2e-4, gt=0, le=1.0)
-    weightDecay: float = Field(0.0, ge=0, le=1.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    gradAccumulation: int = Field(4, ge=1, le=1024)
-    microBatchTokens: int = Field(1024, ge=16, le=8192)  # also at most half the worker's maxNumBatchedTokens
-    maxGradNorm: float | None = Field(1.0, gt=0)
-    maxSteps: int | None = Field(None, ge=1)
+def _fields(name: str, table: dict[str, Row], **kw) -> type[BaseModel]:
+    """The strict wire model of a table (`name` is its name in the JSON schema)."""
+    return create_model(name, __base__=_Strict, **kw, **{k: (t, f) for k, (_, t, f) in table.items()})  # type: ignore
 
 
-class LoraSpec(_Strict):
-    rank: int = Field(8, ge=1, le=256)
-    alpha: float = Field(16.0, gt=0)
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
-    useRslora: bool = False
-
-    @field_validator("targets")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        bad = [t for t in v if t not in ATTN_PROJS + MLP_PROJS]
-        if bad:
-            raise ValueError(f"unknown LoRA targets {bad}; allowed: {list(ATTN_PROJS + MLP_PROJS)}")
-        return sorted(set(v))
+def _section(name: str, table: dict[str, Row], **kw) -> Row:
+    """A nested object of the API, every field with a default."""
+    model = _fields(name, table, **kw)
+    return (table, model, Field(default_factory=model))
 
 
-class PublishSpec(_Strict):
-    everySteps: int = Field(20, ge=1)
-    onHeldoutImprovement: bool = False
-    heldoutFraction: float = Field(0.1, ge=0.0, le=0.5)
-    maxLossSpike: float = Field(2.0, gt=1.0)
-    minImprovement: float = Field(0.0, ge=0.0, lt=1.0)  # with onHeldoutImprovement: relative, over the serving one
-
-    @model_validator(mode="after")
-    def _gate_has_heldout(self) -> PublishSpec:
-        if self.onHeldoutImprovement and self.heldoutFraction == 0:
-            raise ValueError("onHeldoutImprovement needs heldoutFraction > 0: the gate compares held-out losses")
-        return self
+def _flatten(m: BaseModel, table: dict[str, Row], out: dict[str, dict]) -> dict[str, dict]:
+    """A model's values by JobSpec attribute: {"": JobSpec's own, "optim": OptimConfig's, "publish": PublishPolicy's}."""
+    for api, (attr, _, _) in table.items():
+        v = getattr(m, api)
+        if isinstance(attr, dict):
+            _flatten(v, attr, out)
+        else:
+            group, _, key = str(attr).rpartition(".")
+            out.setdefault(group, {})[key] = list(v) if isinstance(v, list) else v
+    return out
 
 
-class CheckpointSpec(_Strict):
-    everySteps: int = Field(10, ge=1)  # plus one with every published version and one at maxSteps
-    keep: int = Field(3, ge=1, le=100)
+def _targets(cls, v: list[str]) -> list[str]:
+    bad = [t for t in v if t not in ATTN_PROJS + MLP_PROJS]
+    if bad:
+        raise ValueError(f"unknown LoRA targets {bad}; allowed: {list(ATTN_PROJS + MLP_PROJS)}")
+    return sorted(set(v))
 
 
-class LatencyTarget(_Strict):
-    tpotMs: float = Field(50.0, gt=0)
-    percentile: float = Field(99.0, ge=50.0, le=100.0)  # of per-request TPOT (training/slo.py steers by it)
+def _gate_has_heldout(self: BaseModel) -> BaseModel:
+    if self.onHeldoutImprovement and self.heldoutFraction == 0:  # type: ignore[attr-defined]
+        raise ValueError("onHeldoutImprovement needs heldoutFraction > 0: the gate compares held-out losses")
+    return self
 
 
 # placements that are not offered, and why: a job asking for one is refused (422) with this reason, not run as
@@ -128,43 +112,75 @@ NOT_OFFERED = {
 }
 
 
-class CoServingSpec(_Strict):
-    """Where co-served fine-tuning runs on a GPU: `serving` (between serving steps on the serving stream) or the
-    experimental `partition` (a low-priority stream on an SM partition that leaves `servingSMs` to serving)."""
-
-    placement: str = "serving"
-    servingSMs: int = Field(16, ge=1, le=1024)
-
-    @field_validator("placement")
-    @classmethod
-    def _placement(cls, v: str) -> str:
-        if v in NOT_OFFERED:
-            raise ValueError(f"placement {v!r} is not offered ({NOT_OFFERED[v]}); use 'serving' or 'partition'")
-        if v not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {v!r}")
-        return v
+def _placement(cls, v: str) -> str:
+    if v in NOT_OFFERED:
+        raise ValueError(f"placement {v!r} is not offered ({NOT_OFFERED[v]}); use 'serving' or 'partition'")
+    return check_placement(v)
 
 
-class JobRequest(_Strict):
-    name: str
-    adapter: str = Field(min_length=1, max_length=253)
-    mode: Literal["coserve", "standalone"] = "coserve"
-    feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
-    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    publish: PublishSpec = Field(default_factory=PublishSpec)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    replayRatio: float = Field(0.25, ge=0.0, le=0.9)
-    maxActivationStaleness: int = Field(4, ge=0)
-    stalePolicy: Literal["recompute", "drop"] = "recompute"
-    latencyTarget: LatencyTarget = Field(default_factory=LatencyTarget)
-    minFinetuneShare: float = Field(0.05, ge=0.0, le=1.0)
+KINDS = Literal["accept", "correction", "pair", "reward"]
+JOB: dict[str, Row] = {
+    "name": ("name", str, Field()),
+    "adapter": ("adapter", str, Field(min_length=1, max_length=253)),
+    "mode": ("mode", Literal["coserve", "standalone"], Field("coserve")),
+    "feedback": _section("FeedbackSpec", {
+        "kinds": ("kinds", list[KINDS], Field(default_factory=lambda: list(TRAINABLE_KINDS))),
+        "minReward": ("min_reward", float, Field(0.0, ge=-1.0, le=1.0)),
+        "sinceSeq": ("since_seq", int, Field(0, ge=0)),
+        "epochs": ("epochs", int, Field(3, ge=1, le=100)),
+    }),
+    "optimizer": _section("OptimizerSpec", {
+        "lr": ("optim.lr", float, Field(2e-4, gt=0, le=1.0)),
+        "weightDecay": ("optim.weight_decay", float, Field(0.0, ge=0, le=1.0)),
+        "betas": ("optim.betas", tuple[float, float], Field((0.9, 0.999))),
+        "eps": ("optim.eps", float, Field(1e-8, gt=0)),
+        "gradAccumulation": ("optim.grad_accumulation", int, Field(4, ge=1, le=1024)),
+        # also at most half the worker's maxNumBatchedTokens
+        "microBatchTokens": ("graph_tokens", int, Field(1024, ge=16, le=8192)),
+        "maxGradNorm": ("optim.max_grad_norm", float | None, Field(1.0, gt=0)),
+        "maxSteps": ("max_steps", int | None, Field(None, ge=1)),
+    }),
+    "lora": _section("LoraSpec", {
+        "rank": ("rank", int, Field(8, ge=1, le=256)),
+        "alpha": ("alpha", float, Field(16.0, gt=0)),
+        "targets": ("targets", list[str], Field(default_factory=lambda: list(ATTN_PROJS), min_length=1)),
+        "useRslora": ("use_rslora", bool, Field(False)),
+    }, __validators__={"_targets": field_validator("targets")(_targets)}),
+    "publish": _section("PublishSpec", {
+        "everySteps": ("publish.every_steps", int, Field(20, ge=1)),
+        "onHeldoutImprovement": ("publish.on_heldout_improvement", bool, Field(False)),
+        "heldoutFraction": ("heldout_fraction", float, Field(0.1, ge=0.0, le=0.5)),
+        "maxLossSpike": ("publish.max_loss_spike", float, Field(2.0, gt=1.0)),
+        # with onHeldoutImprovement: relative, over the serving version
+        "minImprovement": ("publish.min_improvement", float, Field(0.0, ge=0.0, lt=1.0)),
+    }, __validators__={"_gate_has_heldout": model_validator(mode="after")(_gate_has_heldout)}),
+    "checkpoint": _section("CheckpointSpec", {  # plus one with every published version and one at maxSteps
+        "everySteps": ("checkpoint_every", int, Field(10, ge=1)),
+        "keep": ("checkpoint_keep", int, Field(3, ge=1, le=100)),
+    }),
+    "replayRatio": ("replay_ratio", float, Field(0.25, ge=0.0, le=0.9)),
+    "maxActivationStaleness": ("max_staleness", int, Field(4, ge=0)),
+    "stalePolicy": ("stale_policy", Literal["recompute", "drop"], Field("recompute")),
+    "latencyTarget": _section("LatencyTarget", {  # the percentile: of per-request TPOT (slo.py steers by it)
+        "tpotMs": ("tpot_ms", float, Field(50.0, gt=0)),
+        "percentile": ("tpot_percentile", float, Field(99.0, ge=50.0, le=100.0)),
+    }),
+    "minFinetuneShare": ("min_share", float, Field(0.05, ge=0.0, le=1.0)),
     # off by default: training against stashed prompt K/V drops the gradient through the prompt positions, which
     # costs held-out quality (bench/results/cl_task.json: reuse on 0.50 vs off 0.725 exact match); opt in for speed
-    recordActivations: bool = False
-    stashBytes: int = Field(256 << 20, ge=0)
-    coServing: CoServingSpec = Field(default_factory=CoServingSpec)
+    "recordActivations": ("record_activations", bool, Field(False)),
+    "stashBytes": ("stash_bytes", int, Field(256 << 20, ge=0)),
+    "coServing": _section("CoServingSpec", {
+        "placement": ("placement", str, Field("serving")),
+        "servingSMs": ("serving_sms", int, Field(16, ge=1, le=1024)),
+    }, __validators__={"_placement": field_validator("placement")(_placement)}, __doc__=(
+        "Where co-served fine-tuning runs on a GPU: `serving` (between serving steps on the serving stream) or the\n"
+        "experimental `partition` (a low-priority stream on an SM partition that leaves `servingSMs` to serving)."
+    )),
+}  # fmt: skip
 
+
+class JobRequest(_fields("JobFields", JOB)):  # type: ignore[misc]
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -176,46 +192,5 @@ class JobRequest(_Strict):
         return adapter_name(v)
 
     def to_spec(self) -> JobSpec:
-        o = self.optimizer
-        return JobSpec(
-            name=self.name,
-            adapter=self.adapter,
-            mode=self.mode,
-            kinds=list(self.feedback.kinds),
-            min_reward=self.feedback.minReward,
-            since_seq=self.feedback.sinceSeq,
-            epochs=self.feedback.epochs,
-            optim=OptimConfig(
-                lr=o.lr,
-                weight_decay=o.weightDecay,
-                betas=tuple(o.betas),
-                eps=o.eps,
-                grad_accumulation=o.gradAccumulation,
-                max_grad_norm=o.maxGradNorm,
-            ),
-            max_steps=o.maxSteps,
-            graph_tokens=o.microBatchTokens,
-            rank=self.lora.rank,
-            alpha=self.lora.alpha,
-            targets=list(self.lora.targets),
-            use_rslora=self.lora.useRslora,
-            publish=PublishPolicy(
-                every_steps=self.publish.everySteps,
-                on_heldout_improvement=self.publish.onHeldoutImprovement,
-                max_loss_spike=self.publish.maxLossSpike,
-                min_improvement=self.publish.minImprovement,
-            ),
-            heldout_fraction=self.publish.heldoutFraction,
-            replay_ratio=self.replayRatio,
-            max_staleness=self.maxActivationStaleness,
-            stale_policy=self.stalePolicy,
-            tpot_ms=self.latencyTarget.tpotMs,
-            tpot_percentile=self.latencyTarget.percentile,
-            min_share=self.minFinetuneShare,
-            record_activations=self.recordActivations,
-            stash_bytes=self.stashBytes,
-            checkpoint_every=self.checkpoint.everySteps,
-            checkpoint_keep=self.checkpoint.keep,
-            placement=self.coServing.placement,
-            serving_sms=self.coServing.servingSMs,
-        )
+        f = _flatten(self, JOB, {})
+        return JobSpec(**f[""], optim=OptimConfig(**f["optim"]), publish=PublishPolicy(**f["publish"]))

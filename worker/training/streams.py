@@ -31,11 +31,17 @@ class Placement:
     fallback: str = ""  # why `mode` is not the placement asked for
 
 
+def check_placement(placement: str) -> str:
+    """`placement`, or ValueError when it is none of PLACEMENTS (the API's check and the trainer's are this one)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    return placement
+
+
 def training_stream(device: torch.device, placement: str, serving_sms: int) -> Placement:
     """The stream for `placement` (one of PLACEMENTS); built in the engine thread, whose current stream serves.
     An unknown placement is refused on every device, so a CPU test sees what a GPU job would."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    check_placement(placement)
     if device.type != "cuda":
         return Placement(None, "cpu")
     if placement == "partition":
