@@ -399,7 +399,7 @@ class _LoadPlugin(IterationPlugin):
 def _recording(engine, stash):
     """A plugin that records every prefill of adapter "ad" into `stash` (what a recording job does)."""
     from lorafleet.worker.training.coserve import CoServePlugin
-    from lorafleet.worker.training.recorder import PrefillRecorder
+    from lorafleet.worker.training.stash import PrefillRecorder
 
     lookup = PrefillRecorder(lambda name: (stash, lambda v: 0) if name == "ad" else None, engine.model.shape.num_layers)
     return CoServePlugin([], recorder=lookup)

@@ -15,8 +15,7 @@ from lorafleet.worker.training.coserve import CoServePlugin
 from lorafleet.worker.training.job import ContinualLearningJob, JobSpec
 from lorafleet.worker.training.lora_context import TrainableLoRA
 from lorafleet.worker.training.metrics import TrainingMetrics
-from lorafleet.worker.training.recorder import PrefillRecorder
-from lorafleet.worker.training.stash import ActivationStash
+from lorafleet.worker.training.stash import ActivationStash, PrefillRecorder
 from lorafleet.worker.training.trainer import LoRATrainer, OptimConfig, TrainSample
 
 PROMPT_A = list(range(10, 47))  # 37 tokens: chunked over several steps with the small budget below

@@ -97,8 +97,8 @@ def test_crd_bounds_are_what_the_worker_accepts() -> None:
     assert spec["checkpoint"]["properties"]["keep"]["maximum"] == ckpt["keep"]["maximum"]
     assert spec["checkpoint"]["properties"]["everySteps"]["minimum"] == ckpt["everySteps"]["minimum"]
     co, wco = spec["coServing"]["properties"], worker["$defs"]["CoServingSpec"]["properties"]
+    from lorafleet.worker.training.graphed import PLACEMENTS
     from lorafleet.worker.training.spec import NOT_OFFERED
-    from lorafleet.worker.training.streams import PLACEMENTS
 
     # the CRD admits exactly the placements the worker runs; the ones it refuses, it refuses with a reason
     (rule,) = co["placement"]["x-kubernetes-validations"]

@@ -184,7 +184,7 @@ class CoServePlugin(IterationPlugin):
 
     def __init__(self, jobs: list, recorder=None, on_iteration=None, metrics=None) -> None:
         self.jobs = list(jobs)
-        self.recorder = recorder  # a PrefillRecorder (recorder.py), or None: nothing is recorded
+        self.recorder = recorder  # a stash.PrefillRecorder, or None: nothing is recorded
         self.on_iteration = on_iteration
         self.metrics = metrics
         self.engine = None

@@ -1,13 +1,10 @@
-"""The executor: how a job's accumulation groups become training work within a token budget.
+"""The executor: a job's accumulation groups (from `source(step)`, the planner) as pieces within a token budget.
 
-Each group is packed into micro-batches (`packing.py`), each launched as one piece (`graphed.py`: a CUDA graph on a
-GPU, the same code eagerly on CPU) while the controller (`coserve.OverlapController`) allows more; results are
-booked once their pieces complete (`drain`). An optimizer step launches once the previous step's results are back,
-so at most one step is ever undrained and host-side bookkeeping (loss, publish, checkpoint) always sees the
-weights of its step.
-
-Data flows one way: `source(step)` (the planner) gives groups, the executor runs them, and the `Sink` (the job)
-books each finished sample and optimizer step. Costs are token units (1 = one token's forward).
+Each group is packed into micro-batches, each launched as one piece (`graphed.py`) while the controller
+(`coserve.OverlapController`) allows more; the `Sink` (the job) books results once their pieces complete (`drain`).
+Why an optimizer step launches only once the previous step's results are back: at most one step is ever undrained,
+so host-side bookkeeping (loss, publish, checkpoint) always sees the weights of its step. Costs are token units
+(1 = one token's forward).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Why: the serving loop leaves the GPU idle between and inside steps, and eager tr
 ms of *host* time each, which lands directly on TPOT. Here one micro-batch (forward, masked CE, LoRA-only
 backward, gradient accumulation) is one CUDA graph: launching it costs microseconds of host time. The engine
 plugin queues it right behind a serving step's kernels (`after_launch`), before the host waits for that step's
-tokens, on the stream of the job's placement (`streams.py`). Nothing here waits on the GPU: losses and gradient
+tokens, on the stream of the job's placement. Nothing here waits on the GPU: losses and gradient
 norms come back through pinned host buffers and events, and the job reads them once they are done.
 
 One graph per shape bucket (`packing.py`), captured lazily into one shared memory pool (graphs run one after
@@ -12,22 +12,70 @@ another on one stream and keep no outputs, so sharing is safe). Attention is one
 `[prefix keys | new keys]` with a boolean mask built from segment ids, so a sample sees only its own prefix
 (Alchemist: the stashed prompt K/V, constants) and its own earlier tokens.
 
+Placements (docs/coserving.md has the measurements behind them): `serving` (default) is the serving stream itself,
+so a piece never overlaps a serving kernel and one that outlasts the host's gap delays the next step by the overrun
+(the controller sizes pieces to the gap); `partition` (experimental) is a lowest-priority stream on an SM partition
+(worker/sm_partition.py) that leaves `serving_sms` SMs to serving, or the serving stream with the reason reported
+(status `coServing.reason`) where the driver cannot make one.
+
 On CPU the same code runs eagerly, without streams or graphs, so the numerics are tested against `LoRATrainer`
 there; the optimizer step is the same device-side path (fused AdamW skips a non-finite step itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from lorafleet.worker.sm_partition import PartitionUnavailable, sm_partition
 from lorafleet.worker.training.packing import Bucket, MicroBatch, pack
-from lorafleet.worker.training.streams import capture_stream, on, training_stream
 from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
+
+log = logging.getLogger(__name__)
+
+
+PLACEMENTS = ("serving", "partition")
+
+
+def check_placement(placement: str) -> str:
+    """`placement`, or ValueError when it is none of PLACEMENTS (the API's check and the trainer's are this one)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    return placement
+
+
+def training_stream(device: torch.device, placement: str, serving_sms: int) -> tuple[object | None, str, str]:
+    """(the stream, None on CPU: pieces run inline; the placement in effect: serving | partition | cpu; why that is
+    not the one asked for) for `placement`, built in the engine thread, whose current stream serves. An unknown
+    placement is refused on every device, so a CPU test sees what a GPU job would."""
+    check_placement(placement)
+    if device.type != "cuda":
+        return None, "cpu", ""
+    if placement == "partition":
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        try:
+            part = sm_partition(device, total - serving_sms)
+            log.info("co-serving pieces on %d of %d SMs", part.sms, part.total_sms)
+            return part.stream, "partition", ""
+        except (PartitionUnavailable, ValueError) as exc:
+            log.warning("no SM partition for training (%s): its pieces run on the serving stream", exc)
+            return (
+                torch.cuda.current_stream(device),
+                "serving",
+                f"no SM partition ({exc}): pieces run on the serving stream",
+            )
+    return torch.cuda.current_stream(device), "serving", ""
+
+
+def on(stream):
+    """A context that queues work on `stream` (inline without one)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 class MaskedPackedAttention:
@@ -114,10 +162,8 @@ class GraphedTrainer:
         self.max_graphs = max_graphs
         self.params = [p for p in trainer.lora.parameters()]
         self.acc = [torch.zeros_like(p) for p in self.params]
-        placed = training_stream(self.dev, stream, serving_sms)
-        self.stream = placed.stream
-        self.stream_mode = placed.mode
-        self.fallback = placed.fallback  # why stream_mode is not the placement asked for
+        # fallback: why stream_mode is not the placement asked for
+        self.stream, self.stream_mode, self.fallback = training_stream(self.dev, stream, serving_sms)
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self._static: dict[Bucket, _Static] = {}
         self._prefix_bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -173,7 +219,11 @@ class GraphedTrainer:
         for _ in range(2):
             self._forward_backward(st)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, stream=capture_stream(self.stream, self.dev)):
+        # CUDA cannot capture on the legacy default stream (serving there: LORAFLEET_SERVING_STREAM=default): such a
+        # graph is captured on torch's side stream and still replays on the training stream. A partition stream
+        # captures itself: replays keep the SM restriction of the stream they were captured on.
+        side = self.stream == torch.cuda.default_stream(self.dev)
+        with torch.cuda.graph(g, pool=self.pool, stream=None if side else self.stream):
             self._forward_backward(st)
         st.row_w.copy_(saved)
         st.graph = g

@@ -1,14 +1,9 @@
-"""The continual-learning job of one adapter: the planner, executor and lifecycle wired together, and its status.
+"""The continual-learning job of one adapter: feedback -> `FeedbackPlanner` (accumulation groups) -> `Executor`
+(micro-batches within the budget) -> this job's bookkeeping (losses, metrics) -> `Lifecycle` (checkpoints, versions).
 
-Lifecycle: created in the engine thread (it reads the adapter store and may publish a fresh v1), then fed work by
-the training service: `work(budget)` from the engine's plugin callbacks (co-serving: the leftover token budget) or
-from the idle driver (no traffic: the whole budget). All training runs in the engine thread between iterations, so
-the model, the adapter store and the stash are never touched concurrently; feedback arrives from HTTP threads
-through the planner's thread-safe queue (`offer`).
-
-Data flows one way: feedback -> `FeedbackPlanner` (planner.py: accumulation groups) -> `Executor` (executor.py:
-micro-batches within the budget; CUDA graphs on a GPU) -> this job's bookkeeping (losses, metrics) -> `Lifecycle`
-(lifecycle.py: checkpoints and published versions).
+Why everything in the engine thread between iterations (created there, then `work(budget)` from the plugin callbacks
+or the idle driver): the model, the adapter store and the stash are never touched concurrently; feedback from HTTP
+threads only enters the planner's thread-safe queue (`offer`).
 """
 
 from __future__ import annotations
@@ -60,34 +55,19 @@ class ContinualLearningJob:
         # a micro-batch costs 2 x its tokens: it must fit an iteration's whole budget to ever run, and a sample must
         # fit a micro-batch (the planner cuts longer ones)
         cap = max(1, min(spec.graph_tokens, int(engine.config.max_num_batched_tokens) // 2))
-        self.planner = FeedbackPlanner(
-            spec,
-            self.replay,
-            self.stash,
-            self.counts,
-            self._stash_event,
-            self.trainer.device,
-            self.trainer.dtype,
-            max_tokens=cap,
-            max_prefix=spec.graph_prefix,
-        )
+        self.planner = FeedbackPlanner(spec, self.replay, self.stash, self.counts, self._stash_event, self.trainer, cap)
         self.graphed = GraphedTrainer(
             self.trainer,
             cap,
             spec.graph_prefix,
-            use_graphs=spec.graphs != "off",
+            spec.graphs != "off",
             stream=spec.placement,
             serving_sms=spec.serving_sms,
         )
         if self.graphed.fallback:
             log.warning("job %s: %s", spec.name, self.graphed.fallback)
-        self.scheduler = OverlapController(
-            ShareConfig(
-                tpot_target_s=spec.tpot_ms / 1000.0,
-                min_share=spec.min_share,
-                guard=GuardConfig(quantile=spec.tpot_percentile / 100.0),
-            )
-        )
+        guard = GuardConfig(quantile=spec.tpot_percentile / 100.0)
+        self.scheduler = OverlapController(ShareConfig(spec.tpot_ms / 1000.0, spec.min_share, guard=guard))
         self.executor = Executor(self.graphed, self.scheduler, self.planner.next_group, self)
         self.phase = "Running"
         self.message = ""
@@ -186,31 +166,6 @@ class ContinualLearningJob:
             setattr(self.stash.counters, ev, getattr(self.stash.counters, ev) + 1)
         self.metrics.stash_events.labels(ev).inc()
 
-    # ---- checkpointed state (lifecycle.py) ----
-    def progress_state(self) -> dict:
-        return {
-            "tokensTrained": self.tokens_trained,
-            "sequenceTokens": self.sequence_tokens,
-            "counts": {"trained": self.counts["trained"], "replay": self.counts["replay"]},
-            "lossEma": self.loss_ema,
-            "lastLoss": self.last_loss,
-        }
-
-    def restore_progress(self, st: dict) -> None:
-        self.tokens_trained = int(st.get("tokensTrained", 0))
-        self.sequence_tokens = int(st.get("sequenceTokens", 0))
-        for k, v in (st.get("counts") or {}).items():
-            self.counts[k] = int(v)
-        self.loss_ema, self.last_loss = st.get("lossEma"), st.get("lastLoss")
-
-    def controller_state(self) -> dict:
-        return {**self.scheduler.state(), "secondsPerUnit": self.graphed.seconds_per_unit}
-
-    def restore_controller(self, ctl: dict) -> None:
-        self.scheduler.restore(ctl)
-        if ctl.get("secondsPerUnit"):
-            self.graphed.seconds_per_unit = float(ctl["secondsPerUnit"])
-
     # ---- status ----
     def version_step(self, version: str | None) -> int:
         """The optimizer step whose weights `version` holds (the stash's staleness clock)."""
@@ -236,7 +191,7 @@ class ContinualLearningJob:
                 "aim": sched.guard.aim,
                 "observedRatio": sched.guard.last_quantile,
             },
-            # where pieces run: the placement in effect (streams.py; `cpu` on a CPU worker)
+            # where pieces run: the placement in effect (graphed.py; `cpu` on a CPU worker)
             "coServing": {
                 "placement": self.spec.placement,
                 "effective": self.graphed.stream_mode,

@@ -198,12 +198,16 @@ class Lifecycle:
                 "targets": list(lora.targets),
                 "useRslora": lora.use_rslora,
             },
-            **job.progress_state(),
+            "tokensTrained": job.tokens_trained,
+            "sequenceTokens": job.sequence_tokens,
+            "counts": {"trained": job.counts["trained"], "replay": job.counts["replay"]},
+            "lossEma": job.loss_ema,
+            "lastLoss": job.last_loss,
             "heldoutLoss": self.heldout_loss,
             "versionSteps": dict(self.version_steps),
             "data": job.planner.state(),
             "replay": job.replay.state(),
-            "controller": job.controller_state(),
+            "controller": {**job.scheduler.state(), "secondsPerUnit": job.graphed.seconds_per_unit},
             "publisher": self.publisher.state(),
         }
 
@@ -214,7 +218,9 @@ class Lifecycle:
         job.trainer.step = self.last_checkpoint = int(st["step"])
         if "rng.job" in c.tensors:
             job.planner.rng.set_state(c.tensors["rng.job"].to(torch.uint8))
-        job.restore_progress(st)
+        job.tokens_trained, job.sequence_tokens = int(st.get("tokensTrained", 0)), int(st.get("sequenceTokens", 0))
+        job.counts.update({k: int(v) for k, v in (st.get("counts") or {}).items()})
+        job.loss_ema, job.last_loss = st.get("lossEma"), st.get("lastLoss")
         self.heldout_loss = st.get("heldoutLoss")
         self.version_steps.update({str(k): int(v) for k, v in (st.get("versionSteps") or {}).items()})
         job.planner.restore(st.get("data") or {})
@@ -222,7 +228,10 @@ class Lifecycle:
             job.replay.restore(st["replay"])
         if st.get("publisher"):
             self.publisher.restore(st["publisher"])
-        job.restore_controller(st.get("controller") or {})
+        ctl = st.get("controller") or {}
+        job.scheduler.restore(ctl)
+        if ctl.get("secondsPerUnit"):
+            job.graphed.seconds_per_unit = float(ctl["secondsPerUnit"])
         self.info["restoredStep"] = self.info["lastStep"] = job.trainer.step
         self.metrics.checkpoints.labels(self.spec.adapter, "restored").inc()
         msg = f"resumed from checkpoint step {job.trainer.step}"

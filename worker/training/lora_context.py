@@ -65,14 +65,17 @@ class TrainableLoRA(nn.Module):
                 p[0].copy_(a.float())
                 p[1].copy_(b.float())
 
+    def pairs(self) -> list[tuple[tuple[int, str], tuple[nn.Parameter, nn.Parameter]]]:
+        """((layer, proj), (A, B)) of every trained projection, layer by layer."""
+        return [
+            ((i, p), (self.a[self._k(i, p)], self.b[self._k(i, p)]))
+            for i in range(self.num_layers)
+            for p in self.targets
+        ]
+
     def export(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """Detached fp32 copies on CPU, in the (layer, proj) -> (A, B) form of `versions.save_peft_adapter`."""
-        out = {}
-        for layer in range(self.num_layers):
-            for proj in self.targets:
-                a, b = self.pair(layer, proj)  # type: ignore[misc]
-                out[(layer, proj)] = (a.detach().float().cpu().clone(), b.detach().float().cpu().clone())
-        return out
+        return {k: (a.detach().float().cpu().clone(), b.detach().float().cpu().clone()) for k, (a, b) in self.pairs()}
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters())

@@ -79,29 +79,21 @@ def pack(samples: list[TrainSample], denom: int, max_tokens: int, max_prefix: in
 
 
 def _build(samples: list[TrainSample], idx: list[int], denom: int) -> MicroBatch:
-    ids: list[int] = []
-    pos: list[int] = []
-    seg: list[int] = []
-    rows: list[int] = []
-    targets: list[int] = []
+    ids, pos, seg, rows, targets, owners, pseg, ppos = ([] for _ in range(8))  # list[int] each
     row_w: list[float] = []
-    owners: list[int] = []
     prefix = []
-    pseg: list[int] = []
-    ppos: list[int] = []
     for k, i in enumerate(idx):
         s = samples[i]
         p, c = s.prompt_ids, s.completion_ids
         if not p or not c:
             raise ValueError("a training sample needs a non-empty prompt and completion")
         base = len(ids)
-        if s.prefix_kv is not None and s.prefix_kv[0][0].shape[0] > 0:
-            pl = int(s.prefix_kv[0][0].shape[0])
+        pl = 0 if s.prefix_kv is None else int(s.prefix_kv[0][0].shape[0])  # 0 too for a one-token prompt
+        if pl:
             prefix.append((k, s.prefix_kv))
             pseg += [k] * pl
             ppos += list(range(pl))
-            x, start, first_loss = [p[-1], *c[:-1]], len(p) - 1, 0
-        elif s.prefix_kv is not None:  # an empty prefix (one-token prompt)
+        if s.prefix_kv is not None:
             x, start, first_loss = [p[-1], *c[:-1]], len(p) - 1, 0
         else:
             x, start, first_loss = [*p, *c[:-1]], 0, len(p) - 1

@@ -25,7 +25,7 @@ from lorafleet.worker.feedback.store import FeedbackSample
 from lorafleet.worker.training.replay import ReplayMixer, weigh_group
 from lorafleet.worker.training.spec import JobSpec
 from lorafleet.worker.training.stash import ActivationStash
-from lorafleet.worker.training.trainer import TrainSample
+from lorafleet.worker.training.trainer import LoRATrainer, TrainSample
 
 MAX_HELDOUT = 64
 
@@ -101,16 +101,14 @@ class FeedbackPlanner:
         stash: ActivationStash | None,
         counts: dict,
         on_stash: Callable[[str], None],
-        device: torch.device,
-        dtype: torch.dtype,
+        trainer: LoRATrainer,
         max_tokens: int,
-        max_prefix: int,
     ) -> None:
         self.spec = spec
         self.replay = replay
         self.stash = stash
-        self.device, self.dtype = device, dtype  # where reused prompt K/V go: the trainer's
-        self.max_tokens, self.max_prefix = max_tokens, max_prefix  # the tokens / prefix keys one micro-batch holds
+        self.device, self.dtype = trainer.device, trainer.dtype  # where reused prompt K/V go
+        self.max_tokens, self.max_prefix = max_tokens, spec.graph_prefix  # the tokens / prefix keys of a micro-batch
         self.counts = counts  # the job's sample counters (shared: status and checkpoints read them)
         self.on_stash = on_stash  # called with reused | recomputed | dropped
         self.rng = torch.Generator().manual_seed(spec.seed)

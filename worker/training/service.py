@@ -27,9 +27,9 @@ from lorafleet.worker.paths import within
 from lorafleet.worker.training.coserve import CoServePlugin
 from lorafleet.worker.training.job import ContinualLearningJob
 from lorafleet.worker.training.metrics import TrainingMetrics
-from lorafleet.worker.training.recorder import PrefillRecorder
 from lorafleet.worker.training.replay import builtin_general_text, chunk_tokens
 from lorafleet.worker.training.spec import JobRequest
+from lorafleet.worker.training.stash import PrefillRecorder
 
 log = logging.getLogger(__name__)
 PEER_POLL_S = 0.5  # how often a trainer reads the feedback its pool's other workers accepted
@@ -177,7 +177,7 @@ class TrainingService(CoServePlugin):
     def has_job_for(self, adapter: str) -> bool:
         """Whether a job trains `adapter` here or on another worker of the pool (their persisted job specs in the
         shared store, read at most every PEER_POLL_S): feedback for it is accepted by any replica."""
-        if self._job_for(adapter) is not None or any(j.spec.adapter == adapter for j in list(self.jobs.values())):
+        if any(j.spec.adapter == adapter for j in list(self.jobs.values())):
             return True
         if self.peers is None:
             return False
@@ -277,8 +277,7 @@ class TrainingService(CoServePlugin):
             log.exception("training job %s failed", job.spec.name)
             job.phase = "Failed"
             job.message = f"training failed: {exc!r}"
-            job.stop()
-            job.phase = "Failed"
+            job.stop()  # keeps the phase: it is no longer Running
             return 0.0
 
     def _idle_slice(self, engine) -> float:
@@ -304,10 +303,7 @@ class TrainingService(CoServePlugin):
             log.exception("cannot read the pool's feedback logs")
             return
         for s in samples:
-            job = self._job_for(s.adapter)
-            if job is not None:
-                job.offer(s)
-                self._work.set()
+            self._on_feedback(s)
 
     def _idle_driver(self) -> None:
         while not self._stop.is_set():

@@ -13,7 +13,7 @@ from typing import Literal
 
 from lorafleet.worker.feedback.store import TRAINABLE_KINDS
 from lorafleet.worker.names import adapter_name, job_name
-from lorafleet.worker.training.streams import check_placement
+from lorafleet.worker.training.graphed import check_placement
 from lorafleet.worker.training.trainer import OptimConfig
 from lorafleet.worker.training.versions import ATTN_PROJS, MLP_PROJS, PublishPolicy
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
@@ -56,7 +56,7 @@ class JobSpec:
         1024  # optimizer.microBatchTokens: tokens per micro-batch (a longer sample loses its prompt's start)
     )
     graph_prefix: int = 4096  # stashed prefix keys per graphed micro-batch
-    placement: str = "serving"  # where graphed micro-batches run (streams.PLACEMENTS)
+    placement: str = "serving"  # where graphed micro-batches run (graphed.PLACEMENTS)
     serving_sms: int = 16  # SMs left to serving alone with the partition placement
 
 

@@ -1,30 +1,34 @@
 """Alchemist activation stash: the prompt state of served requests, kept in a budgeted host arena for training.
 
-What is stashed, precisely: for every layer the prompt's rotated K and V, exactly as the serving prefill computed
-them with the adapter version that served the request. Training on feedback then forwards only the completion
-tokens against this stored prompt state (`DenseAttentionContext(prefix_kv=...)`): the prompt K/V are constants.
-That differs from full backprop through the prompt in one way only: the gradient paths from the completion's loss
-through the prompt positions' K/V (into the LoRA weights applied to prompt tokens) are cut; the completion tokens'
-own paths (including their attention over the prompt) are exact. With an unchanged adapter version the stashed K/V
-equal a recomputation up to float rounding (the serving path computes them with the paged attention and the
-segment LoRA ops), so the gradients equal the "recompute the prompt under no-grad" gradients; a test checks it. What the backward needs from the prompt is therefore exactly its K/V.
+What is stashed: for every layer the prompt's rotated K and V, exactly as the serving prefill computed them with the
+adapter version that served the request. Training on feedback then forwards only the completion against them
+(`DenseAttentionContext(prefix_kv=...)`), as constants: that cuts only the gradient paths from the completion's loss
+through the prompt positions' K/V; the completion tokens' own paths (their attention over the prompt included) are
+exact. At an unchanged version the stashed K/V equal a recomputation up to float rounding, so the gradients equal
+the "recompute the prompt under no-grad" ones (a test checks it).
 
-Memory discipline: recorded tensors (gathered from the paged KV cache right after the prefill step, recorder.py)
-are copied (non-blocking, on a side stream ordered after that step) into one preallocated host arena (pinned on
-CUDA) in forward order. The arena is a ring: a new allocation overwrites the
-oldest entries (counted as evicted), so recording never allocates, never waits and never grows beyond the cap; a
-request whose recording was overwritten before it finished is simply not stashed. Entries carry the adapter version
-and the job's optimizer step of that version; a stash older than the staleness bound is recomputed or dropped by
-the trainer, which counts the choice.
+Recording (`PrefillRecorder`): from the paged KV cache, after the prefill step's forward is queued. The forward
+already wrote every prompt token's K/V there, so it needs no hook and stays a replayable CUDA graph; one gather per
+layer for all recorded sequences, then side-stream copies ordered after the step, while the GPU computes it. Only
+prompt tokens are recorded (a re-prefill after preemption that covers generated tokens is clipped).
+
+Memory: one preallocated host arena (pinned on CUDA), filled in forward order as a ring: a new allocation
+overwrites the oldest entries (counted as evicted), so recording never allocates, waits or grows past the cap. Entries
+carry the job's optimizer step of their adapter version; one older than the staleness bound is recomputed or dropped
+by the planner, which counts the choice.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _ALIGN = 64
 
@@ -253,3 +257,60 @@ class ActivationStash:
         for a in e.allocs:
             a.dead = True
         e.allocs = []
+
+
+# adapter name -> (stash, version -> optimizer step of that version) or None when not recording
+Lookup = Callable[[str], tuple[ActivationStash, Callable[[str | None], int]] | None]
+# called with the runner's per-layer (k_cache, v_cache) and the step's slot mapping, after the forward is queued
+Record = Callable[[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor], None]
+
+
+class PrefillRecorder:
+    def __init__(self, lookup: Lookup, num_layers: int) -> None:
+        self.lookup = lookup
+        self.num_layers = num_layers
+
+    def __call__(self, batch, inp) -> Record | None:
+        spans = []
+        row = 0
+        for i in inp.order:
+            seq, n = batch.seqs[i], batch.num_tokens[i]
+            start = seq.num_computed_tokens
+            ad = seq.adapter
+            if ad is not None and start < seq.num_prompt_tokens:
+                hit = self.lookup(ad.name)
+                if hit is not None:
+                    stash, version_step = hit
+                    take = min(n, seq.num_prompt_tokens - start)
+                    if start == 0:
+                        stash.begin(seq.request_id, ad.name, 0, version_step(ad.version), self.num_layers)
+                    done = start + take == seq.num_prompt_tokens
+                    spans.append((stash, seq, row, row + take, done))
+            row += n
+        if not spans:
+            return None
+
+        def record(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor) -> None:
+            try:
+                _record(kv_caches, slot_mapping)
+            except Exception:  # noqa: BLE001 - recording must never fail a serving step
+                log.exception("activation recording failed; dropping this step's recordings")
+                for stash, seq, *_ in spans:
+                    stash.abort(seq.request_id)
+
+        def _record(kv_caches, slot_mapping) -> None:
+            rows = torch.cat([slot_mapping[lo:hi] for _, _, lo, hi, _ in spans])
+            offsets = [0]
+            for _, _, lo, hi, _ in spans:
+                offsets.append(offsets[-1] + hi - lo)
+            last = self.num_layers - 1
+            for layer, (kc, vc) in enumerate(kv_caches):
+                k = kc.flatten(0, 1).index_select(0, rows)  # [n, Hk, D]: this step's prompt tokens, all spans
+                v = vc.flatten(0, 1).index_select(0, rows)
+                for j, (stash, seq, _lo, _hi, done) in enumerate(spans):
+                    a, b = offsets[j], offsets[j + 1]
+                    ok = stash.add(seq.request_id, layer, k[a:b], v[a:b])
+                    if ok and done and layer == last:
+                        stash.finish(seq.request_id, seq.token_ids[: seq.num_prompt_tokens])
+
+        return record

@@ -19,7 +19,7 @@ is trained by forwarding only `[prompt[-1]] + completion[:-1]` against that pref
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,6 @@ class StepResult:
     loss: float
     tokens: int
     grad_norm: float
-    extras: dict = field(default_factory=dict)
 
 
 class LoRATrainer:
@@ -172,12 +171,5 @@ class LoRATrainer:
 
     def grads(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """Current gradients of the masters (for tests), (layer, proj) -> (dA, dB)."""
-        out = {}
-        for layer in range(self.lora.num_layers):
-            for proj in self.lora.targets:
-                a, b = self.lora.pair(layer, proj)  # type: ignore[misc]
-                out[(layer, proj)] = (
-                    a.grad.detach().clone() if a.grad is not None else torch.zeros_like(a),
-                    b.grad.detach().clone() if b.grad is not None else torch.zeros_like(b),
-                )
-        return out
+        g = lambda p: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)  # noqa: E731
+        return {k: (g(a), g(b)) for k, (a, b) in self.lora.pairs()}

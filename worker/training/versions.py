@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -106,14 +107,8 @@ class VersionRecord:
     published_at: str
 
     def to_api(self) -> dict:
-        return {
-            "version": self.version,
-            "step": self.step,
-            "loss": self.loss,
-            "heldoutLoss": self.heldout_loss,
-            "path": self.path,
-            "publishedAt": self.published_at,
-        }
+        """The fields in camelCase (`heldoutLoss`, `publishedAt`)."""
+        return {re.sub(r"_(\w)", lambda m: m[1].upper(), k): v for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -161,11 +156,7 @@ class VersionPublisher:
             self._loss_ref = loss if self._loss_ref is None else 0.9 * self._loss_ref + 0.1 * loss
 
     def check(
-        self,
-        loss: float | None,
-        weights_finite: bool,
-        heldout_loss: float | None,
-        serving_heldout: float | None = None,
+        self, loss: float | None, weights_finite: bool, heldout_loss: float | None, serving_heldout: float | None = None
     ) -> str | None:
         """Returns why the candidate must be refused, or None if it may be published. `serving_heldout`: the serving
         version's loss on the same held-out samples (the gate's reference; without it, the best published one)."""
@@ -191,12 +182,8 @@ class VersionPublisher:
         self, step: int, reason: str, heldout: float | None = None, serving_heldout: float | None = None
     ) -> None:
         self._last_step = step
-        entry: dict = {"step": step, "reason": reason}
-        if heldout is not None:
-            entry["heldoutLoss"] = heldout
-        if serving_heldout is not None:
-            entry["servingHeldoutLoss"] = serving_heldout
-        self.refused.append(entry)
+        losses = {"heldoutLoss": heldout, "servingHeldoutLoss": serving_heldout}
+        self.refused.append({"step": step, "reason": reason, **{k: v for k, v in losses.items() if v is not None}})
 
     def record(self, step: int, version: int, loss: float | None, heldout: float | None, path: Path) -> VersionRecord:
         self._last_step = step
