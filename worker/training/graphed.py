@@ -1,25 +1,20 @@
 """Whole training micro-batches as CUDA graphs, launched asynchronously between serving steps (co-serving).
 
-Why: the serving loop leaves the GPU idle between and inside steps, and eager training pieces pay tens of
-ms of *host* time each, which lands directly on TPOT. Here one micro-batch (forward, masked CE, LoRA-only
-backward, gradient accumulation) is one CUDA graph: launching it costs microseconds of host time. The engine
-plugin queues it right behind a serving step's kernels (`after_launch`), before the host waits for that step's
-tokens, on the stream of the job's placement. Nothing here waits on the GPU: losses and gradient
-norms come back through pinned host buffers and events, and the job reads them once they are done.
+Why: the serving loop leaves the GPU idle between and inside steps, and eager training pieces pay tens of ms of
+*host* time each, which lands directly on TPOT. Here one micro-batch (forward, masked CE, LoRA-only backward,
+gradient accumulation) is one CUDA graph, launched in microseconds right behind a serving step's kernels
+(`after_launch`), before the host waits for that step's tokens. Nothing here waits on the GPU: losses and gradient
+norms come back through pinned host buffers and events. One graph per shape bucket (`packing.py`), captured lazily
+into one shared memory pool (graphs run one after another on one stream and keep no outputs). Attention is one SDPA
+call per layer over `[prefix keys | new keys]`, masked by segment ids, so a sample sees only its own prefix (the
+stashed prompt K/V, constants) and its own earlier tokens.
 
-One graph per shape bucket (`packing.py`), captured lazily into one shared memory pool (graphs run one after
-another on one stream and keep no outputs, so sharing is safe). Attention is one SDPA call per layer over
-`[prefix keys | new keys]` with a boolean mask built from segment ids, so a sample sees only its own prefix
-(Alchemist: the stashed prompt K/V, constants) and its own earlier tokens.
-
-Placements (docs/coserving.md has the measurements behind them): `serving` (default) is the serving stream itself,
-so a piece never overlaps a serving kernel and one that outlasts the host's gap delays the next step by the overrun
-(the controller sizes pieces to the gap); `partition` (experimental) is a lowest-priority stream on an SM partition
-(worker/sm_partition.py) that leaves `serving_sms` SMs to serving, or the serving stream with the reason reported
-(status `coServing.reason`) where the driver cannot make one.
-
-On CPU the same code runs eagerly, without streams or graphs, so the numerics are tested against `LoRATrainer`
-there; the optimizer step is the same device-side path (fused AdamW skips a non-finite step itself).
+Placements (docs/coserving.md has the measurements): `serving` (default) is the serving stream itself, so a piece
+never overlaps a serving kernel and one that outlasts the host's gap delays the next step by the overrun (the
+controller sizes pieces to the gap); `partition` (experimental) is a lowest-priority stream on an SM partition
+(worker/sm_partition.py) that leaves `serving_sms` SMs to serving, else the serving stream and the reason in the
+status (`coServing.reason`). On CPU the same code runs eagerly, without streams or graphs, so the numerics are
+tested against `LoRATrainer` there (fused AdamW skips a non-finite step on the device either way).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """A job's durable side: where it starts from, its checkpoints, and the adapter versions it publishes.
 
-Start: a checkpoint (weights, AdamW, RNGs, counters, data position, replay mixer, publisher) beats the newest
-version (weights only), which beats a fresh LoRA; a job created over an adapter with checkpoints resumes from the
-newest good one, so the resumed run is the uninterrupted run (docs/training-api.md, Restarts). Corrupt checkpoints
-are moved aside and reported.
+Start: the newest good checkpoint (checkpoint.py: the whole training state) beats the newest version (weights
+only), which beats a fresh LoRA, so a resumed run is the uninterrupted run (docs/training-api.md, Restarts).
 
 After every optimizer step (`after_step`): publish when due (and always at the last step, so the final weights are
 a version), checkpoint with every published version, at the last step and every `checkpointEvery` steps. A
