@@ -12,13 +12,18 @@ phrasing, write them in order) is learned, not the items. Every training item is
 trained (`/v1/completions`, prompt state recorded into the activation stash) and then corrected
 (`kind: correction`), the way a grader fixes served answers.
 
-Runs (each the same feedback, the same LoRA config and optimizer, the same feedback-token budget):
-  online     the ContinualLearningJob co-serving in the worker, activation reuse on, replay at the job default
-  reuse_off  the same job with `recordActivations: false`: prompts forwarded again, full gradient
-  replay_R   the online job with replayRatio R (0, 0.1, 0.5; the default's own run is `online`)
-  offline    the feedback exported and trained with transformers + peft (plain loop, same LoRA config, same
-             number of feedback samples per optimizer step and the same total), its checkpoints loaded into the
-             same worker
+Runs (each the same feedback, the same LoRA config and optimizer, the same feedback samples per optimizer step
+and the same number of steps, so only the named difference changes):
+  online     the ContinualLearningJob co-serving in the worker as a job gets it by default: replay at the job
+             default, `recordActivations: false` (prompts forwarded again, full gradient)
+  reuse_on   the same job with `recordActivations: true`: the prompt's stashed K/V reused, its gradient dropped
+  replay_R   the online job with replayRatio R (0, 0.4, 0.5; 0.25, the default, is `online`); gradAccumulation is
+             F / (1 - R) for F feedback samples per step, so every ratio trains the same feedback in the same steps
+             and only adds general text (a ratio whose F / (1 - R) is not whole cannot be step-matched: refused)
+  offline    the feedback exported and trained with transformers + peft (plain loop, same LoRA config, optimizer,
+             steps, order), mixing the same general-text replay with the job's mixer and loss weighting
+  offline_replay_0  the same loop without replay, against replay_0
+  its checkpoints loaded into the same worker
 Every published version (and each offline checkpoint at the same steps) is loaded into the worker under its own
 name and scored through the serving API (greedy, exact match of the record); held-out loss (completion tokens) and
 general-text loss (standard-library documentation disjoint from the replay corpus, plus installed packages'
@@ -27,12 +32,13 @@ READMEs, as in cl_quality.py) are computed with the trainer's `eval_loss` on the
 Metrics (bench/results/cl_task.json, under `metrics`):
   cl_task_heldout_score_gain   = score(online final) - score(base)                      target >= 0.5
   cl_online_vs_offline_score   = score(online final) / score(offline final)             target >= 0.95
-  cl_reuse_vs_recompute_score  = score(online final) / score(reuse_off final)           target >= 0.98
+  cl_online_vs_offline_score_replay_0 = score(replay_0 final) / score(offline_replay_0 final)
+  cl_reuse_vs_recompute_score  = score(reuse_on final) / score(online final)            target >= 0.98
   cl_general_loss_increase     = (L_gen(online final) - L_gen(base)) / L_gen(base)      target <= 0.05
 plus the forgetting-vs-replay curve, a few general prompts' greedy outputs (base vs online final), and
-cl_task.png: held-out score and general-text loss over training steps for online, offline, reuse off, replay 0.
+cl_task.png: held-out score and general-text loss over training steps for online, offline, reuse on, replay 0.
 
-Run: `python bench/cl_task.py` (~15-25 min on 2 cores; `--quick` for a smoke run).
+Run: `python bench/cl_task.py` (~50-60 min on 2 cores; `--quick` for a smoke run).
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ TEST_TEMPLATES = [
 ]
 CARGO = ["grain", "timber", "copper", "salt", "wool", "coffee", "tea", "cotton", "iron", "spice", "rice", "glass"]
 SYLLABLES = ["quor", "vane", "bril", "mo", "tas", "kel", "drin", "ost", "fa", "lune", "zar", "pim", "eth", "gor"]
-PLOTTED = ("online", "offline", "reuse_off", "replay_0")  # runs drawn in cl_task.png; the others score only at the end
+PLOTTED = ("online", "offline", "reuse_on", "replay_0")  # runs drawn in cl_task.png; the others score only at the end
 GENERAL_PROMPTS = [
     "The capital of France is",
     "Water is made of hydrogen and",
@@ -140,12 +146,21 @@ class Api:
         return self.c.get(f"/v1/training/jobs/{name}").json()
 
 
-def job_spec(name: str, adapter: str, replay: float, record: bool, steps: int, every: int, args) -> dict:
+def grad_accum_for(feedback_per_step: int, replay: float) -> int:
+    """The accumulation that gives `feedback_per_step` feedback samples per step at this replay ratio (the mixer
+    interleaves exactly round(n x ratio) replay samples among the first n)."""
+    acc = round(feedback_per_step / (1.0 - replay))
+    if acc - int(acc * replay + 1e-9) != feedback_per_step or abs(acc * (1 - replay) - feedback_per_step) > 1e-9:
+        raise SystemExit(f"replay ratio {replay} cannot be step-matched at {feedback_per_step} feedback samples/step")
+    return acc
+
+
+def job_spec(name: str, adapter: str, replay: float, record: bool, steps: int, every: int, accum: int, args) -> dict:
     return {
         "name": name,
         "adapter": adapter,
         "mode": "coserve",
-        "optimizer": {"lr": args.lr, "gradAccumulation": args.grad_accum, "maxSteps": steps, "maxGradNorm": 1.0},
+        "optimizer": {"lr": args.lr, "gradAccumulation": accum, "maxSteps": steps, "maxGradNorm": 1.0},
         "lora": {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "publish": {"everySteps": every, "heldoutFraction": 0.0, "maxLossSpike": 1000.0},
         "feedback": {"epochs": args.epochs},
@@ -204,12 +219,17 @@ def run_online(api: Api, name: str, spec: dict, train: list[Item], poll: float =
     return st
 
 
-def run_offline(ckpt: Path, tok, train: list[Item], uses: int, steps_at: set[int], init: str, out: Path, args) -> dict:
+def run_offline(
+    ckpt: Path, tok, train: list[Item], uses: int, steps_at: set[int], init: str, out: Path, replay: float, args
+) -> dict:
     """transformers + peft, a plain loop from the online job's initial weights (`init`, its v1: the same A, B = 0)
-    with the same LoRA config, AdamW settings, clipping, feedback samples per step
-    (grad_accum x (1 - replay) of the online job, rounded) and the same number of feedback samples in all; the order
-    is the job's (every sample once in arrival order, then random draws of samples used fewer than `epochs` times).
-    Saves a PEFT checkpoint at each step in `steps_at`."""
+    with the same LoRA config, AdamW settings, clipping, feedback samples per step and the same number of feedback
+    samples in all; the order is the job's (every sample once in arrival order, then random draws of samples used
+    fewer than `epochs` times). Replay at `replay` uses the job's own pieces: the worker's general-text corpus in
+    128-token chunks, `ReplayMixer` (interleave and loss-driven domain draws, seed 0) and `weigh_group` (the step's
+    loss denominator and replay weights). Saves a PEFT checkpoint at each step in `steps_at`."""
+    from lorafleet.worker.training.replay import ReplayMixer, builtin_general_text, chunk_tokens, weigh_group
+    from lorafleet.worker.training.trainer import TrainSample
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -233,30 +253,56 @@ def run_offline(ckpt: Path, tok, train: list[Item], uses: int, steps_at: set[int
         i = rng.choice(open_)
         counts[i] += 1
         order.append(i)
-    per_step = max(1, round(args.grad_accum * (1 - args.default_replay)))
-    saved, losses, step = {}, [], 0
+    per_step = args.feedback_per_step
+    accum = grad_accum_for(per_step, replay)
+    domains = {
+        d: chunk_tokens(tok(text, add_special_tokens=False)["input_ids"], 128)
+        for d, text in builtin_general_text().items()
+    }
+    mixer = ReplayMixer(domains, replay, seed=0)
+    saved, losses, step, replayed = {}, [], 0, 0
     t0 = time.time()
     for g in range(0, len(order), per_step):
-        group = [data[i] for i in order[g : g + per_step]]
-        n_tok = sum(len(c) + 1 for _, c in group)
+        fb = iter(order[g : g + per_step])
+        group: list[TrainSample] = []
+        for _ in range(accum):  # the job's interleave: a replay chunk where the mixer says so, else the next feedback
+            if mixer.next_is_replay():
+                ch = mixer.draw()
+                group.append(TrainSample(ch.token_ids[:1], ch.token_ids[1:], 1.0, domain=ch.domain))
+            elif (i := next(fb, None)) is not None:
+                group.append(TrainSample(data[i][0], data[i][1] + [eos]))
+        denom = weigh_group(group)
         total = 0.0
-        for p, c in group:
-            ids = torch.tensor([p + c + [eos]])
-            labels = torch.tensor([[-100] * len(p) + c + [eos]])
+        for s in group:
+            p, c = s.prompt_ids, s.completion_ids
+            ids = torch.tensor([p + c])
+            labels = torch.tensor([[-100] * len(p) + c])
             logits = model(input_ids=ids).logits[0, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
-            (loss / n_tok).backward()
-            total += loss.item()
+            (s.weight * loss / denom).backward()
+            if s.domain is None:
+                total += loss.item()
+            else:
+                replayed += 1
+                mixer.observe(s.domain, loss.item() / max(1, s.loss_tokens))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        losses.append(total / n_tok)
+        losses.append(total / max(1, sum(s.loss_tokens for s in group if s.domain is None)))
         if step in steps_at or g + per_step >= len(order):
             d = out / f"s{step}"
             model.save_pretrained(str(d))
             saved[step] = str(d)
-    return {"steps": step, "feedbackUses": len(order), "checkpoints": saved, "loss": losses, "wall": time.time() - t0}
+    return {
+        "steps": step,
+        "feedbackUses": len(order),
+        "replaySamples": replayed,
+        "replayRatio": replay,
+        "checkpoints": saved,
+        "loss": losses,
+        "wall": time.time() - t0,
+    }
 
 
 class LocalEval:
@@ -338,14 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=32)
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--grad-accum", type=int, default=4)
+    ap.add_argument("--feedback-per-step", type=int, default=3, help="feedback samples per optimizer step, every run")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--default-replay", type=float, default=0.25, help="the job default's replay ratio")
-    ap.add_argument("--replays", default="0,0.1,0.5", help="other replay ratios for the forgetting curve")
+    ap.add_argument("--replays", default="0,0.4,0.5", help="other replay ratios for the forgetting curve")
     ap.add_argument("--points", type=int, default=3, help="evaluated versions per plotted run (besides the base)")
     ap.add_argument("--curve-points", type=int, default=1, help="evaluated versions per replay-curve-only run")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", default="online,reuse_off,offline,replays")
+    ap.add_argument("--runs", default="online,reuse_on,offline,replays")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = ap.parse_args(argv)
     if args.quick:
@@ -373,11 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     replays = [float(x) for x in args.replays.split(",") if x]
     runs: dict[str, tuple[float, bool]] = {}
     if "online" in wanted:
-        runs["online"] = (args.default_replay, True)
-    if "reuse_off" in wanted:
-        runs["reuse_off"] = (args.default_replay, False)
+        runs["online"] = (args.default_replay, False)
+    if "reuse_on" in wanted:
+        runs["reuse_on"] = (args.default_replay, True)
     if "replays" in wanted:
-        runs.update({f"replay_{r:g}": (r, True) for r in replays if r != args.default_replay})
+        runs.update({f"replay_{r:g}": (r, False) for r in replays if r != args.default_replay})
+    for replay, _ in runs.values():
+        grad_accum_for(args.feedback_per_step, replay)  # refuse an unmatched ratio before the long run starts
 
     base_rows = evaluate(api, local, test, "base", {0: None})
     base = base_rows[0]
@@ -387,10 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     offline: dict | None = None
     state = (args, argv, ckpt, api.base, code, t_start, train, test, uses, runs, base)
     for label, (replay, record) in runs.items():
-        steps = steps_for(uses, args.grad_accum, replay)
+        accum = grad_accum_for(args.feedback_per_step, replay)
+        steps = steps_for(uses, accum, replay)
         every = max(1, steps // (args.points if label in PLOTTED else args.curve_points))
         spec = job_spec(label.replace("_", "-").replace(".", ""), f"task-{label.replace('_', '-').replace('.', '')}",
-                        replay, record, steps, every, args)  # fmt: skip
+                        replay, record, steps, every, accum, args)  # fmt: skip
         print(f"{label}: replay {replay} record {record} steps {steps}", flush=True)
         st = run_online(api, spec["name"], spec, train)
         statuses[label] = {"spec": spec, "status": st}
@@ -400,6 +449,24 @@ def main(argv: list[str] | None = None) -> int:
             general = general_outputs(api, st["publishedVersions"][-1]["path"])
             if "offline" in wanted:
                 offline = offline_run(api, local, ckpt, tok, train, test, uses, st, curves, base, adapters, args)
+        if label == "replay_0" and "offline" in wanted:  # the same comparison without replay on either side
+            offline0 = offline_run(
+                api,
+                local,
+                ckpt,
+                tok,
+                train,
+                test,
+                uses,
+                st,
+                curves,
+                base,
+                adapters,
+                args,
+                "offline_replay_0",
+                "replay_0",
+            )
+            offline = {**(offline or {}), "replay_0": offline0}
         write_result(state, statuses, curves, general, offline, final=False)
     write_result(state, statuses, curves, general, offline, final=True)
     w.close()
@@ -418,15 +485,19 @@ def general_outputs(api: Api, final: str) -> dict:
     return general
 
 
-def offline_run(api, local, ckpt, tok, train, test, uses, on: dict, curves, base, adapters, args) -> dict:
-    """The offline baseline matched to the online job `on` (its status): same start, feedback uses and steps."""
-    steps_at = sorted(r["step"] for r in curves.get("online", [])[1:]) or [1]
+def offline_run(
+    api, local, ckpt, tok, train, test, uses, on: dict, curves, base, adapters, args, label="offline", match="online"
+) -> dict:
+    """The offline baseline matched to the online job `on` (its status, run `match`): same start, feedback uses,
+    steps and replay ratio."""
+    steps_at = sorted(r["step"] for r in curves.get(match, [])[1:]) or [1]
     fb_uses = int((on.get("samples") or {}).get("trained") or uses)
-    print(f"offline: {fb_uses} feedback samples", flush=True)
+    replay = args.default_replay if match == "online" else 0.0
+    print(f"{label}: {fb_uses} feedback samples, replay {replay}", flush=True)
     init = next(v["path"] for v in on["publishedVersions"] if v["step"] == 0)
-    offline = run_offline(ckpt, tok, train, fb_uses, set(steps_at), init, adapters / "offline", args)
+    offline = run_offline(ckpt, tok, train, fb_uses, set(steps_at), init, adapters / label, replay, args)
     points = {s: p for s, p in offline["checkpoints"].items()}
-    curves["offline"] = [{**base, "step": 0}] + evaluate(api, local, test, "offline", points)
+    curves[label] = [{**base, "step": 0}] + evaluate(api, local, test, label, points)
     return offline
 
 
@@ -442,7 +513,7 @@ def write_result(state, statuses: dict, curves: dict, general: dict, offline: di
             return None
         return a["score"] / b["score"] if b["score"] > 0 else None
 
-    on, off, ro = last("online"), last("offline"), last("reuse_off")
+    on, off, ru = last("online"), last("offline"), last("reuse_on")
     metrics: dict = {
         "cl_task_base_score": base["score"],
         "cl_task_base_heldout_loss": base["heldoutLoss"],
@@ -460,13 +531,20 @@ def write_result(state, statuses: dict, curves: dict, general: dict, offline: di
         metrics["cl_task_offline_score"] = off["score"]
         metrics["cl_online_vs_offline_score"] = ratio(on, off)
         metrics["cl_offline_general_loss_increase"] = (off["generalLoss"] - base["generalLoss"]) / base["generalLoss"]
-    if ro is not None:
-        metrics["cl_task_reuse_off_score"] = ro["score"]
-        metrics["cl_reuse_vs_recompute_score"] = ratio(on, ro)
-        metrics["cl_reuse_vs_recompute_heldout_loss"] = on["heldoutLoss"] / ro["heldoutLoss"] if on else None
+    off0, on0 = last("offline_replay_0"), last("replay_0")
+    if off0 is not None:
+        metrics["cl_task_offline_replay_0_score"] = off0["score"]
+        metrics["cl_online_vs_offline_score_replay_0"] = ratio(on0, off0)
+        metrics["cl_offline_replay_0_general_loss_increase"] = (off0["generalLoss"] - base["generalLoss"]) / base[
+            "generalLoss"
+        ]
+    if ru is not None:
+        metrics["cl_task_reuse_on_score"] = ru["score"]
+        metrics["cl_reuse_vs_recompute_score"] = ratio(ru, on)
+        metrics["cl_reuse_vs_recompute_heldout_loss"] = ru["heldoutLoss"] / on["heldoutLoss"] if on else None
     replay_curve = []
     for label, (replay, record) in runs.items():
-        if record and label != "reuse_off" and label in curves:
+        if not record and label in curves:
             f = curves[label][-1]
             replay_curve.append({
                 "replayRatio": replay,
@@ -513,7 +591,11 @@ def write_result(state, statuses: dict, curves: dict, general: dict, offline: di
         },
         "curves": curves,
         "general_prompts": general,
-        "offline": {k: v for k, v in (offline or {}).items() if k != "checkpoints"},
+        "offline": {
+            k: ({kk: vv for kk, vv in v.items() if kk != "checkpoints"} if isinstance(v, dict) else v)
+            for k, v in (offline or {}).items()
+            if k != "checkpoints"
+        },
         "job_status": {
             k: {kk: v["status"].get(kk) for kk in ("steps", "tokensTrained", "samples", "stash", "wallSeconds")}
             for k, v in statuses.items()
