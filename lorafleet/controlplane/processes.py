@@ -114,9 +114,9 @@ class Supervisor:
         """Stops every component but the first (etcd: what all the others store into) together, then the first.
 
         SIGTERM to each process group, newest first, then one shared deadline per phase: whatever is still alive
-        `timeout` seconds later gets SIGKILL. Why not one by one: a component slow to honour SIGTERM used to delay
-        every later one by its full timeout, and on a loaded 2-core CI machine five such waits added up to more
-        than the 30 s an interrupted owner is allowed. At most about 2 x `timeout` now."""
+        `timeout` seconds later gets SIGKILL. Why not one by one: then a component slow to honour SIGTERM delays
+        every later one by its full timeout, and on a loaded 2-core CI machine five such waits add up to more
+        than the 30 s an interrupted owner is allowed. Together it takes at most about 2 x `timeout`."""
         procs = list(self.procs.items())[::-1]
         for phase in (procs[:-1], procs[-1:]):
             for _, proc in phase:

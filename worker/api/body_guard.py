@@ -1,7 +1,7 @@
 """ASGI middleware that admits a request body only if it is bounded, strict JSON the handlers can live with.
 
 Why in front of every route: FastAPI's parser accepts what JSON allows Python to build but the worker cannot serve,
-and each of those used to end as a plain-text 500 that closed the keep-alive connection: a lone surrogate
+and past the parser each of those ends as a plain-text 500 that closes the keep-alive connection: a lone surrogate
 (`"\\ud800"`) that no tokenizer or JSON encoder takes, `NaN` and `1e999` (infinity) in numbers, nesting deep enough to
 exhaust the recursion limit, integers of thousands of digits, and bodies of any size. Here each is a 4xx in the
 OpenAI error shape, after the whole body was read, so the connection stays usable; larger bodies are refused
