@@ -59,14 +59,10 @@ def lora_from_checkpoint(c: Checkpoint, shape, device) -> TrainableLoRA:
     want = dict(lora.named_parameters())
     if not want:
         raise ValueError("checkpoint LoRA has no parameters")
-    have = {k[len("lora.") :]: v for k, v in c.tensors.items() if k.startswith("lora.")}
-    if set(have) != set(want):
-        raise ValueError("checkpoint LoRA parameters do not match its description")
-    with torch.no_grad():
-        for name, p in want.items():
-            if have[name].shape != p.shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(have[name].shape)}")
-            p.copy_(have[name])
+    try:  # strict: every parameter, none more, each of its shape
+        lora.load_state_dict({k[len("lora.") :]: v for k, v in c.tensors.items() if k.startswith("lora.")})
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint LoRA tensors do not match its description: {' '.join(str(exc).split())}") from exc
     for k, v in c.tensors.items():
         if k.startswith("opt.") and k.endswith((".exp_avg", ".exp_avg_sq")):
             name = k[len("opt.") :].rsplit(".", 1)[0]

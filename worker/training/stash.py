@@ -111,13 +111,9 @@ class ActivationStash:
             views = []
             for t in (k, v):
                 dst = self._alloc(t, request_id)
-                if dst is not None:
-                    e.allocs.append(self._allocs[-1])
                 if dst is None:
-                    self._invalidate(e)
-                    self._entries.pop(request_id, None)
-                    self.counters.skipped += 1
-                    return False
+                    return self._skip(e)
+                e.allocs.append(self._allocs[-1])
                 views.append(dst)
             if self._stream is not None and k.is_cuda:
                 self._stream.wait_stream(torch.cuda.current_stream(k.device))
@@ -140,10 +136,7 @@ class ActivationStash:
             if e is None or not e.valid:
                 return False
             if any(len(x) == 0 for x in e.k) or sum(t.shape[0] for t in e.k[0]) != len(prompt_ids):
-                self._invalidate(e)
-                self._entries.pop(request_id, None)
-                self.counters.skipped += 1
-                return False
+                return self._skip(e)
             e.prompt_ids = list(prompt_ids)
             e.complete = True
             if self._stream is not None:
@@ -248,6 +241,13 @@ class ActivationStash:
             else:
                 self.counters.skipped += 1
         return True
+
+    def _skip(self, e: StashEntry) -> bool:
+        """Drops a recording that cannot complete (no room, or not the whole prompt); False, for the caller."""
+        self._invalidate(e)
+        self._entries.pop(e.request_id, None)
+        self.counters.skipped += 1
+        return False
 
     def _invalidate(self, e: StashEntry) -> None:
         e.valid = False
