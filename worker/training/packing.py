@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from lorafleet.worker.training.trainer import TrainSample
+from lorafleet.worker.training.trainer import TrainSample, forward_ids
 
 TOKEN_ALIGN = 128
 PREFIX_ALIGN = 512
@@ -84,23 +84,17 @@ def _build(samples: list[TrainSample], idx: list[int], denom: int) -> MicroBatch
     prefix = []
     for k, i in enumerate(idx):
         s = samples[i]
-        p, c = s.prompt_ids, s.completion_ids
-        if not p or not c:
-            raise ValueError("a training sample needs a non-empty prompt and completion")
+        x, start, first_loss = forward_ids(s)
         base = len(ids)
         pl = 0 if s.prefix_kv is None else int(s.prefix_kv[0][0].shape[0])  # 0 too for a one-token prompt
         if pl:
             prefix.append((k, s.prefix_kv))
             pseg += [k] * pl
             ppos += list(range(pl))
-        if s.prefix_kv is not None:
-            x, start, first_loss = [p[-1], *c[:-1]], len(p) - 1, 0
-        else:
-            x, start, first_loss = [*p, *c[:-1]], 0, len(p) - 1
         ids += x
         pos += range(start, start + len(x))
         seg += [k] * len(x)
-        for j, tgt in enumerate(c):
+        for j, tgt in enumerate(s.completion_ids):
             rows.append(base + first_loss + j)
             targets.append(tgt)
             row_w.append(s.weight / denom)

@@ -44,6 +44,15 @@ class TrainSample:
         return len(self.completion_ids)
 
 
+def forward_ids(s: TrainSample) -> tuple[list[int], int, int]:
+    """(the ids a sample forwards, the position of the first, the row of the first scored one): against a prefix only
+    `[prompt[-1]] + completion[:-1]`, else the prompt too, its rows unscored (the eager and the packed path share it)."""
+    p, c = s.prompt_ids, s.completion_ids
+    if not p or not c:
+        raise ValueError("a training sample needs a non-empty prompt and completion")
+    return ([p[-1], *c[:-1]], len(p) - 1, 0) if s.prefix_kv is not None else ([*p, *c[:-1]], 0, len(p) - 1)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
@@ -94,14 +103,8 @@ class LoRATrainer:
     def loss_sum(self, s: TrainSample, ctx=None) -> torch.Tensor:
         """Σ w·CE over the sample's completion tokens (fp32), with autograd into the LoRA masters (through `ctx`, a
         LoRA context: the trainer's own unless a test swaps in another)."""
-        p, c = s.prompt_ids, s.completion_ids
-        if not p or not c:
-            raise ValueError("a training sample needs a non-empty prompt and completion")
+        ids, start, skip = forward_ids(s)
         prefix = s.prefix_kv if s.prefix_kv is not None and s.prefix_kv[0][0].shape[0] > 0 else None
-        # against a prefix only [prompt[-1]] + completion[:-1] is forwarded; else the prompt too, its rows unscored
-        ids, start, skip = (
-            ([p[-1], *c[:-1]], len(p) - 1, 0) if s.prefix_kv is not None else ([*p, *c[:-1]], 0, len(p) - 1)
-        )
         attn = DenseAttentionContext(
             self.model.attn_scale, prefix_kv=prefix, sliding_window=self.model.shape.sliding_window
         )
@@ -109,7 +112,7 @@ class LoRATrainer:
         pos = torch.arange(start, start + len(ids), device=dev)
         h = self.model(torch.tensor(ids, device=dev), pos, attn, ctx or self.ctx)
         logits = self.model.compute_logits(h[skip:])
-        return F.cross_entropy(logits, torch.tensor(c, device=dev), reduction="sum") * s.weight
+        return F.cross_entropy(logits, torch.tensor(s.completion_ids, device=dev), reduction="sum") * s.weight
 
     @torch.no_grad()
     def prompt_kv(self, prompt_ids: list[int]) -> PrefixKV:
