@@ -128,6 +128,9 @@ def test_lora_requests_info_shows_running_adapter(worker, traffic):
 
 def test_unloaded_adapter_series_are_removed(worker, traffic):
     with httpx.Client(base_url=worker.url, timeout=30) as c:
+        # the stream the previous test left is aborted asynchronously; its end would record ad-r4 series again
+        running = lambda: value(scrape(c), "vllm:num_requests_running", model_name=SERVED)  # noqa: E731
+        assert wait_for(lambda: running() == 0, timeout=30), running()
         assert c.post("/v1/unload_lora_adapter", json={"lora_name": "ad-r4"}).status_code == 200
         m = scrape(c)
     assert not [(n, labels) for (n, labels) in m if dict(labels).get("adapter") == "ad-r4"]
