@@ -168,9 +168,9 @@ class VersionPublisher:
             return f"loss spike: {loss:.4g} > {self.policy.max_loss_spike} x {self._loss_ref:.4g}"
         if heldout_loss is not None and not math.isfinite(heldout_loss):
             return f"non-finite held-out loss {heldout_loss}"
-        if self.policy.on_heldout_improvement and heldout_loss is None:
-            return "no held-out improvement measurable: no feedback is held out yet"
-        if self.policy.on_heldout_improvement and heldout_loss is not None:
+        if self.policy.on_heldout_improvement:
+            if heldout_loss is None:
+                return "no held-out improvement measurable: no feedback is held out yet"
             ref = serving_heldout if serving_heldout is not None else self._best_heldout
             need = ref * (1.0 - self.policy.min_improvement)
             if heldout_loss >= need:
